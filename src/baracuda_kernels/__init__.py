@@ -1,0 +1,20 @@
+"""baracuda_kernels: fast block-sparse attention for PyTorch behind a plan-based API.
+
+Functional:  y = baracuda_kernels.block_sparse_attention(q, k, v, pattern, block_size=128)
+Plan API:    plan = SdpaBlockSparsePlan.select(SdpaBlockSparseDescriptor(...)); plan.run(args)
+"""
+
+from .attention import (SdpaBlockSparseArgs, SdpaBlockSparseDescriptor, SdpaBlockSparsePlan,
+                        block_sparse_attention)
+from .core import (ArchSku, AttentionKind, BackendKind, ElementKind, Error, InvalidProblem,
+                   KernelSku, MathPrecision, OpCategory, PlanPreference, PrecisionGuarantee,
+                   Unsupported)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchSku", "AttentionKind", "BackendKind", "ElementKind", "Error", "InvalidProblem",
+    "KernelSku", "MathPrecision", "OpCategory", "PlanPreference", "PrecisionGuarantee",
+    "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor", "SdpaBlockSparsePlan", "Unsupported",
+    "block_sparse_attention", "__version__",
+]

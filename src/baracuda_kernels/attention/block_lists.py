@@ -1,0 +1,109 @@
+"""Turn a per-block pattern into compact lists of active blocks, on the pattern's device.
+
+Every backend reads the pattern through this module, so that "which blocks are computed,
+and which need masking" is decided in one place:
+
+* ``classify_blocks`` gives each (query block, key block) cell a class: SKIP (pattern is
+  zero, or the causal mask empties the block), FULL (every token pair is allowed: no mask
+  arithmetic needed) or PARTIAL (the causal diagonal crosses it, or it touches a ragged tail).
+* ``BlockLists`` holds, per (b, h, query block), the active key blocks compacted to the
+  front of a row, FULL ones first then PARTIAL ones, each group ascending; and the transposed
+  lists per (b, h, key block) for backward passes. They are built with torch ops only (no
+  host synchronisation), so a CUDA launcher can build them inside a captured graph.
+
+Broadcast pattern dims (size 1 in B or H) stay size 1 here; kernels index them with stride 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SKIP, FULL, PARTIAL = 0, 1, 2
+
+
+def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int,
+                    is_causal: bool) -> torch.Tensor:
+    """Class of every block cell.
+
+    Args:
+        pattern: bool ``[Bp, Hp, nq, nk]`` (already canonical, see ``canonical_pattern``).
+    Returns:
+        int8 ``[Bp, Hp, nq, nk]`` with values SKIP, FULL, PARTIAL.
+    """
+    nq, nk = pattern.shape[-2], pattern.shape[-1]
+    dev = pattern.device
+    q_first = torch.arange(nq, device=dev, dtype=torch.int64) * block_size
+    q_last = torch.clamp(q_first + block_size, max=query_len) - 1
+    k_first = torch.arange(nk, device=dev, dtype=torch.int64) * block_size
+    k_last = torch.clamp(k_first + block_size, max=key_len) - 1
+
+    ragged_q = (q_last - q_first + 1) < block_size          # [nq]
+    ragged_k = (k_last - k_first + 1) < block_size          # [nk]
+    partial = ragged_q[:, None] | ragged_k[None, :]          # [nq, nk]
+    alive = torch.ones(nq, nk, dtype=torch.bool, device=dev)
+    if is_causal:
+        # query i sees key j only when j <= i (top-left aligned, like torch SDPA).
+        alive = k_first[None, :] <= q_last[:, None]          # some pair survives
+        fully_allowed = k_last[None, :] <= q_first[:, None]  # every pair survives
+        partial = partial | ~fully_allowed
+    cls = torch.where(partial, PARTIAL, FULL).to(torch.int8)
+    cls = torch.where(alive, cls, torch.zeros_like(cls))
+    return torch.where(pattern, cls, torch.zeros_like(cls))
+
+
+def _compact(block_class: torch.Tensor):
+    """Sort each row of the last dim: FULL cells, then PARTIAL cells, then SKIP cells.
+
+    Returns (index int32 [..., n], count_full int32 [...], count int32 [...]).
+    """
+    n = block_class.shape[-1]
+    rank = torch.tensor([2, 0, 1], dtype=torch.int64, device=block_class.device)
+    position = torch.arange(n, dtype=torch.int64, device=block_class.device)
+    key = rank[block_class.long()] * n + position
+    index = torch.argsort(key, dim=-1, stable=True).to(torch.int32).contiguous()
+    count_full = (block_class == FULL).sum(-1, dtype=torch.int32).contiguous()
+    count = (block_class != SKIP).sum(-1, dtype=torch.int32).contiguous()
+    return index, count_full, count
+
+
+@dataclass(frozen=True)
+class BlockLists:
+    """Compact active-block lists of one pattern for one problem geometry.
+
+    Forward (rows = query blocks):
+        kv_index    int32 [Bp, Hp, nq, nk]  active key blocks first (FULL, then PARTIAL)
+        kv_count_full int32 [Bp, Hp, nq]
+        kv_count    int32 [Bp, Hp, nq]      FULL + PARTIAL
+    Backward (rows = key blocks), built on first use of ``transposed()``:
+        q_index     int32 [Bp, Hp, nk, nq]
+        q_count_full, q_count  int32 [Bp, Hp, nk]
+    """
+
+    block_class: torch.Tensor
+    kv_index: torch.Tensor
+    kv_count_full: torch.Tensor
+    kv_count: torch.Tensor
+
+    @classmethod
+    def build(cls, pattern: torch.Tensor, query_len: int, key_len: int, block_size: int,
+              is_causal: bool) -> "BlockLists":
+        block_class = classify_blocks(pattern, query_len, key_len, block_size, is_causal)
+        return cls(block_class, *_compact(block_class))
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q_index [Bp,Hp,nk,nq], q_count_full [Bp,Hp,nk], q_count [Bp,Hp,nk]), cached."""
+        cached = self.__dict__.get("_transposed")
+        if cached is None:
+            cached = _compact(self.block_class.transpose(-1, -2))
+            object.__setattr__(self, "_transposed", cached)
+        return cached
+
+    @property
+    def broadcast_batch(self) -> bool:
+        return self.block_class.shape[0] == 1
+
+    @property
+    def broadcast_heads(self) -> bool:
+        return self.block_class.shape[1] == 1

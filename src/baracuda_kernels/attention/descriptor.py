@@ -1,0 +1,133 @@
+"""What a block-sparse attention problem is: the frozen descriptor and the per-call tensors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..core import ElementKind, InvalidProblem
+
+
+@dataclass(frozen=True)
+class SdpaBlockSparseDescriptor:
+    """A block-sparse scaled-dot-product attention problem, independent of any tensor.
+
+    y[b,h] = softmax(scale * q[b,h] @ k[b,h]^T + mask) @ v[b,h], where mask is -inf outside
+    the active blocks of the pattern (and above the diagonal when ``is_causal``).
+
+    Fields:
+        batch_size, num_heads: B, H.
+        query_len, key_len: Nq, Nk (any lengths; the last block may be partial).
+        d_k, d_v: head dims of q/k and of v/y.
+        block_size: side of a square pattern block, in tokens (>= 1).
+        scale: softmax scale; None means 1/sqrt(d_k).
+        is_causal: query i attends key j only when j <= i (top-left aligned).
+        element: dtype of q, k, v, y (an ElementKind, a torch.dtype or a name like 'bf16').
+    """
+
+    batch_size: int
+    num_heads: int
+    query_len: int
+    key_len: int
+    d_k: int
+    d_v: int
+    block_size: int
+    scale: Optional[float] = None
+    is_causal: bool = False
+    element: ElementKind = ElementKind.BF16
+
+    def __post_init__(self):
+        object.__setattr__(self, "element", ElementKind.coerce(self.element))
+        for name in ("batch_size", "num_heads", "query_len", "key_len", "d_k", "d_v", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidProblem(f"{name} is {value!r} ({type(value).__name__}); expected an int.")
+            if value < 0:
+                raise InvalidProblem(f"{name} is {value}; expected a non-negative extent.")
+        if self.block_size < 1:
+            raise InvalidProblem(
+                f"block_size is {self.block_size}; expected an int >= 1 (e.g. 64 or 128).")
+        if self.d_k < 1:
+            raise InvalidProblem(
+                f"d_k is {self.d_k}; expected >= 1: a zero-width query/key has no scores.")
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+                raise InvalidProblem(f"scale is {self.scale!r}; expected a finite float or None.")
+            if not math.isfinite(self.scale):
+                raise InvalidProblem(
+                    f"scale is {self.scale}; expected a finite float (or None for 1/sqrt(d_k)).")
+            object.__setattr__(self, "scale", float(self.scale))
+        if not isinstance(self.is_causal, bool):
+            raise InvalidProblem(f"is_causal is {self.is_causal!r}; expected True or False.")
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.d_k)
+
+    @property
+    def num_blocks_q(self) -> int:
+        return -(-self.query_len // self.block_size)
+
+    @property
+    def num_blocks_k(self) -> int:
+        return -(-self.key_len // self.block_size)
+
+    @property
+    def lse_dtype(self) -> torch.dtype:
+        return self.element.accumulator.torch_dtype
+
+    @property
+    def is_empty(self) -> bool:
+        """True when there is nothing to compute (outputs are y = 0, lse = -inf)."""
+        return 0 in (self.batch_size, self.num_heads, self.query_len, self.key_len, self.d_v)
+
+    def query_shape(self):
+        return (self.batch_size, self.num_heads, self.query_len, self.d_k)
+
+    def key_shape(self):
+        return (self.batch_size, self.num_heads, self.key_len, self.d_k)
+
+    def value_shape(self):
+        return (self.batch_size, self.num_heads, self.key_len, self.d_v)
+
+    def output_shape(self):
+        return (self.batch_size, self.num_heads, self.query_len, self.d_v)
+
+    def lse_shape(self):
+        return (self.batch_size, self.num_heads, self.query_len)
+
+    @classmethod
+    def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
+                     scale: Optional[float] = None, is_causal: bool = False):
+        """Descriptor for q [B,H,Nq,Dk], k [B,H,Nk,Dk], v [B,H,Nk,Dv]."""
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise InvalidProblem(f"{name} is a {type(t).__name__}; expected a torch.Tensor.")
+            if t.dim() != 4:
+                raise InvalidProblem(
+                    f"{name} has shape {tuple(t.shape)}; expected 4 dims [B, H, N, D]. "
+                    f"For [B, N, H, D] layouts pass {name}.transpose(1, 2) (no copy is made).")
+        B, H, Nq, Dk = q.shape
+        return cls(B, H, Nq, k.shape[2], Dk, v.shape[3], block_size, scale, is_causal,
+                   ElementKind.from_torch(q.dtype))
+
+
+@dataclass
+class SdpaBlockSparseArgs:
+    """The tensors of one call.
+
+    q [B,H,Nq,Dk], k [B,H,Nk,Dk], v [B,H,Nk,Dv] of the descriptor's dtype;
+    block_pattern: bool/uint8 [B|1, H|1, nq, nk] or [B|1, H|1, nq*nk], or a BlockPattern;
+    y [B,H,Nq,Dv] and lse [B,H,Nq] (float32; float64 for f64) are outputs: pass
+    preallocated tensors, or leave None and ``plan.run`` allocates them.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    block_pattern: Any
+    y: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None

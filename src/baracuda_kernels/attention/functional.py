@@ -1,0 +1,77 @@
+"""The functional, autograd-aware entry point: block_sparse_attention(q, k, v, pattern, ...)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..core import InvalidProblem, PlanPreference
+from .autograd import BlockSparseAttentionFunction
+from .backends import resolve_device
+from .descriptor import SdpaBlockSparseDescriptor
+from .plan import SdpaBlockSparsePlan
+from .validation import canonical_pattern, check_qkv
+
+_PLANS: dict = {}  # (descriptor, device, backend) -> plan; a plan is immutable once selected
+_MAX_PLANS = 64
+
+
+def _plan_for(desc, device, backend) -> SdpaBlockSparsePlan:
+    key = (desc, device, backend)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = SdpaBlockSparsePlan.select(desc, PlanPreference.DEFAULT, device=device, backend=backend)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_pattern, *,
+                           block_size: Optional[int] = None, is_causal: bool = False,
+                           scale: Optional[float] = None, return_lse: bool = False,
+                           backend: Optional[str] = None):
+    """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
+
+    y = softmax(scale * q @ k^T + mask) @ v, where mask is -inf outside the active blocks of
+    ``block_pattern`` (and where key > query when ``is_causal``). Inactive blocks are skipped.
+
+    Args:
+        q: [B, H, Nq, Dk] float16, bfloat16, float32 or float64.
+        k: [B, H, Nk, Dk], same dtype and device.
+        v: [B, H, Nk, Dv], same dtype and device. Any strides with a unit last stride.
+        block_pattern: bool or uint8 [B|1, H|1, nq, nk] (or flat [B|1, H|1, nq*nk]) with
+            nq = ceil(Nq / block_size), nk = ceil(Nk / block_size); non-zero = compute the
+            block. A BlockPattern (baracuda_kernels.patterns) is accepted too and carries
+            its block_size.
+        block_size: side of a pattern block in tokens (required unless block_pattern is a
+            BlockPattern).
+        is_causal: query i attends key j only when j <= i (top-left, like torch SDPA).
+        scale: softmax scale, default 1 / sqrt(Dk).
+        return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
+            scaled scores (float32; float64 for float64 inputs). lse is not differentiable.
+        backend: None (triton on CUDA, reference elsewhere), "triton" or "reference".
+
+    Returns:
+        y [B, H, Nq, Dv] in q's dtype (and lse when return_lse). A query row with no allowed
+        key gives y = 0 and lse = -inf, and zero gradients.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 256, 64)
+        >>> pattern = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+        >>> y = block_sparse_attention(q, k, v, pattern, block_size=64, is_causal=True)
+    """
+    if block_size is None:
+        block_size = getattr(block_pattern, "block_size", None)
+        if block_size is None:
+            raise InvalidProblem("block_size is None; expected an int >= 1 (or pass a BlockPattern, "
+                                 "which carries its block_size).")
+    desc = SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=block_size, scale=scale,
+                                                  is_causal=is_causal)
+    device = check_qkv(desc, q, k, v)
+    canonical_pattern(desc, block_pattern, device)  # validate before any work
+    plan = _plan_for(desc, resolve_device(device), backend)
+    lists = plan.block_lists(block_pattern)
+    y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan, lists)
+    return (y, lse) if return_lse else y

@@ -1,0 +1,99 @@
+"""Checks of concrete tensors against a descriptor, and pattern canonicalisation.
+
+Every function raises InvalidProblem with a message that says expected / got / fix, and
+none of them writes to any tensor, so a failed call leaves preallocated outputs untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..core import InvalidProblem
+from .descriptor import SdpaBlockSparseDescriptor
+
+
+def check_tensor(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device,
+                 fix_dtype: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidProblem(f"{name} is a {type(t).__name__}; expected a torch.Tensor of shape {shape}.")
+    if tuple(t.shape) != tuple(shape):
+        raise InvalidProblem(
+            f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)} from the descriptor. "
+            f"Select a plan for this shape (SdpaBlockSparseDescriptor.from_tensors).")
+    if t.dtype != dtype:
+        raise InvalidProblem(
+            f"{name} has dtype {t.dtype}; expected {dtype} from the descriptor's element. "
+            f"{fix_dtype or f'Cast with {name}.to({dtype}) or select a plan for {t.dtype}.'}")
+    if t.device != device:
+        raise InvalidProblem(
+            f"{name} is on {t.device}; expected {device} like q. Move it with {name}.to(q.device).")
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise InvalidProblem(
+            f"{name} has last-dimension stride {t.stride(-1)}; expected 1 (any other strides are "
+            f"fine). Pass {name}.contiguous() or a view whose last dimension is dense.")
+
+
+def check_qkv(desc: SdpaBlockSparseDescriptor, q, k, v) -> torch.device:
+    dtype = desc.element.torch_dtype
+    if not isinstance(q, torch.Tensor):
+        raise InvalidProblem(f"q is a {type(q).__name__}; expected a torch.Tensor.")
+    device = q.device
+    check_tensor("q", q, desc.query_shape(), dtype, device)
+    check_tensor("k", k, desc.key_shape(), dtype, device)
+    check_tensor("v", v, desc.value_shape(), dtype, device)
+    return device
+
+
+def check_outputs(desc: SdpaBlockSparseDescriptor, device, y, lse) -> None:
+    if y is not None:
+        check_tensor("y", y, desc.output_shape(), desc.element.torch_dtype, device)
+    if lse is not None:
+        check_tensor("lse", lse, desc.lse_shape(), desc.lse_dtype, device,
+                     fix_dtype=f"lse is always {desc.lse_dtype} for {desc.element.torch_dtype} inputs.")
+
+
+def canonical_pattern(desc: SdpaBlockSparseDescriptor, pattern, device: Optional[torch.device]) -> torch.Tensor:
+    """Validate a block pattern and return it as bool [Bp, Hp, nq, nk] (Bp in {1,B}, Hp in {1,H}).
+
+    Accepts a uint8/bool tensor in the flat layout [B|1, H|1, nq*nk] or as [B|1, H|1, nq, nk],
+    or any object with a ``mask`` tensor and ``block_size`` / ``query_len`` / ``key_len``
+    attributes (a BlockPattern), whose geometry must match the descriptor.
+    """
+    nq, nk = desc.num_blocks_q, desc.num_blocks_k
+    if hasattr(pattern, "mask") and hasattr(pattern, "block_size"):
+        _check_pattern_geometry(desc, pattern)
+        pattern = pattern.mask
+    if not isinstance(pattern, torch.Tensor):
+        raise InvalidProblem(
+            f"block_pattern is a {type(pattern).__name__}; expected a bool/uint8 tensor "
+            f"[B, H, nq, nk] or [B, H, nq*nk], or a BlockPattern.")
+    if pattern.dtype not in (torch.bool, torch.uint8):
+        raise InvalidProblem(
+            f"block_pattern has dtype {pattern.dtype}; expected torch.bool or torch.uint8. "
+            f"Convert with block_pattern.bool() (non-zero = compute the block).")
+    if device is not None and pattern.device != device:
+        raise InvalidProblem(
+            f"block_pattern is on {pattern.device}; expected {device} like q. "
+            f"Move it with block_pattern.to(q.device) once, outside the training loop.")
+    B, H = desc.batch_size, desc.num_heads
+    ok_lead = pattern.dim() in (3, 4) and pattern.shape[0] in (1, B) and pattern.shape[1] in (1, H)
+    if ok_lead and pattern.dim() == 3 and pattern.shape[2] == nq * nk:
+        pattern = pattern.reshape(pattern.shape[0], pattern.shape[1], nq, nk)
+    elif not (ok_lead and pattern.dim() == 4 and tuple(pattern.shape[2:]) == (nq, nk)):
+        raise InvalidProblem(
+            f"block_pattern has shape {tuple(pattern.shape)}; expected ({B}, {H}, {nq * nk}) = "
+            f"[B, H, nq*nk] with nq={nq}, nk={nk} for block_size={desc.block_size} "
+            f"(Nq={desc.query_len}, Nk={desc.key_len}), or ({B}, {H}, {nq}, {nk}) = [B, H, nq, nk]; "
+            f"B and H may be 1 to broadcast.")
+    return pattern if pattern.dtype == torch.bool else pattern != 0
+
+
+def _check_pattern_geometry(desc: SdpaBlockSparseDescriptor, pattern) -> None:
+    got = (pattern.block_size, pattern.query_len, pattern.key_len)
+    want = (desc.block_size, desc.query_len, desc.key_len)
+    if got != want:
+        raise InvalidProblem(
+            f"BlockPattern has (block_size, query_len, key_len) = {got}; expected {want} from the "
+            f"problem. Build the pattern for these lengths, or pass block_size={pattern.block_size}.")

@@ -1,0 +1,82 @@
+"""Independent dense oracle for block-sparse attention, used only by tests.
+
+It expands the block pattern to a token mask and runs plain masked softmax attention.
+Run in float64 it is the ground truth; run in the input dtype it gives the error a
+same-dtype PyTorch computation makes, which sets the tolerance (FlashAttention's rule).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_mask(pattern4d: torch.Tensor, query_len: int, key_len: int, block_size: int,
+               is_causal: bool) -> torch.Tensor:
+    """bool [Bp, Hp, Nq, Nk]: True where query i may attend key j."""
+    rows = torch.arange(query_len, device=pattern4d.device) // block_size
+    cols = torch.arange(key_len, device=pattern4d.device) // block_size
+    mask = pattern4d.bool()[:, :, rows][:, :, :, cols]
+    if is_causal:
+        i = torch.arange(query_len, device=pattern4d.device)[:, None]
+        j = torch.arange(key_len, device=pattern4d.device)[None, :]
+        mask = mask & (j <= i)
+    return mask
+
+
+def as_4d(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int) -> torch.Tensor:
+    nq = -(-query_len // block_size)
+    nk = -(-key_len // block_size)
+    if pattern.dim() == 3:
+        pattern = pattern.reshape(pattern.shape[0], pattern.shape[1], nq, nk)
+    return pattern
+
+
+def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, dtype=None):
+    """Returns (y, lse) computed densely in `dtype` (default float64).
+
+    Fully masked rows give y = 0 and lse = -inf. q/k/v are [B, H, N, D].
+    """
+    dtype = dtype or torch.float64
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = token_mask(as_4d(pattern, Nq, Nk, block_size), Nq, Nk, block_size, is_causal)
+    qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s.to(torch.float64 if dtype == torch.float64 else torch.float32), dim=-1)
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows
+    y = p @ vd
+    return y, lse
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max-abs error relative to the reference's max-abs (NaN -> inf)."""
+    out = out.double()
+    ref = ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    finite = torch.isfinite(ref)
+    if not torch.equal(finite, torch.isfinite(out)) or not torch.equal(out[~finite], ref[~finite]):
+        return float("inf")
+    diff = (out[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+    return diff / max(ref[finite].abs().max().item() if finite.any() else 1.0, 1e-30)
+
+
+ROUNDING_FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def assert_matches_oracle(out, ref64, same_dtype, *, factor=2.0, what="y"):
+    """Kernel error vs float64 <= factor * (same-dtype PyTorch error) + rounding floor."""
+    err = rel_error(out, ref64)
+    base = rel_error(same_dtype, ref64)
+    floor = ROUNDING_FLOOR[out.dtype if out.dtype in ROUNDING_FLOOR else torch.float32]
+    bound = factor * base + floor
+    assert err <= bound, f"{what}: relative error {err:.3e} > bound {bound:.3e} (pytorch same-dtype {base:.3e})"
