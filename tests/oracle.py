@@ -45,15 +45,25 @@ def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, d
     qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
     s = (qd @ kd.transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s.to(torch.float64 if dtype == torch.float64 else torch.float32), dim=-1)
-    p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows
+    # Stable softmax that stays differentiable (and NaN-free) on fully masked rows.
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     y = p @ vd
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    lse = (torch.log(denom.to(lse_dtype)) + m.to(lse_dtype)).squeeze(-1)
     return y, lse
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max-abs error relative to the reference's max-abs (NaN -> inf)."""
+    """max-abs error over max(reference max-abs, 1) (NaN -> inf).
+
+    Test inputs are O(1) random normals, so outputs and gradients are O(1); the floor of 1
+    keeps an all-zero reference (e.g. dq of a row that sees a single key) from turning
+    rounding noise into an infinite relative error.
+    """
     out = out.double()
     ref = ref.double()
     if torch.isnan(out).any():
@@ -62,7 +72,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.equal(finite, torch.isfinite(out)) or not torch.equal(out[~finite], ref[~finite]):
         return float("inf")
     diff = (out[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
-    return diff / max(ref[finite].abs().max().item() if finite.any() else 1.0, 1e-30)
+    return diff / max(ref[finite].abs().max().item() if finite.any() else 1.0, 1.0)
 
 
 ROUNDING_FLOOR = {

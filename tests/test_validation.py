@@ -1,0 +1,182 @@
+"""Every user-input rule raises a typed exception whose message names the field."""
+
+import math
+
+import pytest
+import torch
+
+import baracuda_kernels as bk
+from baracuda_kernels import (InvalidProblem, SdpaBlockSparseArgs, SdpaBlockSparseDescriptor,
+                              SdpaBlockSparsePlan, Unsupported)
+
+
+def desc(**kw):
+    base = dict(batch_size=2, num_heads=3, query_len=40, key_len=40, d_k=16, d_v=16,
+                block_size=16, element=torch.float32)
+    base.update(kw)
+    return SdpaBlockSparseDescriptor(**base)
+
+
+def tensors(d, dtype=torch.float32):
+    q = torch.randn(d.query_shape(), dtype=dtype)
+    k = torch.randn(d.key_shape(), dtype=dtype)
+    v = torch.randn(d.value_shape(), dtype=dtype)
+    p = torch.ones(d.batch_size, d.num_heads, d.num_blocks_q, d.num_blocks_k, dtype=torch.bool)
+    return q, k, v, p
+
+
+def plan(d):
+    return SdpaBlockSparsePlan.select(d, device="cpu", backend="reference")
+
+
+@pytest.mark.parametrize("field", ["batch_size", "num_heads", "query_len", "key_len", "d_k", "d_v"])
+def test_negative_extent(field):
+    with pytest.raises(InvalidProblem, match=field):
+        desc(**{field: -1})
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_block_size_below_one(bad):
+    with pytest.raises(InvalidProblem, match="block_size"):
+        desc(block_size=bad)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_non_finite_scale(bad):
+    with pytest.raises(InvalidProblem, match="scale"):
+        desc(scale=bad)
+
+
+def test_unsupported_dtype():
+    with pytest.raises(Unsupported, match="int32"):
+        desc(element=torch.int32)
+    with pytest.raises(InvalidProblem, match="element"):
+        desc(element="f8")
+
+
+def test_not_an_int_extent():
+    with pytest.raises(InvalidProblem, match="query_len"):
+        desc(query_len=4.0)
+
+
+def test_element_vs_tensor_dtype():
+    d = desc()
+    q, k, v, p = tensors(d, torch.float64)
+    with pytest.raises(InvalidProblem, match="q has dtype torch.float64"):
+        plan(d).can_implement(SdpaBlockSparseArgs(q, k, v, p))
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_shape_mismatch_each_input(name):
+    d = desc()
+    q, k, v, p = tensors(d)
+    bad = {"q": q, "k": k, "v": v}
+    bad[name] = bad[name][:, :, :-1]
+    with pytest.raises(InvalidProblem, match=f"{name} has shape"):
+        plan(d).can_implement(SdpaBlockSparseArgs(bad["q"], bad["k"], bad["v"], p))
+
+
+@pytest.mark.parametrize("name", ["y", "lse"])
+def test_output_shape_and_dtype(name):
+    d = desc()
+    q, k, v, p = tensors(d)
+    y = torch.empty(d.output_shape())
+    lse = torch.empty(d.lse_shape())
+    wrong_shape = {"y": dict(y=y[:, :1]), "lse": dict(lse=lse[:, :1])}[name]
+    with pytest.raises(InvalidProblem, match=f"{name} has shape"):
+        plan(d).run(SdpaBlockSparseArgs(q, k, v, p, **wrong_shape))
+    wrong_dtype = {"y": dict(y=y.double()), "lse": dict(lse=lse.half())}[name]
+    with pytest.raises(InvalidProblem, match=f"{name} has dtype"):
+        plan(d).run(SdpaBlockSparseArgs(q, k, v, p, **wrong_dtype))
+
+
+def test_nothing_written_on_failure():
+    d = desc()
+    q, k, v, p = tensors(d)
+    y = torch.full(d.output_shape(), 7.0)
+    lse = torch.full(d.lse_shape(), 7.0)
+    with pytest.raises(InvalidProblem):
+        plan(d).run(SdpaBlockSparseArgs(q, k, v[:, :, :3], p, y=y, lse=lse))
+    with pytest.raises(InvalidProblem):
+        plan(d).run(SdpaBlockSparseArgs(q, k, v, p[..., :1], y=y, lse=lse))
+    assert (y == 7).all() and (lse == 7).all()
+
+
+def test_pattern_shape_message_is_specific():
+    d = SdpaBlockSparseDescriptor(2, 8, 512, 512, 16, 16, block_size=64, element=torch.float32)
+    q, k, v, _ = tensors(d)
+    bad = torch.ones(2, 8, 63, dtype=torch.uint8)
+    with pytest.raises(InvalidProblem, match=r"\(2, 8, 63\); expected \(2, 8, 64\).*nq=8, nk=8"):
+        plan(d).can_implement(SdpaBlockSparseArgs(q, k, v, bad))
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 3, 3), (2, 2, 3, 3), (2, 3, 3, 2), (2, 3, 9, 1), (3, 3)])
+def test_pattern_bad_shapes(shape):
+    d = desc()
+    q, k, v, _ = tensors(d)
+    with pytest.raises(InvalidProblem, match="block_pattern has shape"):
+        plan(d).can_implement(SdpaBlockSparseArgs(q, k, v, torch.ones(shape, dtype=torch.bool)))
+
+
+def test_pattern_dtype():
+    d = desc()
+    q, k, v, p = tensors(d)
+    with pytest.raises(InvalidProblem, match="block_pattern has dtype torch.float32"):
+        plan(d).can_implement(SdpaBlockSparseArgs(q, k, v, p.float()))
+    with pytest.raises(InvalidProblem, match="block_pattern is a list"):
+        plan(d).can_implement(SdpaBlockSparseArgs(q, k, v, [[1]]))
+
+
+def test_pattern_layouts_accepted():
+    d = desc()
+    q, k, v, p = tensors(d)
+    for pattern in (p, p.to(torch.uint8), p.flatten(2), p[:1, :1], p[:, :1].flatten(2)):
+        assert plan(d).can_implement(SdpaBlockSparseArgs(q, k, v, pattern))
+
+
+def test_last_dim_stride():
+    d = desc()
+    q, k, v, p = tensors(d)
+    q_bad = torch.randn(2, 3, 40, 32)[..., ::2]
+    with pytest.raises(InvalidProblem, match="q has last-dimension stride 2"):
+        plan(d).can_implement(SdpaBlockSparseArgs(q_bad, k, v, p))
+
+
+def test_device_mismatch():
+    d = desc()
+    q, k, v, p = tensors(d)
+    with pytest.raises(InvalidProblem, match="k is on meta"):
+        plan(d).can_implement(SdpaBlockSparseArgs(q, k.to("meta"), v, p))
+    with pytest.raises(InvalidProblem, match="block_pattern is on meta"):
+        plan(d).can_implement(SdpaBlockSparseArgs(q, k, v, p.to("meta")))
+
+
+def test_functional_errors():
+    q = torch.randn(1, 2, 32, 16)
+    p = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    with pytest.raises(InvalidProblem, match="block_size is None"):
+        bk.block_sparse_attention(q, q, q, p)
+    with pytest.raises(InvalidProblem, match="q has shape .* expected 4 dims"):
+        bk.block_sparse_attention(q[0], q[0], q[0], p, block_size=16)
+    with pytest.raises(InvalidProblem, match="backend"):
+        bk.block_sparse_attention(q, q, q, p, block_size=16, backend="cudnn")
+
+
+def test_forced_triton_on_plain_cpu_is_unsupported(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(Unsupported, match="triton"):
+        SdpaBlockSparsePlan.select(desc(), device="cpu", backend="triton")
+
+
+def test_head_dim_over_triton_limit_is_unsupported_for_triton():
+    with pytest.raises(Unsupported, match="head dims up to 256"):
+        SdpaBlockSparsePlan.select(desc(d_k=320, d_v=320), device="cpu", backend="triton")
+    # ...but the reference backend runs it.
+    assert SdpaBlockSparsePlan.select(desc(d_k=320, d_v=320), device="cpu").backend.value == "reference"
+
+
+def test_run_backward_needs_forward_outputs():
+    d = desc()
+    q, k, v, p = tensors(d)
+    with pytest.raises(InvalidProblem, match="plan.run"):
+        plan(d).run_backward(SdpaBlockSparseArgs(q, k, v, p), torch.randn(d.output_shape()))
