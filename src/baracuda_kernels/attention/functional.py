@@ -6,26 +6,10 @@ from typing import Optional
 
 import torch
 
-from ..core import InvalidProblem, PlanPreference
-from .autograd import BlockSparseAttentionFunction
-from .backends import resolve_device
+from ..core import InvalidProblem
+from .autograd import block_sparse_attention_op
 from .descriptor import SdpaBlockSparseDescriptor
-from .plan import SdpaBlockSparsePlan
 from .validation import canonical_pattern, check_qkv
-
-_PLANS: dict = {}  # (descriptor, device, backend) -> plan; a plan is immutable once selected
-_MAX_PLANS = 64
-
-
-def _plan_for(desc, device, backend) -> SdpaBlockSparsePlan:
-    key = (desc, device, backend)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = SdpaBlockSparsePlan.select(desc, PlanPreference.DEFAULT, device=device, backend=backend)
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = plan
-    return plan
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_pattern, *,
@@ -70,8 +54,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     desc = SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=block_size, scale=scale,
                                                   is_causal=is_causal)
     device = check_qkv(desc, q, k, v)
-    canonical_pattern(desc, block_pattern, device)  # validate before any work
-    plan = _plan_for(desc, resolve_device(device), backend)
-    lists = plan.block_lists(block_pattern)
-    y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan, lists)
+    pattern = canonical_pattern(desc, block_pattern, device)
+    if backend is not None and not isinstance(backend, str):
+        backend = backend.value  # a BackendKind
+    y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size, desc.softmax_scale,
+                                       desc.is_causal, backend or "")
     return (y, lse) if return_lse else y

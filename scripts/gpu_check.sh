@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: GPU test suite + kernel benchmark, logs under $OUT.
+#   bash scripts/gpu_check.sh [tests|bench|all] [extra pytest args...]
+# Runs from the working tree (no install); the device image has torch and triton.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/baracuda_out}"
+mkdir -p "$OUT"
+stage="${1:-all}"
+shift || true
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+status=0
+if [[ "$stage" == tests || "$stage" == all ]]; then
+  # Triton compiles on the host CPU: several workers keep the card busy while others compile.
+  python3 -m pytest tests -q -n 8 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
+  status=$?
+  tail -n 25 "$OUT/gpu_tests.log"
+fi
+if [[ "$stage" == bench || "$stage" == all ]]; then
+  python3 -m baracuda_kernels bench --preset kernels --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || status=$?
+  tail -n 40 "$OUT/bench.log"
+fi
+exit $status
