@@ -13,7 +13,7 @@ from .validation import canonical_pattern, check_qkv
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_pattern, *,
-                           block_size: Optional[int] = None, is_causal: bool = False,
+                           block_size: Optional[int] = None, is_causal: Optional[bool] = None,
                            scale: Optional[float] = None, return_lse: bool = False,
                            backend: Optional[str] = None):
     """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
@@ -32,6 +32,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         block_size: side of a pattern block in tokens (required unless block_pattern is a
             BlockPattern).
         is_causal: query i attends key j only when j <= i (top-left, like torch SDPA).
+            None (default) takes the BlockPattern's ``is_causal`` (False for raw tensors).
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs). lse is not differentiable.
@@ -51,6 +52,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         if block_size is None:
             raise InvalidProblem("block_size is None; expected an int >= 1 (or pass a BlockPattern, "
                                  "which carries its block_size).")
+    if is_causal is None:
+        is_causal = bool(getattr(block_pattern, "is_causal", False))
     desc = SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=block_size, scale=scale,
                                                   is_causal=is_causal)
     device = check_qkv(desc, q, k, v)

@@ -97,3 +97,8 @@ def _check_pattern_geometry(desc: SdpaBlockSparseDescriptor, pattern) -> None:
         raise InvalidProblem(
             f"BlockPattern has (block_size, query_len, key_len) = {got}; expected {want} from the "
             f"problem. Build the pattern for these lengths, or pass block_size={pattern.block_size}.")
+    if getattr(pattern, "is_causal", False) and not desc.is_causal:
+        raise InvalidProblem(
+            "BlockPattern is causal (its blocks assume the diagonal is masked) but is_causal is "
+            "False; expected is_causal=True. Pass is_causal=True (or None to follow the pattern), "
+            "or build the pattern with causal=False.")

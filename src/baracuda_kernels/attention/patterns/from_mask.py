@@ -1,0 +1,161 @@
+"""Block patterns from token-level masks and from vectorised mask functions.
+
+A block is active when any of its (in-range, and causal when ``is_causal``) token pairs is
+allowed. Both builders also record which active blocks are *fully* allowed
+(``pattern.exact_mask``) and the exact number of pairs coarsening adds
+(``pattern.extra_token_pairs``), since they see every token pair anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from baracuda_kernels.core import InvalidProblem
+
+from .block_pattern import BlockPattern
+from .builders import check_block_size, check_int
+from .counting import TokenRule, cdiv
+
+
+def _reduce_rows(allowed: torch.Tensor, row0: int, query_len: int, key_len: int,
+                 block_size: int, is_causal: bool):
+    """Reduce a chunk of token rows to blocks.
+
+    ``allowed``: bool ``[B, H, rows, key_len]`` for token rows ``row0 .. row0 + rows - 1``
+    (``row0`` a multiple of ``block_size``). Returns (active, fully_allowed) bool
+    ``[B, H, ceil(rows / bs), nk]`` and the number of allowed in-range pairs.
+    """
+    bsz, heads, rows, _ = allowed.shape
+    bs = block_size
+    nr, nk = cdiv(rows, bs), cdiv(key_len, bs)
+    dev = allowed.device
+    q = torch.arange(row0, row0 + nr * bs, device=dev)[:, None]
+    kv = torch.arange(nk * bs, device=dev)[None, :]
+    valid = (q < query_len) & (kv < key_len)
+    if is_causal:
+        valid &= kv <= q
+    padded = torch.nn.functional.pad(allowed, (0, nk * bs - key_len, 0, nr * bs - rows))
+    hit = padded & valid
+    count = int(torch.count_nonzero(hit))
+    shape = (bsz, heads, nr, bs, nk, bs)
+    active = hit.view(shape).any(-1).any(-2)
+    full = (padded | ~valid).view(shape).all(-1).all(-2) & active
+    return active, full, count
+
+
+def _rows_per_chunk(bsz: int, heads: int, key_len: int, block_size: int, chunk_pairs: int) -> int:
+    per_block_row = bsz * heads * block_size * cdiv(key_len, block_size) * block_size
+    return max(1, chunk_pairs // per_block_row) * block_size
+
+
+def _finish(active, full, count, *, block_size, query_len, key_len, is_causal, rule, description):
+    return BlockPattern(active, block_size=block_size, query_len=query_len, key_len=key_len,
+                        is_causal=is_causal, token_rule=rule, description=description,
+                        _rule_pairs=count, _exact_mask=full)
+
+
+def from_token_mask(token_mask: torch.Tensor, *, block_size: int,
+                    is_causal: bool = False, chunk_pairs: int = 1 << 24) -> BlockPattern:
+    """Block pattern covering a token-level mask.
+
+    Args:
+        token_mask: bool (or integer, nonzero = allowed) ``[Nq, Nk]``, ``[H, Nq, Nk]`` or
+            ``[B, H, Nq, Nk]``; B/H of size 1 broadcast. Query ``i`` may attend key ``j``
+            where it is True (ANDed with ``j <= i`` when ``is_causal``).
+        block_size: tokens per block.
+        is_causal: the pattern will be used with ``is_causal=True``: pairs above the
+            diagonal are ignored when choosing blocks.
+    Returns:
+        BlockPattern with ``exact_mask`` = blocks whose computed pairs are all allowed (for
+        ``is_causal=False``: the fully allowed blocks) and ``extra_token_pairs`` = allowed-
+        by-kernel pairs that the token mask forbids. Work is done in chunks of query blocks
+        (``chunk_pairs`` token pairs at a time), never on a second N x N copy.
+    """
+    bs = check_block_size(block_size)
+    if not isinstance(token_mask, torch.Tensor) or token_mask.dim() not in (2, 3, 4):
+        got = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
+        raise InvalidProblem(f"token_mask must be a tensor [Nq, Nk], [H, Nq, Nk] or [B, H, Nq, Nk]; "
+                             f"got {got}.")
+    if token_mask.is_floating_point() or token_mask.is_complex():
+        raise InvalidProblem(f"token_mask has dtype {token_mask.dtype}; expected bool or an integer "
+                             "dtype (nonzero = allowed). Fix: token_mask = token_mask != 0 (or, for "
+                             "an additive float mask, token_mask > float('-inf')).")
+    tm = token_mask
+    while tm.dim() < 4:
+        tm = tm.unsqueeze(0)
+    bsz, heads, lq, lk = tm.shape
+    if lq == 0 or lk == 0:
+        raise InvalidProblem(f"token_mask has an empty sequence dim: shape {tuple(tm.shape)}.")
+    step = _rows_per_chunk(bsz, heads, lk, bs, chunk_pairs)
+    actives, fulls, count = [], [], 0
+    for r0 in range(0, lq, step):
+        a, f, c = _reduce_rows(tm[:, :, r0:r0 + step] != 0, r0, lq, lk, bs, is_causal)
+        actives.append(a)
+        fulls.append(f)
+        count += c
+
+    def rule(b, h, q, kv):
+        m = tm if tm.device == q.device else tm.to(q.device)
+        bi = torch.zeros_like(b) if bsz == 1 else b
+        hi = torch.zeros_like(h) if heads == 1 else h
+        return m[bi, hi, q, kv] != 0
+
+    return _finish(torch.cat(actives, 2), torch.cat(fulls, 2), count, block_size=bs,
+                   query_len=lq, key_len=lk, is_causal=is_causal, rule=rule,
+                   description=f"from_token_mask(is_causal={is_causal})")
+
+
+def from_mask_fn(fn: TokenRule, query_len: int, key_len: Optional[int] = None, *,
+                 block_size: int, batch: int = 1, num_heads: int = 1, is_causal: bool = False,
+                 device=None, chunk_pairs: int = 1 << 24) -> BlockPattern:
+    """Block pattern from a vectorised mask function, in the spirit of FlexAttention's mask_mod.
+
+    ``fn(b, h, q_idx, kv_idx) -> bool tensor`` receives int64 tensors shaped
+    ``[B, 1, 1, 1]``, ``[1, H, 1, 1]``, ``[1, 1, rows, 1]``, ``[1, 1, 1, key_len]`` and must
+    return something that broadcasts to ``[B, H, rows, key_len]``. Mask functions written
+    with tensor ops (``q_idx >= kv_idx``, ``doc[q_idx] == doc[kv_idx]``, ...) work as they
+    are; Python ``if`` on tensor values does not. No ``torch.compile`` is involved.
+
+    The function is evaluated on every in-range pair, a chunk of query rows at a time
+    (``chunk_pairs`` pairs per chunk), so memory is bounded and time is O(Nq * Nk). Use
+    ``batch`` / ``num_heads`` > 1 only when ``fn`` depends on ``b`` / ``h`` (1 = broadcast).
+    ``is_causal``: as in ``from_token_mask``. The pattern keeps ``fn`` as its token rule,
+    records fully allowed blocks in ``exact_mask`` and the coarsening in
+    ``extra_token_pairs``.
+    """
+    bs = check_block_size(block_size)
+    lq = check_int("query_len", query_len, 1)
+    lk = lq if key_len is None else check_int("key_len", key_len, 1)
+    batch = check_int("batch", batch, 1)
+    num_heads = check_int("num_heads", num_heads, 1)
+    if not callable(fn):
+        raise InvalidProblem(f"fn must be callable f(b, h, q_idx, kv_idx) -> bool; got "
+                             f"{type(fn).__name__}.")
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    b = torch.arange(batch, device=dev).view(batch, 1, 1, 1)
+    h = torch.arange(num_heads, device=dev).view(1, num_heads, 1, 1)
+    kv = torch.arange(lk, device=dev).view(1, 1, 1, lk)
+    step = _rows_per_chunk(batch, num_heads, lk, bs, chunk_pairs)
+    actives, fulls, count = [], [], 0
+    for r0 in range(0, lq, step):
+        rows = min(step, lq - r0)
+        q = torch.arange(r0, r0 + rows, device=dev).view(1, 1, rows, 1)
+        out = torch.as_tensor(fn(b, h, q, kv), device=dev)
+        try:
+            out = torch.broadcast_to(out, (batch, num_heads, rows, lk))
+        except RuntimeError as exc:
+            raise InvalidProblem(
+                f"fn returned shape {tuple(out.shape)}, which does not broadcast to "
+                f"[{batch}, {num_heads}, {rows}, {lk}] = [batch, num_heads, rows, key_len]. Fix: "
+                "write fn with broadcasting tensor ops, and pass batch/num_heads matching the "
+                "b/h it depends on.") from exc
+        a, f, c = _reduce_rows(out.to(torch.bool), r0, lq, lk, bs, is_causal)
+        actives.append(a)
+        fulls.append(f)
+        count += c
+    name = getattr(fn, "__name__", type(fn).__name__)
+    return _finish(torch.cat(actives, 2), torch.cat(fulls, 2), count, block_size=bs,
+                   query_len=lq, key_len=lk, is_causal=is_causal, rule=fn,
+                   description=f"from_mask_fn({name}, is_causal={is_causal})")
