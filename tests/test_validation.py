@@ -180,3 +180,16 @@ def test_run_backward_needs_forward_outputs():
     q, k, v, p = tensors(d)
     with pytest.raises(InvalidProblem, match="plan.run"):
         plan(d).run_backward(SdpaBlockSparseArgs(q, k, v, p), torch.randn(d.output_shape()))
+
+
+def test_causal_block_pattern_needs_causal_call():
+    from baracuda_kernels.patterns import sliding_window
+    p = sliding_window(64, window=32, block_size=16)
+    q = torch.randn(1, 1, 64, 8)
+    with pytest.raises(InvalidProblem, match="is_causal"):
+        bk.block_sparse_attention(q, q, q, p, is_causal=False)
+    y_default = bk.block_sparse_attention(q, q, q, p)           # follows the pattern
+    y_causal = bk.block_sparse_attention(q, q, q, p.mask, block_size=16, is_causal=True)
+    assert torch.equal(y_default, y_causal)
+    with pytest.raises(InvalidProblem, match="block_size"):
+        bk.block_sparse_attention(q, q, q, p, block_size=32)
