@@ -1,0 +1,281 @@
+"""The implementations a case is timed with, all in the same process on the same device.
+
+* ``ours``: ``SdpaBlockSparsePlan`` (forward timing: ``plan.run`` with preallocated outputs
+  and the pattern's cached block lists) and ``block_sparse_attention`` (autograd, for
+  backward). Triton on CUDA, the reference backend on CPU.
+* ``flex``: FlexAttention with a ``BlockMask`` of the same pattern (``to_flex_block_mask``:
+  full blocks without mask_mod, ``kv_idx <= q_idx`` on the blocks the diagonal crosses),
+  compiled (``torch.compile(flex_attention, dynamic=False)``) on CUDA, eager on CPU, where a
+  compile takes about a minute per shape. Compile time is excluded (first call = warm-up).
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the dense and causal
+  patterns only (the problems it computes), pinned to the backend torch picks, which is named.
+* ``reference``: our pure-PyTorch backend, when ``ours`` is not already it.
+
+``prepare`` raises ``Unavailable`` (with the reason, reported in the table and the files)
+or ``NotApplicable`` (silently skipped: SDPA on a sparse pattern).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..attention import (SdpaBlockSparseArgs, SdpaBlockSparseDescriptor, SdpaBlockSparsePlan,
+                         block_sparse_attention)
+from ..core import BackendKind
+from .cases import Geometry, PatternSpec
+
+
+class Unavailable(Exception):
+    """The implementation cannot run this case; ``str(exc)`` says why."""
+
+
+class NotApplicable(Exception):
+    """The implementation does not compute this problem (skipped without a row)."""
+
+
+@dataclass
+class Inputs:
+    """One case's tensors: q, k, v [B, H, N, D] without grad, dy like q, and its pattern."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dy: torch.Tensor
+    pattern: object          # BlockPattern on the device
+    spec: PatternSpec
+    geometry: Geometry
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def is_causal(self) -> bool:
+        return bool(self.pattern.is_causal)
+
+
+@dataclass
+class Prepared:
+    """A ready implementation: ``infer()`` runs the forward on the case's tensors without
+    autograd; ``train(q, k, v)`` is a differentiable forward returning y."""
+
+    detail: str
+    infer: Callable[[], torch.Tensor]
+    train: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    train_detail: Optional[str] = None
+    setup_s: float = 0.0
+    notes: list = field(default_factory=list)
+    train_error: Optional[tuple] = None   # (status, reason) once backward failed
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # Inductor wraps the real message; keep the most specific lines.
+    keep = " | ".join(lines[:1] + [ln for ln in lines[1:] if "must be" in ln or "Error" in ln][:2])
+    return keep[:limit]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------ ours
+def _descriptor(inputs: Inputs) -> SdpaBlockSparseDescriptor:
+    g = inputs.geometry
+    return SdpaBlockSparseDescriptor(g.batch, g.heads, g.seq_len, g.seq_len, g.head_dim, g.head_dim,
+                                     block_size=g.block_size, is_causal=inputs.is_causal,
+                                     element=g.dtype)
+
+
+def _plan_based(inputs: Inputs, backend: Optional[str]) -> Prepared:
+    g = inputs.geometry
+    plan = SdpaBlockSparsePlan.select(_descriptor(inputs), device=inputs.device, backend=backend)
+    mask = inputs.pattern.mask
+    args = SdpaBlockSparseArgs(inputs.q, inputs.k, inputs.v, mask)
+    t0 = time.perf_counter()
+    plan.run(args)                 # allocates args.y / args.lse once; later runs reuse them
+    _sync(inputs.device)
+    chosen = plan.backend.value
+
+    def train(q, k, v):
+        return block_sparse_attention(q, k, v, mask, block_size=g.block_size,
+                                      is_causal=inputs.is_causal, backend=chosen)
+
+    config = plan.sku.config
+    detail = chosen if not config else f"{chosen} {config}"
+    return Prepared(detail, lambda: plan.run(args)[0], train, setup_s=time.perf_counter() - t0)
+
+
+def prepare_ours(inputs: Inputs, options) -> Prepared:
+    return _plan_based(inputs, None)
+
+
+def prepare_reference(inputs: Inputs, options) -> Prepared:
+    ours = SdpaBlockSparsePlan.select(_descriptor(inputs), device=inputs.device)
+    if ours.backend is BackendKind.REFERENCE:
+        raise Unavailable(f"ours runs the reference backend on {inputs.device.type}: it is the "
+                          "implementation under test here")
+    return _plan_based(inputs, "reference")
+
+
+# ------------------------------------------------------------------------------ flex
+_COMPILED_FLEX = {}
+_FLEX_FAILURES = {}   # (mode, geometry, causal) -> reason
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except ImportError as exc:
+        raise Unavailable(f"torch {torch.__version__} has no FlexAttention (needs torch >= 2.5): "
+                          f"{exc}") from None
+    if not hasattr(fa, "BlockMask") or not hasattr(fa.BlockMask, "from_kv_blocks"):
+        raise Unavailable(f"torch {torch.__version__} has no BlockMask.from_kv_blocks (needs torch >= 2.5)")
+    return fa
+
+
+def _causal_mask_mod(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def flex_block_mask(inputs: Inputs, compiled: bool = True):
+    """BlockMask of the case's pattern (``BlockPattern.to_flex_block_mask``).
+
+    For the compiled kernel, which visits only the listed blocks and applies the mask_mod
+    only inside partial ones: when the length is a multiple of the block, every partial
+    block is a computed block that the diagonal crosses, where the pattern lookup in the
+    mask_mod is always true. The mask_mod is then replaced by the module-level causal one
+    (or none) and B, H are expanded to the problem's, so that one compiled kernel per shape
+    serves every pattern. Eager FlexAttention applies only the mask_mod (on the full score
+    matrix), so it keeps the pattern's own mask_mod.
+    """
+    fa = _flex_module()
+    g = inputs.geometry
+    bm = inputs.pattern.to_flex_block_mask()
+    if g.seq_len % g.block_size or not compiled:
+        return bm
+    mask_mod = _causal_mask_mod if inputs.is_causal else None
+
+    def full(t):  # [Bp, Hp, ...] -> [B, H, ...]
+        return None if t is None else t.expand((g.batch, g.heads) + tuple(t.shape[2:])).contiguous()
+
+    return fa.BlockMask.from_kv_blocks(full(bm.kv_num_blocks), full(bm.kv_indices),
+                                       full(bm.full_kv_num_blocks), full(bm.full_kv_indices),
+                                       BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=mask_mod,
+                                       seq_lengths=tuple(bm.seq_lengths))
+
+
+def _flex_function(mode: str):
+    fa = _flex_module()
+    if mode == "eager":
+        return fa.flex_attention
+    if "compiled" not in _COMPILED_FLEX:
+        import torch._dynamo
+        cfg = torch._dynamo.config
+        # Every (shape, causal) variant compiles once; the default limit of 8 is too low.
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 64))
+        for name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 512))
+        _COMPILED_FLEX["compiled"] = torch.compile(fa.flex_attention, dynamic=False)
+    return _COMPILED_FLEX["compiled"]
+
+
+def prepare_flex(inputs: Inputs, options) -> Prepared:
+    mode = getattr(options, "flex_mode", "auto")
+    if mode == "auto":
+        mode = "compiled" if inputs.device.type == "cuda" else "eager"
+    try:
+        bm = flex_block_mask(inputs, compiled=mode == "compiled")
+    except Unavailable:
+        raise
+    except Exception as exc:
+        raise Unavailable(f"building the BlockMask failed: {_first_line(exc)}") from None
+    fn = _flex_function(mode)
+    q, k, v = inputs.q, inputs.k, inputs.v
+    key = (mode, inputs.geometry, inputs.is_causal)
+    if key in _FLEX_FAILURES:   # the same compile failed for another pattern: don't retry
+        raise Unavailable(_FLEX_FAILURES[key])
+    t0 = time.perf_counter()
+    try:
+        fn(q, k, v, block_mask=bm)   # compiles (excluded from timing); errors surface here
+        _sync(inputs.device)
+    except Exception as exc:
+        _FLEX_FAILURES[key] = (f"FlexAttention ({mode}) failed at block "
+                               f"{inputs.geometry.block_size}: {_first_line(exc)}")
+        raise Unavailable(_FLEX_FAILURES[key]) from None
+    setup = time.perf_counter() - t0
+    detail = f"{mode}"
+    notes = [] if mode == "compiled" else ["FlexAttention eager (unfused, materialises scores)"]
+    return Prepared(detail, lambda: fn(q, k, v, block_mask=bm),
+                    lambda q_, k_, v_: fn(q_, k_, v_, block_mask=bm), setup_s=setup, notes=notes)
+
+
+# ------------------------------------------------------------------------------ sdpa
+_SDPA_NAMES = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient",
+               "CUDNN_ATTENTION": "cudnn", "MATH": "math", "OVERRIDEABLE": "overrideable"}
+
+
+def _sdpa_choice(q, k, v, causal: bool):
+    """The SDPBackend torch's dispatcher picks for these tensors, or None if unknown."""
+    try:
+        from torch.nn.attention import SDPBackend
+        return SDPBackend(int(torch._fused_sdp_choice(q, k, v, None, 0.0, causal)))
+    except Exception:
+        return None
+
+
+def prepare_sdpa(inputs: Inputs, options) -> Prepared:
+    if not inputs.spec.dense_equivalent:
+        raise NotApplicable("SDPA computes dense and causal attention only")
+    import torch.nn.functional as F
+    try:
+        from torch.nn.attention import sdpa_kernel
+    except ImportError:
+        sdpa_kernel = None
+    causal = inputs.is_causal
+    q, k, v = inputs.q, inputs.k, inputs.v
+    grads = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
+    choice_infer = _sdpa_choice(q, k, v, causal)
+    choice_train = _sdpa_choice(*grads, causal)
+
+    def call(choice, q_, k_, v_):
+        if sdpa_kernel is None or choice is None:
+            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal)
+        with sdpa_kernel([choice]):
+            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal)
+
+    def name(choice):
+        return "default" if choice is None else _SDPA_NAMES.get(choice.name, choice.name.lower())
+
+    t0 = time.perf_counter()
+    try:
+        call(choice_infer, q, k, v)
+        _sync(inputs.device)
+    except Exception as exc:
+        raise Unavailable(f"scaled_dot_product_attention failed: {_first_line(exc)}") from None
+    return Prepared(name(choice_infer), lambda: call(choice_infer, q, k, v),
+                    lambda q_, k_, v_: call(choice_train, q_, k_, v_),
+                    train_detail=name(choice_train), setup_s=time.perf_counter() - t0)
+
+
+PREPARE = {"ours": prepare_ours, "flex": prepare_flex, "sdpa": prepare_sdpa,
+           "reference": prepare_reference}
+
+
+def prepare(impl: str, inputs: Inputs, options) -> Prepared:
+    """Set ``impl`` up for ``inputs``; Unavailable / NotApplicable when it cannot run."""
+    try:
+        return PREPARE[impl](inputs, options)
+    except (Unavailable, NotApplicable):
+        raise
+    except Exception as exc:
+        raise Unavailable(_first_line(exc)) from None

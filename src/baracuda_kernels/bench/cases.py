@@ -1,0 +1,225 @@
+"""What the benchmark sweeps: pattern specs, geometries, grids and presets.
+
+A *grid* is a cross product (sequence lengths x head dims x dtypes x block sizes x patterns)
+with one batch size, head count, list of modes and list of implementations. A *preset* is a
+list of grids (the `kernels` preset needs three: the main table, block 64, and a long
+sequence at D=64). Command-line options override the same field in every grid of a preset.
+
+Pattern names: ``dense``, ``causal``, ``sliding_window`` (8 blocks incl. the diagonal + 1
+sink block, causal), ``bigbird`` (3 window blocks, 2 global blocks, 3 random blocks per row),
+``document`` (6 packed documents, causal), ``random<P>`` (P percent of the blocks of every
+head, seeded; ``random`` in a list expands over ``--densities``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..attention.patterns import (BlockPattern, bigbird, causal, document_mask, random_blocks,
+                                  sliding_window)
+from ..core import ElementKind, InvalidProblem
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+IMPLS = ("ours", "flex", "sdpa", "reference")
+PATTERN_KINDS = ("dense", "causal", "sliding_window", "bigbird", "document", "random")
+DEFAULT_DENSITIES = (0.5, 0.25, 0.1, 0.05)
+
+SLIDING_WINDOW_BLOCKS = 8      # key blocks per query block row, diagonal included
+SINK_BLOCKS = 1
+BIGBIRD_WINDOW_BLOCKS = 3      # the block itself and one either side
+BIGBIRD_GLOBAL_BLOCKS = 2
+BIGBIRD_RANDOM_BLOCKS = 3
+DOCUMENT_FRACTIONS = (0.30, 0.10, 0.25, 0.05, 0.20, 0.10)   # packed documents, not block aligned
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    """A named pattern: ``kind`` in PATTERN_KINDS, ``density`` only for ``random``."""
+
+    kind: str
+    density: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "random":
+            pct = self.density * 100
+            return f"random{pct:g}" if pct >= 1 else f"random{pct:.2g}"
+        return self.kind
+
+    @property
+    def dense_equivalent(self) -> bool:
+        """True when torch SDPA computes the same thing (dense or causal)."""
+        return self.kind in ("dense", "causal")
+
+    @classmethod
+    def parse(cls, text: str, densities=DEFAULT_DENSITIES) -> list["PatternSpec"]:
+        """``dense`` -> [dense]; ``random`` -> one per density; ``random25`` / ``random0.25``."""
+        t = text.strip().lower().replace("-", "_")
+        aliases = {"sliding": "sliding_window", "window": "sliding_window", "swa": "sliding_window",
+                   "doc": "document", "document_mask": "document", "full": "dense"}
+        t = aliases.get(t, t)
+        if t in PATTERN_KINDS and t != "random":
+            return [cls(t)]
+        if t == "random":
+            return [cls("random", float(d)) for d in densities]
+        m = re.fullmatch(r"random_?([0-9.]+)(%?)", t)
+        if m:
+            value = float(m.group(1))
+            density = value / 100 if (m.group(2) or value > 1) else value
+            if 0 < density <= 1:
+                return [cls("random", density)]
+        raise InvalidProblem(f"unknown pattern {text!r}; expected one of {', '.join(PATTERN_KINDS)} "
+                             "or random<percent> (e.g. random25).")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One problem shape: q/k/v [batch, heads, seq_len, head_dim] of ``dtype``, square blocks."""
+
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    dtype: str            # an ElementKind value: bf16, f16, f32, f64
+    block_size: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ElementKind.coerce(self.dtype).torch_dtype
+
+    @property
+    def label(self) -> str:
+        return (f"B={self.batch} H={self.heads} N={self.seq_len} D={self.head_dim} "
+                f"{self.dtype} block={self.block_size}")
+
+    @property
+    def slug(self) -> str:
+        return f"N{self.seq_len}_D{self.head_dim}_{self.dtype}_bs{self.block_size}"
+
+
+@dataclass(frozen=True)
+class Case:
+    geometry: Geometry
+    pattern: PatternSpec
+    modes: tuple
+    impls: tuple
+
+
+@dataclass
+class Grid:
+    batch: int
+    heads: int
+    seq_lens: tuple
+    head_dims: tuple
+    dtypes: tuple
+    block_sizes: tuple
+    patterns: tuple             # PatternSpec
+    modes: tuple = MODES
+    impls: tuple = ("ours", "flex", "sdpa")
+
+    def cases(self) -> list[Case]:
+        """Cases of the grid, the dense pattern first in every geometry (it is the yardstick
+        of the 'x dense' and 'skip' columns and is always measured for ours)."""
+        pats = list(dict.fromkeys(self.patterns))
+        dense = PatternSpec("dense")
+        pats = [dense] + [p for p in pats if p != dense]
+        out = []
+        for n in self.seq_lens:
+            for d in self.head_dims:
+                for dt in self.dtypes:
+                    for bs in self.block_sizes:
+                        geo = Geometry(self.batch, self.heads, n, d, dt, bs)
+                        out.extend(Case(geo, p, tuple(self.modes), tuple(self.impls)) for p in pats)
+        return out
+
+
+def _specs(names, densities=DEFAULT_DENSITIES) -> tuple:
+    out = []
+    for name in names:
+        out.extend(PatternSpec.parse(name, densities))
+    return tuple(out)
+
+
+ALL_PATTERNS = ("dense", "causal", "sliding_window", "bigbird", "document", "random")
+KERNEL_PATTERNS = ("dense", "causal", "sliding_window", "random50", "random25", "random10", "random5")
+
+
+def preset_grids(name: str, on_gpu: bool) -> list[Grid]:
+    """Grids of a preset. On CPU the sizes are small (reference backend, seconds not hours)."""
+    if not on_gpu:
+        if name in ("quick", "kernels"):
+            return [Grid(1, 2, (512,), (32,), ("f32",), (32,),
+                         _specs(ALL_PATTERNS, (0.5, 0.25, 0.1)), MODES,
+                         ("ours", "flex", "sdpa", "reference"))]
+        return [Grid(1, 4, (1024, 2048), (64,), ("f32",), (64,),
+                     _specs(ALL_PATTERNS, (0.5, 0.25, 0.1)), MODES,
+                     ("ours", "flex", "sdpa", "reference"))]
+    if name == "quick":
+        return [Grid(2, 16, (4096,), (128,), ("bf16",), (128,),
+                     _specs(("dense", "causal", "sliding_window", "random25", "random10")),
+                     ("fwd", "bwd"), ("ours", "flex", "sdpa"))]
+    if name == "kernels":
+        main = Grid(2, 16, (8192,), (128,), ("bf16",), (128,), _specs(KERNEL_PATTERNS), MODES,
+                    ("ours", "flex", "sdpa"))
+        block64 = dataclasses.replace(main, block_sizes=(64,), patterns=_specs(("dense", "random25")),
+                                      impls=("ours", "flex"))
+        long = dataclasses.replace(main, seq_lens=(32768,), head_dims=(64,),
+                                   patterns=_specs(("dense", "causal", "sliding_window")))
+        return [main, block64, long]
+    if name == "full":
+        return [Grid(2, 16, (4096, 8192, 16384), (64, 128), ("bf16",), (64, 128),
+                     _specs(ALL_PATTERNS), MODES, ("ours", "flex", "sdpa", "reference"))]
+    raise InvalidProblem(f"unknown preset {name!r}; expected quick, kernels or full.")
+
+
+PRESETS = ("quick", "kernels", "full")
+
+
+def apply_overrides(grids: list[Grid], **overrides) -> list[Grid]:
+    """Replace the given (non-None) fields in every grid; ``patterns`` are PatternSpecs."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return [dataclasses.replace(g, **given) for g in grids]
+
+
+# ---------------------------------------------------------------------------------------
+def build_pattern(spec: PatternSpec, geo: Geometry, seed: int = 0,
+                  device: Optional[torch.device] = None) -> BlockPattern:
+    """The BlockPattern of ``spec`` for ``geo`` (built on CPU, moved to ``device``).
+
+    Random and BigBird patterns differ per head ([1, H, nq, nk]); the others broadcast.
+    """
+    n, bs, h = geo.seq_len, geo.block_size, geo.heads
+    nb = -(-n // bs)
+    if spec.kind == "dense":
+        p = BlockPattern(torch.ones(1, 1, nb, nb, dtype=torch.bool), block_size=bs, query_len=n,
+                         description="dense")
+    elif spec.kind == "causal":
+        p = causal(n, block_size=bs)
+    elif spec.kind == "sliding_window":
+        # window = (blocks - 1) * bs + 1 tokens: every query block row touches exactly
+        # SLIDING_WINDOW_BLOCKS key blocks, its own diagonal block included.
+        p = sliding_window(n, window=(SLIDING_WINDOW_BLOCKS - 1) * bs + 1, block_size=bs,
+                           sinks=SINK_BLOCKS * bs, causal=True)
+    elif spec.kind == "bigbird":
+        # window = bs + 1 tokens: the own block and one on either side.
+        p = bigbird(n, block_size=bs, window=(BIGBIRD_WINDOW_BLOCKS // 2) * bs + 1,
+                    global_tokens=range(min(n, BIGBIRD_GLOBAL_BLOCKS * bs)),
+                    num_random_blocks=min(nb, BIGBIRD_RANDOM_BLOCKS), seed=seed, num_heads=h)
+    elif spec.kind == "document":
+        lens = [max(1, int(round(f * n))) for f in DOCUMENT_FRACTIONS[:-1]]
+        lens = [x for x in lens if x > 0]
+        rest = n - sum(lens)
+        while rest < 1 and lens:          # tiny N: drop documents until the last one fits
+            lens.pop()
+            rest = n - sum(lens)
+        p = document_mask(lens + [rest], block_size=bs, causal=True)
+    elif spec.kind == "random":
+        p = random_blocks(n, block_size=bs, density=spec.density, seed=seed, num_heads=h)
+    else:
+        raise InvalidProblem(f"unknown pattern kind {spec.kind!r}; expected one of {PATTERN_KINDS}.")
+    return p if device is None else p.to(device)

@@ -1,0 +1,312 @@
+"""The sweep: for every case, check ours (and the baselines) against the reference backend,
+then time every implementation in every mode. Produces one row (a dict) per
+(case, implementation, mode), including rows for unavailable implementations."""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+from ..attention import block_sparse_attention
+from . import baselines
+from .cases import Case, Geometry, build_pattern
+from .flops import computed_pairs, mode_flops, tflops
+from .timing import median_ms
+
+# Relative error (||out - ref|| / ||ref||) above which ours' check fails. About 10x what a
+# correct kernel shows in each dtype (outputs rounded to the dtype, float32 accumulation).
+CHECK_TOLERANCE = {"bf16": 5e-2, "f16": 1e-2, "f32": 1e-3, "f64": 1e-8}
+
+ROW_FIELDS = ["geometry", "batch", "heads", "seq_len", "head_dim", "dtype", "block_size",
+              "pattern", "pattern_description", "causal", "block_density", "work_fraction",
+              "pairs", "mode", "impl", "impl_detail", "status", "reason", "time_ms", "flops", "tflops",
+              "x_dense", "vs_flex", "skip_ratio", "rel_err", "max_abs_err", "check", "setup_s"]
+
+
+class Progress:
+    """A one-line progress indicator on stderr (overwritten in a terminal, one line per step
+    otherwise, e.g. in a log file)."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total, self.done, self.t0 = max(1, total), 0, time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def step(self, label: str, advance: int = 1) -> None:
+        self.done = min(self.total, self.done + advance)
+        if not self.enabled:
+            return
+        frac = self.done / self.total
+        bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
+        text = (f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.t0:5.0f}s  {label}")
+        if self.tty:
+            self.stream.write("\r" + text[:150].ljust(150))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r" + " " * 150 + "\r")
+            self.stream.flush()
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    diff = out.detach().to(ref.dtype) - ref.detach()
+    denom = float(ref.detach().norm())
+    rel = float(diff.norm()) / denom if denom > 0 else float(diff.norm())
+    return rel, float(diff.abs().max()) if diff.numel() else 0.0
+
+
+def _inputs(geo: Geometry, device: torch.device, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (geo.batch, geo.heads, geo.seq_len, geo.head_dim)
+    return [torch.randn(shape, dtype=geo.torch_dtype, device=device, generator=gen)
+            for _ in range(4)]                                             # q, k, v, dy
+
+
+def _status_of(exc: BaseException) -> str:
+    """'unavailable' for a documented limitation (NotImplementedError, Unsupported), else 'error'."""
+    return "unavailable" if isinstance(exc, (NotImplementedError, baselines.Unavailable)) else "error"
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Sweep:
+    """Runs cases on one device and collects rows. ``options`` carries warmup_ms, rep_ms,
+    check, flex_mode, seed (see cli.add_arguments)."""
+
+    def __init__(self, cases: list[Case], device: torch.device, options, out=None,
+                 progress: bool = True):
+        self.cases, self.device, self.options = cases, device, options
+        self.out = out or sys.stdout
+        self.rows: list[dict] = []
+        self.check_failures: list[str] = []
+        steps = sum(1 + len(c.impls) * len(c.modes) for c in cases)
+        self.progress = Progress(steps, enabled=progress)
+
+    def log(self, text: str) -> None:
+        self.progress.clear()
+        print(text, file=self.out, flush=True)
+
+    # ---------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        by_geo: dict[Geometry, list[Case]] = {}
+        for c in self.cases:
+            by_geo.setdefault(c.geometry, []).append(c)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            for geo, cases in by_geo.items():
+                try:
+                    self._run_geometry(geo, cases)
+                except Exception as exc:  # e.g. out of memory for the inputs: go on
+                    self.log(f"   {geo.label}: skipped, {baselines._first_line(exc)}")
+                    _free(self.device)
+        self.progress.clear()
+        derive(self.rows)
+        return self.rows
+
+    def _run_geometry(self, geo: Geometry, cases: list[Case]) -> None:
+        self.log(f"-- {geo.label}")
+        tensors = _inputs(geo, self.device, self.options.seed)
+        try:
+            for case in cases:
+                self._run_case(case, *tensors)
+                _free(self.device)
+        finally:
+            del tensors
+            _free(self.device)
+
+    def _base_row(self, case: Case, pattern, pairs: int) -> dict:
+        g = case.geometry
+        dense = g.batch * g.heads * g.seq_len * g.seq_len
+        return dict(geometry=g.label, batch=g.batch, heads=g.heads, seq_len=g.seq_len,
+                    head_dim=g.head_dim, dtype=g.dtype, block_size=g.block_size,
+                    pattern=case.pattern.name, pattern_description=pattern.description,
+                    causal=bool(pattern.is_causal), block_density=round(pattern.density(), 6),
+                    work_fraction=pairs / dense, pairs=pairs)
+
+    def _run_case(self, case: Case, q, k, v, dy) -> None:
+        g, opts = case.geometry, self.options
+        try:
+            pattern = build_pattern(case.pattern, g, seed=opts.seed, device=self.device)
+        except Exception as exc:
+            self.log(f"   {case.pattern.name}: cannot build the pattern: {exc}")
+            self.progress.step(case.pattern.name, 1 + len(case.impls) * len(case.modes))
+            return
+        pairs = computed_pairs(pattern.mask, g.seq_len, g.seq_len, g.block_size,
+                               pattern.is_causal, g.batch, g.heads)
+        base = self._base_row(case, pattern, pairs)
+        inputs = baselines.Inputs(q, k, v, dy, pattern, case.pattern, g)
+
+        prepared = {}
+        for impl in case.impls:
+            try:
+                prepared[impl] = baselines.prepare(impl, inputs, opts)
+            except baselines.NotApplicable:
+                continue
+            except baselines.Unavailable as exc:
+                prepared[impl] = str(exc)
+        need_bwd = any(m != "fwd" for m in case.modes)
+        ready = {i: p for i, p in prepared.items() if isinstance(p, baselines.Prepared)}
+        errors = self._check(case, inputs, ready, need_bwd) if opts.check else {}
+        self.progress.step(f"{g.slug} {case.pattern.name} check")
+        for impl in case.impls:
+            p = prepared.get(impl)
+            if not isinstance(p, baselines.Prepared):
+                if p is not None:     # unavailable: one row per mode, with the reason
+                    self.rows += [dict(base, mode=m, impl=impl, status="unavailable", reason=p)
+                                  for m in case.modes]
+                self.progress.step(f"{case.pattern.name} {impl} n/a", len(case.modes))
+                continue
+            for mode in case.modes:
+                self.progress.step(f"{g.slug} {case.pattern.name} {impl} {mode}")
+                row = dict(base, mode=mode, impl=impl,
+                           impl_detail=p.detail if mode == "fwd" else (p.train_detail or p.detail),
+                           flops=mode_flops(pairs, g.head_dim, g.head_dim, mode))
+                err = errors.get((impl, "fwd" if mode == "fwd" else "bwd"))
+                if err is not None:
+                    row.update(rel_err=err[0], max_abs_err=err[1], check=err[2])
+                if mode != "fwd" and p.train_error:
+                    row.update(status=p.train_error[0], reason=p.train_error[1])
+                    self.rows.append(row)
+                    continue
+                try:
+                    setup, ms = self._time(p, inputs, mode)
+                    row.update(status="ok", time_ms=ms, tflops=tflops(row["flops"], ms),
+                               setup_s=round(p.setup_s + setup, 3))
+                except Exception as exc:  # a crash in one baseline must not end the sweep
+                    row.update(status=_status_of(exc), reason=baselines._first_line(exc))
+                    if mode != "fwd":
+                        p.train_error = (row["status"], row["reason"])
+                self.rows.append(row)
+        prepared.clear()
+
+    # ---------------------------------------------------------------------------------
+    def _check(self, case: Case, inputs, prepared: dict, need_bwd: bool) -> dict:
+        """{(impl, 'fwd'|'bwd'): (rel_err, max_abs_err, 'ok'|'FAIL'|'')} against the reference
+        backend run on the same inputs upcast (float32 on CUDA, float64 on CPU)."""
+        g = case.geometry
+        ref_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        leaves = [t.detach().to(ref_dtype).requires_grad_(need_bwd) for t in (inputs.q, inputs.k, inputs.v)]
+        try:
+            y_ref = block_sparse_attention(*leaves, inputs.pattern.mask, block_size=g.block_size,
+                                           is_causal=inputs.is_causal, backend="reference")
+            g_ref = torch.autograd.grad(y_ref, leaves, inputs.dy.to(ref_dtype)) if need_bwd else None
+        except Exception as exc:
+            self.log(f"   {case.pattern.name}: reference failed, no check: {baselines._first_line(exc)}")
+            return {}
+        y_ref = y_ref.detach()
+        del leaves
+        out, parts = {}, []
+        tol = CHECK_TOLERANCE.get(g.dtype, 1e-2)
+        for impl, p in prepared.items():
+            texts = []
+            try:
+                y = p.infer()
+                rel, mx = _rel_err(y, y_ref)
+                out[(impl, "fwd")] = (rel, mx, self._verdict(impl, rel, tol, case, "fwd"))
+                texts.append(f"fwd {rel:.1e}")
+                del y
+            except Exception as exc:
+                texts.append(f"fwd failed ({baselines._first_line(exc, 120)})")
+            if need_bwd:
+                try:
+                    xs = [t.detach().requires_grad_(True) for t in (inputs.q, inputs.k, inputs.v)]
+                    grads = torch.autograd.grad(p.train(*xs), xs, inputs.dy)
+                    errs = [_rel_err(a, b) for a, b in zip(grads, g_ref)]
+                    rel_b, mx_b = max(e[0] for e in errs), max(e[1] for e in errs)
+                    out[(impl, "bwd")] = (rel_b, mx_b, self._verdict(impl, rel_b, tol, case, "bwd"))
+                    texts.append(f"bwd {rel_b:.1e}")
+                    del xs, grads
+                except Exception as exc:
+                    p.train_error = (_status_of(exc), baselines._first_line(exc))
+                    texts.append(f"bwd {p.train_error[0]}")
+            parts.append(f"{impl} " + " ".join(texts))
+        flag = " CHECK FAILED" if any(v[2] == "FAIL" for v in out.values()) else ""
+        self.log(f"   {case.pattern.name:<15} rel. error vs reference: " + ", ".join(parts) + flag)
+        return out
+
+    def _verdict(self, impl: str, rel: float, tol: float, case: Case, what: str) -> str:
+        if impl != "ours":
+            return ""
+        if math.isfinite(rel) and rel <= tol:
+            return "ok"
+        self.check_failures.append(f"{case.geometry.label} {case.pattern.name} {what}: "
+                                   f"rel. error {rel:.2e} > {tol:.0e}")
+        return "FAIL"
+
+    def _time(self, p, inputs, mode: str) -> tuple[float, float]:
+        """(warm-up seconds, median ms) of one implementation in one mode."""
+        opts, dev = self.options, self.device
+        # No torch.no_grad() for the forward: its inputs need no grad anyway, and a change of
+        # grad mode would make torch.compile recompile FlexAttention.
+        if mode == "fwd":
+            fn = p.infer
+            t0 = time.perf_counter()
+            fn()
+            baselines._sync(dev)
+            return time.perf_counter() - t0, median_ms(fn, dev, warmup_ms=opts.warmup_ms,
+                                                       rep_ms=opts.rep_ms)
+        xs = [t.detach().requires_grad_(True) for t in (inputs.q, inputs.k, inputs.v)]
+        dy = inputs.dy
+        if mode == "bwd":
+            y = p.train(*xs)
+
+            def fn():
+                return torch.autograd.grad(y, xs, dy, retain_graph=True)
+        else:
+            def fn():
+                return torch.autograd.grad(p.train(*xs), xs, dy)
+        t0 = time.perf_counter()
+        fn()
+        baselines._sync(dev)
+        setup = time.perf_counter() - t0
+        return setup, median_ms(fn, dev, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms)
+
+
+# ---------------------------------------------------------------------------------------
+def derive(rows: list[dict]) -> None:
+    """Fill the comparison columns from the measured times, in place.
+
+    x_dense: our dense time (same geometry and mode) / this time.
+    vs_flex: FlexAttention's time on the same case and mode / this time (> 1: faster).
+    skip_ratio: time / (work_fraction x the same implementation's dense time); 1.0 means the
+        time scales exactly with the computed work ("block skipping is real").
+    """
+    ok = [r for r in rows if r.get("status") == "ok"]
+    dense = {(r["geometry"], r["mode"], r["impl"]): r["time_ms"] for r in ok if r["pattern"] == "dense"}
+    flex = {(r["geometry"], r["pattern"], r["mode"]): r["time_ms"] for r in ok if r["impl"] == "flex"}
+    for r in ok:
+        ms = r["time_ms"]
+        ours_dense = dense.get((r["geometry"], r["mode"], "ours"))
+        if ours_dense:
+            r["x_dense"] = ours_dense / ms
+        own_dense = dense.get((r["geometry"], r["mode"], r["impl"]))
+        if own_dense and r["impl"] != "sdpa" and r["work_fraction"] > 0:
+            r["skip_ratio"] = ms / (r["work_fraction"] * own_dense)
+        f = flex.get((r["geometry"], r["pattern"], r["mode"]))
+        if f and r["impl"] != "flex":
+            r["vs_flex"] = f / ms
+
+
+def geometry_of(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["geometry"] for r in rows))
+
+
+def first(rows: list[dict], **match) -> Optional[dict]:
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
