@@ -24,7 +24,9 @@ if [[ "$stage" == tests || "$stage" == all ]]; then
   tail -n 25 "$OUT/gpu_tests.log"
 fi
 if [[ "$stage" == bench || "$stage" == all ]]; then
-  python3 -m baracuda_kernels bench --preset kernels --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || status=$?
+  python3 -m baracuda_kernels bench --preset kernels --out "$OUT/bench" 2> "$OUT/bench_progress.log" > "$OUT/bench.log" || status=$?
   tail -n 40 "$OUT/bench.log"
+  # The device returns at most 8 files: ship the results folder as one archive.
+  tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
 fi
 exit $status
