@@ -90,7 +90,8 @@ class SdpaBlockSparsePlan:
                                            scale=desc.softmax_scale, is_causal=desc.is_causal,
                                            allow_tf32=self._allow_tf32)
         return triton_configs.default_forward_config(desc.d_k, desc.d_v, dtype, desc.block_size,
-                                                     arch_of(self._device))
+                                                     arch_of(self._device),
+                                                     allow_tf32=self._allow_tf32)
 
     # ---------------------------------------------------------------- properties
     @property

@@ -1,0 +1,302 @@
+"""Kernel configurations of the Triton block-sparse attention forward.
+
+* ``ForwardConfig``: a frozen tile/launch configuration (what the plan reports in its
+  ``KernelSku.config``).
+* ``default_forward_config``: the per-(head dim, dtype, block size, arch) default table.
+  The table is plain data below (``_HALF_TABLE`` and friends) so that numbers measured on a
+  card can be pasted in; shared-memory limits per arch shrink an entry that cannot fit.
+* ``autotune_forward_config``: opt-in (``PlanPreference.FASTEST``) search that times a few
+  candidate configs once on the caller's real tensors and caches the winner per problem key.
+
+How the kernel maps a config onto a pattern block of ``block_size`` rows/columns: a program
+owns ``block_m`` query rows of one pattern query block (``ceil(block_size / block_m)``
+programs per block), and walks each active key block in ``ceil(block_size / block_n)``
+column steps. Any block size works; sizes that are multiples of ``block_n`` need no column
+masks in FULL blocks (the fast path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..core import ArchSku, InvalidProblem
+
+_POW2_TILES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """Tile and launch parameters of one forward kernel instance.
+
+    block_m: query rows per program (power of two, 16..256).
+    block_n: key columns per inner step (power of two, 16..256).
+    num_warps / num_stages: Triton launch options (software-pipelining depth).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value not in _POW2_TILES:
+                raise InvalidProblem(
+                    f"ForwardConfig.{name} is {value}; expected one of {_POW2_TILES}. "
+                    f"Fix: pick a power-of-two tile between 16 and 256.")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise InvalidProblem(
+                f"ForwardConfig.num_warps is {self.num_warps}; expected 1, 2, 4, 8 or 16.")
+        if not 1 <= self.num_stages <= 8:
+            raise InvalidProblem(
+                f"ForwardConfig.num_stages is {self.num_stages}; expected 1..8.")
+
+    def describe(self) -> str:
+        return (f"BM={self.block_m},BN={self.block_n},"
+                f"warps={self.num_warps},stages={self.num_stages}")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def head_dim_tile(d: int) -> int:
+    """Padded head dim the kernel uses for a head dim ``d`` (power of two, >= 16)."""
+    return max(16, _next_pow2(d))
+
+
+# ----------------------------------------------------------------------------------------
+# Default tables, written for H100/H200 (sm90). Key: padded head-dim bucket (64, 128, 256)
+# -> pattern block size -> (block_m, block_n, num_warps, num_stages).
+# Other archs start from the same entries and are shrunk to their shared memory below.
+# Edit these with measured numbers; every entry must keep block_m, block_n in 16..256.
+# ----------------------------------------------------------------------------------------
+
+# f16 / bf16 inputs (tensor-core dots, f32 accumulation).
+_HALF_TABLE = {
+    64: {16: (16, 16, 1, 3), 32: (32, 32, 2, 3), 64: (64, 64, 4, 3),
+         128: (128, 64, 8, 3), 256: (128, 64, 8, 3)},
+    128: {16: (16, 16, 2, 3), 32: (32, 32, 2, 3), 64: (64, 64, 4, 3),
+          128: (128, 64, 8, 3), 256: (128, 64, 8, 3)},
+    256: {16: (16, 16, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 8, 2),
+          128: (128, 32, 8, 2), 256: (128, 32, 8, 2)},
+}
+
+# f32 inputs with TF32 products (opt-in): operands twice the bytes of bf16.
+_TF32_TABLE = {
+    64: {16: (16, 16, 1, 3), 32: (32, 32, 2, 3), 64: (64, 32, 4, 3),
+         128: (128, 32, 8, 3), 256: (128, 32, 8, 3)},
+    128: {16: (16, 16, 2, 2), 32: (32, 32, 4, 2), 64: (64, 32, 8, 2),
+          128: (128, 32, 8, 2), 256: (128, 32, 8, 2)},
+    256: {16: (16, 16, 4, 2), 32: (32, 16, 4, 2), 64: (64, 16, 8, 2),
+          128: (64, 16, 8, 2), 256: (64, 16, 8, 2)},
+}
+
+# True f32 (ieee products): CUDA-core (FMA) dots hold whole operand rows in registers, so
+# tiles stay small and warps many (configs checked spill-free with ptxas for sm90).
+_F32_TABLE = {
+    64: {16: (16, 16, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2),
+         128: (32, 32, 4, 2), 256: (32, 32, 4, 2)},
+    128: {16: (16, 16, 4, 2), 32: (32, 16, 8, 2), 64: (32, 16, 8, 2),
+          128: (32, 16, 8, 2), 256: (32, 16, 8, 2)},
+    256: {16: (16, 16, 8, 1), 32: (32, 16, 8, 1), 64: (32, 16, 8, 1),
+          128: (32, 16, 8, 1), 256: (32, 16, 8, 1)},
+}
+
+# f64: f64 dots and accumulators.
+_F64_TABLE = {
+    64: {16: (16, 16, 4, 2), 32: (32, 32, 4, 2), 64: (64, 32, 8, 2),
+         128: (64, 32, 8, 2), 256: (64, 32, 8, 2)},
+    128: {16: (16, 16, 4, 2), 32: (32, 32, 8, 2), 64: (32, 32, 8, 2),
+          128: (32, 32, 8, 2), 256: (32, 32, 8, 2)},
+    256: {16: (16, 16, 8, 1), 32: (16, 16, 8, 1), 64: (16, 16, 8, 1),
+          128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+}
+
+# Usable shared memory per block (bytes) by arch; None = no limit (interpreter).
+_SHARED_LIMIT = {
+    ArchSku.SM80: 163 * 1024, ArchSku.SM86: 99 * 1024, ArchSku.SM89: 99 * 1024,
+    ArchSku.SM90: 227 * 1024, ArchSku.SM100: 227 * 1024, ArchSku.SM120: 99 * 1024,
+    ArchSku.CUDA_OTHER: 99 * 1024, ArchSku.CPU: None,
+}
+
+
+def _table_for(dtype: torch.dtype, allow_tf32: bool):
+    if dtype in (torch.float16, torch.bfloat16):
+        return _HALF_TABLE
+    if dtype == torch.float32:
+        return _TF32_TABLE if allow_tf32 else _F32_TABLE
+    return _F64_TABLE
+
+
+def estimate_shared_bytes(cfg: ForwardConfig, d_k: int, d_v: int, elem_bytes: int) -> int:
+    """Rough shared-memory need: the query tile plus num_stages K and V tiles, plus a
+    layout-conversion scratch for the score tile. Conservative on purpose."""
+    dk, dv = head_dim_tile(d_k), head_dim_tile(d_v)
+    operands = cfg.block_m * dk + cfg.num_stages * cfg.block_n * (dk + dv)
+    scratch = cfg.block_m * cfg.block_n * 4
+    return operands * elem_bytes + scratch
+
+
+def _shrink_to_fit(cfg: ForwardConfig, d_k: int, d_v: int, elem_bytes: int,
+                   limit: int | None) -> ForwardConfig:
+    """Lower stages, then block_n, then block_m until the estimate fits in ``limit``."""
+    if limit is None:
+        return cfg
+    bm, bn, warps, stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
+    while True:
+        cur = ForwardConfig(bm, bn, warps, stages)
+        if estimate_shared_bytes(cur, d_k, d_v, elem_bytes) <= limit:
+            return cur
+        if stages > 2:
+            stages -= 1
+        elif bn > 16:
+            bn //= 2
+        elif bm > 16:
+            bm //= 2
+        elif stages > 1:
+            stages -= 1
+        else:
+            return cur  # smallest possible tile; let the compiler decide
+
+
+def _table_block_key(block_size: int) -> int:
+    """Table column for a block size: itself on the fast path, else the nearest power of two
+    at or above it, clamped to 16..256 (a generic block is covered by masked tiles)."""
+    return min(256, max(16, _next_pow2(block_size)))
+
+
+@lru_cache(maxsize=512)
+def default_forward_config(d_k: int, d_v: int, dtype: torch.dtype, block_size: int,
+                           arch: ArchSku, allow_tf32: bool = False) -> ForwardConfig:
+    """Default config for one problem class.
+
+    Args:
+        d_k, d_v: head dims of q/k and v (any values up to 256).
+        dtype: element dtype of q, k, v.
+        block_size: pattern block size (any value >= 1).
+        arch: where the kernel runs (``ArchSku.CPU`` = interpreter, no memory limit).
+        allow_tf32: f32 inputs may use TF32 products.
+    """
+    table = _table_for(dtype, allow_tf32)
+    bucket = min(256, max(64, head_dim_tile(max(d_k, d_v))))
+    bm, bn, warps, stages = table[bucket][_table_block_key(block_size)]
+    cfg = ForwardConfig(bm, bn, warps, stages)
+    elem_bytes = dtype.itemsize
+    return _shrink_to_fit(cfg, d_k, d_v, elem_bytes, _SHARED_LIMIT.get(arch, 99 * 1024))
+
+
+# ----------------------------------------------------------------------------------------
+# Opt-in autotuning (PlanPreference.FASTEST): time candidates once, cache the winner.
+# ----------------------------------------------------------------------------------------
+
+_AUTOTUNE_CACHE: dict[tuple, ForwardConfig] = {}
+
+
+def clear_autotune_cache() -> None:
+    """Forget every autotuned choice (tests, or after changing cards)."""
+    _AUTOTUNE_CACHE.clear()
+
+
+def candidate_forward_configs(d_k: int, d_v: int, dtype: torch.dtype, block_size: int,
+                              arch: ArchSku, allow_tf32: bool = False) -> list[ForwardConfig]:
+    """Small candidate set around the default (default first): tiles no taller or wider than
+    the (padded) block, filtered by the arch's shared memory. About 10-20 configs."""
+    default = default_forward_config(d_k, d_v, dtype, block_size, arch, allow_tf32)
+    span = _table_block_key(block_size)
+    d_pad = head_dim_tile(max(d_k, d_v))
+    tensor_core = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32
+                                                                and allow_tf32)
+    if tensor_core:
+        ms = [m for m in (16, 32, 64, 128) if m <= span and m >= min(span, 64)]
+        ns = [n for n in (16, 32, 64, 128) if n <= span and n >= min(span, 32)
+              and not (d_pad >= 256 and n > 64)]
+        shapes = [(bm, bn, 8 if bm == 128 else 4 if bm == 64 else 2, st)
+                  for bm in ms for bn in ns for st in (2, 3, 4)]
+        shapes += [(64, bn, 8, 3) for bn in ns if 64 in ms]
+    else:
+        ms = [m for m in (16, 32, 64) if m <= span]
+        ns = [n for n in (16, 32) if n <= span]
+        shapes = [(bm, bn, w, 2 if d_pad < 256 else 1) for bm in ms for bn in ns for w in (4, 8)]
+    elem_bytes = dtype.itemsize
+    limit = _SHARED_LIMIT.get(arch, 99 * 1024)
+    out = [default]
+    for shape in shapes:
+        cfg = ForwardConfig(*shape)
+        if cfg in out:
+            continue
+        if limit is not None and estimate_shared_bytes(cfg, d_k, d_v, elem_bytes) > limit:
+            continue
+        out.append(cfg)
+    return out
+
+
+def _time_config(run, cfg: ForwardConfig, reps: int) -> float:
+    """Median milliseconds of ``run(cfg)`` on the current CUDA stream (host syncs: select
+    time only)."""
+    run(cfg)  # compile + warm up
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        run(cfg)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def autotune_forward_config(q, k, v, lists, *, block_size: int, scale: float,
+                            is_causal: bool, allow_tf32: bool = False,
+                            reps: int = 5) -> ForwardConfig:
+    """Pick the fastest candidate config for this problem by timing it once; cached.
+
+    Runs at plan-select time (it synchronises the device). The cache key is the problem
+    class (head dims, dtype, block size, arch, causal, tf32) plus the power-of-two buckets
+    of the lengths and of B*H; patterns are not part of the key. On CPU (interpreter) it
+    returns the default config without timing.
+    """
+    from .triton_fwd import block_sparse_attention_forward_triton  # avoid import cycle
+
+    B, H, Nq, d_k = q.shape
+    Nk, d_v = k.shape[2], v.shape[3]
+    arch = ArchSku.from_device(q.device)
+    if q.device.type != "cuda":
+        return default_forward_config(d_k, d_v, q.dtype, block_size, arch, allow_tf32)
+    key = (d_k, d_v, q.dtype, block_size, arch, bool(is_causal), bool(allow_tf32),
+           _next_pow2(Nq), _next_pow2(Nk), _next_pow2(B * H), q.device.index)
+    hit = _AUTOTUNE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    y = torch.empty(B, H, Nq, d_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Nq, dtype=lse_dtype, device=q.device)
+
+    def run(cfg):
+        block_sparse_attention_forward_triton(
+            q, k, v, lists, block_size=block_size, scale=scale, is_causal=is_causal,
+            y=y, lse=lse, config=cfg, allow_tf32=allow_tf32)
+
+    best, best_ms = None, math.inf
+    for cfg in candidate_forward_configs(d_k, d_v, q.dtype, block_size, arch, allow_tf32):
+        try:
+            ms = _time_config(run, cfg, reps)
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails to compile
+            # (out of shared memory / registers) is simply not a candidate.
+            if "out of resource" in str(exc).lower() or "OutOfResources" in type(exc).__name__:
+                continue
+            raise
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        best = default_forward_config(d_k, d_v, q.dtype, block_size, arch, allow_tf32)
+    _AUTOTUNE_CACHE[key] = best
+    return best

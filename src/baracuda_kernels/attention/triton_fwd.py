@@ -1,0 +1,304 @@
+"""Triton forward kernel of block-sparse attention, and its launcher.
+
+Work happens only where the pattern is active. A program owns ``BLOCK_M`` query rows of one
+pattern query block, loads them once, then walks the compacted list of that block's active
+key blocks (``BlockLists.kv_index``): first the FULL blocks with an inner loop that does no
+mask arithmetic, then the PARTIAL ones (causal diagonal, ragged key tail) with the masked
+variant of the same loop. Online softmax in exp2 with log2(e) folded into the scale (f32
+running max / sum; f64 and natural ``exp`` for f64 inputs). Fully masked rows give y = 0 and
+lse = -inf. No atomics: every output element is written by exactly one program.
+
+Layout: q ``[B,H,Nq,Dk]``, k ``[B,H,Nk,Dk]``, v ``[B,H,Nk,Dv]`` with unit last stride; y
+``[B,H,Nq,Dv]``, lse ``[B,H,Nq]`` with any strides. Batch/head offsets are 64-bit.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+# Re-exported so that callers find the configs next to the launcher.
+from .triton_configs import (  # noqa: F401
+    ForwardConfig,
+    autotune_forward_config,
+    default_forward_config,
+    head_dim_tile,
+)
+
+__all__ = ["ForwardConfig", "autotune_forward_config", "block_sparse_attention_forward_triton",
+           "default_forward_config"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _exp(x, USE_EXP2: tl.constexpr):
+    # exp2 is one MUFU op in f32; f64 needs the accurate libdevice exp (exp2 of an f64 is
+    # not guaranteed to lower to a full-precision routine).
+    if USE_EXP2:
+        return tl.exp2(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, idx_ptr, stride_ik, it_lo, it_hi,
+                   offs_m, stride_kn, stride_vn, Nk, qk_scale,
+                   D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
+                   DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                   STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr,
+                   USE_EXP2: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
+
+    One flat loop over (block, column step) pairs, so the software pipeliner sees a single
+    loop. PARTIAL=False is the FULL-block loop: no masks unless a step overruns a generic
+    block (EVEN_N False) or the head dim is padded.
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    # In-tile offsets stay 32-bit (BLOCK_N rows); the block start is added in 64-bit.
+    k_tile = offs_n0[:, None] * stride_kn + offs_dk[None, :]
+    v_tile = offs_n0[:, None] * stride_vn + offs_dv[None, :]
+    MASK_COLS: tl.constexpr = PARTIAL or (not EVEN_N)
+    n_steps = (it_hi - it_lo) * STEPS
+    # The key block of the next step is loaded one iteration ahead and carried: K/V
+    # addresses then never wait on a load of the same iteration, and Triton's pipeliner
+    # keeps num_stages K/V tiles in flight (with the index loaded in-iteration it fell back
+    # to a double buffer with a full wait every step).
+    nxt = tl.load(idx_ptr + it_lo * stride_ik, mask=n_steps > 0, other=0)
+    for s in range(0, n_steps):
+        blk0 = nxt * BLOCK
+        if STEPS == 1:
+            col0 = blk0
+            nxt = tl.load(idx_ptr + (it_lo + s + 1) * stride_ik, mask=s + 1 < n_steps, other=0)
+        else:
+            col0 = blk0 + (s % STEPS) * BLOCK_N
+            nxt = tl.load(idx_ptr + (it_lo + (s + 1) // STEPS) * stride_ik,
+                          mask=s + 1 < n_steps, other=0)
+        offs_n = col0 + offs_n0
+        col64 = col0.to(tl.int64)
+        k_ptrs = k_base + col64 * stride_kn + k_tile
+        v_ptrs = v_base + col64 * stride_vn + v_tile
+
+        if MASK_COLS:
+            if PARTIAL:
+                col_ok = offs_n < tl.minimum(blk0 + BLOCK, Nk)
+            else:
+                col_ok = offs_n < blk0 + BLOCK
+            k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+        elif DK_PAD != D_K:
+            k = tl.load(k_ptrs, mask=offs_dk[None, :] < D_K, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+
+        if MASK_COLS:
+            keep = col_ok[None, :]
+            if PARTIAL and IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            # Scale before masking: -inf * 0 would be NaN for scale == 0.
+            s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s_ij, 1))
+            # A row with nothing allowed so far keeps m = -inf; subtract 0 instead so that
+            # exp(-inf - (-inf)) never makes a NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = _exp(s_ij - m_use[:, None], USE_EXP2)
+        else:
+            # No mask: every score is finite, so m_new is finite. max(qk) * scale keeps the
+            # scale in a fused multiply-add with the subtraction below.
+            if SCALE_NONNEG:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            m_use = m_new
+            p = _exp(qk * qk_scale - m_use[:, None], USE_EXP2)
+        alpha = _exp(m_i - m_use, USE_EXP2)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+
+        if MASK_COLS:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
+        elif DV_PAD != D_V:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < D_V, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        # Half inputs: P rounded to the input dtype for the tensor-core dot, as flash kernels do.
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# Lengths and counts are not specialised (alignment of them never helps here), so a new
+# sequence length does not trigger a recompile; strides are, for vectorised loads.
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles"])
+def _block_sparse_fwd_kernel(
+    Q, K, V, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_yb, stride_yh, stride_ym, stride_yd,
+    stride_lb, stride_lh, stride_lm,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    H, Nq, Nk, n_tiles, scale_hi, scale_lo,
+    D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one pattern query block of one (b, h).
+
+    Grid: (B*H*n_tiles,), (b, h)-major so the query tiles of one head run together and
+    share its K/V in L2; within a head the last query tiles (most work under causal) go first.
+    Pattern dims of size 1 arrive with stride 0 (stride_ib/ih, stride_cb/ch).
+    """
+    pid = tl.program_id(0)
+    bh = pid // n_tiles
+    tile = n_tiles - 1 - (pid - bh * n_tiles)
+    b = bh // H
+    h = bh - b * H
+    qb = tile // TILES_PER_BLOCK
+    row0 = qb * BLOCK + (tile - qb * TILES_PER_BLOCK) * BLOCK_M
+    row_end = tl.minimum(qb * BLOCK + BLOCK, Nq)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    row_ok = offs_m < row_end
+    rows64 = offs_m.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    qb64 = qb.to(tl.int64)
+
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qm + offs_dk[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+
+    cnt_off = b64 * stride_cb + h64 * stride_ch + qb64 * stride_cq
+    n_full = tl.load(KV_COUNT_FULL + cnt_off)
+    n_all = tl.load(KV_COUNT + cnt_off)
+    idx_ptr = KV_INDEX + b64 * stride_ib + h64 * stride_ih + qb64 * stride_iq
+
+    if IS_F64:
+        # Python floats reach kernels as f32: the f64 scale arrives split in two f32 parts.
+        qk_scale = tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
+        acc_ty = tl.float64
+    else:
+        qk_scale = tl.cast(scale_hi, tl.float32)  # already multiplied by log2(e)
+        acc_ty = tl.float32
+    USE_EXP2: tl.constexpr = not IS_F64
+    m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)
+    l_i = tl.zeros([BLOCK_M], acc_ty)
+    acc = tl.zeros([BLOCK_M, DV_PAD], acc_ty)
+
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k_base, v_base, idx_ptr, stride_ik, 0, n_full, offs_m,
+        stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
+        STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k_base, v_base, idx_ptr, stride_ik, n_full, n_all, offs_m,
+        stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
+        STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION)
+
+    # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf.
+    has_key = l_i > 0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    y = acc / l_safe[:, None]
+    if USE_EXP2:
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # log2 units -> natural log
+    else:
+        lse = m_i + tl.log(l_safe)
+    lse = tl.where(has_key, lse, float("-inf"))
+
+    y_ptrs = (Y + b64 * stride_yb + h64 * stride_yh + rows64[:, None] * stride_ym
+              + offs_dv[None, :] * stride_yd)
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
+    lse_ptrs = LSE + b64 * stride_lb + h64 * stride_lh + rows64 * stride_lm
+    tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=row_ok)
+
+
+def block_sparse_attention_forward_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists, *, block_size: int,
+    scale: float, is_causal: bool, y: torch.Tensor, lse: torch.Tensor,
+    config: ForwardConfig | None = None, allow_tf32: bool = False,
+) -> None:
+    """Launch the forward kernel; writes ``y`` and ``lse`` in place. No host synchronisation.
+
+    Args:
+        q: ``[B, H, Nq, Dk]``; k: ``[B, H, Nk, Dk]``; v: ``[B, H, Nk, Dv]`` (same dtype, any
+            strides with unit last stride; Dk, Dv <= 256).
+        lists: ``BlockLists`` built on q.device for (Nq, Nk, block_size, is_causal).
+        block_size: pattern block size (any value >= 1; 16..256 multiples of the tile are fast).
+        scale: softmax scale applied to q @ k^T.
+        is_causal: key j visible to query i only if j <= i.
+        y: preallocated ``[B, H, Nq, Dv]`` in q.dtype, any strides.
+        lse: preallocated ``[B, H, Nq]`` (float32; float64 for f64 inputs), any strides.
+        config: tile config; None takes the default table entry.
+        allow_tf32: f32 inputs may use TF32 products (default: true f32).
+    """
+    B, H, Nq, d_k = q.shape
+    Nk, d_v = k.shape[2], v.shape[3]
+    dtype = q.dtype
+    nq, nk = -(-Nq // block_size), -(-Nk // block_size)
+    idx, cnt = lists.kv_index, lists.kv_count
+    # Internal invariants only: the plan validated user input before calling the launcher.
+    broken = [what for ok, what in (
+        (k.dtype == dtype and v.dtype == dtype and y.dtype == dtype, "q/k/v/y dtypes differ"),
+        (q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1, "q/k/v last stride != 1"),
+        (d_k <= 256 and d_v <= 256, "head dim over 256"),
+        (tuple(idx.shape[2:]) == (nq, nk), f"lists {tuple(idx.shape)} for nq={nq}, nk={nk}"),
+        (cnt.shape == lists.kv_count_full.shape and cnt.stride() == lists.kv_count_full.stride(),
+         "kv_count and kv_count_full differ in layout"),
+    ) if not ok]
+    if broken:
+        raise RuntimeError(f"block_sparse_attention_forward_triton: internal invariant broken: {broken}")
+    if B * H * Nq == 0:
+        return
+    if config is None:
+        from ..core import ArchSku  # local: keeps module import light
+        config = default_forward_config(d_k, d_v, dtype, block_size,
+                                        ArchSku.from_device(q.device), allow_tf32)
+    bm, bn = config.block_m, config.block_n
+    tiles_per_block = -(-block_size // bm)
+    n_tiles = nq * tiles_per_block
+    if B * H * n_tiles >= 2**31:
+        raise RuntimeError("block_sparse_attention_forward_triton: grid over 2^31 programs")
+
+    is_f64 = dtype == torch.float64
+    if is_f64:
+        # Python floats reach kernels as f32: pass scale = hi + lo, both exact in f32.
+        scale_hi = struct.unpack("f", struct.pack("f", float(scale)))[0]
+        scale_lo = struct.unpack("f", struct.pack("f", float(scale) - scale_hi))[0]
+    else:
+        scale_hi, scale_lo = float(scale) * _LOG2E, 0.0
+    # Broadcast pattern dims index with stride 0.
+    sib = idx.stride(0) if idx.shape[0] > 1 else 0
+    sih = idx.stride(1) if idx.shape[1] > 1 else 0
+    scb = cnt.stride(0) if cnt.shape[0] > 1 else 0
+    sch = cnt.stride(1) if cnt.shape[1] > 1 else 0
+    precision = "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+
+    grid = (B * H * n_tiles,)
+    _block_sparse_fwd_kernel[grid](
+        q, k, v, y, lse, idx, lists.kv_count_full, cnt,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        sib, sih, idx.stride(2), idx.stride(3),
+        scb, sch, cnt.stride(2),
+        H, Nq, Nk, n_tiles, scale_hi, scale_lo,
+        D_K=d_k, D_V=d_v, DK_PAD=head_dim_tile(d_k), DV_PAD=head_dim_tile(d_v),
+        BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn,
+        TILES_PER_BLOCK=tiles_per_block, STEPS=-(-block_size // bn),
+        EVEN_N=(block_size % bn == 0), IS_CAUSAL=bool(is_causal),
+        SCALE_NONNEG=(scale >= 0), IS_F64=is_f64, DOT_PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
