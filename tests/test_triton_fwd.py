@@ -227,7 +227,7 @@ def test_default_table_is_complete(arch):
                     assert isinstance(cfg, ForwardConfig)
                     assert cfg.describe().startswith(f"BM={cfg.block_m},BN={cfg.block_n},")
                     if arch in limits:
-                        need = estimate_shared_bytes(cfg, d, d, dtype.itemsize)
+                        need = estimate_shared_bytes(cfg, d, d, dtype.itemsize, arch)
                         assert need <= limits[arch] or cfg.block_m == cfg.block_n == 16
 
 

@@ -35,13 +35,13 @@ class SdpaBlockSparsePlan:
     """
 
     def __init__(self, desc: SdpaBlockSparseDescriptor, device: torch.device,
-                 backend: BackendKind, allow_tf32: bool, config=None, backward_config=None):
+                 backend: BackendKind, allow_tf32: bool):
         self._desc = desc
         self._device = device
         self._backend = backend
         self._allow_tf32 = allow_tf32
-        self._config = config
-        self._backward_config = backward_config
+        self._config = None        # triton forward config
+        self._short_config = None  # ...for patterns whose rows hold few active blocks
         self._lists_cache: list[tuple] = []  # [(weakref to pattern tensor, version, lists)]
 
     # ---------------------------------------------------------------- selection
@@ -72,9 +72,12 @@ class SdpaBlockSparsePlan:
         plan = cls(desc, device, chosen, bool(allow_tf32))
         if chosen is BackendKind.TRITON:
             plan._config = plan._select_triton_config(preference)
+            plan._short_config = plan._config
+            if preference is PlanPreference.DEFAULT:
+                plan._short_config = plan._select_triton_config(preference, short_rows=True)
         return plan
 
-    def _select_triton_config(self, preference: PlanPreference):
+    def _select_triton_config(self, preference: PlanPreference, short_rows: bool = False):
         from . import triton_configs
         desc = self._desc
         dtype = desc.element.torch_dtype
@@ -91,7 +94,16 @@ class SdpaBlockSparsePlan:
                                            allow_tf32=self._allow_tf32)
         return triton_configs.default_forward_config(desc.d_k, desc.d_v, dtype, desc.block_size,
                                                      arch_of(self._device),
-                                                     allow_tf32=self._allow_tf32)
+                                                     allow_tf32=self._allow_tf32,
+                                                     short_rows=short_rows)
+
+    def _config_for(self, lists: BlockLists):
+        """The forward config for a pattern: the short-row shape when its rows are short."""
+        if self._short_config == self._config:
+            return self._config
+        from .triton_configs import SHORT_ROW_KEYS
+        short = lists.mean_active_per_row() * self._desc.block_size < SHORT_ROW_KEYS
+        return self._short_config if short else self._config
 
     # ---------------------------------------------------------------- properties
     @property
@@ -126,6 +138,8 @@ class SdpaBlockSparsePlan:
     @property
     def sku(self) -> KernelSku:
         config = self._config.describe() if self._config is not None else ""
+        if self._short_config is not None and self._short_config != self._config:
+            config += f"; short rows: {self._short_config.describe()}"
         return KernelSku(OpCategory.ATTENTION, AttentionKind.BLOCK_SPARSE_ATTENTION,
                          self._desc.element, self._desc.element.accumulator, arch_of(self._device),
                          self._backend, self.precision_guarantee, config)
@@ -199,7 +213,7 @@ class SdpaBlockSparsePlan:
         kwargs = dict(block_size=d.block_size, scale=d.softmax_scale, is_causal=d.is_causal, y=y, lse=lse)
         if self._backend is BackendKind.TRITON:
             from .triton_fwd import block_sparse_attention_forward_triton
-            block_sparse_attention_forward_triton(q, k, v, lists, config=self._config,
+            block_sparse_attention_forward_triton(q, k, v, lists, config=self._config_for(lists),
                                                   allow_tf32=self._allow_tf32, **kwargs)
         else:
             block_sparse_attention_forward_reference(q, k, v, lists, **kwargs)
@@ -233,17 +247,9 @@ class SdpaBlockSparsePlan:
             return
         kwargs = dict(block_size=d.block_size, scale=d.softmax_scale, is_causal=d.is_causal,
                       dq=dq, dk=dk, dv=dv)
-        if self._backend is BackendKind.TRITON and _triton_backward_available():
+        if self._backend is BackendKind.TRITON:
             from .triton_bwd import block_sparse_attention_backward_triton
             block_sparse_attention_backward_triton(q, k, v, y, lse, dy, lists,
                                                    allow_tf32=self._allow_tf32, **kwargs)
         else:
             block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists, **kwargs)
-
-
-def _triton_backward_available() -> bool:
-    try:
-        from . import triton_bwd  # noqa: F401
-    except ImportError:
-        return False
-    return True

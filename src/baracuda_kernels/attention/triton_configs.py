@@ -77,14 +77,28 @@ def head_dim_tile(d: int) -> int:
 # Edit these with measured numbers; every entry must keep block_m, block_n in 16..256.
 # ----------------------------------------------------------------------------------------
 
-# f16 / bf16 inputs (tensor-core dots, f32 accumulation).
+# f16 / bf16 inputs (tensor-core dots, f32 accumulation). The 64/128 entries for block
+# sizes 64/128/256 were measured on an H200 (bf16, B=2, H=16; scripts/tune_forward.py,
+# 2026-11-27): e.g. D=128 block 128 dense 502 TFLOP/s at (128, 128, 8, 3) vs 464 at
+# (128, 64, 8, 3); D=64 causal N=32768 431 at (128, 64, 4, 3) vs 300 with 8 warps.
 _HALF_TABLE = {
     64: {16: (16, 16, 1, 3), 32: (32, 32, 2, 3), 64: (64, 64, 4, 3),
-         128: (128, 64, 8, 3), 256: (128, 64, 8, 3)},
+         128: (128, 64, 4, 3), 256: (128, 64, 4, 3)},
     128: {16: (16, 16, 2, 3), 32: (32, 32, 2, 3), 64: (64, 64, 4, 3),
-          128: (128, 64, 8, 3), 256: (128, 64, 8, 3)},
+          128: (128, 128, 8, 3), 256: (128, 128, 8, 3)},
     256: {16: (16, 16, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 8, 2),
           128: (128, 32, 8, 2), 256: (128, 32, 8, 2)},
+}
+
+# Patterns whose rows hold few active key blocks (sliding windows, sparse random): a short
+# loop cannot hide the per-program prologue, and twice as many half-height programs keep
+# the card busier. Measured (H200, D=128, block 128, window of 8 blocks + sink): 429
+# TFLOP/s at (64, 64, 4, 3) vs 390 at (128, 128, 8, 3); random 25% (16 blocks a row) stays
+# faster at (128, 128, 8, 3). Used when a pattern's rows average fewer than SHORT_ROW_KEYS
+# active keys; entries missing here fall back to the table.
+SHORT_ROW_KEYS = 12 * 128
+_HALF_SHORT_ROW_TABLE = {
+    128: {128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
 }
 
 # f32 inputs with TF32 products (opt-in): operands twice the bytes of bf16.
@@ -134,24 +148,27 @@ def _table_for(dtype: torch.dtype, allow_tf32: bool):
     return _F64_TABLE
 
 
-def estimate_shared_bytes(cfg: ForwardConfig, d_k: int, d_v: int, elem_bytes: int) -> int:
-    """Rough shared-memory need: the query tile plus num_stages K and V tiles, plus a
-    layout-conversion scratch for the score tile. Conservative on purpose."""
+def estimate_shared_bytes(cfg: ForwardConfig, d_k: int, d_v: int, elem_bytes: int,
+                          arch: ArchSku | None = None) -> int:
+    """Rough shared-memory need: the query tile plus num_stages K and V tiles, plus (before
+    sm90) a layout-conversion scratch for the score tile. On sm90 the P @ V product takes P
+    from registers (wgmma), so no scratch is counted: (128, 128, 8, 3) at D=128 bf16 needs
+    224 KiB and compiles and runs on an H200."""
     dk, dv = head_dim_tile(d_k), head_dim_tile(d_v)
     operands = cfg.block_m * dk + cfg.num_stages * cfg.block_n * (dk + dv)
-    scratch = cfg.block_m * cfg.block_n * 4
+    scratch = 0 if arch is ArchSku.SM90 else cfg.block_m * cfg.block_n * 4
     return operands * elem_bytes + scratch
 
 
 def _shrink_to_fit(cfg: ForwardConfig, d_k: int, d_v: int, elem_bytes: int,
-                   limit: int | None) -> ForwardConfig:
+                   limit: int | None, arch: ArchSku | None = None) -> ForwardConfig:
     """Lower stages, then block_n, then block_m until the estimate fits in ``limit``."""
     if limit is None:
         return cfg
     bm, bn, warps, stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
     while True:
         cur = ForwardConfig(bm, bn, warps, stages)
-        if estimate_shared_bytes(cur, d_k, d_v, elem_bytes) <= limit:
+        if estimate_shared_bytes(cur, d_k, d_v, elem_bytes, arch) <= limit:
             return cur
         if stages > 2:
             stages -= 1
@@ -173,7 +190,8 @@ def _table_block_key(block_size: int) -> int:
 
 @lru_cache(maxsize=512)
 def default_forward_config(d_k: int, d_v: int, dtype: torch.dtype, block_size: int,
-                           arch: ArchSku, allow_tf32: bool = False) -> ForwardConfig:
+                           arch: ArchSku, allow_tf32: bool = False,
+                           short_rows: bool = False) -> ForwardConfig:
     """Default config for one problem class.
 
     Args:
@@ -182,13 +200,16 @@ def default_forward_config(d_k: int, d_v: int, dtype: torch.dtype, block_size: i
         block_size: pattern block size (any value >= 1).
         arch: where the kernel runs (``ArchSku.CPU`` = interpreter, no memory limit).
         allow_tf32: f32 inputs may use TF32 products.
+        short_rows: the pattern's rows average fewer than SHORT_ROW_KEYS active keys.
     """
     table = _table_for(dtype, allow_tf32)
     bucket = min(256, max(64, head_dim_tile(max(d_k, d_v))))
-    bm, bn, warps, stages = table[bucket][_table_block_key(block_size)]
-    cfg = ForwardConfig(bm, bn, warps, stages)
-    elem_bytes = dtype.itemsize
-    return _shrink_to_fit(cfg, d_k, d_v, elem_bytes, _SHARED_LIMIT.get(arch, 99 * 1024))
+    block_key = _table_block_key(block_size)
+    entry = table[bucket][block_key]
+    if short_rows and table is _HALF_TABLE:
+        entry = _HALF_SHORT_ROW_TABLE.get(bucket, {}).get(block_key, entry)
+    return _shrink_to_fit(ForwardConfig(*entry), d_k, d_v, dtype.itemsize,
+                          _SHARED_LIMIT.get(arch, 99 * 1024), arch)
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,7 +251,7 @@ def candidate_forward_configs(d_k: int, d_v: int, dtype: torch.dtype, block_size
         cfg = ForwardConfig(*shape)
         if cfg in out:
             continue
-        if limit is not None and estimate_shared_bytes(cfg, d_k, d_v, elem_bytes) > limit:
+        if limit is not None and estimate_shared_bytes(cfg, d_k, d_v, elem_bytes, arch) > limit:
             continue
         out.append(cfg)
     return out

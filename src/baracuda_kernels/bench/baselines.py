@@ -185,6 +185,11 @@ def _flex_function(mode: str):
         for name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 512))
+        # The backward-only timing replays one graph's backward (retain_graph=True), which
+        # compiled backwards with donated buffers refuse; donation only saves memory.
+        import torch._functorch.config as functorch_config
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         _COMPILED_FLEX["compiled"] = torch.compile(fa.flex_attention, dynamic=False)
     return _COMPILED_FLEX["compiled"]
 

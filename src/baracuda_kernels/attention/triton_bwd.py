@@ -1,0 +1,509 @@
+"""Triton backward kernels of block-sparse attention (dQ, dK, dV) and their launcher.
+
+Given the forward output ``y`` and its log-sum-exp ``lse``, the gradients are
+
+    P  = exp(scale * Q K^T - lse)          (recomputed, never stored)
+    dV = P^T dY
+    dS = P * (dY V^T - delta),   delta_i = sum_d dY[i, d] * Y[i, d]
+    dQ = scale * dS K,           dK = scale * dS^T Q
+
+Three kernels, launched in order on the current stream, with no host synchronisation:
+
+* ``_bwd_preprocess_kernel``: ``delta`` and ``lse2``, the lse in the exponent base the other
+  kernels use (log2 units for f16/bf16/f32, natural units for f64) with ``-inf`` (a query row
+  that attends nothing) replaced by ``+inf``, so that ``exp(s - lse2)`` is exactly 0 there.
+* ``_bwd_dkdv_kernel``: one program per (key tile, b*h); it loops only over the query blocks
+  that attend its key block (``BlockLists.transposed()``), FULL blocks first without any mask
+  arithmetic, then PARTIAL blocks (causal diagonal, ragged tail) with masks.
+* ``_bwd_dq_kernel``: one program per (query tile, b*h), looping over ``kv_index`` likewise.
+
+Every output element is written by exactly one program (no atomics), so the gradients are
+bitwise reproducible. dQ and dK/dV recompute ``Q K^T`` and ``dY V^T`` separately: that is
+the price of determinism without atomics (7 matmuls instead of 5).
+
+Tiles may differ from the pattern block: a pattern block of ``block_size`` tokens is covered
+by ``ceil(block_size / tile)`` tiles. When the tile does not divide the block (block sizes
+that are not powers of two) rows past the block end are masked (the generic path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from baracuda_kernels.core import Unsupported
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_2d(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a [R, C] tile, masking only the dims that may run out of range (0 there)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    Y, DY, LSE, DELTA, LSE2,
+    stride_yb, stride_yh, stride_yn,
+    stride_gb, stride_gh, stride_gn,
+    stride_lb, stride_lh, stride_ln,
+    H, Nq,
+    D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, IS_F64: tl.constexpr,
+):
+    """delta[bh, i] = sum_d y*dy (f32, f64 for f64); lse2[bh, i] = lse in kernel units."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_DV)
+    row_ok = offs_r < Nq
+    mask = row_ok[:, None] & (offs_d[None, :] < D_V)
+    y = tl.load(Y + b * stride_yb + h * stride_yh + offs_r[:, None] * stride_yn + offs_d[None, :],
+                mask=mask, other=0.0)
+    dy = tl.load(DY + b * stride_gb + h * stride_gh + offs_r[:, None] * stride_gn
+                 + offs_d[None, :], mask=mask, other=0.0)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_r * stride_ln, mask=row_ok, other=0.0)
+    if IS_F64:
+        delta = tl.sum(y.to(tl.float64) * dy.to(tl.float64), axis=1)
+        lse2 = lse.to(tl.float64)
+    else:
+        delta = tl.sum(y.to(tl.float32) * dy.to(tl.float32), axis=1)
+        lse2 = lse.to(tl.float32) * 1.4426950408889634
+    # A row that attends nothing has lse = -inf; +inf makes every recomputed P exactly 0.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
+    out = bh.to(tl.int64) * Nq + offs_r
+    tl.store(DELTA + out, delta, mask=row_ok)
+    tl.store(LSE2 + out, lse2, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_base, dy_base, lse_base, delta_base, list_row, it_lo, it_hi,
+    stride_qn, stride_gn, offs_n, Nq, qk_scale,
+    BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
+
+    Query rows that must not count (past Nq, or past the block end when the tile does not
+    divide the block) load q = dy = 0 and lse2 = +inf, so their P is exactly 0 without any
+    per-element mask. Key rows of this tile past Nk only produce rows that are never stored.
+    Only the causal diagonal needs an element mask (PARTIAL blocks only).
+    """
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < D_K
+    dv_ok = offs_dv < D_V
+    for it in range(it_lo, it_hi):
+        qb = tl.load(list_row + it // SUBS_M).to(tl.int64)
+        m_in_block = (it % SUBS_M) * BLOCK_M + offs_m0
+        offs_m = qb * BS + m_in_block
+        if MASKED:
+            row_ok = (m_in_block < BS) & (offs_m < Nq)
+        else:
+            row_ok = m_in_block < BS
+        CHECK_ROWS: tl.constexpr = MASKED or not EVEN_M
+        q = _load_2d(q_base + offs_m[:, None] * stride_qn + offs_dk[None, :], row_ok, dk_ok,
+                     CHECK_ROWS, BLOCK_DK != D_K)
+        dy = _load_2d(dy_base + offs_m[:, None] * stride_gn + offs_dv[None, :], row_ok, dv_ok,
+                      CHECK_ROWS, BLOCK_DV != D_V)
+        if CHECK_ROWS:
+            lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        # Transposed scores [BLOCK_N, BLOCK_M]: the results feed dV/dK without transposes.
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=dk.dtype)
+        if IS_F64:
+            p_t = tl.exp(qk_t * qk_scale - lse2[None, :])
+        else:
+            p_t = tl.exp2(qk_t * qk_scale - lse2[None, :])
+        if MASKED:
+            if IS_CAUSAL:
+                p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+        dv = tl.dot(p_t.to(dy.dtype), dy, dv, input_precision=PRECISION, out_dtype=dv.dtype)
+        dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=dk.dtype)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DY, LSE2, DELTA, DK, DV, SCALE64,
+    Q_INDEX, Q_COUNT_FULL, Q_COUNT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch,
+    H, Nq, Nk, scale, qk_scale,
+    BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, TILES_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (nk * TILES_N, B*H): dK, dV of BLOCK_N keys of one key block."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kb = (pid // TILES_N).to(tl.int64)
+    n_in_block = (pid % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = kb * BS + n_in_block
+    key_ok = (n_in_block < BS) & (offs_n < Nk)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < D_K
+    dv_ok = offs_dv < D_V
+
+    if IS_F64:
+        scale = tl.load(SCALE64)
+        qk_scale = scale
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_dk[None, :],
+                mask=key_ok[:, None] & dk_ok[None, :], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+    if IS_F64:
+        dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float64)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float64)
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # Lists are [Bp, Hp, nk, nq] / [Bp, Hp, nk]; broadcast dims come with stride 0.
+    list_row = Q_INDEX + b * stride_ib + h * stride_ih + kb * stride_ir
+    count_off = b * stride_cb + h * stride_ch + kb
+    n_full = tl.load(Q_COUNT_FULL + count_off)
+    n_all = tl.load(Q_COUNT + count_off)
+    q_base = Q + b * stride_qb + h * stride_qh
+    dy_base = DY + b * stride_gb + h * stride_gh
+    lse_base = LSE2 + bh.to(tl.int64) * Nq
+    delta_base = DELTA + bh.to(tl.int64) * Nq
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, dy_base, lse_base, delta_base, list_row,
+                         0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, qk_scale,
+                         BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
+                         IS_CAUSAL, IS_F64, PRECISION, MASKED=False)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, dy_base, lse_base, delta_base, list_row,
+                         n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
+                         qk_scale, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
+                         IS_CAUSAL, IS_F64, PRECISION, MASKED=True)
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_dk[None, :],
+             dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & dk_ok[None, :])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, dy, lse2, delta, k_base, v_base, list_row, it_lo, it_hi,
+    stride_kn, stride_vn, offs_m, Nk, qk_scale,
+    BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUBS_N: tl.constexpr, EVEN_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Accumulate dQ of one query tile over key tiles it_lo..it_hi of the block list.
+
+    Keys that must not count load k = v = 0 and get P = 0 by an element mask (a zero key
+    alone would still give P = exp(-lse), which may overflow for very negative lse).
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < D_K
+    dv_ok = offs_dv < D_V
+    for it in range(it_lo, it_hi):
+        kb = tl.load(list_row + it // SUBS_N).to(tl.int64)
+        n_in_block = (it % SUBS_N) * BLOCK_N + offs_n0
+        offs_n = kb * BS + n_in_block
+        if MASKED:
+            col_ok = (n_in_block < BS) & (offs_n < Nk)
+        else:
+            col_ok = n_in_block < BS
+        CHECK_COLS: tl.constexpr = MASKED or not EVEN_N
+        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_dk[None, :], col_ok, dk_ok,
+                     CHECK_COLS, BLOCK_DK != D_K)
+        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], col_ok, dv_ok,
+                     CHECK_COLS, BLOCK_DV != D_V)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=dq.dtype)
+        if IS_F64:
+            p = tl.exp(qk * qk_scale - lse2[:, None])
+        else:
+            p = tl.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            allowed = col_ok[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(allowed, p, 0.0)
+        elif not EVEN_N:
+            p = tl.where(col_ok[None, :], p, 0.0)
+        dp = tl.dot(dy, tl.trans(v), input_precision=PRECISION, out_dtype=dq.dtype)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=dq.dtype)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DY, LSE2, DELTA, DQ, SCALE64,
+    KV_INDEX, KV_COUNT_FULL, KV_COUNT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch,
+    H, Nq, Nk, scale, qk_scale,
+    BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUBS_N: tl.constexpr, EVEN_N: tl.constexpr, TILES_M: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (nq * TILES_M, B*H): dQ of BLOCK_M queries of one query block."""
+    # Last query tiles first: under a causal mask they have the most key blocks, and
+    # starting the longest programs first shortens the tail of the launch.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    qb = (pid // TILES_M).to(tl.int64)
+    m_in_block = (pid % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = qb * BS + m_in_block
+    row_ok = (m_in_block < BS) & (offs_m < Nq)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < D_K
+    dv_ok = offs_dv < D_V
+
+    if IS_F64:
+        scale = tl.load(SCALE64)
+        qk_scale = scale
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_dk[None, :],
+                mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
+    dy = tl.load(DY + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn
+                 + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0)
+    if IS_F64:
+        dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float64)
+    else:
+        dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
+
+    list_row = KV_INDEX + b * stride_ib + h * stride_ih + qb * stride_ir
+    count_off = b * stride_cb + h * stride_ch + qb
+    n_full = tl.load(KV_COUNT_FULL + count_off)
+    n_all = tl.load(KV_COUNT + count_off)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = _dq_inner(dq, q, dy, lse2, delta, k_base, v_base, list_row, 0, n_full * SUBS_N,
+                   stride_kn, stride_vn, offs_m, Nk, qk_scale, BS, D_K, D_V, BLOCK_DK, BLOCK_DV,
+                   BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, IS_F64, PRECISION, MASKED=False)
+    dq = _dq_inner(dq, q, dy, lse2, delta, k_base, v_base, list_row, n_full * SUBS_N,
+                   n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, qk_scale, BS, D_K, D_V,
+                   BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, IS_F64, PRECISION,
+                   MASKED=True)
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_dk[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of the backward kernels (upper bounds: clipped to the pattern block).
+
+    dK/dV kernel: ``kv_block_n`` keys per program, ``kv_block_m`` queries per step.
+    dQ kernel: ``q_block_m`` queries per program, ``q_block_n`` keys per step.
+    """
+
+    kv_block_n: int
+    kv_block_m: int
+    kv_warps: int
+    kv_stages: int
+    q_block_m: int
+    q_block_n: int
+    q_warps: int
+    q_stages: int
+
+
+# (16-bit?, largest padded head dim) -> config. f32 / f64 use smaller tiles: their dots are
+# FMA loops (ieee) or tf32 MMAs with twice the operand bytes.
+_DEFAULTS = {
+    (True, 64): BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3),
+    (True, 128): BackwardConfig(128, 64, 8, 2, 128, 64, 8, 2),
+    (True, 256): BackwardConfig(64, 32, 8, 2, 64, 32, 8, 2),
+    (False, 64): BackwardConfig(64, 32, 4, 2, 64, 32, 4, 2),
+    (False, 128): BackwardConfig(32, 32, 4, 2, 32, 32, 4, 2),
+    (False, 256): BackwardConfig(32, 16, 4, 1, 32, 16, 4, 1),
+}
+
+
+def default_backward_config(dtype: torch.dtype, head_dim: int) -> BackwardConfig:
+    """Default tiles for ``dtype`` and ``head_dim = max(d_k, d_v)`` (<= 256)."""
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
+    return _DEFAULTS[(sixteen, bucket)]
+
+
+def _tile(limit: int, block_size: int) -> tuple[int, int, bool]:
+    """(tile, tiles per block, tile divides block) for one dim of a pattern block."""
+    tile = min(limit, max(16, triton.next_power_of_2(block_size)))
+    return tile, -(-block_size // tile), block_size % tile == 0
+
+
+# --------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------
+
+_TORCH_TO_F64 = {torch.float16: False, torch.bfloat16: False, torch.float32: False,
+                 torch.float64: True}
+
+
+def _bhn(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _list_strides(index: torch.Tensor, count: torch.Tensor) -> tuple[int, ...]:
+    """Strides of [Bp, Hp, n, m] lists and [Bp, Hp, n] counts, 0 on broadcast dims."""
+    bcast_b, bcast_h = index.shape[0] == 1, index.shape[1] == 1
+    return (0 if bcast_b else index.stride(0), 0 if bcast_h else index.stride(1), index.stride(2),
+            0 if bcast_b else count.stride(0), 0 if bcast_h else count.stride(1))
+
+
+def block_sparse_attention_backward_triton(
+    q, k, v, y, lse, dy, lists, *, block_size: int, scale: float, is_causal: bool,
+    dq, dk, dv, allow_tf32: bool = False, config: BackwardConfig | None = None,
+) -> None:
+    """Write dq, dk, dv of block-sparse attention (no host synchronisation, no atomics).
+
+    Args:
+        q: ``[B, H, Nq, Dk]``, k: ``[B, H, Nk, Dk]``, v: ``[B, H, Nk, Dv]``, all one dtype
+            (f16, bf16, f32 or f64) on one CUDA device (CPU under TRITON_INTERPRET=1);
+            any strides with unit last stride.
+        y: forward output ``[B, H, Nq, Dv]`` (same dtype); lse: ``[B, H, Nq]`` natural-log
+            log-sum-exp (f32 or f64; -inf on rows that attend nothing).
+        dy: upstream gradient ``[B, H, Nq, Dv]``, any strides with unit last stride.
+        lists: forward ``BlockLists`` of the pattern (``transposed()`` is used for dK/dV).
+        block_size, scale, is_causal: as in the forward.
+        dq, dk, dv: preallocated outputs shaped like q, k, v (same dtype); every valid
+            element is written (0 where nothing is attended), nothing past Nq/Nk.
+        allow_tf32: let f32 dots use TF32 (ieee otherwise).
+        config: tile override (pinned in tests/benchmarks); default per dtype and head dim.
+    """
+    B, H, Nq, Dk = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    for name, t in (("q", q), ("k", k), ("v", v), ("y", y), ("dy", dy), ("dq", dq), ("dk", dk),
+                    ("dv", dv)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise Unsupported(f"{name} has last-dim stride {t.stride(-1)}; expected 1; "
+                              f"fix: pass {name}.contiguous()")
+    if q.dtype not in _TORCH_TO_F64:
+        raise Unsupported(f"dtype {q.dtype}; expected float16, bfloat16, float32 or float64")
+    if max(Dk, Dv) > 256:
+        raise Unsupported(f"head dims (d_k={Dk}, d_v={Dv}); expected <= 256")
+    if B * H > 65535:
+        raise Unsupported(f"B*H = {B * H}; expected <= 65535 (grid y limit); fix: split the batch")
+    if B * H == 0:
+        return
+    if Nq == 0 or Nk == 0:
+        # Nothing attends anything: every gradient that exists is 0.
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return
+    cfg = config or default_backward_config(q.dtype, max(Dk, Dv))
+    if q.device.type == "cuda":
+        with torch.cuda.device(q.device):  # Triton launches on the current device
+            _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv,
+                    allow_tf32, cfg)
+    else:  # TRITON_INTERPRET=1 on CPU tensors
+        _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv,
+                allow_tf32, cfg)
+
+
+def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, allow_tf32,
+            cfg: BackwardConfig) -> None:
+    """The three launches (see the module docstring); inputs already checked."""
+    B, H, Nq, Dk = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    is_f64 = _TORCH_TO_F64[q.dtype]
+    precision = "tf32" if (allow_tf32 and q.dtype == torch.float32) else "ieee"
+    block_dk = max(16, triton.next_power_of_2(Dk))
+    block_dv = max(16, triton.next_power_of_2(Dv))
+    acc_dtype = torch.float64 if is_f64 else torch.float32
+    dev = q.device
+    # Python floats reach kernels as float32: f64 reads its scale from a tensor (a device
+    # fill, no host copy, so this stays capturable in a CUDA graph).
+    scale64 = torch.full((1,), float(scale), dtype=torch.float64, device=dev) if is_f64 else q
+    qk_scale = float(scale) * (1.0 if is_f64 else _LOG2E)
+
+    delta = torch.empty((B * H, Nq), dtype=acc_dtype, device=dev)
+    lse2 = torch.empty((B * H, Nq), dtype=acc_dtype, device=dev)
+    block_r = max(16, 4096 // block_dv)  # ~32 live values per thread of 4 warps
+    _bwd_preprocess_kernel[(triton.cdiv(Nq, block_r), B * H)](
+        y, dy, lse, delta, lse2, *_bhn(y), *_bhn(dy), lse.stride(0), lse.stride(1), lse.stride(2),
+        H, Nq, D_V=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, IS_F64=is_f64, num_warps=4)
+
+    common = dict(BS=block_size, D_K=Dk, D_V=Dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                  IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision)
+    nq, nk = -(-Nq // block_size), -(-Nk // block_size)
+
+    q_index, q_count_full, q_count = lists.transposed()
+    bn, tiles_n, _ = _tile(cfg.kv_block_n, block_size)
+    bm, subs_m, even_m = _tile(cfg.kv_block_m, block_size)
+    _bwd_dkdv_kernel[(nk * tiles_n, B * H)](
+        q, k, v, dy, lse2, delta, dk, dv, scale64, q_index, q_count_full, q_count,
+        *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
+        *_list_strides(q_index, q_count), H, Nq, Nk, float(scale), qk_scale,
+        BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, **common,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
+
+    bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
+    bn, subs_n, even_n = _tile(cfg.q_block_n, block_size)
+    _bwd_dq_kernel[(nq * tiles_m, B * H)](
+        q, k, v, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
+        lists.kv_count, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
+        *_list_strides(lists.kv_index, lists.kv_count), H, Nq, Nk, float(scale), qk_scale,
+        BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, **common,
+        num_warps=cfg.q_warps, num_stages=cfg.q_stages)
+
+
+__all__ = ["BackwardConfig", "block_sparse_attention_backward_triton", "default_backward_config"]

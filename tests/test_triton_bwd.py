@@ -1,0 +1,288 @@
+"""Triton backward kernels (dQ, dK, dV) vs autograd through the float64 dense oracle.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest) on small shapes,
+f32 and f64 (bf16 dots are wrong in the interpreter). The GPU tests cover all dtypes, real
+head dims and block sizes, and bitwise determinism.
+
+Tolerance: kernel error vs float64 <= 3 x (error of autograd through the oracle run in the
+input dtype) + a rounding floor; NaN always fails. y and lse fed to the kernel come from the
+float64 oracle (y cast to the input dtype), so these tests do not depend on the forward kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from baracuda_kernels.attention.block_lists import BlockLists
+from baracuda_kernels.attention.triton_bwd import (
+    BackwardConfig,
+    block_sparse_attention_backward_triton,
+    default_backward_config,
+)
+from oracle import assert_matches_oracle, dense_attention, rel_error
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+def _strided(shape, dtype, layout, gen):
+    """A [B, H, N, D] tensor with unit last stride in one of three memory layouts."""
+    B, H, N, D = shape
+    if layout == "contiguous":
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(DEV, dtype)
+    if layout == "bnhd":  # heads interleaved, as after a fused projection
+        t = torch.randn((B, N, H, D), generator=gen, dtype=torch.float64).to(DEV, dtype)
+        return t.transpose(1, 2)
+    if layout == "padded":  # rows longer than D (a slice of a wider buffer)
+        t = torch.randn((B, H, N, D + 8), generator=gen, dtype=torch.float64).to(DEV, dtype)
+        return t[..., :D]
+    raise ValueError(layout)
+
+
+def _pattern(Bp, Hp, nq, nk, density, gen, empty_rows=()):
+    pat = torch.rand((Bp, Hp, nq, nk), generator=gen) < density
+    for r in empty_rows:
+        if r < nq:
+            pat[:, :, r, :] = False
+    return pat.to(DEV)
+
+
+def _oracle_grads(q, k, v, dy, pattern, bs, causal, scale, dtype):
+    """(y, lse, dq, dk, dv) by autograd through the dense oracle computed in `dtype`."""
+    qd, kd, vd = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+    y, lse = dense_attention(qd, kd, vd, pattern, bs, causal, scale, dtype=dtype)
+    y.backward(dy.to(dtype))
+    return y.detach(), lse.detach(), qd.grad, kd.grad, vd.grad
+
+
+def _poisoned_like(t, extra_rows=3):
+    """NaN-filled output shaped like t, a view of a buffer with extra rows past N."""
+    B, H, N, D = t.shape
+    buf = torch.full((B, H, N + extra_rows, D), float("nan"), dtype=t.dtype, device=t.device)
+    return buf, buf[:, :, :N]
+
+
+def run_case(*, dtype, B=1, H=2, Nq=48, Nk=48, Dk=16, Dv=16, bs=16, causal=False,
+             density=0.6, bcast=(False, False), layout="contiguous", empty_rows=(),
+             scale=None, config=None, allow_tf32=False, seed=0, factor=3.0, bound=None):
+    gen = torch.Generator().manual_seed(seed)
+    q = _strided((B, H, Nq, Dk), dtype, layout, gen)
+    k = _strided((B, H, Nk, Dk), dtype, layout, gen)
+    v = _strided((B, H, Nk, Dv), dtype, layout, gen)
+    dy = _strided((B, H, Nq, Dv), dtype, "bnhd", gen)  # a non-contiguous upstream gradient
+    nq, nk = -(-Nq // bs), -(-Nk // bs)
+    pattern = _pattern(1 if bcast[0] else B, 1 if bcast[1] else H, nq, nk, density, gen,
+                       empty_rows)
+    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+
+    y64, lse64, dq64, dk64, dv64 = _oracle_grads(q, k, v, dy, pattern, bs, causal, scale,
+                                                 torch.float64)
+    _, _, dq_s, dk_s, dv_s = _oracle_grads(q, k, v, dy, pattern, bs, causal, scale, dtype)
+    y = y64.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # strided y as well
+    lse = lse64.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+    lists = BlockLists.build(pattern, Nq, Nk, bs, causal)
+    bq, dq = _poisoned_like(q)
+    bk, dk = _poisoned_like(k)
+    bv, dv = _poisoned_like(v)
+    block_sparse_attention_backward_triton(
+        q, k, v, y, lse, dy, lists, block_size=bs, scale=scale, is_causal=causal,
+        dq=dq, dk=dk, dv=dv, allow_tf32=allow_tf32, config=config)
+
+    for buf, n in ((bq, Nq), (bk, Nk), (bv, Nk)):
+        assert torch.isnan(buf[:, :, n:]).all(), "kernel wrote past the sequence length"
+    for name, out, ref, same in (("dq", dq, dq64, dq_s), ("dk", dk, dk64, dk_s),
+                                 ("dv", dv, dv64, dv_s)):
+        assert not torch.isnan(out).any(), f"{name} has NaN (unwritten or masked-row NaN)"
+        if bound is None:
+            assert_matches_oracle(out, ref, same, factor=factor, what=name)
+        else:
+            assert rel_error(out, ref) <= bound, f"{name}: {rel_error(out, ref):.2e} > {bound}"
+    return pattern, (dq, dk, dv), (dq64, dk64, dv64)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU interpreter (and GPU when present): small shapes, f32 and f64
+# ---------------------------------------------------------------------------------------
+
+SMALL_DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_ragged_unequal_lengths(dtype, causal):
+    run_case(dtype=dtype, Nq=61, Nk=45, bs=16, causal=causal, empty_rows=(1,))
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+def test_block32_causal_bnhd_layout(dtype):
+    run_case(dtype=dtype, B=2, H=2, Nq=70, Nk=70, bs=32, causal=True, layout="bnhd",
+             density=0.7)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("bs", [5, 24])
+def test_odd_block_sizes(dtype, bs):
+    run_case(dtype=dtype, Nq=53, Nk=47, bs=bs, causal=(bs == 24), density=0.5)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+def test_dk_ne_dv_padded_layout(dtype):
+    run_case(dtype=dtype, Nq=40, Nk=56, Dk=24, Dv=8, bs=16, layout="padded")
+
+
+@pytest.mark.parametrize("bcast", [(True, False), (False, True), (True, True)])
+def test_broadcast_pattern(bcast):
+    run_case(dtype=torch.float32, B=2, H=2, Nq=48, Nk=40, bs=16, bcast=bcast, density=0.5)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+def test_empty_rows_pattern_and_causal(dtype):
+    # Row 0 empty, last row empty, and causal AND pattern leaving more rows without keys.
+    pattern, (dq, dk, dv), _ = run_case(dtype=dtype, H=2, Nq=64, Nk=64, bs=16, causal=True,
+                                        density=0.4, empty_rows=(0, 3), seed=3)
+    assert torch.equal(dq[:, :, :16], torch.zeros_like(dq[:, :, :16]))
+    assert torch.equal(dq[:, :, 48:], torch.zeros_like(dq[:, :, 48:]))
+
+
+def test_all_blocks_empty():
+    run_case(dtype=torch.float32, Nq=33, Nk=20, bs=16, density=0.0)
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+def test_tiles_smaller_than_block(dtype):
+    # Pattern block 32 covered by 16-wide tiles in both kernels and both dims (the split
+    # path used for block 256 on GPU), plus an uneven split (40 = 16 + 16 + 8).
+    cfg = BackwardConfig(16, 16, 4, 1, 16, 16, 4, 1)
+    run_case(dtype=dtype, Nq=77, Nk=64, bs=32, causal=True, config=cfg, density=0.7)
+    run_case(dtype=dtype, Nq=90, Nk=83, bs=40, causal=False, config=cfg, density=0.7, seed=5)
+
+
+def test_large_scale_no_overflow():
+    # Big scores make exp(s - lse) overflow for masked / padded entries if they are not
+    # masked before use: gradients must stay finite and correct.
+    run_case(dtype=torch.float32, Nq=45, Nk=37, bs=16, causal=True, scale=3.0, seed=7)
+
+
+def test_float64_precision():
+    _, outs, refs = run_case(dtype=torch.float64, Nq=50, Nk=50, bs=16, causal=True, seed=11)
+    for out, ref in zip(outs, refs):
+        err = (out - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 1e-12, f"f64 relative error {err:.2e}: some scalar or exp ran in f32"
+
+
+def test_float16_interpreter():
+    run_case(dtype=torch.float16, Nq=40, Nk=37, bs=16, causal=True, seed=2)
+
+
+def test_default_config_table():
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for d in (16, 64, 72, 128, 256):
+            cfg = default_backward_config(dt, d)
+            assert cfg.kv_block_n >= 16 and cfg.q_block_m >= 16
+
+
+# ---------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------
+
+ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("d", [64, 72, 128, 256])
+def test_gpu_head_dims(dtype, d):
+    run_case(dtype=dtype, B=2, H=3, Nq=300, Nk=300, Dk=d, Dv=d, bs=64, causal=True,
+             density=0.5, empty_rows=(2,), layout="bnhd")
+
+
+GPU_BLOCK_CASES = ([(torch.bfloat16, bs, c) for bs in (16, 32, 64, 128, 256, 48, 100)
+                    for c in (False, True)]
+                   + [(dt, bs, True) for dt in (torch.float16, torch.float32)
+                      for bs in (32, 128, 256, 48)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,bs,causal", GPU_BLOCK_CASES)
+def test_gpu_block_sizes(dtype, bs, causal):
+    run_case(dtype=dtype, B=1, H=4, Nq=517, Nk=389 if not causal else 517, Dk=128, Dv=128,
+             bs=bs, causal=causal, density=0.4, empty_rows=(1,), seed=bs)
+
+
+@pytest.mark.gpu
+def test_gpu_float64_block256():
+    run_case(dtype=torch.float64, B=1, H=2, Nq=300, Nk=280, Dk=64, Dv=32, bs=256,
+             causal=True, density=0.8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_dk_ne_dv(dtype):
+    run_case(dtype=dtype, B=2, H=2, Nq=400, Nk=333, Dk=192, Dv=64, bs=128, causal=False,
+             layout="padded", density=0.5)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_allowed():
+    # TF32 dots round operands to 10 mantissa bits: about 1e-3 relative, not f32's 1e-6.
+    run_case(dtype=torch.float32, B=1, H=2, Nq=256, Nk=256, Dk=64, Dv=64, bs=64,
+             allow_tf32=True, bound=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_deterministic(dtype):
+    gen = torch.Generator().manual_seed(1)
+    B, H, N, D, bs = 4, 8, 1024, 128, 128
+    q, k, v, dy = (torch.randn((B, H, N, D), generator=gen).to(DEV, dtype) for _ in range(4))
+    pattern = (torch.rand((1, H, N // bs, N // bs), generator=gen) < 0.4).to(DEV)
+    scale = D ** -0.5
+    y, lse = dense_attention(q, k, v, pattern, bs, True, scale, dtype=torch.float32)
+    y = y.to(dtype)
+    lists = BlockLists.build(pattern, N, N, bs, True)
+    first = None
+    for _ in range(10):
+        outs = [torch.empty_like(t) for t in (q, k, v)]
+        block_sparse_attention_backward_triton(q, k, v, y, lse, dy, lists, block_size=bs,
+                                               scale=scale, is_causal=True, dq=outs[0],
+                                               dk=outs[1], dv=outs[2])
+        if first is None:
+            first = outs
+        else:
+            for a, b in zip(first, outs):
+                assert torch.equal(a, b), "backward is not bitwise deterministic"
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    # Row stride 2**24 + 64 elements: row offsets reach ~2.7e9 > 2**31, so any 32-bit offset
+    # arithmetic in any of the three kernels reads or writes the wrong place.
+    dtype, N, D, bs = torch.bfloat16, 160, 64, 64
+    row = 2**24 + 64
+    n_el = (N - 1) * row + 8 * D
+    inputs = torch.empty(n_el, dtype=dtype, device=DEV)
+    outputs = torch.full((n_el,), float("nan"), dtype=dtype, device=DEV)
+    view = lambda buf, i: buf.as_strided((1, 1, N, D), (N * row, N * row, row, 1), i * D)  # noqa
+    q, k, v, y, dy = (view(inputs, i) for i in range(5))
+    gen = torch.Generator().manual_seed(0)
+    for t in (q, k, v, dy):
+        t.copy_(torch.randn((1, 1, N, D), generator=gen))
+    pattern = torch.tensor([[1, 0, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool,
+                           device=DEV)[None, None]
+    scale = D ** -0.5
+    y64, lse64, dq64, dk64, dv64 = _oracle_grads(q, k, v, dy, pattern, bs, True, scale,
+                                                 torch.float64)
+    _, _, dq_s, dk_s, dv_s = _oracle_grads(q, k, v, dy, pattern, bs, True, scale, dtype)
+    y.copy_(y64)
+    dq, dk, dv = (view(outputs, i) for i in range(3))
+    lists = BlockLists.build(pattern, N, N, bs, True)
+    block_sparse_attention_backward_triton(q, k, v, y, lse64.float(), dy, lists, block_size=bs,
+                                           scale=scale, is_causal=True, dq=dq, dk=dk, dv=dv)
+    for name, out, ref, same in (("dq", dq, dq64, dq_s), ("dk", dk, dk64, dk_s),
+                                 ("dv", dv, dv64, dv_s)):
+        assert_matches_oracle(out, ref, same, factor=3.0, what=name)
+    assert torch.isnan(view(outputs, 3)).all(), "wrote outside dq/dk/dv"
