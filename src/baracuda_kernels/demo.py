@@ -1,8 +1,9 @@
 """Run a long-context sliding-window + sink attention problem and compare it with dense.
 
 Uses the GPU (triton backend) when one is present, the CPU (reference backend) otherwise;
-checks the result against the reference backend and prints shape, density, backend, time
-and the speedup over dense attention (torch SDPA) on the same device.
+checks the last rows against dense float32 SDPA with the pattern as a token mask, and
+prints shape, density, backend, time and the speedup over dense attention (torch SDPA) on
+the same device.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .attention.patterns import sliding_window
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens (default 16384 GPU, 8192 CPU)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens (default 16384)")
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--head-dim", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=None)
@@ -40,12 +41,27 @@ def _time(fn, device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _check_tail_rows(q, k, v, y, pattern, rows: int) -> float:
+    """Relative error of y's last `rows` query rows against dense float32 SDPA with the
+    pattern expanded to a token mask (an independent check that stays small at 16k)."""
+    N, bs = q.shape[2], pattern.block_size
+    first = N - rows
+    q_blk = torch.arange(first, N, device=q.device) // bs
+    k_blk = torch.arange(N, device=q.device) // bs
+    allowed = pattern.mask[0, 0][q_blk][:, k_blk]
+    allowed &= torch.arange(N, device=q.device)[None, :] <= torch.arange(first, N, device=q.device)[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, first:].float(), k.float(), v.float(), attn_mask=allowed)
+    got = y[:, :, first:].float()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     B = 2 if gpu else 1
     H = args.heads or (16 if gpu else 4)
-    N = args.seq_len or (16384 if gpu else 8192)
+    N = args.seq_len or 16384
     D = args.head_dim or (128 if gpu else 64)
     bs = args.block_size or (128 if gpu else 64)
     window = args.window or 8 * bs
@@ -60,9 +76,7 @@ def run(args) -> int:
     args_ = SdpaBlockSparseArgs(q, k, v, pattern)
     y, lse = plan.run(args_)
 
-    ref_plan = SdpaBlockSparsePlan.select(desc, device=device, backend="reference")
-    y_ref, _ = ref_plan.run(SdpaBlockSparseArgs(q, k, v, pattern))
-    err = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
+    err = _check_tail_rows(q, k, v, y, pattern, rows=min(N, 1024))
 
     lists = BlockLists.build(pattern.mask, N, N, bs, True)
     active = int((lists.block_class != 0).sum())
@@ -75,7 +89,7 @@ def run(args) -> int:
     print(f"  pattern   sliding window {window} tokens + {bs} sink tokens: {active} of "
           f"{plan.num_blocks_q * plan.num_blocks_k} blocks active ({pattern.density():.2%})")
     print(f"  backend   {plan.backend.value}  ({plan.sku.config or 'pure PyTorch, block by block'})")
-    print(f"  check     relative error vs reference backend {err:.2e}")
+    print(f"  check     relative error of the last 1024 rows vs dense float32 SDPA {err:.2e}")
     print(f"  time      block-sparse {sparse_s * 1e3:.2f} ms   dense SDPA (causal) {dense_s * 1e3:.2f} ms")
     print(f"  speedup   {dense_s / sparse_s:.1f}x over dense on the same device")
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4

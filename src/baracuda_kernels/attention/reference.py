@@ -1,63 +1,109 @@
 """Reference backend: block-sparse attention in plain PyTorch, on any device.
 
-This is the readable statement of the semantics and the CPU backend. It walks the pattern
-one query block at a time and gathers only that block's active key blocks, so time and
-memory grow with the number of active blocks: the largest temporary is
-[B, H, block_size, active_keys_of_one_block_row], never [Nq, Nk].
+This is the readable statement of the semantics and the CPU backend. It never builds a
+score matrix for the whole sequence: block rows are processed in groups, each row gathering
+only its own active blocks, so time and memory grow with the number of active blocks.
 
-Accumulation is float32 for f16/bf16/f32 inputs and float64 for f64 inputs.
+* Forward and dQ walk query-block rows, gathering each row's active key blocks.
+* dK/dV walk key-block rows, gathering the query blocks that attend them (the transposed
+  pattern), so every gradient row is written once with index_copy_: no scatter-add, hence
+  deterministic on every device.
+
+A group stacks G rows padded to the longest row of the group (padding is masked out); G is
+chosen so a group's score tile stays under ``_GROUP_BUDGET`` elements. Accumulation is
+float32 for f16/bf16/f32 inputs and float64 for f64 inputs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .block_lists import SKIP, BlockLists
 
+_GROUP_BUDGET = 1 << 22  # score-tile elements per group (16 MiB in float32)
+
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block_rows(lists: BlockLists, batch: int, heads: int, block_size: int, query_len: int,
-                key_len: int, device) -> Iterator[tuple]:
-    """Yield (batch slice, head slice, q0, q1, key token indices) per active block row.
+@dataclass
+class _Group:
+    """G block rows of one direction with their gathered column tokens.
 
-    Rows with no active key block are yielded with an empty index tensor. Broadcast pattern
-    dims (size 1) cover every batch/head at once, so a shared pattern costs one pass.
+    rows [G*bs] row token ids (clamped), row_ok [G*bs]; cols [G, L] column token ids
+    (clamped), col_ok [G, L]; L = (longest active count in the group) * bs.
     """
-    active = (lists.block_class != SKIP).cpu()
-    Bp, Hp, nq, _ = active.shape
-    offsets = torch.arange(block_size, device=device)
+
+    rows: torch.Tensor
+    row_ok: torch.Tensor
+    cols: torch.Tensor
+    col_ok: torch.Tensor
+
+
+def _groups(active: torch.Tensor, block_size: int, row_len: int, col_len: int,
+            batch_heads: int, device) -> Iterator[_Group]:
+    """Group the block rows of ``active`` (bool [n_rows, n_cols], on CPU) that have work."""
+    counts = active.sum(1)
+    offsets = torch.arange(block_size)
+    rows = [r for r in range(active.shape[0]) if counts[r] > 0]
+    start = 0
+    while start < len(rows):
+        stop, widest = start, 0
+        while stop < len(rows):
+            w = max(widest, int(counts[rows[stop]]))
+            tile = (stop - start + 1) * w * block_size * block_size * batch_heads
+            if stop > start and tile > _GROUP_BUDGET:
+                break
+            widest, stop = w, stop + 1
+        chunk = rows[start:stop]
+        blocks = torch.full((len(chunk), widest), -1, dtype=torch.int64)
+        for i, r in enumerate(chunk):
+            ids = active[r].nonzero().flatten()
+            blocks[i, :ids.numel()] = ids
+        cols = (blocks.clamp(min=0)[:, :, None] * block_size + offsets).flatten(1)
+        col_ok = (blocks[:, :, None] >= 0).expand(-1, -1, block_size).flatten(1) & (cols < col_len)
+        row_tok = (torch.tensor(chunk)[:, None] * block_size + offsets).flatten()
+        yield _Group(row_tok.clamp(max=row_len - 1).to(device), (row_tok < row_len).to(device),
+                     cols.clamp(max=col_len - 1).to(device), col_ok.to(device))
+        start = stop
+
+
+def _slices(lists: BlockLists):
+    """(batch slice, head slice, pattern slice index) per pattern slice; size-1 pattern dims
+    cover every batch/head at once."""
+    Bp, Hp = lists.block_class.shape[:2]
     for bp in range(Bp):
-        bsl = slice(None) if Bp == 1 else slice(bp, bp + 1)
         for hp in range(Hp):
-            hsl = slice(None) if Hp == 1 else slice(hp, hp + 1)
-            for qb in range(nq):
-                blocks = active[bp, hp, qb].nonzero().flatten().to(device)
-                tokens = (blocks[:, None] * block_size + offsets[None, :]).flatten()
-                tokens = tokens[tokens < key_len]
-                q0 = qb * block_size
-                yield bsl, hsl, q0, min(q0 + block_size, query_len), tokens
+            yield (slice(None) if Bp == 1 else slice(bp, bp + 1),
+                   slice(None) if Hp == 1 else slice(hp, hp + 1), bp, hp)
 
 
-def _probabilities(qt, kt, tokens, q0, scale, is_causal, lse_rows=None):
-    """Scores -> (p, lse) for one block row, in the accumulator dtype.
+def _gather(t: torch.Tensor, tokens: torch.Tensor, acc) -> torch.Tensor:
+    """t [b, h, N, D] -> [b, h, *tokens.shape, D] in the accumulator dtype."""
+    return t.index_select(2, tokens.flatten()).to(acc).unflatten(2, tokens.shape)
 
-    qt [b, h, m, Dk], kt [b, h, n, Dk], tokens [n]. If lse_rows is given (backward) it is
-    used instead of recomputing the log-sum-exp. Rows with no allowed key get p = 0.
-    """
-    s = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+
+def _allowed(g: _Group, block_size: int, is_causal: bool, rows_are_queries: bool) -> torch.Tensor:
+    """bool [G, bs, L]: which (row token, column token) pairs count."""
+    rows = g.rows.view(g.cols.shape[0], block_size)
+    ok = g.col_ok[:, None, :].expand(-1, block_size, -1)
     if is_causal:
-        rows = torch.arange(q0, q0 + qt.shape[-2], device=qt.device)
-        s = s.masked_fill(tokens[None, :] > rows[:, None], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1) if lse_rows is None else lse_rows
-    dead = torch.isinf(lse) & (lse < 0)
-    p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])
-    p = p.masked_fill(dead[..., None], 0.0)
-    return p, lse
+        q_tok, k_tok = (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
+            (g.cols[:, None, :], rows[:, :, None])
+        ok = ok & (k_tok <= q_tok)
+    return ok
+
+
+def _probs(scores, lse, allowed=None):
+    """exp(scores - lse), 0 where not allowed; lse = -inf (rows that see nothing) gives 0."""
+    finite = torch.isfinite(lse)
+    p = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)))
+    keep = finite if allowed is None else allowed & finite
+    return p.masked_fill(~keep, 0.0)
 
 
 def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, block_size: int,
@@ -66,48 +112,72 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
     acc = _accumulator(q.dtype)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    for bsl, hsl, q0, q1, tokens in _block_rows(lists, B, H, block_size, Nq, Nk, q.device):
-        if tokens.numel() == 0:
-            y[bsl, hsl, q0:q1].zero_()
-            lse[bsl, hsl, q0:q1].fill_(float("-inf"))
-            continue
-        qt = q[bsl, hsl, q0:q1].to(acc)
-        kt = k[bsl, hsl].index_select(2, tokens).to(acc)
-        vt = v[bsl, hsl].index_select(2, tokens).to(acc)
-        p, row_lse = _probabilities(qt, kt, tokens, q0, scale, is_causal)
-        y[bsl, hsl, q0:q1] = torch.matmul(p, vt).to(y.dtype)
-        lse[bsl, hsl, q0:q1] = row_lse.to(lse.dtype)
+    y.zero_()
+    lse.fill_(float("-inf"))
+    active_all = (lists.block_class != SKIP).cpu()
+    for bsl, hsl, bp, hp in _slices(lists):
+        qs, ks, vs = q[bsl, hsl], k[bsl, hsl], v[bsl, hsl]
+        bh = qs.shape[0] * qs.shape[1]
+        for g in _groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device):
+            G = g.cols.shape[0]
+            qt = _gather(qs, g.rows.view(G, block_size), acc)            # [b,h,G,bs,Dk]
+            s = torch.matmul(qt, _gather(ks, g.cols, acc).transpose(-1, -2)) * scale
+            s = s.masked_fill(~_allowed(g, block_size, is_causal, True), float("-inf"))
+            row_lse = torch.logsumexp(s, dim=-1)                         # [b,h,G,bs]
+            p = _probs(s, row_lse[..., None])  # masked scores are -inf: exp gives 0
+            out = torch.matmul(p, _gather(vs, g.cols, acc)).flatten(2, 3)
+            keep = g.row_ok.nonzero().flatten()
+            y[bsl, hsl].index_copy_(2, g.rows[keep], out[:, :, keep].to(y.dtype))
+            lse[bsl, hsl].index_copy_(2, g.rows[keep], row_lse.flatten(2)[:, :, keep].to(lse.dtype))
 
 
 def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockLists, *,
                                               block_size: int, scale: float, is_causal: bool,
                                               dq, dk, dv) -> None:
-    """Writes dq, dk, dv (shaped like q, k, v) from the upstream gradient dy [B,H,Nq,Dv].
-
-    Uses the forward's lse to rebuild probabilities block row by block row; dk/dv are
-    accumulated in the accumulator dtype with index_add_ over unique token indices per step
-    (deterministic: each step adds every index at most once, steps run in a fixed order).
-    """
+    """Writes dq, dk, dv (shaped like q, k, v) from the upstream gradient dy [B,H,Nq,Dv],
+    rebuilding probabilities from the forward's lse."""
     acc = _accumulator(q.dtype)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for g in (dq, dk, dv):
+        g.zero_()
     # delta_i = sum_d dy_id * y_id = sum_j p_ij dp_ij: the softmax-Jacobian correction.
     delta = (dy.to(acc) * y.to(acc)).sum(-1)
-    for bsl, hsl, q0, q1, tokens in _block_rows(lists, B, H, block_size, Nq, Nk, q.device):
-        if tokens.numel() == 0:
-            dq[bsl, hsl, q0:q1].zero_()
-            continue
-        qt = q[bsl, hsl, q0:q1].to(acc)
-        kt = k[bsl, hsl].index_select(2, tokens).to(acc)
-        vt = v[bsl, hsl].index_select(2, tokens).to(acc)
-        dyt = dy[bsl, hsl, q0:q1].to(acc)
-        p, _ = _probabilities(qt, kt, tokens, q0, scale, is_causal, lse[bsl, hsl, q0:q1].to(acc))
-        dv_acc[bsl, hsl].index_add_(2, tokens, torch.matmul(p.transpose(-1, -2), dyt))
-        dp = torch.matmul(dyt, vt.transpose(-1, -2))
-        ds = p * (dp - delta[bsl, hsl, q0:q1, None])
-        dq[bsl, hsl, q0:q1] = (torch.matmul(ds, kt) * scale).to(dq.dtype)
-        dk_acc[bsl, hsl].index_add_(2, tokens, torch.matmul(ds.transpose(-1, -2), qt) * scale)
-    dk.copy_(dk_acc)
-    dv.copy_(dv_acc)
+    lse_acc = lse.to(acc)
+    active_all = (lists.block_class != SKIP).cpu()
+    for bsl, hsl, bp, hp in _slices(lists):
+        qs, ks, vs, dys = q[bsl, hsl], k[bsl, hsl], v[bsl, hsl], dy[bsl, hsl]
+        ls, ds_ = lse_acc[bsl, hsl], delta[bsl, hsl]
+        bh = qs.shape[0] * qs.shape[1]
+        # dQ: query-block rows.
+        for g in _groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device):
+            G = g.cols.shape[0]
+            rows = g.rows.view(G, block_size)
+            kt, vt = _gather(ks, g.cols, acc), _gather(vs, g.cols, acc)
+            s = torch.matmul(_gather(qs, rows, acc), kt.transpose(-1, -2)) * scale
+            p = _probs(s, _gather_rows(ls, rows)[..., None], _allowed(g, block_size, is_causal, True))
+            dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
+            dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
+            out = (torch.matmul(dsc, kt) * scale).flatten(2, 3)
+            keep = g.row_ok.nonzero().flatten()
+            dq[bsl, hsl].index_copy_(2, g.rows[keep], out[:, :, keep].to(dq.dtype))
+        # dK, dV: key-block rows over the transposed pattern.
+        for g in _groups(active_all[bp, hp].T, block_size, Nk, Nq, bh, q.device):
+            G = g.cols.shape[0]
+            rows = g.rows.view(G, block_size)
+            qt, dyt = _gather(qs, g.cols, acc), _gather(dys, g.cols, acc)
+            s_t = torch.matmul(_gather(ks, rows, acc), qt.transpose(-1, -2)) * scale
+            p_t = _probs(s_t, _gather_rows(ls, g.cols)[:, :, :, None, :],
+                         _allowed(g, block_size, is_causal, False))
+            dv_out = torch.matmul(p_t, dyt).flatten(2, 3)
+            dp_t = torch.matmul(_gather(vs, rows, acc), dyt.transpose(-1, -2))
+            ds_t = p_t * (dp_t - _gather_rows(ds_, g.cols)[:, :, :, None, :])
+            dk_out = (torch.matmul(ds_t, qt) * scale).flatten(2, 3)
+            keep = g.row_ok.nonzero().flatten()
+            dk[bsl, hsl].index_copy_(2, g.rows[keep], dk_out[:, :, keep].to(dk.dtype))
+            dv[bsl, hsl].index_copy_(2, g.rows[keep], dv_out[:, :, keep].to(dv.dtype))
+
+
+def _gather_rows(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """t [b, h, N] -> [b, h, *tokens.shape]."""
+    return t.index_select(2, tokens.flatten()).unflatten(2, tokens.shape)

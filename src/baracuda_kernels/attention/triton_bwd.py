@@ -364,23 +364,34 @@ class BackwardConfig:
     q_stages: int
 
 
-# (16-bit?, largest padded head dim) -> config. f32 / f64 use smaller tiles: their dots are
-# FMA loops (ieee) or tf32 MMAs with twice the operand bytes.
+# (element kind, head-dim bucket) -> tiles. Chosen so that none of the kernels spills
+# registers when compiled for sm90 (checked with ptxas), e.g. the dK/dV kernel at D=128
+# with 128 x 64 tiles spills ~54 registers a thread, 128 x 32 does not. f32 ("ieee") and f64
+# dots are FMA / DMMA loops that hold more operands in registers: smaller tiles.
 _DEFAULTS = {
-    (True, 64): BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3),
-    (True, 128): BackwardConfig(128, 64, 8, 2, 128, 64, 8, 2),
-    (True, 256): BackwardConfig(64, 32, 8, 2, 64, 32, 8, 2),
-    (False, 64): BackwardConfig(64, 32, 4, 2, 64, 32, 4, 2),
-    (False, 128): BackwardConfig(32, 32, 4, 2, 32, 32, 4, 2),
-    (False, 256): BackwardConfig(32, 16, 4, 1, 32, 16, 4, 1),
+    ("16bit", 64): BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3),
+    ("16bit", 128): BackwardConfig(128, 32, 8, 3, 128, 64, 8, 2),
+    ("16bit", 256): BackwardConfig(32, 64, 8, 2, 64, 32, 8, 2),
+    ("f32", 64): BackwardConfig(32, 32, 8, 2, 32, 32, 8, 2),
+    ("f32", 128): BackwardConfig(32, 16, 8, 2, 32, 16, 8, 2),
+    ("f32", 256): BackwardConfig(16, 16, 8, 2, 32, 16, 8, 2),
+    ("f64", 64): BackwardConfig(32, 32, 8, 2, 32, 32, 8, 2),
+    ("f64", 128): BackwardConfig(32, 16, 8, 2, 32, 16, 8, 2),
+    ("f64", 256): BackwardConfig(16, 16, 8, 2, 16, 16, 8, 2),
 }
 
 
 def default_backward_config(dtype: torch.dtype, head_dim: int) -> BackwardConfig:
     """Default tiles for ``dtype`` and ``head_dim = max(d_k, d_v)`` (<= 256)."""
-    sixteen = dtype in (torch.float16, torch.bfloat16)
+    kind = {torch.float32: "f32", torch.float64: "f64"}.get(dtype, "16bit")
     bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
-    return _DEFAULTS[(sixteen, bucket)]
+    return _DEFAULTS[(kind, bucket)]
+
+
+def _warps(configured: int, tile_area: int, dtype: torch.dtype, block_d: int) -> int:
+    """Small blocks (16, 32) give small tiles: one warpgroup is enough for 16-bit dots."""
+    small = tile_area <= 32 * 32 and block_d <= 128 and dtype in (torch.float16, torch.bfloat16)
+    return 4 if small else configured
 
 
 def _tile(limit: int, block_size: int) -> tuple[int, int, bool]:
@@ -441,6 +452,9 @@ def block_sparse_attention_backward_triton(
         raise Unsupported(f"head dims (d_k={Dk}, d_v={Dv}); expected <= 256")
     if B * H > 65535:
         raise Unsupported(f"B*H = {B * H}; expected <= 65535 (grid y limit); fix: split the batch")
+    if lists.kv_index.device != q.device:
+        raise Unsupported(f"block lists are on {lists.kv_index.device}, tensors on {q.device}; "
+                          "fix: build BlockLists from a pattern on the tensors' device")
     if B * H == 0:
         return
     if Nq == 0 or Nk == 0:
@@ -494,7 +508,8 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
         *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
         *_list_strides(q_index, q_count), H, Nq, Nk, float(scale), qk_scale,
         BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, **common,
-        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
+        num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
+        num_stages=cfg.kv_stages)
 
     bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
     bn, subs_n, even_n = _tile(cfg.q_block_n, block_size)
@@ -503,7 +518,8 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
         lists.kv_count, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
         *_list_strides(lists.kv_index, lists.kv_count), H, Nq, Nk, float(scale), qk_scale,
         BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, **common,
-        num_warps=cfg.q_warps, num_stages=cfg.q_stages)
+        num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
+        num_stages=cfg.q_stages)
 
 
 __all__ = ["BackwardConfig", "block_sparse_attention_backward_triton", "default_backward_config"]

@@ -18,7 +18,7 @@ masks in FULL blocks (the fast path).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -35,12 +35,17 @@ class ForwardConfig:
     block_m: query rows per program (power of two, 16..256).
     block_n: key columns per inner step (power of two, 16..256).
     num_warps / num_stages: Triton launch options (software-pipelining depth).
+    use_tma: experimental, opt-in: load K/V tiles with Hopper's tensor memory accelerator
+        through Triton tensor descriptors (attention/triton_tma.py). Honoured only for
+        f16/bf16 on sm90+ with TMA-legal layouts; elsewhere the launcher silently uses the
+        pointer path.
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    use_tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -55,10 +60,14 @@ class ForwardConfig:
         if not 1 <= self.num_stages <= 8:
             raise InvalidProblem(
                 f"ForwardConfig.num_stages is {self.num_stages}; expected 1..8.")
+        if not isinstance(self.use_tma, bool):
+            raise InvalidProblem(
+                f"ForwardConfig.use_tma is {self.use_tma!r}; expected True or False.")
 
     def describe(self) -> str:
         return (f"BM={self.block_m},BN={self.block_n},"
-                f"warps={self.num_warps},stages={self.num_stages}")
+                f"warps={self.num_warps},stages={self.num_stages}"
+                + (",tma" if self.use_tma else ""))
 
 
 def _next_pow2(x: int) -> int:
@@ -153,11 +162,13 @@ def estimate_shared_bytes(cfg: ForwardConfig, d_k: int, d_v: int, elem_bytes: in
     """Rough shared-memory need: the query tile plus num_stages K and V tiles, plus (before
     sm90) a layout-conversion scratch for the score tile. On sm90 the P @ V product takes P
     from registers (wgmma), so no scratch is counted: (128, 128, 8, 3) at D=128 bf16 needs
-    224 KiB and compiles and runs on an H200."""
+    224 KiB and compiles and runs on an H200. The TMA path adds its mbarriers (1 KiB after
+    alignment: 225 KiB for the same config, compiled offline for sm90 with triton 3.6)."""
     dk, dv = head_dim_tile(d_k), head_dim_tile(d_v)
     operands = cfg.block_m * dk + cfg.num_stages * cfg.block_n * (dk + dv)
     scratch = 0 if arch is ArchSku.SM90 else cfg.block_m * cfg.block_n * 4
-    return operands * elem_bytes + scratch
+    barriers = 1024 if cfg.use_tma else 0
+    return operands * elem_bytes + scratch + barriers
 
 
 def _shrink_to_fit(cfg: ForwardConfig, d_k: int, d_v: int, elem_bytes: int,
@@ -167,7 +178,7 @@ def _shrink_to_fit(cfg: ForwardConfig, d_k: int, d_v: int, elem_bytes: int,
         return cfg
     bm, bn, warps, stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
     while True:
-        cur = ForwardConfig(bm, bn, warps, stages)
+        cur = ForwardConfig(bm, bn, warps, stages, cfg.use_tma)
         if estimate_shared_bytes(cur, d_k, d_v, elem_bytes, arch) <= limit:
             return cur
         if stages > 2:
@@ -227,7 +238,9 @@ def clear_autotune_cache() -> None:
 def candidate_forward_configs(d_k: int, d_v: int, dtype: torch.dtype, block_size: int,
                               arch: ArchSku, allow_tf32: bool = False) -> list[ForwardConfig]:
     """Small candidate set around the default (default first): tiles no taller or wider than
-    the (padded) block, filtered by the arch's shared memory. About 10-20 configs."""
+    the (padded) block, filtered by the arch's shared memory. About 10-20 configs, plus on
+    sm90 for f16/bf16 a TMA twin (``use_tma=True``) of each 64/128-row tile with
+    block_n >= 64 and 2-3 stages (about 8 more)."""
     default = default_forward_config(d_k, d_v, dtype, block_size, arch, allow_tf32)
     span = _table_block_key(block_size)
     d_pad = head_dim_tile(max(d_k, d_v))
@@ -254,6 +267,9 @@ def candidate_forward_configs(d_k: int, d_v: int, dtype: torch.dtype, block_size
         if limit is not None and estimate_shared_bytes(cfg, d_k, d_v, elem_bytes, arch) > limit:
             continue
         out.append(cfg)
+    if arch is ArchSku.SM90 and dtype in (torch.float16, torch.bfloat16):
+        out += [replace(c, use_tma=True) for c in list(out)
+                if c.block_m >= 64 and c.block_n >= 64 and c.num_stages in (2, 3)]
     return out
 
 

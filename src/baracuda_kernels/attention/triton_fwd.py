@@ -10,6 +10,9 @@ lse = -inf. No atomics: every output element is written by exactly one program.
 
 Layout: q ``[B,H,Nq,Dk]``, k ``[B,H,Nk,Dk]``, v ``[B,H,Nk,Dv]`` with unit last stride; y
 ``[B,H,Nq,Dv]``, lse ``[B,H,Nq]`` with any strides. Batch/head offsets are 64-bit.
+
+Experimental, opt-in (``ForwardConfig.use_tma``): K/V tiles loaded by Hopper's tensor memory
+accelerator through tensor descriptors (triton_tma.py); only the K/V loads differ.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .triton_configs import (  # noqa: F401
     default_forward_config,
     head_dim_tile,
 )
+from .triton_tma import kv_descriptor, tma_fallback_reason
 
 __all__ = ["ForwardConfig", "autotune_forward_config", "block_sparse_attention_forward_triton",
            "default_forward_config"]
@@ -45,25 +49,29 @@ def _exp(x, USE_EXP2: tl.constexpr):
 
 
 @triton.jit
-def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, idx_ptr, stride_ik, it_lo, it_hi,
+def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_lo, it_hi,
                    offs_m, stride_kn, stride_vn, Nk, qk_scale,
                    D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
                    DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                    STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr,
-                   USE_EXP2: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   USE_EXP2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr):
     """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
 
     One flat loop over (block, column step) pairs, so the software pipeliner sees a single
     loop. PARTIAL=False is the FULL-block loop: no masks unless a step overruns a generic
     block (EVEN_N False) or the head dim is padded.
+    k_src/v_src: pointers to K/V of this (b, h), or (USE_TMA) descriptors over the whole
+    ``[B, H, Nk, D]`` K/V whose out-of-bounds rows/columns read as zeros.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, DK_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    # In-tile offsets stay 32-bit (BLOCK_N rows); the block start is added in 64-bit.
-    k_tile = offs_n0[:, None] * stride_kn + offs_dk[None, :]
-    v_tile = offs_n0[:, None] * stride_vn + offs_dv[None, :]
+    if not USE_TMA:
+        # In-tile offsets stay 32-bit (BLOCK_N rows); the block start is added in 64-bit.
+        k_tile = offs_n0[:, None] * stride_kn + offs_dk[None, :]
+        v_tile = offs_n0[:, None] * stride_vn + offs_dv[None, :]
     MASK_COLS: tl.constexpr = PARTIAL or (not EVEN_N)
     n_steps = (it_hi - it_lo) * STEPS
     # The key block of the next step is loaded one iteration ahead and carried: K/V
@@ -81,20 +89,25 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, idx_ptr, stride_ik, it_lo, 
             nxt = tl.load(idx_ptr + (it_lo + (s + 1) // STEPS) * stride_ik,
                           mask=s + 1 < n_steps, other=0)
         offs_n = col0 + offs_n0
-        col64 = col0.to(tl.int64)
-        k_ptrs = k_base + col64 * stride_kn + k_tile
-        v_ptrs = v_base + col64 * stride_vn + v_tile
-
         if MASK_COLS:
             if PARTIAL:
                 col_ok = offs_n < tl.minimum(blk0 + BLOCK, Nk)
             else:
                 col_ok = offs_n < blk0 + BLOCK
-            k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
-        elif DK_PAD != D_K:
-            k = tl.load(k_ptrs, mask=offs_dk[None, :] < D_K, other=0.0)
+        if USE_TMA:
+            # Rows past Nk and columns past D_K arrive as zeros. Columns of a step that
+            # overruns a generic block are real keys of the next block: scores mask them.
+            k = k_src.load([b, h, col0, 0]).reshape(BLOCK_N, DK_PAD)
         else:
-            k = tl.load(k_ptrs)
+            col64 = col0.to(tl.int64)
+            k_ptrs = k_src + col64 * stride_kn + k_tile
+            v_ptrs = v_src + col64 * stride_vn + v_tile
+            if MASK_COLS:
+                k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+            elif DK_PAD != D_K:
+                k = tl.load(k_ptrs, mask=offs_dk[None, :] < D_K, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
         if MASK_COLS:
@@ -121,7 +134,12 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, idx_ptr, stride_ik, it_lo, 
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
 
-        if MASK_COLS:
+        if USE_TMA:
+            v = v_src.load([b, h, col0, 0]).reshape(BLOCK_N, DV_PAD)
+            if not EVEN_N:
+                # p is 0 on overrun columns, but 0 * (inf or NaN in a neighbour block) is not.
+                v = tl.where(col_ok[:, None], v, 0.0)
+        elif MASK_COLS:
             v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
         elif DV_PAD != D_V:
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < D_V, other=0.0)
@@ -150,13 +168,15 @@ def _block_sparse_fwd_kernel(
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
 
     Grid: (B*H*n_tiles,), (b, h)-major so the query tiles of one head run together and
     share its K/V in L2; within a head the last query tiles (most work under causal) go first.
     Pattern dims of size 1 arrive with stride 0 (stride_ib/ih, stride_cb/ch).
+    USE_TMA: K and V are tensor descriptors (block [1, 1, BLOCK_N, D*_PAD]), not pointers;
+    their stride arguments are then unused.
     """
     pid = tl.program_id(0)
     bh = pid // n_tiles
@@ -177,8 +197,12 @@ def _block_sparse_fwd_kernel(
 
     q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qm + offs_dk[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
+    if USE_TMA:
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + b64 * stride_kb + h64 * stride_kh
+        v_src = V + b64 * stride_vb + h64 * stride_vh
 
     cnt_off = b64 * stride_cb + h64 * stride_ch + qb64 * stride_cq
     n_full = tl.load(KV_COUNT_FULL + cnt_off)
@@ -198,13 +222,13 @@ def _block_sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_M, DV_PAD], acc_ty)
 
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_base, v_base, idx_ptr, stride_ik, 0, n_full, offs_m,
+        acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, 0, n_full, offs_m,
         stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION)
+        STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION, USE_TMA)
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_base, v_base, idx_ptr, stride_ik, n_full, n_all, offs_m,
+        acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, n_full, n_all, offs_m,
         stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION)
+        STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION, USE_TMA)
 
     # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf.
     has_key = l_i > 0
@@ -239,7 +263,9 @@ def block_sparse_attention_forward_triton(
         is_causal: key j visible to query i only if j <= i.
         y: preallocated ``[B, H, Nq, Dv]`` in q.dtype, any strides.
         lse: preallocated ``[B, H, Nq]`` (float32; float64 for f64 inputs), any strides.
-        config: tile config; None takes the default table entry.
+        config: tile config; None takes the default table entry. ``config.use_tma`` takes
+            the TMA K/V path where ``triton_tma.tma_fallback_reason`` allows it, else the
+            pointer path.
         allow_tf32: f32 inputs may use TF32 products (default: true f32).
     """
     B, H, Nq, d_k = q.shape
@@ -283,10 +309,16 @@ def block_sparse_attention_forward_triton(
     scb = cnt.stride(0) if cnt.shape[0] > 1 else 0
     sch = cnt.stride(1) if cnt.shape[1] > 1 else 0
     precision = "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+    dk_pad, dv_pad = head_dim_tile(d_k), head_dim_tile(d_v)
+    use_tma = config.use_tma and tma_fallback_reason(dtype, q.device, k, v) is None
+    if use_tma:
+        k_arg, v_arg = kv_descriptor(k, bn, dk_pad), kv_descriptor(v, bn, dv_pad)
+    else:
+        k_arg, v_arg = k, v
 
     grid = (B * H * n_tiles,)
     _block_sparse_fwd_kernel[grid](
-        q, k, v, y, lse, idx, lists.kv_count_full, cnt,
+        q, k_arg, v_arg, y, lse, idx, lists.kv_count_full, cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -295,10 +327,10 @@ def block_sparse_attention_forward_triton(
         sib, sih, idx.stride(2), idx.stride(3),
         scb, sch, cnt.stride(2),
         H, Nq, Nk, n_tiles, scale_hi, scale_lo,
-        D_K=d_k, D_V=d_v, DK_PAD=head_dim_tile(d_k), DV_PAD=head_dim_tile(d_v),
+        D_K=d_k, D_V=d_v, DK_PAD=dk_pad, DV_PAD=dv_pad,
         BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn,
         TILES_PER_BLOCK=tiles_per_block, STEPS=-(-block_size // bn),
         EVEN_N=(block_size % bn == 0), IS_CAUSAL=bool(is_causal),
-        SCALE_NONNEG=(scale >= 0), IS_F64=is_f64, DOT_PRECISION=precision,
+        SCALE_NONNEG=(scale >= 0), IS_F64=is_f64, DOT_PRECISION=precision, USE_TMA=use_tma,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
