@@ -81,12 +81,16 @@ def main():
           f"D={a.D} block={a.bs}  default {default_backward_config(dtype, a.D)}")
 
     configs = [None]
-    if a.sweep:
-        for kvn, kvm, qm, qn, w, s in [(128, 64, 128, 64, 8, 2), (128, 32, 128, 32, 8, 2),
-                                        (128, 32, 128, 64, 8, 3), (128, 64, 128, 64, 8, 3),
-                                        (64, 64, 64, 64, 4, 3), (128, 32, 128, 32, 4, 3),
-                                        (64, 64, 128, 64, 8, 2), (128, 64, 64, 64, 8, 2)]:
-            configs.append(BackwardConfig(kvn, kvm, w, s, qm, qn, w, s))
+    if a.sweep:  # vary one kernel's tiles at a time: time differences are that kernel's
+        d = default_backward_config(dtype, a.D)
+        for n_, m_, w, s in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 32, 8, 4),
+                             (64, 64, 8, 2), (64, 32, 8, 3), (64, 64, 4, 3), (128, 16, 8, 3)]:
+            configs.append(BackwardConfig(n_, m_, w, s, d.q_block_m, d.q_block_n, d.q_warps,
+                                          d.q_stages))
+        for m_, n_, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3),
+                             (64, 64, 4, 3), (64, 32, 4, 3), (128, 16, 8, 3)]:
+            configs.append(BackwardConfig(d.kv_block_n, d.kv_block_m, d.kv_warps, d.kv_stages,
+                                          m_, n_, w, s))
 
     for kind in a.patterns.split(","):
         causal = kind in ("dense", "window")

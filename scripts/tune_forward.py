@@ -1,15 +1,16 @@
 """Sweep forward kernel configs on the GPU for the benchmark's headline cases.
 
-    PYTHONPATH=src python scripts/tune_forward.py [--quick]
+    PYTHONPATH=src python scripts/tune_forward.py [--quick] [--no-tma]
 
 Prints, per case, effective TFLOP/s of each config (DESIGN.md FLOP convention) so the
-default table in attention/triton_configs.py can be set from measured numbers.
+default table in attention/triton_configs.py can be set from measured numbers. Every shape
+runs twice: pointer K/V loads and TMA K/V loads (``,tma`` in the config name; on a card
+without TMA that run silently takes the pointer path, so the two numbers then agree).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
 import triton.testing
@@ -17,6 +18,7 @@ import triton.testing
 from baracuda_kernels.attention.block_lists import BlockLists
 from baracuda_kernels.attention.triton_configs import ForwardConfig
 from baracuda_kernels.attention.triton_fwd import block_sparse_attention_forward_triton
+from baracuda_kernels.attention.triton_tma import tma_fallback_reason
 from baracuda_kernels.patterns import random_blocks, sliding_window
 
 
@@ -34,14 +36,22 @@ def case_patterns(N, bs):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-tma", action="store_true", help="sweep the pointer path only")
     args = parser.parse_args()
     dev = torch.device("cuda")
     geometries = [(8192, 128, 128), (8192, 128, 64), (32768, 64, 128)]
-    configs = [ForwardConfig(bm, bn, w, s) for bm, bn, w, s in itertools.product(
-        (128,), (64, 128), (4, 8), (2, 3, 4))]
-    configs += [ForwardConfig(64, 64, 4, 3), ForwardConfig(64, 128, 4, 3)]
+    # Shapes that came within reach of the best in the 2026-11-27 sweep (H200), each on the
+    # pointer path and on the experimental TMA K/V path (use_tma; bf16 on sm90+).
+    shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3),
+              (64, 64, 4, 3), (128, 128, 8, 2)]
+    configs = [ForwardConfig(*shape, use_tma=tma) for shape in shapes
+               for tma in ((False, True) if not args.no_tma else (False,))]
     for N, D, bs in geometries:
         q, k, v = (torch.randn(2, 16, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        if not args.no_tma and N == geometries[0][0] and D == geometries[0][1]:
+            reason = tma_fallback_reason(q.dtype, q.device, k, v)
+            print(f"# TMA K/V path: {'available' if reason is None else 'falls back: ' + reason}",
+                  flush=True)
         y = torch.empty_like(q)
         lse = torch.empty(2, 16, N, device=dev)
         for name, (pattern, causal) in case_patterns(N, bs).items():

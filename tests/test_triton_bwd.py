@@ -42,11 +42,13 @@ def _strided(shape, dtype, layout, gen):
     raise ValueError(layout)
 
 
-def _pattern(Bp, Hp, nq, nk, density, gen, empty_rows=()):
+def _pattern(Bp, Hp, nq, nk, density, gen, empty_rows=(), upper_only_rows=()):
     pat = torch.rand((Bp, Hp, nq, nk), generator=gen) < density
     for r in empty_rows:
-        if r < nq:
-            pat[:, :, r, :] = False
+        pat[:, :, r, :] = False
+    for r in upper_only_rows:  # only blocks above the diagonal: causal AND pattern is empty
+        pat[:, :, r, :] = False
+        pat[:, :, r, r + 1:] = True
     return pat.to(DEV)
 
 
@@ -67,6 +69,7 @@ def _poisoned_like(t, extra_rows=3):
 
 def run_case(*, dtype, B=1, H=2, Nq=48, Nk=48, Dk=16, Dv=16, bs=16, causal=False,
              density=0.6, bcast=(False, False), layout="contiguous", empty_rows=(),
+             upper_only_rows=(),
              scale=None, config=None, allow_tf32=False, seed=0, factor=3.0, bound=None):
     gen = torch.Generator().manual_seed(seed)
     q = _strided((B, H, Nq, Dk), dtype, layout, gen)
@@ -75,7 +78,7 @@ def run_case(*, dtype, B=1, H=2, Nq=48, Nk=48, Dk=16, Dv=16, bs=16, causal=False
     dy = _strided((B, H, Nq, Dv), dtype, "bnhd", gen)  # a non-contiguous upstream gradient
     nq, nk = -(-Nq // bs), -(-Nk // bs)
     pattern = _pattern(1 if bcast[0] else B, 1 if bcast[1] else H, nq, nk, density, gen,
-                       empty_rows)
+                       empty_rows, upper_only_rows)
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
 
     y64, lse64, dq64, dk64, dv64 = _oracle_grads(q, k, v, dy, pattern, bs, causal, scale,
@@ -141,11 +144,15 @@ def test_broadcast_pattern(bcast):
 
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 def test_empty_rows_pattern_and_causal(dtype):
-    # Row 0 empty, last row empty, and causal AND pattern leaving more rows without keys.
-    pattern, (dq, dk, dv), _ = run_case(dtype=dtype, H=2, Nq=64, Nk=64, bs=16, causal=True,
-                                        density=0.4, empty_rows=(0, 3), seed=3)
-    assert torch.equal(dq[:, :, :16], torch.zeros_like(dq[:, :, :16]))
-    assert torch.equal(dq[:, :, 48:], torch.zeros_like(dq[:, :, 48:]))
+    # Block rows 0 and 3 empty in the pattern; block row 2 only has blocks above the
+    # diagonal, which the causal mask empties. Those query rows have lse = -inf.
+    _, (dq, dk, dv), _ = run_case(dtype=dtype, H=2, Nq=64, Nk=64, bs=16, causal=True,
+                                  density=0.5, empty_rows=(0, 3), upper_only_rows=(2,), seed=3)
+    for rows in (slice(0, 16), slice(32, 64)):
+        assert torch.equal(dq[:, :, rows], torch.zeros_like(dq[:, :, rows]))
+    # Key block 3 is attended only by block row 3 (empty) under causal: zero dK, dV.
+    assert torch.equal(dk[:, :, 48:], torch.zeros_like(dk[:, :, 48:]))
+    assert torch.equal(dv[:, :, 48:], torch.zeros_like(dv[:, :, 48:]))
 
 
 def test_all_blocks_empty():
