@@ -100,18 +100,6 @@ class BlockLists:
             object.__setattr__(self, "_transposed", cached)
         return cached
 
-    def mean_active_per_row(self) -> float:
-        """Average number of active key blocks per query block row (cached).
-
-        Reading it synchronises with the device once per BlockLists; the plan uses it to
-        pick a kernel shape suited to short or long rows, and caches lists per pattern.
-        """
-        cached = self.__dict__.get("_mean_active")
-        if cached is None:
-            cached = float(self.kv_count.float().mean()) if self.kv_count.numel() else 0.0
-            object.__setattr__(self, "_mean_active", cached)
-        return cached
-
     @property
     def broadcast_batch(self) -> bool:
         return self.block_class.shape[0] == 1

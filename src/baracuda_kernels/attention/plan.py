@@ -40,8 +40,7 @@ class SdpaBlockSparsePlan:
         self._device = device
         self._backend = backend
         self._allow_tf32 = allow_tf32
-        self._config = None        # triton forward config
-        self._short_config = None  # ...for patterns whose rows hold few active blocks
+        self._config = None  # triton forward config
         self._lists_cache: list[tuple] = []  # [(weakref to pattern tensor, version, lists)]
 
     # ---------------------------------------------------------------- selection
@@ -72,12 +71,9 @@ class SdpaBlockSparsePlan:
         plan = cls(desc, device, chosen, bool(allow_tf32))
         if chosen is BackendKind.TRITON:
             plan._config = plan._select_triton_config(preference)
-            plan._short_config = plan._config
-            if preference is PlanPreference.DEFAULT:
-                plan._short_config = plan._select_triton_config(preference, short_rows=True)
         return plan
 
-    def _select_triton_config(self, preference: PlanPreference, short_rows: bool = False):
+    def _select_triton_config(self, preference: PlanPreference):
         from . import triton_configs
         desc = self._desc
         dtype = desc.element.torch_dtype
@@ -94,16 +90,7 @@ class SdpaBlockSparsePlan:
                                            allow_tf32=self._allow_tf32)
         return triton_configs.default_forward_config(desc.d_k, desc.d_v, dtype, desc.block_size,
                                                      arch_of(self._device),
-                                                     allow_tf32=self._allow_tf32,
-                                                     short_rows=short_rows)
-
-    def _config_for(self, lists: BlockLists):
-        """The forward config for a pattern: the short-row shape when its rows are short."""
-        if self._short_config == self._config:
-            return self._config
-        from .triton_configs import SHORT_ROW_KEYS
-        short = lists.mean_active_per_row() * self._desc.block_size < SHORT_ROW_KEYS
-        return self._short_config if short else self._config
+                                                     allow_tf32=self._allow_tf32)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -138,8 +125,6 @@ class SdpaBlockSparsePlan:
     @property
     def sku(self) -> KernelSku:
         config = self._config.describe() if self._config is not None else ""
-        if self._short_config is not None and self._short_config != self._config:
-            config += f"; short rows: {self._short_config.describe()}"
         return KernelSku(OpCategory.ATTENTION, AttentionKind.BLOCK_SPARSE_ATTENTION,
                          self._desc.element, self._desc.element.accumulator, arch_of(self._device),
                          self._backend, self.precision_guarantee, config)
@@ -213,7 +198,7 @@ class SdpaBlockSparsePlan:
         kwargs = dict(block_size=d.block_size, scale=d.softmax_scale, is_causal=d.is_causal, y=y, lse=lse)
         if self._backend is BackendKind.TRITON:
             from .triton_fwd import block_sparse_attention_forward_triton
-            block_sparse_attention_forward_triton(q, k, v, lists, config=self._config_for(lists),
+            block_sparse_attention_forward_triton(q, k, v, lists, config=self._config,
                                                   allow_tf32=self._allow_tf32, **kwargs)
         else:
             block_sparse_attention_forward_reference(q, k, v, lists, **kwargs)

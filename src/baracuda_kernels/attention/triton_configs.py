@@ -86,28 +86,20 @@ def head_dim_tile(d: int) -> int:
 # Edit these with measured numbers; every entry must keep block_m, block_n in 16..256.
 # ----------------------------------------------------------------------------------------
 
-# f16 / bf16 inputs (tensor-core dots, f32 accumulation). The 64/128 entries for block
-# sizes 64/128/256 were measured on an H200 (bf16, B=2, H=16; scripts/tune_forward.py,
-# 2026-11-27): e.g. D=128 block 128 dense 502 TFLOP/s at (128, 128, 8, 3) vs 464 at
-# (128, 64, 8, 3); D=64 causal N=32768 431 at (128, 64, 4, 3) vs 300 with 8 warps.
+# f16 / bf16 inputs (tensor-core dots, f32 accumulation): (block_m, block_n, warps, stages,
+# use_tma). The 64/128-bucket entries for block sizes 64/128/256 were measured on an H200
+# (bf16, B=2, H=16, N=8192 (D=128) / 32768 (D=64); scripts/tune_forward.py, 2026-11-27),
+# same run: D=128 block 128 dense 509 TFLOP/s at (128, 128, 8, 3, tma) vs 508 without TMA,
+# causal 478 vs 459; D=128 block 64 random 25% 442 at (64, 64, 4, 3, tma) vs 415; D=64
+# block 128 causal 424 at (128, 64, 4, 3, tma) (300 with 8 warps in an earlier run). TMA is
+# used only on sm90+ and where the tensors' layout allows it (else the pointer path runs).
 _HALF_TABLE = {
-    64: {16: (16, 16, 1, 3), 32: (32, 32, 2, 3), 64: (64, 64, 4, 3),
-         128: (128, 64, 4, 3), 256: (128, 64, 4, 3)},
-    128: {16: (16, 16, 2, 3), 32: (32, 32, 2, 3), 64: (64, 64, 4, 3),
-          128: (128, 128, 8, 3), 256: (128, 128, 8, 3)},
+    64: {16: (16, 16, 1, 3), 32: (32, 32, 2, 3), 64: (64, 64, 4, 3, True),
+         128: (128, 64, 4, 3, True), 256: (128, 64, 4, 3, True)},
+    128: {16: (16, 16, 2, 3), 32: (32, 32, 2, 3), 64: (64, 64, 4, 3, True),
+          128: (128, 128, 8, 3, True), 256: (128, 128, 8, 3, True)},
     256: {16: (16, 16, 4, 2), 32: (32, 32, 4, 2), 64: (64, 64, 8, 2),
           128: (128, 32, 8, 2), 256: (128, 32, 8, 2)},
-}
-
-# Patterns whose rows hold few active key blocks (sliding windows, sparse random): a short
-# loop cannot hide the per-program prologue, and twice as many half-height programs keep
-# the card busier. Measured (H200, D=128, block 128, window of 8 blocks + sink): 429
-# TFLOP/s at (64, 64, 4, 3) vs 390 at (128, 128, 8, 3); random 25% (16 blocks a row) stays
-# faster at (128, 128, 8, 3). Used when a pattern's rows average fewer than SHORT_ROW_KEYS
-# active keys; entries missing here fall back to the table.
-SHORT_ROW_KEYS = 12 * 128
-_HALF_SHORT_ROW_TABLE = {
-    128: {128: (64, 64, 4, 3), 256: (64, 64, 4, 3)},
 }
 
 # f32 inputs with TF32 products (opt-in): operands twice the bytes of bf16.
@@ -201,8 +193,7 @@ def _table_block_key(block_size: int) -> int:
 
 @lru_cache(maxsize=512)
 def default_forward_config(d_k: int, d_v: int, dtype: torch.dtype, block_size: int,
-                           arch: ArchSku, allow_tf32: bool = False,
-                           short_rows: bool = False) -> ForwardConfig:
+                           arch: ArchSku, allow_tf32: bool = False) -> ForwardConfig:
     """Default config for one problem class.
 
     Args:
@@ -211,16 +202,16 @@ def default_forward_config(d_k: int, d_v: int, dtype: torch.dtype, block_size: i
         block_size: pattern block size (any value >= 1).
         arch: where the kernel runs (``ArchSku.CPU`` = interpreter, no memory limit).
         allow_tf32: f32 inputs may use TF32 products.
-        short_rows: the pattern's rows average fewer than SHORT_ROW_KEYS active keys.
     """
     table = _table_for(dtype, allow_tf32)
     bucket = min(256, max(64, head_dim_tile(max(d_k, d_v))))
-    block_key = _table_block_key(block_size)
-    entry = table[bucket][block_key]
-    if short_rows and table is _HALF_TABLE:
-        entry = _HALF_SHORT_ROW_TABLE.get(bucket, {}).get(block_key, entry)
-    return _shrink_to_fit(ForwardConfig(*entry), d_k, d_v, dtype.itemsize,
-                          _SHARED_LIMIT.get(arch, 99 * 1024), arch)
+    cfg = ForwardConfig(*table[bucket][_table_block_key(block_size)])
+    if cfg.use_tma and arch not in _TMA_ARCHS:
+        cfg = replace(cfg, use_tma=False)
+    return _shrink_to_fit(cfg, d_k, d_v, dtype.itemsize, _SHARED_LIMIT.get(arch, 99 * 1024), arch)
+
+
+_TMA_ARCHS = (ArchSku.SM90, ArchSku.SM100)
 
 
 # ----------------------------------------------------------------------------------------
@@ -268,8 +259,9 @@ def candidate_forward_configs(d_k: int, d_v: int, dtype: torch.dtype, block_size
             continue
         out.append(cfg)
     if arch is ArchSku.SM90 and dtype in (torch.float16, torch.bfloat16):
-        out += [replace(c, use_tma=True) for c in list(out)
-                if c.block_m >= 64 and c.block_n >= 64 and c.num_stages in (2, 3)]
+        twins = [replace(c, use_tma=not c.use_tma) for c in list(out)
+                 if c.block_m >= 64 and c.block_n >= 64 and c.num_stages in (2, 3)]
+        out += [c for c in twins if c not in out]
     return out
 
 
