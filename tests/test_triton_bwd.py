@@ -11,6 +11,7 @@ float64 oracle (y cast to the input dtype), so these tests do not depend on the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -188,8 +189,29 @@ def test_float16_interpreter():
 def test_default_config_table():
     for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for d in (16, 64, 72, 128, 256):
-            cfg = default_backward_config(dt, d)
-            assert cfg.kv_block_n >= 16 and cfg.q_block_m >= 16
+            for bs in (16, 32, 64, 100, 128, 256):
+                cfg = default_backward_config(dt, d, bs)
+                assert cfg.kv_block_n >= 16 and cfg.q_block_m >= 16
+                assert not cfg.tile_major
+    # Blocks of 64 or less get their own 16-bit entries (tiles clipped to the block).
+    small = default_backward_config(torch.bfloat16, 64, 64)
+    assert (small.q_warps, small.q_stages) == (4, 3)
+    assert default_backward_config(torch.bfloat16, 128) == default_backward_config(
+        torch.bfloat16, 128, 128)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_major_order(causal):
+    # The tile-major launch order (and split tiles) must give the same gradients.
+    cfg = BackwardConfig(16, 16, 4, 2, 16, 16, 4, 2, tile_major=True)
+    run_case(dtype=torch.float32, B=2, H=2, Nq=70, Nk=45 if not causal else 70, bs=32,
+             causal=causal, config=cfg, density=0.7, seed=9)
+
+
+def test_prefetch_single_and_empty_lists():
+    # Block rows whose list has 0 or 1 entries: the one-ahead index load must stay masked.
+    run_case(dtype=torch.float32, Nq=64, Nk=64, bs=16, density=0.15, empty_rows=(0, 2),
+             seed=4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,6 +284,21 @@ def test_gpu_deterministic(dtype):
         else:
             for a, b in zip(first, outs):
                 assert torch.equal(a, b), "backward is not bitwise deterministic"
+
+
+@pytest.mark.gpu
+def test_gpu_many_heads_1d_grid():
+    # B*H over 65535 (the old grid-y limit): the 1-D grids cover every (b, h).
+    run_case(dtype=torch.float32, B=1, H=65537, Nq=20, Nk=20, Dk=16, Dv=16, bs=16,
+             causal=True, density=1.0, bcast=(True, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", [64, 128])
+def test_gpu_tile_major_order(bs):
+    cfg = dataclasses.replace(default_backward_config(torch.bfloat16, 128, bs), tile_major=True)
+    run_case(dtype=torch.bfloat16, B=2, H=3, Nq=517, Nk=517, Dk=128, Dv=128, bs=bs,
+             causal=True, density=0.5, config=cfg, seed=bs)
 
 
 @pytest.mark.gpu

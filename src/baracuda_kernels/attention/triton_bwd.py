@@ -12,10 +12,10 @@ Three kernels, launched in order on the current stream, with no host synchronisa
 * ``_bwd_preprocess_kernel``: ``delta`` and ``lse2``, the lse in the exponent base the other
   kernels use (log2 units for f16/bf16/f32, natural units for f64) with ``-inf`` (a query row
   that attends nothing) replaced by ``+inf``, so that ``exp(s - lse2)`` is exactly 0 there.
-* ``_bwd_dkdv_kernel``: one program per (key tile, b*h); it loops only over the query blocks
-  that attend its key block (``BlockLists.transposed()``), FULL blocks first without any mask
-  arithmetic, then PARTIAL blocks (causal diagonal, ragged tail) with masks.
-* ``_bwd_dq_kernel``: one program per (query tile, b*h), looping over ``kv_index`` likewise.
+* ``_bwd_dkdv_kernel``: one program per (b*h, key tile), 1-D grid; it loops only over the
+  query blocks that attend its key block (``BlockLists.transposed()``), FULL blocks first
+  without any mask arithmetic, then PARTIAL blocks (causal diagonal, ragged tail) with masks.
+* ``_bwd_dq_kernel``: one program per (b*h, query tile), looping over ``kv_index`` likewise.
 
 Every output element is written by exactly one program (no atomics), so the gradients are
 bitwise reproducible. dQ and dK/dV recompute ``Q K^T`` and ``dY V^T`` separately: that is
@@ -66,12 +66,14 @@ def _bwd_preprocess_kernel(
     stride_yb, stride_yh, stride_yn,
     stride_gb, stride_gh, stride_gn,
     stride_lb, stride_lh, stride_ln,
-    H, Nq,
+    H, Nq, n_row_tiles,
     D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, IS_F64: tl.constexpr,
 ):
-    """delta[bh, i] = sum_d y*dy (f32, f64 for f64); lse2[bh, i] = lse in kernel units."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    """delta[bh, i] = sum_d y*dy (f32, f64 for f64); lse2[bh, i] = lse in kernel units.
+
+    Grid (B*H*n_row_tiles,): 1-D, so B*H is not bound by the 65535 grid-y limit."""
+    bh = tl.program_id(0) // n_row_tiles
+    pid = tl.program_id(0) - bh * n_row_tiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -97,6 +99,29 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _list_step(blk, it, offs0, n_tokens, BS: tl.constexpr, TILE: tl.constexpr,
+               SUBS: tl.constexpr, MASKED: tl.constexpr):
+    """Token offsets ``[TILE]`` and their validity for step ``it`` of a block-list walk:
+    pattern block ``blk``, sub-tile ``it % SUBS`` of it. Rows past the block end (tile not
+    dividing the block) are invalid; rows past ``n_tokens`` exist only in PARTIAL blocks
+    (ragged tail), so only MASKED steps test them.
+
+    Offsets are int32 (token indices < 2^31): the causal mask compares them over a whole
+    [BLOCK_N, BLOCK_M] tile, where int64 costs registers. Widen before multiplying by a
+    stride."""
+    if SUBS == 1:
+        in_block = offs0
+    else:
+        in_block = (it % SUBS) * TILE + offs0
+    offs = blk * BS + in_block
+    if MASKED:
+        ok = (in_block < BS) & (offs < n_tokens)
+    else:
+        ok = in_block < BS
+    return offs, ok
+
+
+@triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, dy_base, lse_base, delta_base, list_row, it_lo, it_hi,
     stride_qn, stride_gn, offs_n, Nq, qk_scale,
@@ -118,18 +143,19 @@ def _dkdv_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     dk_ok = offs_dk < D_K
     dv_ok = offs_dv < D_V
+    CHECK_ROWS: tl.constexpr = MASKED or not EVEN_M
+    # The query block of the next step is loaded one iteration ahead and carried, so tile
+    # addresses never wait on a load of the same iteration and the pipeliner can keep
+    # num_stages tiles in flight (as in the forward's _attend_blocks).
+    nxt = tl.load(list_row + it_lo // SUBS_M, mask=it_lo < it_hi, other=0)
     for it in range(it_lo, it_hi):
-        qb = tl.load(list_row + it // SUBS_M).to(tl.int64)
-        m_in_block = (it % SUBS_M) * BLOCK_M + offs_m0
-        offs_m = qb * BS + m_in_block
-        if MASKED:
-            row_ok = (m_in_block < BS) & (offs_m < Nq)
-        else:
-            row_ok = m_in_block < BS
-        CHECK_ROWS: tl.constexpr = MASKED or not EVEN_M
-        q = _load_2d(q_base + offs_m[:, None] * stride_qn + offs_dk[None, :], row_ok, dk_ok,
+        qb = nxt
+        nxt = tl.load(list_row + (it + 1) // SUBS_M, mask=it + 1 < it_hi, other=0)
+        offs_m, row_ok = _list_step(qb, it, offs_m0, Nq, BS, BLOCK_M, SUBS_M, MASKED)
+        rows = offs_m.to(tl.int64)[:, None]
+        q = _load_2d(q_base + rows * stride_qn + offs_dk[None, :], row_ok, dk_ok,
                      CHECK_ROWS, BLOCK_DK != D_K)
-        dy = _load_2d(dy_base + offs_m[:, None] * stride_gn + offs_dv[None, :], row_ok, dv_ok,
+        dy = _load_2d(dy_base + rows * stride_gn + offs_dv[None, :], row_ok, dv_ok,
                       CHECK_ROWS, BLOCK_DV != D_V)
         if CHECK_ROWS:
             lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
@@ -165,21 +191,34 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_ib, stride_ih, stride_ir,
     stride_cb, stride_ch,
-    H, Nq, Nk, scale, qk_scale,
+    H, BH, n_tiles, Nq, Nk, scale, qk_scale,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, TILES_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    TILE_MAJOR: tl.constexpr,
 ):
-    """Grid (nk * TILES_N, B*H): dK, dV of BLOCK_N keys of one key block."""
+    """Grid (B*H*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block.
+
+    (b, h)-major by default, so the tiles of one head run together and share its Q/dY in
+    L2; within a head the first key tiles go first (under a causal mask they attend the
+    most query blocks, and starting the longest programs first shortens the launch tail).
+    TILE_MAJOR: tile-major instead (the heaviest tile of every head first).
+    """
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    if TILE_MAJOR:
+        tile = pid // BH
+        bh = pid - tile * BH
+    else:
+        bh = pid // n_tiles
+        tile = pid - bh * n_tiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    kb = (pid // TILES_N).to(tl.int64)
-    n_in_block = (pid % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = kb * BS + n_in_block
+    kb = tile // TILES_N
+    n_in_block = (tile % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = kb * BS + n_in_block  # int32 for the causal mask; int64 for addresses
+    rows = offs_n.to(tl.int64)[:, None]
     key_ok = (n_in_block < BS) & (offs_n < Nk)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -189,9 +228,9 @@ def _bwd_dkdv_kernel(
     if IS_F64:
         scale = tl.load(SCALE64)
         qk_scale = scale
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_dk[None, :],
+    k = tl.load(K + b * stride_kb + h * stride_kh + rows * stride_kn + offs_dk[None, :],
                 mask=key_ok[:, None] & dk_ok[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+    v = tl.load(V + b * stride_vb + h * stride_vh + rows * stride_vn + offs_dv[None, :],
                 mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
     if IS_F64:
         dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float64)
@@ -201,7 +240,7 @@ def _bwd_dkdv_kernel(
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     # Lists are [Bp, Hp, nk, nq] / [Bp, Hp, nk]; broadcast dims come with stride 0.
-    list_row = Q_INDEX + b * stride_ib + h * stride_ih + kb * stride_ir
+    list_row = Q_INDEX + b * stride_ib + h * stride_ih + kb.to(tl.int64) * stride_ir
     count_off = b * stride_cb + h * stride_ch + kb
     n_full = tl.load(Q_COUNT_FULL + count_off)
     n_all = tl.load(Q_COUNT + count_off)
@@ -218,9 +257,9 @@ def _bwd_dkdv_kernel(
                          qk_scale, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
                          IS_CAUSAL, IS_F64, PRECISION, MASKED=True)
     dk = dk * scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_dk[None, :],
+    tl.store(DK + b * stride_dkb + h * stride_dkh + rows * stride_dkn + offs_dk[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & dk_ok[None, :])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+    tl.store(DV + b * stride_dvb + h * stride_dvh + rows * stride_dvn + offs_dv[None, :],
              dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & dv_ok[None, :])
 
 
@@ -244,18 +283,17 @@ def _dq_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     dk_ok = offs_dk < D_K
     dv_ok = offs_dv < D_V
+    CHECK_COLS: tl.constexpr = MASKED or not EVEN_N
+    # Next key block loaded one iteration ahead (see _dkdv_inner).
+    nxt = tl.load(list_row + it_lo // SUBS_N, mask=it_lo < it_hi, other=0)
     for it in range(it_lo, it_hi):
-        kb = tl.load(list_row + it // SUBS_N).to(tl.int64)
-        n_in_block = (it % SUBS_N) * BLOCK_N + offs_n0
-        offs_n = kb * BS + n_in_block
-        if MASKED:
-            col_ok = (n_in_block < BS) & (offs_n < Nk)
-        else:
-            col_ok = n_in_block < BS
-        CHECK_COLS: tl.constexpr = MASKED or not EVEN_N
-        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_dk[None, :], col_ok, dk_ok,
+        kb = nxt
+        nxt = tl.load(list_row + (it + 1) // SUBS_N, mask=it + 1 < it_hi, other=0)
+        offs_n, col_ok = _list_step(kb, it, offs_n0, Nk, BS, BLOCK_N, SUBS_N, MASKED)
+        cols = offs_n.to(tl.int64)[:, None]
+        k = _load_2d(k_base + cols * stride_kn + offs_dk[None, :], col_ok, dk_ok,
                      CHECK_COLS, BLOCK_DK != D_K)
-        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], col_ok, dv_ok,
+        v = _load_2d(v_base + cols * stride_vn + offs_dv[None, :], col_ok, dv_ok,
                      CHECK_COLS, BLOCK_DV != D_V)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=dq.dtype)
         if IS_F64:
@@ -286,23 +324,32 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     stride_ib, stride_ih, stride_ir,
     stride_cb, stride_ch,
-    H, Nq, Nk, scale, qk_scale,
+    H, BH, n_tiles, Nq, Nk, scale, qk_scale,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr, TILES_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    TILE_MAJOR: tl.constexpr,
 ):
-    """Grid (nq * TILES_M, B*H): dQ of BLOCK_M queries of one query block."""
-    # Last query tiles first: under a causal mask they have the most key blocks, and
-    # starting the longest programs first shortens the tail of the launch.
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
+
+    (b, h)-major (TILE_MAJOR: tile-major), and within a head the last query tiles first:
+    under a causal mask they have the most key blocks.
+    """
+    pid = tl.program_id(0)
+    if TILE_MAJOR:
+        tile = n_tiles - 1 - pid // BH
+        bh = pid % BH
+    else:
+        bh = pid // n_tiles
+        tile = n_tiles - 1 - (pid - bh * n_tiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    qb = (pid // TILES_M).to(tl.int64)
-    m_in_block = (pid % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_m = qb * BS + m_in_block
+    qb = tile // TILES_M
+    m_in_block = (tile % TILES_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = qb * BS + m_in_block  # int32 for the causal mask; int64 for addresses
+    rows = offs_m.to(tl.int64)[:, None]
     row_ok = (m_in_block < BS) & (offs_m < Nq)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -312,9 +359,9 @@ def _bwd_dq_kernel(
     if IS_F64:
         scale = tl.load(SCALE64)
         qk_scale = scale
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_dk[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qn + offs_dk[None, :],
                 mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
-    dy = tl.load(DY + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn
+    dy = tl.load(DY + b * stride_gb + h * stride_gh + rows * stride_gn
                  + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0)
@@ -323,7 +370,7 @@ def _bwd_dq_kernel(
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
 
-    list_row = KV_INDEX + b * stride_ib + h * stride_ih + qb * stride_ir
+    list_row = KV_INDEX + b * stride_ib + h * stride_ih + qb.to(tl.int64) * stride_ir
     count_off = b * stride_cb + h * stride_ch + qb
     n_full = tl.load(KV_COUNT_FULL + count_off)
     n_all = tl.load(KV_COUNT + count_off)
@@ -337,7 +384,7 @@ def _bwd_dq_kernel(
                    BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, IS_F64, PRECISION,
                    MASKED=True)
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_dk[None, :],
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])
 
 
@@ -362,6 +409,10 @@ class BackwardConfig:
     q_block_n: int
     q_warps: int
     q_stages: int
+    # Launch order: False = (b, h)-major, heavy tiles of each head first (L2 reuse of one
+    # head's data); True = tile-major, the heavy tiles of all heads first (best balance
+    # under causal masks, at the price of a wider L2 working set). Both kernels.
+    tile_major: bool = False
 
 
 # (element kind, head-dim bucket) -> tiles. Chosen so that none of the kernels spills
@@ -384,10 +435,24 @@ _DEFAULTS = {
 }
 
 
-def default_backward_config(dtype: torch.dtype, head_dim: int) -> BackwardConfig:
-    """Default tiles for ``dtype`` and ``head_dim = max(d_k, d_v)`` (<= 256)."""
+# 16-bit, pattern blocks of 64 tokens or less (tiles clipped to the block). Unmeasured;
+# chosen as the spill-free configs of an sm90 compile check (triton 3.6, ptxas): dQ with one
+# warpgroup and 3 stages; dK/dV at D=128 keeps 8 warps and 2 stages (4 warps, or 3 stages,
+# spill there: it holds K, V and two 64 x 128 f32 accumulators).
+_SMALL_BLOCK_DEFAULTS = {
+    64: BackwardConfig(64, 64, 4, 3, 64, 64, 4, 3),
+    128: BackwardConfig(64, 64, 8, 2, 64, 64, 4, 3),
+}
+
+
+def default_backward_config(dtype: torch.dtype, head_dim: int,
+                            block_size: int = 128) -> BackwardConfig:
+    """Default tiles for ``dtype``, ``head_dim = max(d_k, d_v)`` (<= 256) and the pattern
+    ``block_size`` (tiles are clipped to the block, so small blocks get their own entries)."""
     kind = {torch.float32: "f32", torch.float64: "f64"}.get(dtype, "16bit")
     bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
+    if kind == "16bit" and block_size <= 64 and bucket in _SMALL_BLOCK_DEFAULTS:
+        return _SMALL_BLOCK_DEFAULTS[bucket]
     return _DEFAULTS[(kind, bucket)]
 
 
@@ -453,8 +518,6 @@ def block_sparse_attention_backward_triton(
         raise Unsupported(f"dtype {q.dtype}; expected float16, bfloat16, float32 or float64")
     if max(Dk, Dv) > 256:
         raise Unsupported(f"head dims (d_k={Dk}, d_v={Dv}); expected <= 256")
-    if B * H > 65535:
-        raise Unsupported(f"B*H = {B * H}; expected <= 65535 (grid y limit); fix: split the batch")
     if lists.kv_index.device != q.device:
         raise Unsupported(f"block lists are on {lists.kv_index.device}, tensors on {q.device}; "
                           "fix: build BlockLists from a pattern on the tensors' device")
@@ -466,7 +529,11 @@ def block_sparse_attention_backward_triton(
         dk.zero_()
         dv.zero_()
         return
-    cfg = config or default_backward_config(q.dtype, max(Dk, Dv))
+    cfg = config or default_backward_config(q.dtype, max(Dk, Dv), block_size)
+    n_blocks = -(-max(Nq, Nk) // block_size)
+    if B * H * n_blocks * -(-block_size // 16) >= 2**31:  # 16 = smallest tile
+        raise Unsupported(f"B*H*blocks = {B * H * n_blocks} gives a grid over 2^31 programs; "
+                          "fix: split the batch")
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):  # Triton launches on the current device
             _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv,
@@ -495,31 +562,36 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
     delta = torch.empty((B * H, Nq), dtype=acc_dtype, device=dev)
     lse2 = torch.empty((B * H, Nq), dtype=acc_dtype, device=dev)
     block_r = max(16, 4096 // block_dv)  # ~32 live values per thread of 4 warps
-    _bwd_preprocess_kernel[(triton.cdiv(Nq, block_r), B * H)](
+    n_row_tiles = triton.cdiv(Nq, block_r)
+    _bwd_preprocess_kernel[(B * H * n_row_tiles,)](
         y, dy, lse, delta, lse2, *_bhn(y), *_bhn(dy), lse.stride(0), lse.stride(1), lse.stride(2),
-        H, Nq, D_V=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, IS_F64=is_f64, num_warps=4)
+        H, Nq, n_row_tiles, D_V=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, IS_F64=is_f64, num_warps=4)
 
     common = dict(BS=block_size, D_K=Dk, D_V=Dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                  IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision)
+                  IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision,
+                  TILE_MAJOR=bool(cfg.tile_major))
     nq, nk = -(-Nq // block_size), -(-Nk // block_size)
 
     q_index, q_count_full, q_count = lists.transposed()
     bn, tiles_n, _ = _tile(cfg.kv_block_n, block_size)
     bm, subs_m, even_m = _tile(cfg.kv_block_m, block_size)
-    _bwd_dkdv_kernel[(nk * tiles_n, B * H)](
+    n_tiles = nk * tiles_n
+    _bwd_dkdv_kernel[(B * H * n_tiles,)](
         q, k, v, dy, lse2, delta, dk, dv, scale64, q_index, q_count_full, q_count,
         *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
-        *_list_strides(q_index, q_count), H, Nq, Nk, float(scale), qk_scale,
+        *_list_strides(q_index, q_count), H, B * H, n_tiles, Nq, Nk, float(scale), qk_scale,
         BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, **common,
         num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
         num_stages=cfg.kv_stages)
 
     bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
     bn, subs_n, even_n = _tile(cfg.q_block_n, block_size)
-    _bwd_dq_kernel[(nq * tiles_m, B * H)](
+    n_tiles = nq * tiles_m
+    _bwd_dq_kernel[(B * H * n_tiles,)](
         q, k, v, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
         lists.kv_count, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
-        *_list_strides(lists.kv_index, lists.kv_count), H, Nq, Nk, float(scale), qk_scale,
+        *_list_strides(lists.kv_index, lists.kv_count), H, B * H, n_tiles, Nq, Nk,
+        float(scale), qk_scale,
         BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, **common,
         num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
         num_stages=cfg.q_stages)
