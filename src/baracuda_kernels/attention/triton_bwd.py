@@ -415,16 +415,16 @@ class BackwardConfig:
     tile_major: bool = False
 
 
-# (element kind, head-dim bucket) -> tiles. Chosen so that none of the kernels spills
-# registers when compiled for sm90 (checked with ptxas), e.g. the dK/dV kernel at D=128
-# with 128 x 64 tiles spills ~54 registers a thread, 128 x 32 does not. f32 ("ieee") and f64
-# dots are FMA / DMMA loops that hold more operands in registers: smaller tiles.
+# (element kind, head-dim bucket) -> tiles. f32 ("ieee") and f64 dots are FMA / DMMA loops
+# that hold more operands in registers: smaller tiles, chosen spill-free for sm90 (ptxas).
 _DEFAULTS = {
     ("16bit", 64): BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3),
-    # Measured on an H200 (bf16, B=2, H=16, N=8192, block 128; scripts/bench_triton_bwd.py
-    # --sweep, 2026-11-27): dK/dV at 128 x 64 (8 warps, 2 stages) beat 128 x 32 (3 stages):
-    # causal dense 330 vs 285 TFLOP/s, random 25% 328 vs 292, window 247 vs 210.
-    ("16bit", 128): BackwardConfig(128, 64, 8, 2, 128, 64, 8, 2),
+    # Measured on an H200 (bf16, B=2, H=16, N=8192, D=128, block 128; one run of
+    # scripts/bench_triton_bwd.py --sweep, 2026-11-27), each kernel varied alone from
+    # (128,64,8,2 | 128,64,8,2): dK/dV with 3 stages 328 / 337 / 256 TFLOP/s (causal dense /
+    # random 25% / window) vs 324 / 325 / 246, although it spills ~112 B a thread; dQ with 3
+    # stages 351 / 339 / 259. 128 x 32 dK/dV tiles (spill-free) were slower: 301 / 305 / 237.
+    ("16bit", 128): BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3),
     ("16bit", 256): BackwardConfig(32, 64, 8, 2, 64, 32, 8, 2),
     ("f32", 64): BackwardConfig(32, 32, 8, 2, 32, 32, 8, 2),
     ("f32", 128): BackwardConfig(32, 16, 8, 2, 32, 16, 8, 2),
@@ -435,13 +435,14 @@ _DEFAULTS = {
 }
 
 
-# 16-bit, pattern blocks of 64 tokens or less (tiles clipped to the block). Unmeasured;
-# chosen as the spill-free configs of an sm90 compile check (triton 3.6, ptxas): dQ with one
-# warpgroup and 3 stages; dK/dV at D=128 keeps 8 warps and 2 stages (4 warps, or 3 stages,
-# spill there: it holds K, V and two 64 x 128 f32 accumulators).
+# 16-bit, pattern blocks of 64 tokens or less (tiles clipped to the block). Measured at
+# D=128, block 64 (same run as above): dK/dV 64 x 32 with 4 warps, 3 stages 319 / 308 / 197
+# TFLOP/s (causal dense / random 25% / window) vs 216 / 203 / 137 with 64 x 64, 8 warps,
+# 2 stages; dQ 64 x 32, 4 warps, 3 stages was the best dQ variant (229 / 217 / 146 vs
+# 216 / 203 / 137). The D<=64 entry is unmeasured (spill-free in an sm90 compile check).
 _SMALL_BLOCK_DEFAULTS = {
     64: BackwardConfig(64, 64, 4, 3, 64, 64, 4, 3),
-    128: BackwardConfig(64, 64, 8, 2, 64, 64, 4, 3),
+    128: BackwardConfig(64, 32, 4, 3, 64, 32, 4, 3),
 }
 
 
