@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..core import InvalidProblem
-from .autograd import block_sparse_attention_op
+from .autograd import BlockSparseAttentionFunction, block_sparse_attention_op, plan_for
 from .descriptor import SdpaBlockSparseDescriptor
 from .validation import canonical_pattern, check_qkv
 
@@ -60,6 +60,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     pattern = canonical_pattern(desc, block_pattern, device)
     if backend is not None and not isinstance(backend, str):
         backend = backend.value  # a BackendKind
-    y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size, desc.softmax_scale,
-                                       desc.is_causal, backend or "")
+    if _tracing(q):
+        y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size,
+                                           desc.softmax_scale, desc.is_causal, backend or "")
+    else:
+        plan = plan_for(desc, device, backend or None)
+        y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan, plan.block_lists(pattern))
     return (y, lse) if return_lse else y
+
+
+def _tracing(q: torch.Tensor) -> bool:
+    """True under torch.compile or on fake/meta tensors: then the custom op (which has a fake
+    implementation) must carry the call; eager calls take the cheaper autograd.Function."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return torch.compiler.is_compiling() or q.device.type == "meta" or isinstance(q, FakeTensor)
