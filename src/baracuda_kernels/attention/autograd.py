@@ -51,11 +51,7 @@ def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               is_causal: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, lse) for a validated problem; pattern is canonical bool [Bp, Hp, nq, nk]."""
     plan = _plan(q, k, v, block_size, scale, is_causal, backend)
-    desc = plan.descriptor
-    y = torch.empty(desc.output_shape(), dtype=q.dtype, device=q.device)
-    lse = torch.empty(desc.lse_shape(), dtype=desc.lse_dtype, device=q.device)
-    plan._forward(q, k, v, plan.block_lists(pattern), y, lse)
-    return y, lse
+    return plan._forward(q, k, v, plan.block_lists(pattern))
 
 
 @block_sparse_attention_op.register_fake
@@ -72,9 +68,7 @@ def block_sparse_attention_backward_op(
         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the forward's y and lse and the upstream gradient dy."""
     plan = _plan(q, k, v, block_size, scale, is_causal, backend)
-    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    plan._backward(q, k, v, y, lse, dy, plan.block_lists(pattern), dq, dk, dv)
-    return dq, dk, dv
+    return plan._backward(q, k, v, y, lse, dy, plan.block_lists(pattern))
 
 
 @block_sparse_attention_backward_op.register_fake
@@ -107,10 +101,7 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan: SdpaBlockSparsePlan, lists):
-        desc = plan.descriptor
-        y = torch.empty(desc.output_shape(), dtype=q.dtype, device=q.device)
-        lse = torch.empty(desc.lse_shape(), dtype=desc.lse_dtype, device=q.device)
-        plan._forward(q, k, v, lists, y, lse)
+        y, lse = plan._forward(q, k, v, lists)
         ctx.save_for_backward(q, k, v, y, lse)
         ctx.plan, ctx.lists = plan, lists
         ctx.mark_non_differentiable(lse)
@@ -119,7 +110,6 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dlse):
         q, k, v, y, lse = ctx.saved_tensors
-        dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-        ctx.plan._backward(q, k, v, y, lse, dy, ctx.lists, dq, dk, dv)
+        dq, dk, dv = ctx.plan._backward(q, k, v, y, lse, dy, ctx.lists)
         # One gradient per forward input: q, k, v, then none for the plan and the lists.
         return dq, dk, dv, None, None

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..core import ArchSku, BackendKind, Unsupported
+from ..core import BackendKind, Unsupported
 from .descriptor import SdpaBlockSparseDescriptor
 
 TRITON_MAX_HEAD_DIM = 256
@@ -74,7 +74,3 @@ def resolve_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def arch_of(device: torch.device) -> ArchSku:
-    return ArchSku.from_device(device)

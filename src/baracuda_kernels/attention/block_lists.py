@@ -99,11 +99,3 @@ class BlockLists:
             cached = _compact(self.block_class.transpose(-1, -2))
             object.__setattr__(self, "_transposed", cached)
         return cached
-
-    @property
-    def broadcast_batch(self) -> bool:
-        return self.block_class.shape[0] == 1
-
-    @property
-    def broadcast_heads(self) -> bool:
-        return self.block_class.shape[1] == 1

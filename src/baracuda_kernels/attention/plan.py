@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from ..core import (AttentionKind, BackendKind, ElementKind, InvalidProblem, KernelSku,
+from ..core import (ArchSku, AttentionKind, BackendKind, ElementKind, InvalidProblem, KernelSku,
                     MathPrecision, OpCategory, PlanPreference, PrecisionGuarantee)
-from .backends import arch_of, choose_backend, resolve_device
+from .backends import choose_backend, resolve_device
 from .block_lists import BlockLists
 from .descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
 from .reference import (block_sparse_attention_backward_reference,
@@ -89,7 +89,7 @@ class SdpaBlockSparsePlan:
                                            scale=desc.softmax_scale, is_causal=desc.is_causal,
                                            allow_tf32=self._allow_tf32)
         return triton_configs.default_forward_config(desc.d_k, desc.d_v, dtype, desc.block_size,
-                                                     arch_of(self._device),
+                                                     ArchSku.from_device(self._device),
                                                      allow_tf32=self._allow_tf32)
 
     # ---------------------------------------------------------------- properties
@@ -126,7 +126,8 @@ class SdpaBlockSparsePlan:
     def sku(self) -> KernelSku:
         config = self._config.describe() if self._config is not None else ""
         return KernelSku(OpCategory.ATTENTION, AttentionKind.BLOCK_SPARSE_ATTENTION,
-                         self._desc.element, self._desc.element.accumulator, arch_of(self._device),
+                         self._desc.element, self._desc.element.accumulator,
+                         ArchSku.from_device(self._device),
                          self._backend, self.precision_guarantee, config)
 
     def workspace_size(self) -> int:
@@ -179,22 +180,21 @@ class SdpaBlockSparsePlan:
     def run(self, args: SdpaBlockSparseArgs, workspace: Optional[torch.Tensor] = None):
         """Compute (y, lse); writes into args.y / args.lse when given, else allocates them."""
         self.can_implement(args)
-        y, lse = args.y, args.lse
+        args.y, args.lse = self._forward(args.q, args.k, args.v,
+                                         self.block_lists(args.block_pattern), args.y, args.lse)
+        return args.y, args.lse
+
+    def _forward(self, q, k, v, lists: BlockLists, y=None, lse=None):
+        """Launch the forward on checked tensors; allocates y / lse when None. -> (y, lse)"""
         d = self._desc
         if y is None:
-            y = torch.empty(d.output_shape(), dtype=d.element.torch_dtype, device=self._device)
+            y = torch.empty(d.output_shape(), dtype=d.element.torch_dtype, device=q.device)
         if lse is None:
-            lse = torch.empty(d.lse_shape(), dtype=d.lse_dtype, device=self._device)
-        self._forward(args.q, args.k, args.v, self.block_lists(args.block_pattern), y, lse)
-        args.y, args.lse = y, lse
-        return y, lse
-
-    def _forward(self, q, k, v, lists: BlockLists, y, lse) -> None:
-        d = self._desc
+            lse = torch.empty(d.lse_shape(), dtype=d.lse_dtype, device=q.device)
         if d.is_empty:
             y.zero_()
             lse.fill_(float("-inf"))
-            return
+            return y, lse
         kwargs = dict(block_size=d.block_size, scale=d.softmax_scale, is_causal=d.is_causal, y=y, lse=lse)
         if self._backend is BackendKind.TRITON:
             from .triton_fwd import block_sparse_attention_forward_triton
@@ -202,6 +202,7 @@ class SdpaBlockSparsePlan:
                                                   allow_tf32=self._allow_tf32, **kwargs)
         else:
             block_sparse_attention_forward_reference(q, k, v, lists, **kwargs)
+        return y, lse
 
     def run_backward(self, args: SdpaBlockSparseArgs, dy: torch.Tensor, dq=None, dk=None, dv=None):
         """Gradients (dq, dk, dv) of the forward in ``args`` (whose y and lse must hold the
@@ -213,23 +214,22 @@ class SdpaBlockSparsePlan:
             raise InvalidProblem("args.y and args.lse are None; expected the forward's outputs. "
                                  "Call plan.run(args) first, then plan.run_backward(args, dy).")
         check_tensor("dy", dy, d.output_shape(), d.element.torch_dtype, self._device)
-        grads = []
         for name, ref, given in (("dq", args.q, dq), ("dk", args.k, dk), ("dv", args.v, dv)):
-            if given is None:
-                given = torch.empty_like(ref, memory_format=torch.contiguous_format)
-            else:
+            if given is not None:
                 check_tensor(name, given, tuple(ref.shape), ref.dtype, self._device)
-            grads.append(given)
-        self._backward(args.q, args.k, args.v, args.y, args.lse, dy,
-                       self.block_lists(args.block_pattern), *grads)
-        return tuple(grads)
+        return self._backward(args.q, args.k, args.v, args.y, args.lse, dy,
+                              self.block_lists(args.block_pattern), dq, dk, dv)
 
-    def _backward(self, q, k, v, y, lse, dy, lists: BlockLists, dq, dk, dv) -> None:
+    def _backward(self, q, k, v, y, lse, dy, lists: BlockLists, dq=None, dk=None, dv=None):
+        """Launch the backward on checked tensors; allocates dq / dk / dv (shaped like q / k /
+        v) when None. -> (dq, dk, dv)"""
+        dq, dk, dv = (torch.empty_like(ref, memory_format=torch.contiguous_format)
+                      if given is None else given for ref, given in ((q, dq), (k, dk), (v, dv)))
         d = self._desc
-        if d.is_empty or d.query_len == 0:
+        if d.is_empty:
             for g in (dq, dk, dv):
                 g.zero_()
-            return
+            return dq, dk, dv
         kwargs = dict(block_size=d.block_size, scale=d.softmax_scale, is_causal=d.is_causal,
                       dq=dq, dk=dk, dv=dv)
         if self._backend is BackendKind.TRITON:
@@ -238,3 +238,4 @@ class SdpaBlockSparsePlan:
                                                    allow_tf32=self._allow_tf32, **kwargs)
         else:
             block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists, **kwargs)
+        return dq, dk, dv

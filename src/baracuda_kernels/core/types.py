@@ -26,9 +26,6 @@ class ElementKind(enum.Enum):
     def torch_dtype(self) -> torch.dtype:
         return _KIND_TO_DTYPE[self]
 
-    def to_torch(self) -> torch.dtype:
-        return _KIND_TO_DTYPE[self]
-
     @classmethod
     def from_torch(cls, dtype: torch.dtype) -> "ElementKind":
         try:

@@ -71,7 +71,7 @@ def _canonical_mask(mask, block_size: int, query_len: int, key_len: int) -> torc
     return mask.contiguous()
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidProblem(f"{name} must be an int >= {minimum}; got {value!r}.")
     return value
@@ -124,9 +124,9 @@ class BlockPattern:
                  key_len: Optional[int] = None, is_causal: bool = False,
                  token_rule: Optional[TokenRule] = None, description: Optional[str] = None,
                  _rule_pairs: RulePairs = None, _exact_mask: Optional[torch.Tensor] = None):
-        block_size = _check_int("block_size", block_size, 1)
-        query_len = _check_int("query_len", query_len, 1)
-        key_len = query_len if key_len is None else _check_int("key_len", key_len, 1)
+        block_size = check_int("block_size", block_size, 1)
+        query_len = check_int("query_len", query_len, 1)
+        key_len = query_len if key_len is None else check_int("key_len", key_len, 1)
         mask = _canonical_mask(mask, block_size, query_len, key_len)
         if token_rule is not None and not callable(token_rule):
             raise InvalidProblem(f"token_rule must be callable f(b, h, q_idx, kv_idx) -> bool; "

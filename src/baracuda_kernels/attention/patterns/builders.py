@@ -20,16 +20,10 @@ import torch
 
 from baracuda_kernels.core import InvalidProblem
 
-from .block_pattern import BlockPattern
+from .block_pattern import BlockPattern, check_int
 from .counting import block_range_mask, block_ranges, causal_pairs, cdiv, interval_count
 
 Positions = Union[Sequence[int], torch.Tensor, range, None]
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidProblem(f"{name} must be an int >= {minimum}; got {value!r}.")
-    return value
 
 
 def check_block_size(block_size) -> int:
