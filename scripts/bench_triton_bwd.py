@@ -16,7 +16,6 @@ consistent), so this script does not depend on the forward kernel.
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
 import itertools
 
@@ -70,7 +69,8 @@ def pattern_of(kind, B, H, n, gen):
 KV_VARIANTS = {128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
                64: [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)]}
 # Fused dK/dV + ordered dQ kernel (triton_bwd_fused): (keys, queries per step, warps, stages).
-FUSED_VARIANTS = {128: [(128, 64, 8, 2), (128, 32, 8, 2)],
+FUSED_VARIANTS = {128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+                        (64, 64, 8, 3), (64, 128, 8, 2)],
                   64: [(64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3)]}
 Q_VARIANTS = {128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
               64: [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)]}
@@ -115,8 +115,6 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
     ap.add_argument("--fused-only", action="store_true",
                     help="with --sweep: only the default and the fused-kernel variants")
-    ap.add_argument("--dq-modes", default="",
-                    help="experiment: comma list of BARACUDA_DQ_MODE values for fused configs")
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention's backward")
     a = ap.parse_args()
     dtype, dev = DTYPES[a.dtype], "cuda"
@@ -134,11 +132,6 @@ def run_block_size(a, bs, dtype, dev, gen, q, k, v, dy, scale):
     print(f"\ndevice {torch.cuda.get_device_name()}  dtype {a.dtype}  B={a.B} H={a.H} N={a.N} "
           f"D={a.D} block={bs}  default {default_backward_config(dtype, a.D, bs)}")
     configs = sweep_configs(dtype, a.D, bs, a.fused_only) if a.sweep else [("default", None)]
-    if a.dq_modes:
-        configs = [(f"m{m} {label}", cfg, m) for label, cfg in configs
-                   for m in (a.dq_modes.split(",") if cfg is not None and cfg.fused else ["0"])]
-    else:
-        configs = [(label, cfg, "0") for label, cfg in configs]
 
     for kind in a.patterns.split(","):
         causal = kind in ("dense", "window")
@@ -153,8 +146,7 @@ def run_block_size(a, bs, dtype, dev, gen, q, k, v, dy, scale):
         density = active.float().mean().item()
         print(f"\n{kind}{' causal' if causal else ''} block {bs}: active blocks {density:.1%}")
         ref = None
-        for label, cfg, mode in configs:
-            os.environ["BARACUDA_DQ_MODE"] = mode
+        for label, cfg in configs:
             fn = lambda: block_sparse_attention_backward_triton(  # noqa: E731
                 q, k, v, y, lse, dy, lists, block_size=bs, scale=scale, is_causal=causal,
                 dq=dq, dk=dk, dv=dv, config=cfg)

@@ -40,9 +40,9 @@ def compile_fused(bn, bm, warps, stages, causal=True, d=128, dtype="bf16", fused
     const = dict(BS=128, D_K=d, D_V=d, BLOCK_DK=d, BLOCK_DV=d, BLOCK_M=bm, BLOCK_N=bn,
                  SUBS_M=128 // bm, TILES_N=128 // bn, RAGGED_Q=False, RAGGED_K=False,
                  IS_CAUSAL=causal, IS_F64=False, PRECISION="ieee", SPIN_ASM=True,
-                 NUM_WARPS=warps, DQ_MODE=int(os.environ.get("BARACUDA_DQ_MODE", "0")))
+                 NUM_WARPS=warps)
     if not fused:
-        for name in ("RAGGED_Q", "RAGGED_K", "SUBS_M", "SPIN_ASM", "NUM_WARPS", "DQ_MODE"):
+        for name in ("RAGGED_Q", "RAGGED_K", "SUBS_M", "SPIN_ASM", "NUM_WARPS"):
             const.pop(name)
         const.update(SUBS_M=128 // bm, EVEN_M=True, TILE_MAJOR=False)
     for c in const:

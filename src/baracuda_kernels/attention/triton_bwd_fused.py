@@ -100,7 +100,7 @@ def _fused_walk(
     SUBS_M: tl.constexpr, TILES_N: tl.constexpr, CHECK_ROWS: tl.constexpr,
     CAUSAL_MASK: tl.constexpr, KEY_MASK: tl.constexpr, ROTATE: tl.constexpr,
     IS_F64: tl.constexpr, PRECISION: tl.constexpr, SPIN_ASM: tl.constexpr,
-    NUM_WARPS: tl.constexpr, DQ_MODE: tl.constexpr,
+    NUM_WARPS: tl.constexpr,
 ):
     """Visit entries e_lo..e_hi of one key tile's walk: accumulate dK, dV; add dQ in turn.
 
@@ -153,33 +153,23 @@ def _fused_walk(
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION, out_dtype=dk.dtype)
+        # dQ^T share [BLOCK_DK, BLOCK_M]: the long dim (d) is the MMA's M.
+        dq_t = tl.dot(tl.trans(k), ds_t, input_precision=PRECISION, out_dtype=dk.dtype)
+
         upper = (qb < kb).to(tl.int64)
         q_tile = qb.to(tl.int64) * SUBS_M + (it % SUBS_M)
         lock = lock_base + upper * lock_chain_stride + q_tile
-        if DQ_MODE != 3:
-            if DQ_MODE >= 4:
-                dq_s = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION, out_dtype=dk.dtype)
-                tile_off = offs_m0[:, None] * BLOCK_DK + offs_dk[None, :]
-            else:
-                # dQ^T share [BLOCK_DK, BLOCK_M]: the long dim (d) is the MMA's M.
-                dq_s = tl.dot(tl.trans(k), ds_t, input_precision=PRECISION, out_dtype=dk.dtype)
-                tile_off = acc_tile
-            acc = acc_base + upper * acc_chain_stride + q_tile * (BLOCK_M * BLOCK_DK) + tile_off
-            if DQ_MODE == 2 or DQ_MODE == 5:
-                tl.atomic_add(acc, dq_s, sem="relaxed", scope="gpu")
-            else:
-                seen = _wait_turn(lock, rank * NUM_WARPS, SPIN_ASM)
-                turn = seen >= rank * NUM_WARPS
-                if DQ_MODE == 0:
-                    first = tl.where(turn, tl.where(rank == 0, BLOCK_M * BLOCK_DK, 0), 0)
-                    later = tl.where(turn, tl.where(rank > 0, BLOCK_M * BLOCK_DK, 0), 0)
-                    tl.store(acc, dq_s, mask=tile_off < first)
-                    tl.atomic_add(acc, dq_s, mask=tile_off < later, sem="relaxed", scope="gpu")
-                else:
-                    n_prev = tl.where(turn & (rank > 0), BLOCK_M * BLOCK_DK, 0)
-                    prev = tl.load(acc, mask=tile_off < n_prev, other=0.0, cache_modifier=".cg")
-                    tl.store(acc, dq_s + prev)
-                _pass_turn(lock, NUM_WARPS, SPIN_ASM)
+        acc = acc_base + upper * acc_chain_stride + q_tile * (BLOCK_M * BLOCK_DK) + acc_tile
+        seen = _wait_turn(lock, rank * NUM_WARPS, SPIN_ASM)
+        # Rank 0 stores, later ranks add in place (red.global: no read back into registers,
+        # and the turn order keeps the sum reproducible). Masks tied to the value the wait
+        # returned keep both after it; one compare per element builds them.
+        turn = seen >= rank * NUM_WARPS
+        first = tl.where(turn, tl.where(rank == 0, BLOCK_M * BLOCK_DK, 0), 0)
+        later = tl.where(turn, tl.where(rank > 0, BLOCK_M * BLOCK_DK, 0), 0)
+        tl.store(acc, dq_t, mask=acc_tile < first)
+        tl.atomic_add(acc, dq_t, mask=acc_tile < later, sem="relaxed", scope="gpu")
+        _pass_turn(lock, NUM_WARPS, SPIN_ASM)
     return dk, dv
 
 
@@ -202,7 +192,7 @@ def _bwd_fused_kernel(
     SUBS_M: tl.constexpr, TILES_N: tl.constexpr,
     RAGGED_Q: tl.constexpr, RAGGED_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    SPIN_ASM: tl.constexpr, NUM_WARPS: tl.constexpr, DQ_MODE: tl.constexpr,
+    SPIN_ASM: tl.constexpr, NUM_WARPS: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,): one key tile each. Work goes by ticket (the last slot of LOCKS):
     (b, h)-major, and within a head the last key tile first (see the module docstring)."""
@@ -263,14 +253,14 @@ def _bwd_fused_kernel(
             lock_chain, acc_chain, stride_qn, stride_gn, offs_n, Nq, qk_scale,
             BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, TILES_N, RAGGED_Q,
             CAUSAL_MASK=True, KEY_MASK=RAGGED_K, ROTATE=False, IS_F64=IS_F64,
-            PRECISION=PRECISION, SPIN_ASM=SPIN_ASM, NUM_WARPS=NUM_WARPS, DQ_MODE=DQ_MODE)
+            PRECISION=PRECISION, SPIN_ASM=SPIN_ASM, NUM_WARPS=NUM_WARPS)
         dk, dv = _fused_walk(
             dk, dv, k, v, key_ok, q_base, dy_base, lse_base, delta_base, list_row, rank_row,
             0, n_all - shift, n_full, n_all, shift, kb, rank_in_block, lock_base, acc_base,
             lock_chain, acc_chain, stride_qn, stride_gn, offs_n, Nq, qk_scale,
             BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, TILES_N, RAGGED_Q,
             CAUSAL_MASK=False, KEY_MASK=RAGGED_K, ROTATE=False, IS_F64=IS_F64,
-            PRECISION=PRECISION, SPIN_ASM=SPIN_ASM, NUM_WARPS=NUM_WARPS, DQ_MODE=DQ_MODE)
+            PRECISION=PRECISION, SPIN_ASM=SPIN_ASM, NUM_WARPS=NUM_WARPS)
     else:
         # No element masks: ragged rows and keys are handled by RAGGED_Q / RAGGED_K.
         start = tl.load(DQ_START + count_off)
@@ -280,7 +270,7 @@ def _bwd_fused_kernel(
             lock_chain, acc_chain, stride_qn, stride_gn, offs_n, Nq, qk_scale,
             BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, TILES_N, RAGGED_Q,
             CAUSAL_MASK=False, KEY_MASK=RAGGED_K, ROTATE=True, IS_F64=IS_F64,
-            PRECISION=PRECISION, SPIN_ASM=SPIN_ASM, NUM_WARPS=NUM_WARPS, DQ_MODE=DQ_MODE)
+            PRECISION=PRECISION, SPIN_ASM=SPIN_ASM, NUM_WARPS=NUM_WARPS)
 
     dk = dk * scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + rows * stride_dkn + offs_dk[None, :],
@@ -297,7 +287,6 @@ def _dq_finish_kernel(
     TWO_CHAINS: tl.constexpr, IS_F64: tl.constexpr,
 ):
     """dQ = scale * (lower chain + upper chain); a chain no key block added to counts 0.
-    (The unordered experiment modes leave the counters 0: the finish then reads everything.)
     Grid (B*H*n_row_tiles,)."""
     bh = tl.program_id(0) // n_row_tiles
     r0 = (tl.program_id(0) - bh * n_row_tiles) * BLOCK_R
@@ -350,9 +339,8 @@ def launch_fused(q, k, v, dy, lse2, delta, lists, dq, dk, dv, scale64, *, block_
     n_q_tiles = nq * subs_m
     two_chains = not is_causal  # causal: no key block lies above its query block
     dev = q.device
-    dq_mode = int(__import__("os").environ.get("BARACUDA_DQ_MODE", "0"))
-    acc = (torch.zeros if dq_mode in (2, 3, 5) else torch.empty)(
-        (2 if two_chains else 1, BH, rows_pad, block_dk), dtype=delta.dtype, device=dev)
+    acc = torch.empty((2 if two_chains else 1, BH, rows_pad, block_dk), dtype=delta.dtype,
+                      device=dev)
     # [chain, b*h, query tile] turn counters, then the work-ticket counter; zeroed per call.
     locks = torch.zeros(2 * BH * n_q_tiles + 1, dtype=torch.int32, device=dev)
     q_index, q_count_full, q_count = lists.transposed()
@@ -369,11 +357,8 @@ def launch_fused(q, k, v, dy, lse2, delta, lists, dq, dk, dv, scale64, *, block_
         BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, TILES_N=tiles_n,
         RAGGED_Q=Nq % block_size != 0, RAGGED_K=Nk % block_size != 0,
         IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision,
-        SPIN_ASM=dev.type == "cuda", NUM_WARPS=num_warps,
-        DQ_MODE=dq_mode, num_warps=num_warps,
+        SPIN_ASM=dev.type == "cuda", NUM_WARPS=num_warps, num_warps=num_warps,
         num_stages=num_stages)
-    if dq_mode in (2, 3, 5):
-        locks.fill_(1)
     block_r = max(16, min(bm, 4096 // block_dk))
     n_row_tiles = triton.cdiv(Nq, block_r)
     _dq_finish_kernel[(BH * n_row_tiles,)](
