@@ -68,31 +68,22 @@ def pattern_of(kind, B, H, n, gen):
 # default, keyed by block-size bucket (tiles are clipped to the pattern block).
 KV_VARIANTS = {128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
                64: [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)]}
-# Fused dK/dV + ordered dQ kernel (triton_bwd_fused): (keys, queries per step, warps, stages).
-FUSED_VARIANTS = {128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
-                        (64, 64, 8, 3), (64, 128, 8, 2)],
-                  64: [(64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3)]}
 Q_VARIANTS = {128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
               64: [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)]}
 
 
-def sweep_configs(dtype, D, bs, fused_only=False):
-    """Default first, then one-kernel variants, the tile-major order and the fused kernel
-    (no duplicates). fused_only: the default and the fused variants."""
+def sweep_configs(dtype, D, bs):
+    """Default first, then one-kernel variants and the tile-major order (no duplicates)."""
     d = default_backward_config(dtype, D, bs)
     bucket = 128 if bs > 64 else 64
     out = [("default", d)]
-    for n_, m_, w, s in [] if fused_only else KV_VARIANTS[bucket]:
+    for n_, m_, w, s in KV_VARIANTS[bucket]:
         out.append((f"kv {n_}x{m_} w{w} s{s}", dataclasses.replace(
             d, kv_block_n=n_, kv_block_m=m_, kv_warps=w, kv_stages=s)))
-    for m_, n_, w, s in [] if fused_only else Q_VARIANTS[bucket]:
+    for m_, n_, w, s in Q_VARIANTS[bucket]:
         out.append((f"q {m_}x{n_} w{w} s{s}", dataclasses.replace(
             d, q_block_m=m_, q_block_n=n_, q_warps=w, q_stages=s)))
-    if not fused_only:
-        out.append(("tile-major order", dataclasses.replace(d, tile_major=True)))
-    for n_, m_, w, s in FUSED_VARIANTS[bucket]:
-        out.append((f"fused {n_}x{m_} w{w} s{s}", dataclasses.replace(
-            d, kv_block_n=n_, kv_block_m=m_, kv_warps=w, kv_stages=s, fused=True)))
+    out.append(("tile-major order", dataclasses.replace(d, tile_major=True)))
     seen, unique = set(), []
     for label, cfg in out:
         if cfg not in seen or label == "default":
@@ -113,8 +104,6 @@ def main():
                     help="comma list of block sizes to loop over (overrides --bs)")
     ap.add_argument("--patterns", default="dense,random25,random10,window")
     ap.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
-    ap.add_argument("--fused-only", action="store_true",
-                    help="with --sweep: only the default and the fused-kernel variants")
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention's backward")
     a = ap.parse_args()
     dtype, dev = DTYPES[a.dtype], "cuda"
@@ -131,7 +120,7 @@ def run_block_size(a, bs, dtype, dev, gen, q, k, v, dy, scale):
     n = -(-a.N // bs)
     print(f"\ndevice {torch.cuda.get_device_name()}  dtype {a.dtype}  B={a.B} H={a.H} N={a.N} "
           f"D={a.D} block={bs}  default {default_backward_config(dtype, a.D, bs)}")
-    configs = sweep_configs(dtype, a.D, bs, a.fused_only) if a.sweep else [("default", None)]
+    configs = sweep_configs(dtype, a.D, bs) if a.sweep else [("default", None)]
 
     for kind in a.patterns.split(","):
         causal = kind in ("dense", "window")
@@ -145,25 +134,16 @@ def run_block_size(a, bs, dtype, dev, gen, q, k, v, dy, scale):
         dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
         density = active.float().mean().item()
         print(f"\n{kind}{' causal' if causal else ''} block {bs}: active blocks {density:.1%}")
-        ref = None
         for label, cfg in configs:
             fn = lambda: block_sparse_attention_backward_triton(  # noqa: E731
                 q, k, v, y, lse, dy, lists, block_size=bs, scale=scale, is_causal=causal,
                 dq=dq, dk=dk, dv=dv, config=cfg)
             try:
-                fn()
-                got = [t.float() for t in (dq, dk, dv)]
-                if ref is None:
-                    ref = got
-                    diff = 0.0
-                else:  # every config computes the same gradients (up to rounding)
-                    diff = max(((a_ - b_).abs().max() / b_.abs().max()).item()
-                               for a_, b_ in zip(got, ref))
                 ms = triton.testing.do_bench(fn, warmup=25, rep=200)
             except Exception as e:  # a config that does not fit (shared memory)
                 print(f"  {label:<20} failed {type(e).__name__}: {str(e)[:80]}")
                 continue
-            print(f"  {label:<22} {ms:.3f} ms  {flops / ms / 1e9:.1f} TFLOP/s  diff {diff:.1e}"
+            print(f"  {label:<20} {ms:.3f} ms  {flops / ms / 1e9:.1f} TFLOP/s"
                   + (f"  {cfg}" if a.sweep and cfg is not None else ""))
         if a.flex:
             try:

@@ -99,39 +99,3 @@ class BlockLists:
             cached = _compact(self.block_class.transpose(-1, -2))
             object.__setattr__(self, "_transposed", cached)
         return cached
-
-    def dq_order(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulation order of dQ for the fused backward kernel, cached.
-
-        The fused kernel walks each key block's query list (``transposed()``) and adds its
-        share of dQ into a per-query-block buffer, taking turns in a fixed order so the sum
-        is bitwise reproducible. Each query block i has two chains: key blocks j <= i (the
-        "lower" chain) and j > i (the "upper" chain), each in descending j. That is the order
-        in which key blocks arrive when each program starts at its own diagonal and walks up
-        (wrapping past the end), so in dense, causal and banded patterns nobody waits; and
-        every wait is on a higher key block, which the kernel starts earlier (no deadlock).
-
-        Returns:
-            rank  int32 [Bp, Hp, nk, nq]: position of key block j in the chain of the query
-                  block at ``q_index[..., j, p]`` (aligned with ``q_index``).
-            start int32 [Bp, Hp, nk]: number of listed query blocks i < j (where the walk of
-                  key block j starts in its list when it wraps).
-        """
-        cached = self.__dict__.get("_dq_order")
-        if cached is None:
-            active = (self.block_class != SKIP).to(torch.int32)      # [.., nq(i), nk(j)]
-            nq, nk = active.shape[-2], active.shape[-1]
-            dev = active.device
-            i = torch.arange(nq, device=dev)[:, None]
-            j = torch.arange(nk, device=dev)[None, :]
-            upper = j > i
-            # later[.., i, j] = number of active key blocks j' > j in row i
-            later = active.flip(-1).cumsum(-1).flip(-1) - active
-            later_than_i = (active * upper).sum(-1, keepdim=True)
-            rank = torch.where(upper, later, later - later_than_i).to(torch.int32)
-            q_index = self.transposed()[0]
-            rank = torch.gather(rank.transpose(-1, -2), -1, q_index.long()).contiguous()
-            start = (active * (i < j)).sum(-2, dtype=torch.int32).contiguous()
-            cached = (rank, start)
-            object.__setattr__(self, "_dq_order", cached)
-        return cached

@@ -413,9 +413,6 @@ class BackwardConfig:
     # head's data); True = tile-major, the heavy tiles of all heads first (best balance
     # under causal masks, at the price of a wider L2 working set). Both kernels.
     tile_major: bool = False
-    # One fused kernel (triton_bwd_fused: dK/dV tiles of kv_*, dQ added in a fixed order)
-    # instead of the dK/dV + dQ pair; used when its tiles divide the pattern block.
-    fused: bool = False
 
 
 # (element kind, head-dim bucket) -> tiles. f32 ("ieee") and f64 dots are FMA / DMMA loops
@@ -550,7 +547,6 @@ def block_sparse_attention_backward_triton(
 def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, allow_tf32,
             cfg: BackwardConfig) -> None:
     """The three launches (see the module docstring); inputs already checked."""
-    from .triton_bwd_fused import fused_tiles_fit, launch_fused  # it imports this module
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     is_f64 = _TORCH_TO_F64[q.dtype]
@@ -576,14 +572,6 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
                   IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision,
                   TILE_MAJOR=bool(cfg.tile_major))
     nq, nk = -(-Nq // block_size), -(-Nk // block_size)
-
-    if cfg.fused and fused_tiles_fit(block_size, cfg.kv_block_n, cfg.kv_block_m):
-        launch_fused(q, k, v, dy, lse2, delta, lists, dq, dk, dv, scale64,
-                     block_size=block_size, scale=scale, qk_scale=qk_scale,
-                     is_causal=is_causal, precision=precision, block_n=cfg.kv_block_n,
-                     block_m=cfg.kv_block_m, num_warps=cfg.kv_warps,
-                     num_stages=cfg.kv_stages, bhn=_bhn, list_strides=_list_strides)
-        return
 
     q_index, q_count_full, q_count = lists.transposed()
     bn, tiles_n, _ = _tile(cfg.kv_block_n, block_size)
