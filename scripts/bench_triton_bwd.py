@@ -66,17 +66,21 @@ def pattern_of(kind, B, H, n, gen):
 
 # (tile along the program's own dim, tile along the loop, warps, stages) alternatives to the
 # default, keyed by block-size bucket (tiles are clipped to the pattern block).
-KV_VARIANTS = {128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-               64: [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)]}
-Q_VARIANTS = {128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-              64: [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3)]}
+KV_VARIANTS = {128: [(128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)],
+               64: [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4)]}
+Q_VARIANTS = {128: [(128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)],
+              64: [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4)]}
 
 
-def sweep_configs(dtype, D, bs):
-    """Default first, then one-kernel variants and the tile-major order (no duplicates)."""
+def sweep_configs(dtype, D, bs, tma=False):
+    """Default first, then one-kernel variants and the tile-major order (no duplicates).
+    tma: the variants (and a second default) load through TMA; the first default does not."""
     d = default_backward_config(dtype, D, bs)
     bucket = 128 if bs > 64 else 64
     out = [("default", d)]
+    if tma:
+        d = dataclasses.replace(d, use_tma=True)
+        out.append(("default + tma", d))
     for n_, m_, w, s in KV_VARIANTS[bucket]:
         out.append((f"kv {n_}x{m_} w{w} s{s}", dataclasses.replace(
             d, kv_block_n=n_, kv_block_m=m_, kv_warps=w, kv_stages=s)))
@@ -104,6 +108,7 @@ def main():
                     help="comma list of block sizes to loop over (overrides --bs)")
     ap.add_argument("--patterns", default="dense,random25,random10,window")
     ap.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
+    ap.add_argument("--tma", action="store_true", help="with --sweep: variants use TMA loads")
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention's backward")
     a = ap.parse_args()
     dtype, dev = DTYPES[a.dtype], "cuda"
@@ -120,7 +125,7 @@ def run_block_size(a, bs, dtype, dev, gen, q, k, v, dy, scale):
     n = -(-a.N // bs)
     print(f"\ndevice {torch.cuda.get_device_name()}  dtype {a.dtype}  B={a.B} H={a.H} N={a.N} "
           f"D={a.D} block={bs}  default {default_backward_config(dtype, a.D, bs)}")
-    configs = sweep_configs(dtype, a.D, bs) if a.sweep else [("default", None)]
+    configs = sweep_configs(dtype, a.D, bs, a.tma) if a.sweep else [("default", None)]
 
     for kind in a.patterns.split(","):
         causal = kind in ("dense", "window")
@@ -134,16 +139,24 @@ def run_block_size(a, bs, dtype, dev, gen, q, k, v, dy, scale):
         dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
         density = active.float().mean().item()
         print(f"\n{kind}{' causal' if causal else ''} block {bs}: active blocks {density:.1%}")
+        ref = None
         for label, cfg in configs:
             fn = lambda: block_sparse_attention_backward_triton(  # noqa: E731
                 q, k, v, y, lse, dy, lists, block_size=bs, scale=scale, is_causal=causal,
                 dq=dq, dk=dk, dv=dv, config=cfg)
             try:
+                fn()
+                got = [t.float() for t in (dq, dk, dv)]
+                if ref is None:
+                    ref, diff = got, 0.0
+                else:  # every config computes the same gradients (up to rounding)
+                    diff = max(((x - r).abs().max() / r.abs().max()).item()
+                               for x, r in zip(got, ref))
                 ms = triton.testing.do_bench(fn, warmup=25, rep=200)
             except Exception as e:  # a config that does not fit (shared memory)
                 print(f"  {label:<20} failed {type(e).__name__}: {str(e)[:80]}")
                 continue
-            print(f"  {label:<20} {ms:.3f} ms  {flops / ms / 1e9:.1f} TFLOP/s"
+            print(f"  {label:<20} {ms:.3f} ms  {flops / ms / 1e9:.1f} TFLOP/s  diff {diff:.1e}"
                   + (f"  {cfg}" if a.sweep and cfg is not None else ""))
         if a.flex:
             try:

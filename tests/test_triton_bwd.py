@@ -186,6 +186,33 @@ def test_float16_interpreter():
     run_case(dtype=torch.float16, Nq=40, Nk=37, bs=16, causal=True, seed=2)
 
 
+TMA_16 = BackwardConfig(16, 16, 4, 1, 16, 16, 4, 1, use_tma=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "bnhd"])
+def test_tma_loads_interpreter(causal, layout):
+    # Q/dY (dK/dV kernel) and K/V (dQ kernel) through tensor descriptors: ragged tails and
+    # the padded head dim (24 -> 32) come back as zeros from the copy engine.
+    run_case(dtype=torch.float16, Nq=45, Nk=61, Dk=24, Dv=16, bs=16, causal=causal,
+             layout=layout, config=TMA_16, empty_rows=(1,), seed=21)
+
+
+def test_tma_split_tiles_and_fallback(monkeypatch):
+    from baracuda_kernels.attention import triton_bwd
+    calls = []
+    real = triton_bwd.row_tile_descriptor
+    monkeypatch.setattr(triton_bwd, "row_tile_descriptor",
+                        lambda t, n, d: calls.append(n) or real(t, n, d))
+    # Block 32 over 16-row tiles: descriptors of 16-row tiles in both kernels.
+    run_case(dtype=torch.float16, Nq=70, Nk=64, bs=32, causal=True, config=TMA_16, seed=8)
+    assert calls == [16, 16, 16, 16]
+    # Block 24: the tiles do not divide the block, so both kernels keep pointer loads.
+    calls.clear()
+    run_case(dtype=torch.float16, Nq=53, Nk=47, bs=24, causal=True, config=TMA_16)
+    assert calls == []
+
+
 def test_default_config_table():
     for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for d in (16, 64, 72, 128, 256):
@@ -330,3 +357,15 @@ def test_gpu_int64_offsets():
                                  ("dv", dv, dv64, dv_s)):
         assert_matches_oracle(out, ref, same, factor=3.0, what=name)
     assert torch.isnan(view(outputs, 3)).all(), "wrote outside dq/dk/dv"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bs,d,causal", [(128, 128, True), (128, 128, False), (64, 64, True),
+                                         (64, 72, False), (256, 128, True), (32, 256, False),
+                                         (16, 64, True)])
+def test_gpu_tma_loads(dtype, bs, d, causal):
+    cfg = dataclasses.replace(default_backward_config(dtype, d, bs), use_tma=True)
+    run_case(dtype=dtype, B=2, H=3, Nq=517, Nk=389 if not causal else 517, Dk=d, Dv=d,
+             bs=bs, causal=causal, density=0.5, empty_rows=(1,), layout="bnhd", config=cfg,
+             seed=bs + d)

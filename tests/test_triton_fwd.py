@@ -280,13 +280,13 @@ def test_autotune_on_cpu_returns_default():
 def tma_calls(monkeypatch):
     """Counts descriptors the launcher builds: tells the TMA path from its fallback."""
     calls = []
-    real = triton_fwd.kv_descriptor
+    real = triton_fwd.row_tile_descriptor
 
     def spy(t, block_n, d_pad):
         calls.append((tuple(t.shape), block_n, d_pad))
         return real(t, block_n, d_pad)
 
-    monkeypatch.setattr(triton_fwd, "kv_descriptor", spy)
+    monkeypatch.setattr(triton_fwd, "row_tile_descriptor", spy)
     return calls
 
 

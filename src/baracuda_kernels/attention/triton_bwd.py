@@ -36,6 +36,8 @@ import triton.language as tl
 
 from baracuda_kernels.core import Unsupported
 
+from .triton_tma import row_tile_descriptor, tma_fallback_reason
+
 _LOG2E = 1.4426950408889634
 
 
@@ -123,13 +125,13 @@ def _list_step(blk, it, offs0, n_tokens, BS: tl.constexpr, TILE: tl.constexpr,
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, dy_base, lse_base, delta_base, list_row, it_lo, it_hi,
-    stride_qn, stride_gn, offs_n, Nq, qk_scale,
+    dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row, it_lo, it_hi,
+    stride_qn, stride_gn, offs_n, Nq, qk_scale, b32, h32,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
 
@@ -137,6 +139,8 @@ def _dkdv_inner(
     divide the block) load q = dy = 0 and lse2 = +inf, so their P is exactly 0 without any
     per-element mask. Key rows of this tile past Nk only produce rows that are never stored.
     Only the causal diagonal needs an element mask (PARTIAL blocks only).
+    q_src/dy_src: pointers to Q/dY of this (b, h), or (USE_TMA, tiles dividing the block)
+    descriptors over the whole tensors, whose rows past Nq and columns past D read as 0.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -152,11 +156,16 @@ def _dkdv_inner(
         qb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_M, mask=it + 1 < it_hi, other=0)
         offs_m, row_ok = _list_step(qb, it, offs_m0, Nq, BS, BLOCK_M, SUBS_M, MASKED)
-        rows = offs_m.to(tl.int64)[:, None]
-        q = _load_2d(q_base + rows * stride_qn + offs_dk[None, :], row_ok, dk_ok,
-                     CHECK_ROWS, BLOCK_DK != D_K)
-        dy = _load_2d(dy_base + rows * stride_gn + offs_dv[None, :], row_ok, dv_ok,
-                      CHECK_ROWS, BLOCK_DV != D_V)
+        if USE_TMA:
+            row0 = qb * BS + (it % SUBS_M) * BLOCK_M
+            q = q_src.load([b32, h32, row0, 0]).reshape(BLOCK_M, BLOCK_DK)
+            dy = dy_src.load([b32, h32, row0, 0]).reshape(BLOCK_M, BLOCK_DV)
+        else:
+            rows = offs_m.to(tl.int64)[:, None]
+            q = _load_2d(q_src + rows * stride_qn + offs_dk[None, :], row_ok, dk_ok,
+                         CHECK_ROWS, BLOCK_DK != D_K)
+            dy = _load_2d(dy_src + rows * stride_gn + offs_dv[None, :], row_ok, dv_ok,
+                          CHECK_ROWS, BLOCK_DV != D_V)
         if CHECK_ROWS:
             lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -197,7 +206,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, TILES_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    TILE_MAJOR: tl.constexpr,
+    TILE_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block.
 
@@ -244,18 +253,24 @@ def _bwd_dkdv_kernel(
     count_off = b * stride_cb + h * stride_ch + kb
     n_full = tl.load(Q_COUNT_FULL + count_off)
     n_all = tl.load(Q_COUNT + count_off)
-    q_base = Q + b * stride_qb + h * stride_qh
-    dy_base = DY + b * stride_gb + h * stride_gh
+    if USE_TMA:
+        q_src = Q
+        dy_src = DY
+    else:
+        q_src = Q + b * stride_qb + h * stride_qh
+        dy_src = DY + b * stride_gb + h * stride_gh
+    b32 = bh // H
+    h32 = bh % H
     lse_base = LSE2 + bh.to(tl.int64) * Nq
     delta_base = DELTA + bh.to(tl.int64) * Nq
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, dy_base, lse_base, delta_base, list_row,
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, qk_scale,
-                         BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
-                         IS_CAUSAL, IS_F64, PRECISION, MASKED=False)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, dy_base, lse_base, delta_base, list_row,
+                         b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
+                         IS_CAUSAL, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
-                         qk_scale, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
-                         IS_CAUSAL, IS_F64, PRECISION, MASKED=True)
+                         qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M,
+                         EVEN_M, IS_CAUSAL, IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + rows * stride_dkn + offs_dk[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & dk_ok[None, :])
@@ -265,18 +280,19 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq, q, dy, lse2, delta, k_base, v_base, list_row, it_lo, it_hi,
-    stride_kn, stride_vn, offs_m, Nk, qk_scale,
+    dq, q, dy, lse2, delta, k_src, v_src, list_row, it_lo, it_hi,
+    stride_kn, stride_vn, offs_m, Nk, qk_scale, b32, h32,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles it_lo..it_hi of the block list.
 
     Keys that must not count load k = v = 0 and get P = 0 by an element mask (a zero key
     alone would still give P = exp(-lse), which may overflow for very negative lse).
+    k_src/v_src: pointers to K/V of this (b, h), or (USE_TMA) descriptors (see _dkdv_inner).
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -290,11 +306,16 @@ def _dq_inner(
         kb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_N, mask=it + 1 < it_hi, other=0)
         offs_n, col_ok = _list_step(kb, it, offs_n0, Nk, BS, BLOCK_N, SUBS_N, MASKED)
-        cols = offs_n.to(tl.int64)[:, None]
-        k = _load_2d(k_base + cols * stride_kn + offs_dk[None, :], col_ok, dk_ok,
-                     CHECK_COLS, BLOCK_DK != D_K)
-        v = _load_2d(v_base + cols * stride_vn + offs_dv[None, :], col_ok, dv_ok,
-                     CHECK_COLS, BLOCK_DV != D_V)
+        if USE_TMA:
+            col0 = kb * BS + (it % SUBS_N) * BLOCK_N
+            k = k_src.load([b32, h32, col0, 0]).reshape(BLOCK_N, BLOCK_DK)
+            v = v_src.load([b32, h32, col0, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            cols = offs_n.to(tl.int64)[:, None]
+            k = _load_2d(k_src + cols * stride_kn + offs_dk[None, :], col_ok, dk_ok,
+                         CHECK_COLS, BLOCK_DK != D_K)
+            v = _load_2d(v_src + cols * stride_vn + offs_dv[None, :], col_ok, dv_ok,
+                         CHECK_COLS, BLOCK_DV != D_V)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=dq.dtype)
         if IS_F64:
             p = tl.exp(qk * qk_scale - lse2[:, None])
@@ -330,7 +351,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr, TILES_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    TILE_MAJOR: tl.constexpr,
+    TILE_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
 
@@ -374,15 +395,22 @@ def _bwd_dq_kernel(
     count_off = b * stride_cb + h * stride_ch + qb
     n_full = tl.load(KV_COUNT_FULL + count_off)
     n_all = tl.load(KV_COUNT + count_off)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    dq = _dq_inner(dq, q, dy, lse2, delta, k_base, v_base, list_row, 0, n_full * SUBS_N,
-                   stride_kn, stride_vn, offs_m, Nk, qk_scale, BS, D_K, D_V, BLOCK_DK, BLOCK_DV,
-                   BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, IS_F64, PRECISION, MASKED=False)
-    dq = _dq_inner(dq, q, dy, lse2, delta, k_base, v_base, list_row, n_full * SUBS_N,
-                   n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, qk_scale, BS, D_K, D_V,
+    if USE_TMA:
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + b * stride_kb + h * stride_kh
+        v_src = V + b * stride_vb + h * stride_vh
+    b32 = bh // H
+    h32 = bh % H
+    dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
+                   stride_kn, stride_vn, offs_m, Nk, qk_scale, b32, h32, BS, D_K, D_V,
                    BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, IS_F64, PRECISION,
-                   MASKED=True)
+                   MASKED=False, USE_TMA=USE_TMA)
+    dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, n_full * SUBS_N,
+                   n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, qk_scale, b32, h32, BS,
+                   D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, IS_F64,
+                   PRECISION, MASKED=True, USE_TMA=USE_TMA)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])
@@ -413,6 +441,9 @@ class BackwardConfig:
     # head's data); True = tile-major, the heavy tiles of all heads first (best balance
     # under causal masks, at the price of a wider L2 working set). Both kernels.
     tile_major: bool = False
+    # TMA loads (triton_tma) of the looped-over tiles: Q/dY in dK/dV, K/V in dQ. Taken where
+    # the layout allows it and the tile divides the pattern block; pointer loads otherwise.
+    use_tma: bool = False
 
 
 # (element kind, head-dim bucket) -> tiles. f32 ("ieee") and f64 dots are FMA / DMMA loops
@@ -577,23 +608,31 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
     bn, tiles_n, _ = _tile(cfg.kv_block_n, block_size)
     bm, subs_m, even_m = _tile(cfg.kv_block_m, block_size)
     n_tiles = nk * tiles_n
+    tma = cfg.use_tma and even_m and tma_fallback_reason(q.dtype, dev, q, dy) is None
+    q_arg = row_tile_descriptor(q, bm, block_dk) if tma else q
+    dy_arg = row_tile_descriptor(dy, bm, block_dv) if tma else dy
     _bwd_dkdv_kernel[(B * H * n_tiles,)](
-        q, k, v, dy, lse2, delta, dk, dv, scale64, q_index, q_count_full, q_count,
+        q_arg, k, v, dy_arg, lse2, delta, dk, dv, scale64, q_index, q_count_full, q_count,
         *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
         *_list_strides(q_index, q_count), H, B * H, n_tiles, Nq, Nk, float(scale), qk_scale,
-        BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, **common,
+        BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, USE_TMA=tma,
+        **common,
         num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
         num_stages=cfg.kv_stages)
 
     bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
     bn, subs_n, even_n = _tile(cfg.q_block_n, block_size)
     n_tiles = nq * tiles_m
+    tma = cfg.use_tma and even_n and tma_fallback_reason(q.dtype, dev, k, v) is None
+    k_arg = row_tile_descriptor(k, bn, block_dk) if tma else k
+    v_arg = row_tile_descriptor(v, bn, block_dv) if tma else v
     _bwd_dq_kernel[(B * H * n_tiles,)](
-        q, k, v, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
+        q, k_arg, v_arg, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
         lists.kv_count, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
         *_list_strides(lists.kv_index, lists.kv_count), H, B * H, n_tiles, Nq, Nk,
         float(scale), qk_scale,
-        BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, **common,
+        BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, USE_TMA=tma,
+        **common,
         num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
         num_stages=cfg.q_stages)
 

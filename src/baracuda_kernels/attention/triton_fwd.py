@@ -30,7 +30,7 @@ from .triton_configs import (  # noqa: F401
     default_forward_config,
     head_dim_tile,
 )
-from .triton_tma import kv_descriptor, tma_fallback_reason
+from .triton_tma import row_tile_descriptor, tma_fallback_reason
 
 __all__ = ["ForwardConfig", "autotune_forward_config", "block_sparse_attention_forward_triton",
            "default_forward_config"]
@@ -312,7 +312,7 @@ def block_sparse_attention_forward_triton(
     dk_pad, dv_pad = head_dim_tile(d_k), head_dim_tile(d_v)
     use_tma = config.use_tma and tma_fallback_reason(dtype, q.device, k, v) is None
     if use_tma:
-        k_arg, v_arg = kv_descriptor(k, bn, dk_pad), kv_descriptor(v, bn, dv_pad)
+        k_arg, v_arg = row_tile_descriptor(k, bn, dk_pad), row_tile_descriptor(v, bn, dv_pad)
     else:
         k_arg, v_arg = k, v
 

@@ -1,10 +1,12 @@
-"""Opt-in TMA (Hopper tensor memory accelerator) K/V loads of the Triton forward kernel.
+"""Opt-in TMA (Hopper tensor memory accelerator) loads of the Triton kernels.
 
-With ``ForwardConfig.use_tma`` the launcher passes K and V as host-side Triton tensor
-descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``, triton >= 3.4) over the
-tensors as they are: shape ``[B, H, Nk, D]``, their own strides, block
-``[1, 1, BLOCK_N, D_PAD]``. No copy is made. The copy engine zero-fills rows past ``Nk`` and
-columns past ``D``, which covers the ragged key tail and padded head dims.
+With ``ForwardConfig.use_tma`` the forward launcher passes K and V (with
+``BackwardConfig.use_tma`` the backward: Q and dY to the dK/dV kernel, K and V to the dQ
+kernel) as host-side Triton tensor descriptors
+(``triton.tools.tensor_descriptor.TensorDescriptor``, triton >= 3.4) over the tensors as
+they are: shape ``[B, H, N, D]``, their own strides, block ``[1, 1, TILE, D_PAD]``. No copy
+is made. The copy engine zero-fills rows past ``N`` and columns past ``D``, which covers
+ragged tails and padded head dims.
 
 The path is taken only where it is known to be legal; everywhere else the launcher quietly
 uses the pointer path (``tma_fallback_reason`` says why). Rules checked:
@@ -75,7 +77,7 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 
 
 def tma_fallback_reason(dtype: torch.dtype, device: torch.device, *tensors) -> str | None:
-    """Why the forward must not take the TMA path for these K/V tensors, or None."""
+    """Why a kernel must not load these tensors through TMA, or None."""
     if dtype not in TMA_DTYPES:
         return f"dtype {dtype} (TMA path is for float16/bfloat16)"
     if not interpreter_active():
@@ -92,9 +94,10 @@ def tma_fallback_reason(dtype: torch.dtype, device: torch.device, *tensors) -> s
     return None
 
 
-def kv_descriptor(t: torch.Tensor, block_n: int, d_pad: int):
+def row_tile_descriptor(t: torch.Tensor, block_n: int, d_pad: int):
     """Descriptor over ``t`` ``[B, H, N, D]`` loading ``[1, 1, block_n, d_pad]`` tiles
-    (zero-filled out of bounds). Call only when ``tma_fallback_reason`` returned None."""
+    (zero-filled out of bounds): K/V in the forward, Q/dY and K/V in the backward. Call
+    only when ``tma_fallback_reason`` returned None."""
     from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4
 
     strides = tma_strides(t.shape, t.stride(), t.element_size())
