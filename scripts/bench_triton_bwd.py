@@ -87,7 +87,8 @@ def sweep_configs(dtype, D, bs, tma=False):
     for m_, n_, w, s in Q_VARIANTS[bucket]:
         out.append((f"q {m_}x{n_} w{w} s{s}", dataclasses.replace(
             d, q_block_m=m_, q_block_n=n_, q_warps=w, q_stages=s)))
-    out.append(("tile-major order", dataclasses.replace(d, tile_major=True)))
+    for order in ("head-major", "tile-major"):
+        out.append((f"{order} order", dataclasses.replace(d, launch_order=order)))
     seen, unique = set(), []
     for label, cfg in out:
         if cfg not in seen or label == "default":

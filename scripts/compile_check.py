@@ -35,15 +35,14 @@ def compile_kernel(kernel, tile_a, tile_b, warps, stages, causal, d=128, dtype="
             sig[name] = f"*{dtype}"
         elif name in POINTERS_F32:
             sig[name] = "*fp32"
-        elif name.isupper() and name not in ("H", "BH"):
+        elif name.isupper() and name != "H":
             sig[name] = "*i32"
         elif name in ("scale", "qk_scale"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
     const = dict(BS=128, D_K=d, D_V=d, BLOCK_DK=d, BLOCK_DV=d, IS_CAUSAL=causal, IS_F64=False,
-                 PRECISION="ieee", TILE_MAJOR=False,
-                 WARP_SPEC=os.environ.get("WARP_SPEC", "0") == "1")
+                 PRECISION="ieee", USE_TMA=False)
     if kernel == "dkdv":
         const.update(BLOCK_N=tile_a, BLOCK_M=tile_b, SUBS_M=128 // tile_b, EVEN_M=True,
                      TILES_N=128 // tile_a)

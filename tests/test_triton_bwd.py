@@ -219,7 +219,7 @@ def test_default_config_table():
             for bs in (16, 32, 64, 100, 128, 256):
                 cfg = default_backward_config(dt, d, bs)
                 assert cfg.kv_block_n >= 16 and cfg.q_block_m >= 16
-                assert not cfg.tile_major
+                assert cfg.launch_order == "heavy-first"
     # Blocks of 64 or less get their own 16-bit entries (tiles clipped to the block).
     small = default_backward_config(torch.bfloat16, 64, 64)
     assert (small.q_warps, small.q_stages) == (4, 3)
@@ -227,12 +227,33 @@ def test_default_config_table():
         torch.bfloat16, 128, 128)
 
 
+@pytest.mark.parametrize("order", ["head-major", "tile-major", "heavy-first"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_tile_major_order(causal):
-    # The tile-major launch order (and split tiles) must give the same gradients.
-    cfg = BackwardConfig(16, 16, 4, 2, 16, 16, 4, 2, tile_major=True)
+def test_launch_orders(order, causal):
+    # Every launch order (and split tiles) must give the same gradients.
+    cfg = BackwardConfig(16, 16, 4, 2, 16, 16, 4, 2, launch_order=order)
     run_case(dtype=torch.float32, B=2, H=2, Nq=70, Nk=45 if not causal else 70, bs=32,
              causal=causal, config=cfg, density=0.7, seed=9)
+
+
+def test_heavy_first_order_puts_sink_column_first():
+    from baracuda_kernels.attention.triton_bwd import _launch_order
+    # Sliding window of 2 blocks plus a sink column (key block 0, attended by all 16 rows).
+    i = torch.arange(16)
+    pattern = (((i[:, None] - i[None, :]).abs() < 2) | (i[None, :] == 0))[None, None]
+    lists = BlockLists.build(pattern, 16 * 16, 16 * 16, 16, True)
+    q_count = lists.transposed()[2]
+    order = _launch_order(lists, q_count, False, 2, 3, 2, "heavy-first").tolist()
+    # Items are (bh * 32 + tile), 2 tiles per block: key block 0 of all 6 heads first
+    # (12 items), then the rest head-major; a permutation of all items.
+    heavy = [bh * 32 + t for bh in range(6) for t in (0, 1)]
+    assert order[:12] == heavy
+    rest = [w for w in range(6 * 32) if w not in heavy]
+    assert order[12:] == rest
+    assert _launch_order(lists, q_count, False, 2, 3, 2, "heavy-first") is \
+        _launch_order(lists, q_count, False, 2, 3, 2, "heavy-first"), "not cached"
+    with pytest.raises(ValueError, match="launch_order"):
+        _launch_order(lists, q_count, False, 2, 3, 2, "random")
 
 
 def test_prefetch_single_and_empty_lists():
@@ -322,8 +343,10 @@ def test_gpu_many_heads_1d_grid():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bs", [64, 128])
-def test_gpu_tile_major_order(bs):
-    cfg = dataclasses.replace(default_backward_config(torch.bfloat16, 128, bs), tile_major=True)
+@pytest.mark.parametrize("order", ["tile-major", "head-major"])
+def test_gpu_launch_orders(bs, order):
+    cfg = dataclasses.replace(default_backward_config(torch.bfloat16, 128, bs),
+                              launch_order=order)
     run_case(dtype=torch.bfloat16, B=2, H=3, Nq=517, Nk=517, Dk=128, Dv=128, bs=bs,
              causal=True, density=0.5, config=cfg, seed=bs)
 

@@ -92,6 +92,13 @@ class BlockLists:
         block_class = classify_blocks(pattern, query_len, key_len, block_size, is_causal)
         return cls(block_class, *_compact(block_class))
 
+    def memo(self, key, build):
+        """A tensor derived from these lists (a launch order, say), built once per key."""
+        store = self.__dict__.setdefault("_memo", {})
+        if key not in store:
+            store[key] = build()
+        return store[key]
+
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q_index [Bp,Hp,nk,nq], q_count_full [Bp,Hp,nk], q_count [Bp,Hp,nk]), cached."""
         cached = self.__dict__.get("_transposed")

@@ -191,7 +191,7 @@ def _dkdv_inner(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DY, LSE2, DELTA, DK, DV, SCALE64,
-    Q_INDEX, Q_COUNT_FULL, Q_COUNT,
+    Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -200,28 +200,24 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_ib, stride_ih, stride_ir,
     stride_cb, stride_ch,
-    H, BH, n_tiles, Nq, Nk, scale, qk_scale,
+    H, n_tiles, Nq, Nk, scale, qk_scale,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, TILES_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    TILE_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block.
 
-    (b, h)-major by default, so the tiles of one head run together and share its Q/dY in
-    L2; within a head the first key tiles go first (under a causal mask they attend the
-    most query blocks, and starting the longest programs first shortens the launch tail).
-    TILE_MAJOR: tile-major instead (the heaviest tile of every head first).
+    Program p does work item ORDER[p] = bh * n_tiles + tile (see ``_launch_order``): by
+    default (b, h)-major, so the tiles of one head run together and share its Q/dY in L2,
+    first key tiles first (under a causal mask they attend the most query blocks), with
+    unusually long items (a sink column) moved to the front of the whole launch.
     """
-    pid = tl.program_id(0)
-    if TILE_MAJOR:
-        tile = pid // BH
-        bh = pid - tile * BH
-    else:
-        bh = pid // n_tiles
-        tile = pid - bh * n_tiles
+    item = tl.load(ORDER + tl.program_id(0))
+    bh = item // n_tiles
+    tile = item - bh * n_tiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     kb = tile // TILES_N
@@ -337,7 +333,7 @@ def _dq_inner(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DY, LSE2, DELTA, DQ, SCALE64,
-    KV_INDEX, KV_COUNT_FULL, KV_COUNT,
+    KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -345,26 +341,23 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     stride_ib, stride_ih, stride_ir,
     stride_cb, stride_ch,
-    H, BH, n_tiles, Nq, Nk, scale, qk_scale,
+    H, n_tiles, Nq, Nk, scale, qk_scale,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr, TILES_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    TILE_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
 
-    (b, h)-major (TILE_MAJOR: tile-major), and within a head the last query tiles first:
-    under a causal mask they have the most key blocks.
+    Program p does work item ORDER[p] = bh * n_tiles + (n_tiles - 1 - tile): by default
+    (b, h)-major with the last query tiles of a head first (under a causal mask they have
+    the most key blocks), unusually long items first of all (see ``_launch_order``).
     """
-    pid = tl.program_id(0)
-    if TILE_MAJOR:
-        tile = n_tiles - 1 - pid // BH
-        bh = pid % BH
-    else:
-        bh = pid // n_tiles
-        tile = n_tiles - 1 - (pid - bh * n_tiles)
+    item = tl.load(ORDER + tl.program_id(0))
+    bh = item // n_tiles
+    tile = n_tiles - 1 - (item - bh * n_tiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     qb = tile // TILES_M
@@ -437,10 +430,9 @@ class BackwardConfig:
     q_block_n: int
     q_warps: int
     q_stages: int
-    # Launch order: False = (b, h)-major, heavy tiles of each head first (L2 reuse of one
-    # head's data); True = tile-major, the heavy tiles of all heads first (best balance
-    # under causal masks, at the price of a wider L2 working set). Both kernels.
-    tile_major: bool = False
+    # Launch order of both kernels (see _launch_order): "heavy-first", "head-major" or
+    # "tile-major".
+    launch_order: str = "heavy-first"
     # TMA loads (triton_tma) of the looped-over tiles: Q/dY in dK/dV, K/V in dQ. Taken where
     # the layout allows it and the tile divides the pattern block; pointer loads otherwise.
     use_tma: bool = False
@@ -448,15 +440,20 @@ class BackwardConfig:
 
 # (element kind, head-dim bucket) -> tiles. f32 ("ieee") and f64 dots are FMA / DMMA loops
 # that hold more operands in registers: smaller tiles, chosen spill-free for sm90 (ptxas).
+# 16-bit entries load through TMA where the card and layout allow (see triton_tma); on an
+# H200 (second sweep, same problem as below, all other settings equal) TMA took causal dense
+# from 353 to 390 TFLOP/s, random 25% 348 -> 373, window 264 -> 289, random 5% 237 -> 248;
+# block 64: 333 -> 354, 328 -> 347, 216 -> 235, 239 -> 253. With TMA, 2 or 4 stages in
+# either kernel and 128 x 32 / 64 x 64 dK/dV tiles were no faster than these.
 _DEFAULTS = {
-    ("16bit", 64): BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3),
+    ("16bit", 64): BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3, use_tma=True),
     # Measured on an H200 (bf16, B=2, H=16, N=8192, D=128, block 128; one run of
     # scripts/bench_triton_bwd.py --sweep, 2026-11-27), each kernel varied alone from
     # (128,64,8,2 | 128,64,8,2): dK/dV with 3 stages 328 / 337 / 256 TFLOP/s (causal dense /
     # random 25% / window) vs 324 / 325 / 246, although it spills ~112 B a thread; dQ with 3
     # stages 351 / 339 / 259. 128 x 32 dK/dV tiles (spill-free) were slower: 301 / 305 / 237.
-    ("16bit", 128): BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3),
-    ("16bit", 256): BackwardConfig(32, 64, 8, 2, 64, 32, 8, 2),
+    ("16bit", 128): BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3, use_tma=True),
+    ("16bit", 256): BackwardConfig(32, 64, 8, 2, 64, 32, 8, 2, use_tma=True),
     ("f32", 64): BackwardConfig(32, 32, 8, 2, 32, 32, 8, 2),
     ("f32", 128): BackwardConfig(32, 16, 8, 2, 32, 16, 8, 2),
     ("f32", 256): BackwardConfig(16, 16, 8, 2, 32, 16, 8, 2),
@@ -472,8 +469,8 @@ _DEFAULTS = {
 # 2 stages; dQ 64 x 32, 4 warps, 3 stages was the best dQ variant (229 / 217 / 146 vs
 # 216 / 203 / 137). The D<=64 entry is unmeasured (spill-free in an sm90 compile check).
 _SMALL_BLOCK_DEFAULTS = {
-    64: BackwardConfig(64, 64, 4, 3, 64, 64, 4, 3),
-    128: BackwardConfig(64, 32, 4, 3, 64, 32, 4, 3),
+    64: BackwardConfig(64, 64, 4, 3, 64, 64, 4, 3, use_tma=True),
+    128: BackwardConfig(64, 32, 4, 3, 64, 32, 4, 3, use_tma=True),
 }
 
 
@@ -575,6 +572,42 @@ def block_sparse_attention_backward_triton(
                 allow_tf32, cfg)
 
 
+# A work item counts as heavy when its list is this many times the mean list length.
+_HEAVY_FACTOR = 2.0
+
+
+def _launch_order(lists, count: torch.Tensor, reverse: bool, B: int, H: int, tiles: int,
+                  mode: str) -> torch.Tensor:
+    """int32 [B*H*n*tiles]: the work item each program does, cached on ``lists``.
+
+    Work item w = bh * n_tiles + t is tile t of head bh in the kernel's own order (key tiles
+    ascending in dK/dV; query tiles descending in dQ, ``reverse``). ``count`` [Bp, Hp, n]
+    is the list length of each block. "head-major": items in order. "tile-major": tile t
+    of every head before tile t + 1. "heavy-first": head-major, except that items whose
+    list is over _HEAVY_FACTOR x the mean go first: a sink column attended by every query
+    block is ~8x a sliding window's other key blocks, and started last it is the launch's
+    tail (measured: window pattern backward +10% with them first).
+    """
+    if mode not in ("heavy-first", "head-major", "tile-major"):
+        raise ValueError(f"launch_order {mode!r}; expected heavy-first, head-major or tile-major")
+
+    def build():
+        n_items = B * H * count.shape[-1] * tiles
+        items = torch.arange(n_items, dtype=torch.int32, device=count.device)
+        if mode == "head-major":
+            return items
+        if mode == "tile-major":
+            return items.view(B * H, -1).t().contiguous().view(-1)
+        per_item = count.expand(B, H, -1).repeat_interleave(tiles, dim=-1)
+        if reverse:
+            per_item = per_item.flip(-1)
+        per_item = per_item.reshape(-1).float()
+        light = per_item <= _HEAVY_FACTOR * per_item.mean()
+        return torch.argsort(light.to(torch.int8), stable=True).to(torch.int32)
+
+    return lists.memo(("bwd-order", count.data_ptr(), B, H, tiles, mode), build)
+
+
 def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, allow_tf32,
             cfg: BackwardConfig) -> None:
     """The three launches (see the module docstring); inputs already checked."""
@@ -600,8 +633,7 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
         H, Nq, n_row_tiles, D_V=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, IS_F64=is_f64, num_warps=4)
 
     common = dict(BS=block_size, D_K=Dk, D_V=Dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                  IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision,
-                  TILE_MAJOR=bool(cfg.tile_major))
+                  IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision)
     nq, nk = -(-Nq // block_size), -(-Nk // block_size)
 
     q_index, q_count_full, q_count = lists.transposed()
@@ -611,10 +643,11 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
     tma = cfg.use_tma and even_m and tma_fallback_reason(q.dtype, dev, q, dy) is None
     q_arg = row_tile_descriptor(q, bm, block_dk) if tma else q
     dy_arg = row_tile_descriptor(dy, bm, block_dv) if tma else dy
+    order = _launch_order(lists, q_count, False, B, H, tiles_n, cfg.launch_order)
     _bwd_dkdv_kernel[(B * H * n_tiles,)](
         q_arg, k, v, dy_arg, lse2, delta, dk, dv, scale64, q_index, q_count_full, q_count,
-        *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
-        *_list_strides(q_index, q_count), H, B * H, n_tiles, Nq, Nk, float(scale), qk_scale,
+        order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
+        *_list_strides(q_index, q_count), H, n_tiles, Nq, Nk, float(scale), qk_scale,
         BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, USE_TMA=tma,
         **common,
         num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
@@ -626,10 +659,11 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
     tma = cfg.use_tma and even_n and tma_fallback_reason(q.dtype, dev, k, v) is None
     k_arg = row_tile_descriptor(k, bn, block_dk) if tma else k
     v_arg = row_tile_descriptor(v, bn, block_dv) if tma else v
+    order = _launch_order(lists, lists.kv_count, True, B, H, tiles_m, cfg.launch_order)
     _bwd_dq_kernel[(B * H * n_tiles,)](
         q, k_arg, v_arg, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
-        lists.kv_count, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
-        *_list_strides(lists.kv_index, lists.kv_count), H, B * H, n_tiles, Nq, Nk,
+        lists.kv_count, order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
+        *_list_strides(lists.kv_index, lists.kv_count), H, n_tiles, Nq, Nk,
         float(scale), qk_scale,
         BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, USE_TMA=tma,
         **common,
