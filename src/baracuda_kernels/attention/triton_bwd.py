@@ -19,7 +19,13 @@ Three kernels, launched in order on the current stream, with no host synchronisa
 
 Every output element is written by exactly one program (no atomics), so the gradients are
 bitwise reproducible. dQ and dK/dV recompute ``Q K^T`` and ``dY V^T`` separately: that is
-the price of determinism without atomics (7 matmuls instead of 5).
+the price of determinism without atomics (7 matmuls instead of 5; a fused kernel adding dQ
+in a fixed order was measured slower in Triton 3.6, see notes/PERF.md).
+
+16-bit inputs on sm90+ load the looped-over tiles (Q/dY in dK/dV, K/V in dQ) through TMA
+descriptors (``triton_tma``) when the tile divides the pattern block. Programs take their
+work item from a launch-order array (``_launch_order``): (b, h)-major, unusually long items
+first.
 
 Tiles may differ from the pattern block: a pattern block of ``block_size`` tokens is covered
 by ``ceil(block_size / tile)`` tiles. When the tile does not divide the block (block sizes
@@ -59,6 +65,21 @@ def _load_2d(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.cons
             x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
         else:
             x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _load_rows(src, b32, h32, row0, offs, ok, stride, offs_d, d_ok, CHECK_ROWS: tl.constexpr,
+               CHECK_COLS: tl.constexpr, USE_TMA: tl.constexpr, ROWS: tl.constexpr,
+               COLS: tl.constexpr):
+    """Rows ``offs`` (= row0 + 0..ROWS-1 under USE_TMA) of one (b, h) as a [ROWS, COLS] tile:
+    through a TMA descriptor over the whole tensor (rows past the end and columns past D
+    read 0), or from a pointer to this (b, h) with the masks that may be needed."""
+    if USE_TMA:
+        x = src.load([b32, h32, row0, 0]).reshape(ROWS, COLS)
+    else:
+        x = _load_2d(src + offs.to(tl.int64)[:, None] * stride + offs_d[None, :], ok, d_ok,
+                     CHECK_ROWS, CHECK_COLS)
     return x
 
 
@@ -156,16 +177,11 @@ def _dkdv_inner(
         qb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_M, mask=it + 1 < it_hi, other=0)
         offs_m, row_ok = _list_step(qb, it, offs_m0, Nq, BS, BLOCK_M, SUBS_M, MASKED)
-        if USE_TMA:
-            row0 = qb * BS + (it % SUBS_M) * BLOCK_M
-            q = q_src.load([b32, h32, row0, 0]).reshape(BLOCK_M, BLOCK_DK)
-            dy = dy_src.load([b32, h32, row0, 0]).reshape(BLOCK_M, BLOCK_DV)
-        else:
-            rows = offs_m.to(tl.int64)[:, None]
-            q = _load_2d(q_src + rows * stride_qn + offs_dk[None, :], row_ok, dk_ok,
-                         CHECK_ROWS, BLOCK_DK != D_K)
-            dy = _load_2d(dy_src + rows * stride_gn + offs_dv[None, :], row_ok, dv_ok,
-                          CHECK_ROWS, BLOCK_DV != D_V)
+        row0 = qb * BS + (it % SUBS_M) * BLOCK_M
+        q = _load_rows(q_src, b32, h32, row0, offs_m, row_ok, stride_qn, offs_dk, dk_ok,
+                       CHECK_ROWS, BLOCK_DK != D_K, USE_TMA, BLOCK_M, BLOCK_DK)
+        dy = _load_rows(dy_src, b32, h32, row0, offs_m, row_ok, stride_gn, offs_dv, dv_ok,
+                        CHECK_ROWS, BLOCK_DV != D_V, USE_TMA, BLOCK_M, BLOCK_DV)
         if CHECK_ROWS:
             lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -302,16 +318,11 @@ def _dq_inner(
         kb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_N, mask=it + 1 < it_hi, other=0)
         offs_n, col_ok = _list_step(kb, it, offs_n0, Nk, BS, BLOCK_N, SUBS_N, MASKED)
-        if USE_TMA:
-            col0 = kb * BS + (it % SUBS_N) * BLOCK_N
-            k = k_src.load([b32, h32, col0, 0]).reshape(BLOCK_N, BLOCK_DK)
-            v = v_src.load([b32, h32, col0, 0]).reshape(BLOCK_N, BLOCK_DV)
-        else:
-            cols = offs_n.to(tl.int64)[:, None]
-            k = _load_2d(k_src + cols * stride_kn + offs_dk[None, :], col_ok, dk_ok,
-                         CHECK_COLS, BLOCK_DK != D_K)
-            v = _load_2d(v_src + cols * stride_vn + offs_dv[None, :], col_ok, dv_ok,
-                         CHECK_COLS, BLOCK_DV != D_V)
+        col0 = kb * BS + (it % SUBS_N) * BLOCK_N
+        k = _load_rows(k_src, b32, h32, col0, offs_n, col_ok, stride_kn, offs_dk, dk_ok,
+                       CHECK_COLS, BLOCK_DK != D_K, USE_TMA, BLOCK_N, BLOCK_DK)
+        v = _load_rows(v_src, b32, h32, col0, offs_n, col_ok, stride_vn, offs_dv, dv_ok,
+                       CHECK_COLS, BLOCK_DV != D_V, USE_TMA, BLOCK_N, BLOCK_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=dq.dtype)
         if IS_F64:
             p = tl.exp(qk * qk_scale - lse2[:, None])
