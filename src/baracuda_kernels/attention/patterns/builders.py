@@ -30,6 +30,14 @@ def check_block_size(block_size) -> int:
     return check_int("block_size", block_size, 1)
 
 
+def check_geometry(block_size, query_len, key_len, query_name: str = "query_len"):
+    """(block size, query length, key length) checked; the key length defaults to the
+    query length. ``query_name`` is the caller's parameter name, for the error message."""
+    bs = check_block_size(block_size)
+    lq = check_int(query_name, query_len, 1)
+    return bs, lq, lq if key_len is None else check_int("key_len", key_len, 1)
+
+
 def token_positions(values: Positions, limit: int, name: str) -> torch.Tensor:
     """Sorted unique int64 token positions in [0, limit)."""
     if values is None:
@@ -74,9 +82,7 @@ def causal(query_len: int, key_len: Optional[int] = None, *, block_size: int) ->
         ████
         (exact)
     """
-    bs = check_block_size(block_size)
-    lq = check_int("query_len", query_len, 1)
-    lk = lq if key_len is None else check_int("key_len", key_len, 1)
+    bs, lq, lk = check_geometry(block_size, query_len, key_len)
     q0, q1 = block_ranges(cdiv(lq, bs), lq, bs)
     kb = torch.arange(cdiv(lk, bs), dtype=torch.int64)
     mask = kb[None, :] * bs <= q1[:, None]
@@ -136,9 +142,7 @@ def sliding_window(seq_len: int, window: int, *, block_size: int, causal: bool =
         █····███
         (coarsened: 26 extra token pairs)
     """
-    bs = check_block_size(block_size)
-    lq = check_int("seq_len", seq_len, 1)
-    lk = lq if key_len is None else check_int("key_len", key_len, 1)
+    bs, lq, lk = check_geometry(block_size, seq_len, key_len, "seq_len")
     window = check_int("window", window, 1)
     sinks = check_int("sinks", sinks, 0)
     glob = token_positions(global_tokens, max(lq, lk), "global_tokens")
@@ -273,9 +277,7 @@ def dilated_sliding_window(seq_len: int, window: int, dilation: int, *, block_si
         ···█·█·█
         (coarsened: 28 extra token pairs)
     """
-    bs = check_block_size(block_size)
-    lq = check_int("seq_len", seq_len, 1)
-    lk = lq if key_len is None else check_int("key_len", key_len, 1)
+    bs, lq, lk = check_geometry(block_size, seq_len, key_len, "seq_len")
     window = check_int("window", window, 1)
     dilation = check_int("dilation", dilation, 1)
     k = torch.arange(0 if causal else -(window - 1), window, dtype=torch.int64)

@@ -14,8 +14,8 @@ import torch
 from baracuda_kernels.core import InvalidProblem
 
 from .block_pattern import BlockPattern, _broadcast_dim
-from .builders import (Positions, check_block_size, check_int, dilated_sliding_window,
-                       ranges_to_mask, sliding_window)
+from .builders import (Positions, check_block_size, check_geometry, check_int,
+                       dilated_sliding_window, ranges_to_mask, sliding_window)
 from .counting import block_lookup_rule, block_ranges, cdiv
 
 
@@ -48,9 +48,7 @@ def random_blocks(query_len: int, key_len: Optional[int] = None, *, block_size: 
         ·██···█·
         (exact)
     """
-    bs = check_block_size(block_size)
-    lq = check_int("query_len", query_len, 1)
-    lk = lq if key_len is None else check_int("key_len", key_len, 1)
+    bs, lq, lk = check_geometry(block_size, query_len, key_len)
     density = _check_density(density)
     batch = check_int("batch", batch, 1)
     num_heads = check_int("num_heads", num_heads, 1)

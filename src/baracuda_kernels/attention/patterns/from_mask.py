@@ -15,7 +15,7 @@ import torch
 from baracuda_kernels.core import InvalidProblem
 
 from .block_pattern import BlockPattern
-from .builders import check_block_size, check_int
+from .builders import check_block_size, check_geometry, check_int
 from .counting import TokenRule, cdiv
 
 
@@ -125,9 +125,7 @@ def from_mask_fn(fn: TokenRule, query_len: int, key_len: Optional[int] = None, *
     records fully allowed blocks in ``exact_mask`` and the coarsening in
     ``extra_token_pairs``.
     """
-    bs = check_block_size(block_size)
-    lq = check_int("query_len", query_len, 1)
-    lk = lq if key_len is None else check_int("key_len", key_len, 1)
+    bs, lq, lk = check_geometry(block_size, query_len, key_len)
     batch = check_int("batch", batch, 1)
     num_heads = check_int("num_heads", num_heads, 1)
     if not callable(fn):

@@ -16,7 +16,7 @@ import torch
 from baracuda_kernels.core import InvalidProblem, Unsupported
 
 from .block_pattern import BlockPattern
-from .builders import check_block_size, check_int
+from .builders import check_geometry, check_int
 from .counting import block_lookup_rule, block_ranges, cdiv, count_true
 
 
@@ -42,9 +42,7 @@ def from_bsr(indptr, indices, *, block_size: int, query_len: int,
              key_len: Optional[int] = None, batch: int = 1, num_heads: int = 1,
              is_causal: bool = False) -> BlockPattern:
     """Inverse of ``to_bsr``: ``indptr [batch * num_heads * nq + 1]``, ``indices [nnz]``."""
-    bs = check_block_size(block_size)
-    lq = check_int("query_len", query_len, 1)
-    lk = lq if key_len is None else check_int("key_len", key_len, 1)
+    bs, lq, lk = check_geometry(block_size, query_len, key_len)
     batch, num_heads = check_int("batch", batch, 1), check_int("num_heads", num_heads, 1)
     nq, nk = cdiv(lq, bs), cdiv(lk, bs)
     indptr = torch.as_tensor(indptr).to(torch.int64)
