@@ -61,7 +61,7 @@ def main():
         "row_tile_descriptor x1": lambda: row_tile_descriptor(q, 64, 128),
         "tma_fallback_reason(q, dy)": lambda: tma_fallback_reason(q.dtype, q.device, q, dy),
         "_launch_order (cached)": lambda: triton_bwd._launch_order(
-            lists, lists.kv_count, True, B, H, 1, "heavy-first"),
+            lists, True, B, H, 1, "heavy-first"),
         "lists.transposed (cached)": lambda: lists.transposed(),
         "torch.empty x1": lambda: torch.empty_like(q),
     }

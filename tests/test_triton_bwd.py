@@ -242,18 +242,17 @@ def test_heavy_first_order_puts_sink_column_first():
     i = torch.arange(16)
     pattern = (((i[:, None] - i[None, :]).abs() < 2) | (i[None, :] == 0))[None, None]
     lists = BlockLists.build(pattern, 16 * 16, 16 * 16, 16, True)
-    q_count = lists.transposed()[2]
-    order = _launch_order(lists, q_count, False, 2, 3, 2, "heavy-first").tolist()
+    order = _launch_order(lists, False, 2, 3, 2, "heavy-first").tolist()
     # Items are (bh * 32 + tile), 2 tiles per block: key block 0 of all 6 heads first
     # (12 items), then the rest head-major; a permutation of all items.
     heavy = [bh * 32 + t for bh in range(6) for t in (0, 1)]
     assert order[:12] == heavy
     rest = [w for w in range(6 * 32) if w not in heavy]
     assert order[12:] == rest
-    assert _launch_order(lists, q_count, False, 2, 3, 2, "heavy-first") is \
-        _launch_order(lists, q_count, False, 2, 3, 2, "heavy-first"), "not cached"
+    assert _launch_order(lists, False, 2, 3, 2, "heavy-first") is \
+        _launch_order(lists, False, 2, 3, 2, "heavy-first"), "not cached"
     with pytest.raises(ValueError, match="launch_order"):
-        _launch_order(lists, q_count, False, 2, 3, 2, "random")
+        _launch_order(lists, False, 2, 3, 2, "random")
 
 
 def test_prefetch_single_and_empty_lists():

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from baracuda_kernels.core import Unsupported
 
-from .triton_tma import row_tile_descriptor, tma_fallback_reason
+from .triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
 
 _LOG2E = 1.4426950408889634
 
@@ -131,17 +131,19 @@ def _list_step(blk, it, offs0, n_tokens, BS: tl.constexpr, TILE: tl.constexpr,
 
     Offsets are int32 (token indices < 2^31): the causal mask compares them over a whole
     [BLOCK_N, BLOCK_M] tile, where int64 costs registers. Widen before multiplying by a
-    stride."""
+    stride. Also returns the tile's first token (where a TMA load of the tile starts)."""
     if SUBS == 1:
-        in_block = offs0
+        first = 0
     else:
-        in_block = (it % SUBS) * TILE + offs0
-    offs = blk * BS + in_block
+        first = (it % SUBS) * TILE
+    start = blk * BS + first
+    in_block = first + offs0
+    offs = start + offs0
     if MASKED:
         ok = (in_block < BS) & (offs < n_tokens)
     else:
         ok = in_block < BS
-    return offs, ok
+    return offs, ok, start
 
 
 @triton.jit
@@ -176,8 +178,7 @@ def _dkdv_inner(
     for it in range(it_lo, it_hi):
         qb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_M, mask=it + 1 < it_hi, other=0)
-        offs_m, row_ok = _list_step(qb, it, offs_m0, Nq, BS, BLOCK_M, SUBS_M, MASKED)
-        row0 = qb * BS + (it % SUBS_M) * BLOCK_M
+        offs_m, row_ok, row0 = _list_step(qb, it, offs_m0, Nq, BS, BLOCK_M, SUBS_M, MASKED)
         q = _load_rows(q_src, b32, h32, row0, offs_m, row_ok, stride_qn, offs_dk, dk_ok,
                        CHECK_ROWS, BLOCK_DK != D_K, USE_TMA, BLOCK_M, BLOCK_DK)
         dy = _load_rows(dy_src, b32, h32, row0, offs_m, row_ok, stride_gn, offs_dv, dv_ok,
@@ -265,12 +266,8 @@ def _bwd_dkdv_kernel(
     count_off = b * stride_cb + h * stride_ch + kb
     n_full = tl.load(Q_COUNT_FULL + count_off)
     n_all = tl.load(Q_COUNT + count_off)
-    if USE_TMA:
-        q_src = Q
-        dy_src = DY
-    else:
-        q_src = Q + b * stride_qb + h * stride_qh
-        dy_src = DY + b * stride_gb + h * stride_gh
+    q_src = head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
+    dy_src = head_source(DY, b, h, stride_gb, stride_gh, USE_TMA)
     b32 = bh // H
     h32 = bh % H
     lse_base = LSE2 + bh.to(tl.int64) * Nq
@@ -317,8 +314,7 @@ def _dq_inner(
     for it in range(it_lo, it_hi):
         kb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_N, mask=it + 1 < it_hi, other=0)
-        offs_n, col_ok = _list_step(kb, it, offs_n0, Nk, BS, BLOCK_N, SUBS_N, MASKED)
-        col0 = kb * BS + (it % SUBS_N) * BLOCK_N
+        offs_n, col_ok, col0 = _list_step(kb, it, offs_n0, Nk, BS, BLOCK_N, SUBS_N, MASKED)
         k = _load_rows(k_src, b32, h32, col0, offs_n, col_ok, stride_kn, offs_dk, dk_ok,
                        CHECK_COLS, BLOCK_DK != D_K, USE_TMA, BLOCK_N, BLOCK_DK)
         v = _load_rows(v_src, b32, h32, col0, offs_n, col_ok, stride_vn, offs_dv, dv_ok,
@@ -399,12 +395,8 @@ def _bwd_dq_kernel(
     count_off = b * stride_cb + h * stride_ch + qb
     n_full = tl.load(KV_COUNT_FULL + count_off)
     n_all = tl.load(KV_COUNT + count_off)
-    if USE_TMA:
-        k_src = K
-        v_src = V
-    else:
-        k_src = K + b * stride_kb + h * stride_kh
-        v_src = V + b * stride_vb + h * stride_vh
+    k_src = head_source(K, b, h, stride_kb, stride_kh, USE_TMA)
+    v_src = head_source(V, b, h, stride_vb, stride_vh, USE_TMA)
     b32 = bh // H
     h32 = bh % H
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
@@ -587,13 +579,12 @@ def block_sparse_attention_backward_triton(
 _HEAVY_FACTOR = 2.0
 
 
-def _launch_order(lists, count: torch.Tensor, reverse: bool, B: int, H: int, tiles: int,
-                  mode: str) -> torch.Tensor:
+def _launch_order(lists, for_dq: bool, B: int, H: int, tiles: int, mode: str) -> torch.Tensor:
     """int32 [B*H*n*tiles]: the work item each program does, cached on ``lists``.
 
-    Work item w = bh * n_tiles + t is tile t of head bh in the kernel's own order (key tiles
-    ascending in dK/dV; query tiles descending in dQ, ``reverse``). ``count`` [Bp, Hp, n]
-    is the list length of each block. "head-major": items in order. "tile-major": tile t
+    Work item w = bh * n_tiles + t is tile t of head bh in the kernel's own order: key tiles
+    ascending in dK/dV (list lengths from ``lists.transposed()``), query tiles descending in
+    dQ (``for_dq``, list lengths ``lists.kv_count``). "head-major": items in order. "tile-major": tile t
     of every head before tile t + 1. "heavy-first": head-major, except that items whose
     list is over _HEAVY_FACTOR x the mean go first: a sink column attended by every query
     block is ~8x a sliding window's other key blocks, and started last it is the launch's
@@ -601,6 +592,8 @@ def _launch_order(lists, count: torch.Tensor, reverse: bool, B: int, H: int, til
     """
     if mode not in ("heavy-first", "head-major", "tile-major"):
         raise ValueError(f"launch_order {mode!r}; expected heavy-first, head-major or tile-major")
+
+    count = lists.kv_count if for_dq else lists.transposed()[2]  # [Bp, Hp, n]
 
     def build():
         n_items = B * H * count.shape[-1] * tiles
@@ -610,13 +603,13 @@ def _launch_order(lists, count: torch.Tensor, reverse: bool, B: int, H: int, til
         if mode == "tile-major":
             return items.view(B * H, -1).t().contiguous().view(-1)
         per_item = count.expand(B, H, -1).repeat_interleave(tiles, dim=-1)
-        if reverse:
+        if for_dq:
             per_item = per_item.flip(-1)
         per_item = per_item.reshape(-1).float()
         light = per_item <= _HEAVY_FACTOR * per_item.mean()
         return torch.argsort(light.to(torch.int8), stable=True).to(torch.int32)
 
-    return lists.memo(("bwd-order", count.data_ptr(), B, H, tiles, mode), build)
+    return lists.memo(("bwd-order", for_dq, B, H, tiles, mode), build)
 
 
 def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, allow_tf32,
@@ -654,7 +647,7 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
     tma = cfg.use_tma and even_m and tma_fallback_reason(q.dtype, dev, q, dy) is None
     q_arg = row_tile_descriptor(q, bm, block_dk) if tma else q
     dy_arg = row_tile_descriptor(dy, bm, block_dv) if tma else dy
-    order = _launch_order(lists, q_count, False, B, H, tiles_n, cfg.launch_order)
+    order = _launch_order(lists, False, B, H, tiles_n, cfg.launch_order)
     _bwd_dkdv_kernel[(B * H * n_tiles,)](
         q_arg, k, v, dy_arg, lse2, delta, dk, dv, scale64, q_index, q_count_full, q_count,
         order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
@@ -670,7 +663,7 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
     tma = cfg.use_tma and even_n and tma_fallback_reason(q.dtype, dev, k, v) is None
     k_arg = row_tile_descriptor(k, bn, block_dk) if tma else k
     v_arg = row_tile_descriptor(v, bn, block_dv) if tma else v
-    order = _launch_order(lists, lists.kv_count, True, B, H, tiles_m, cfg.launch_order)
+    order = _launch_order(lists, True, B, H, tiles_m, cfg.launch_order)
     _bwd_dq_kernel[(B * H * n_tiles,)](
         q, k_arg, v_arg, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
         lists.kv_count, order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),

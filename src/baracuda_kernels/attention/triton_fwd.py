@@ -30,7 +30,7 @@ from .triton_configs import (  # noqa: F401
     default_forward_config,
     head_dim_tile,
 )
-from .triton_tma import row_tile_descriptor, tma_fallback_reason
+from .triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
 
 __all__ = ["ForwardConfig", "autotune_forward_config", "block_sparse_attention_forward_triton",
            "default_forward_config"]
@@ -197,12 +197,8 @@ def _block_sparse_fwd_kernel(
 
     q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qm + offs_dk[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
-    if USE_TMA:
-        k_src = K
-        v_src = V
-    else:
-        k_src = K + b64 * stride_kb + h64 * stride_kh
-        v_src = V + b64 * stride_vb + h64 * stride_vh
+    k_src = head_source(K, b64, h64, stride_kb, stride_kh, USE_TMA)
+    v_src = head_source(V, b64, h64, stride_vb, stride_vh, USE_TMA)
 
     cnt_off = b64 * stride_cb + h64 * stride_ch + qb64 * stride_cq
     n_full = tl.load(KV_COUNT_FULL + cnt_off)

@@ -25,6 +25,8 @@ import os
 from functools import lru_cache
 
 import torch
+import triton
+import triton.language as tl
 
 TMA_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -102,3 +104,14 @@ def row_tile_descriptor(t: torch.Tensor, block_n: int, d_pad: int):
 
     strides = tma_strides(t.shape, t.stride(), t.element_size())
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_n, d_pad])
+
+
+@triton.jit
+def head_source(T, b, h, stride_b, stride_h, USE_TMA: tl.constexpr):
+    """What a kernel loads one (b, h)'s rows from: the descriptor over the whole tensor
+    (USE_TMA; loads name b and h), or a pointer to the (b, h) slice."""
+    if USE_TMA:
+        src = T
+    else:
+        src = T + b * stride_b + h * stride_h
+    return src
