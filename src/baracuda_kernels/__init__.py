@@ -4,8 +4,8 @@ Functional:  y = baracuda_kernels.block_sparse_attention(q, k, v, pattern, block
 Plan API:    plan = SdpaBlockSparsePlan.select(SdpaBlockSparseDescriptor(...)); plan.run(args)
 """
 
-from .attention import (SdpaBlockSparseArgs, SdpaBlockSparseDescriptor, SdpaBlockSparsePlan,
-                        block_sparse_attention)
+from .attention import (PreparedPattern, SdpaBlockSparseArgs, SdpaBlockSparseDescriptor,
+                        SdpaBlockSparsePlan, block_sparse_attention, prepare_pattern)
 from .core import (ArchSku, AttentionKind, BackendKind, ElementKind, Error, InvalidProblem,
                    KernelSku, MathPrecision, OpCategory, PlanPreference, PrecisionGuarantee,
                    Unsupported)
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchSku", "AttentionKind", "BackendKind", "ElementKind", "Error", "InvalidProblem",
     "KernelSku", "MathPrecision", "OpCategory", "PlanPreference", "PrecisionGuarantee",
-    "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor", "SdpaBlockSparsePlan", "Unsupported",
-    "block_sparse_attention", "__version__",
+    "PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor", "SdpaBlockSparsePlan",
+    "Unsupported",
+    "block_sparse_attention", "prepare_pattern", "__version__",
 ]

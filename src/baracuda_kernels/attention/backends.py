@@ -7,12 +7,12 @@ state: availability is probed when a plan is selected.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 
-from ..core import BackendKind, Unsupported
+from ..core import BackendKind, InvalidProblem, Unsupported
+from ..core.runtime import triton_interpreting
 from .descriptor import SdpaBlockSparseDescriptor
 
 TRITON_MAX_HEAD_DIM = 256
@@ -25,10 +25,6 @@ def _triton_import_error() -> Optional[str]:
     except Exception as exc:  # pragma: no cover - depends on the install
         return f"triton is not importable ({exc}); install it with `pip install triton`"
     return None
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_unavailable_reason(desc: SdpaBlockSparseDescriptor, device: torch.device) -> Optional[str]:
@@ -67,10 +63,26 @@ def choose_backend(desc: SdpaBlockSparseDescriptor, device: torch.device,
 
 
 def resolve_device(device) -> torch.device:
+    """A concrete torch.device (CUDA with its index); InvalidProblem for a CUDA device on a
+    machine without CUDA or an index past the device count (torch would assert)."""
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidProblem(f"device is {device!r}; expected a torch.device or a name such as "
+                             f"'cuda', 'cuda:1' or 'cpu' ({exc}).") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidProblem(
+                f"device is {device} but CUDA is not available here (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda is not None}); expected "
+                f"a device that exists. Use device='cpu' (the reference backend) or install a "
+                f"CUDA build of torch on a machine with a GPU.")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise InvalidProblem(f"device is {device}; this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s). Pick an index below that.")
     return device

@@ -8,8 +8,9 @@ and which need masking" is decided in one place:
   arithmetic needed) or PARTIAL (the causal diagonal crosses it, or it touches a ragged tail).
 * ``BlockLists`` holds, per (b, h, query block), the active key blocks compacted to the
   front of a row, FULL ones first then PARTIAL ones, each group ascending; and the transposed
-  lists per (b, h, key block) for backward passes. They are built with torch ops only (no
-  host synchronisation), so a CUDA launcher can build them inside a captured graph.
+  lists per (b, h, key block) for backward passes. On CUDA (and under the Triton
+  interpreter) one Triton launch builds both (triton_lists.py); elsewhere torch ops do.
+  Neither synchronises with the host, so a step that builds lists can be graph-captured.
 
 Broadcast pattern dims (size 1 in B or H) stay size 1 here; kernels index them with stride 0.
 """
@@ -17,6 +18,7 @@ Broadcast pattern dims (size 1 in B or H) stay size 1 here; kernels index them w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -70,27 +72,55 @@ def _compact(block_class: torch.Tensor):
 
 @dataclass(frozen=True)
 class BlockLists:
-    """Compact active-block lists of one pattern for one problem geometry.
+    """Compact active-block lists of one pattern for one problem geometry, both directions.
 
-    Forward (rows = query blocks):
+    Forward and dQ (rows = query blocks):
         kv_index    int32 [Bp, Hp, nq, nk]  active key blocks first (FULL, then PARTIAL)
         kv_count_full int32 [Bp, Hp, nq]
         kv_count    int32 [Bp, Hp, nq]      FULL + PARTIAL
-    Backward (rows = key blocks), built on first use of ``transposed()``:
+    dK/dV (rows = key blocks):
         q_index     int32 [Bp, Hp, nk, nq]
         q_count_full, q_count  int32 [Bp, Hp, nk]
+    block_class: int8 [Bp, Hp, nq, nk] (SKIP / FULL / PARTIAL), kept by the torch build for
+        the reference backend, which walks block rows on the host; None for the Triton build.
+
+    Index entries past a row's count are unspecified. The lists are a snapshot: they never
+    look at the pattern tensor again, so a later write to it cannot make them stale.
     """
 
-    block_class: torch.Tensor
     kv_index: torch.Tensor
     kv_count_full: torch.Tensor
     kv_count: torch.Tensor
+    q_index: torch.Tensor
+    q_count_full: torch.Tensor
+    q_count: torch.Tensor
+    block_class: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, pattern: torch.Tensor, query_len: int, key_len: int, block_size: int,
-              is_causal: bool) -> "BlockLists":
-        block_class = classify_blocks(pattern, query_len, key_len, block_size, is_causal)
-        return cls(block_class, *_compact(block_class))
+              is_causal: bool, *, use_triton: bool = False) -> "BlockLists":
+        """Lists of a canonical pattern (bool or uint8 ``[Bp, Hp, nq, nk]``, any strides).
+
+        ``use_triton``: one Triton launch builds both directions (triton_lists.py; no host
+        synchronisation, capturable in a CUDA graph). Otherwise a chain of torch ops that
+        also keeps ``block_class`` (what the reference backend needs).
+        """
+        if use_triton:
+            from .triton_lists import build_block_lists_triton
+            return cls(*build_block_lists_triton(pattern, query_len, key_len, block_size,
+                                                 is_causal))
+        block_class = classify_blocks(pattern != 0, query_len, key_len, block_size, is_causal)
+        return cls(*_compact(block_class), *_compact(block_class.transpose(-1, -2)),
+                   block_class=block_class)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_index.device
+
+    @property
+    def batch_heads(self) -> tuple[int, int]:
+        """(Bp, Hp): the pattern's batch and head extents (1 = broadcast)."""
+        return tuple(self.kv_index.shape[:2])
 
     def memo(self, key, build):
         """A tensor derived from these lists (a launch order, say), built once per key."""
@@ -100,9 +130,5 @@ class BlockLists:
         return store[key]
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q_index [Bp,Hp,nk,nq], q_count_full [Bp,Hp,nk], q_count [Bp,Hp,nk]), cached."""
-        cached = self.__dict__.get("_transposed")
-        if cached is None:
-            cached = _compact(self.block_class.transpose(-1, -2))
-            object.__setattr__(self, "_transposed", cached)
-        return cached
+        """(q_index [Bp,Hp,nk,nq], q_count_full [Bp,Hp,nk], q_count [Bp,Hp,nk])."""
+        return self.q_index, self.q_count_full, self.q_count

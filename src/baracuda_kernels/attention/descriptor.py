@@ -81,8 +81,17 @@ class SdpaBlockSparseDescriptor:
 
     @property
     def is_empty(self) -> bool:
-        """True when there is nothing to compute (outputs are y = 0, lse = -inf)."""
-        return 0 in (self.batch_size, self.num_heads, self.query_len, self.key_len, self.d_v)
+        """True when no query meets a key (outputs are y = 0, lse = -inf). A zero d_v is
+        not empty: y has no columns, but lse (and its gradient) still have values."""
+        return 0 in (self.batch_size, self.num_heads, self.query_len, self.key_len)
+
+    @property
+    def kernel_block_size(self) -> int:
+        """The block size the kernels and lists work with: ``block_size`` clipped to the
+        longer sequence. A block longer than both sequences covers them in one block either
+        way (nq = nk = 1), so this changes nothing but keeps tiles and temporaries bounded
+        for a huge ``block_size``."""
+        return max(1, min(self.block_size, max(self.query_len, self.key_len)))
 
     def query_shape(self):
         return (self.batch_size, self.num_heads, self.query_len, self.d_k)

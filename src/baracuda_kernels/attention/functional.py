@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from ..core import InvalidProblem
 from .autograd import BlockSparseAttentionFunction, block_sparse_attention_op, plan_for
 from .descriptor import SdpaBlockSparseDescriptor
+from .prepared import PreparedPattern
 from .validation import canonical_pattern, check_qkv
 
 
@@ -28,45 +30,91 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         block_pattern: bool or uint8 [B|1, H|1, nq, nk] (or flat [B|1, H|1, nq*nk]) with
             nq = ceil(Nq / block_size), nk = ceil(Nk / block_size); non-zero = compute the
             block. A BlockPattern (baracuda_kernels.patterns) is accepted too and carries
-            its block_size.
+            its block_size. Either is read afresh on every call (its lists are rebuilt: one
+            Triton launch on CUDA). A PreparedPattern (``prepare_pattern`` or
+            ``BlockPattern.prepare()``) carries lists built once: no pattern work per call.
         block_size: side of a pattern block in tokens (required unless block_pattern is a
             BlockPattern).
         is_causal: query i attends key j only when j <= i (top-left, like torch SDPA).
             None (default) takes the BlockPattern's ``is_causal`` (False for raw tensors).
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
-            scaled scores (float32; float64 for float64 inputs). lse is not differentiable.
+            scaled scores (float32; float64 for float64 inputs), differentiable.
         backend: None (triton on CUDA, reference elsewhere), "triton" or "reference".
 
     Returns:
         y [B, H, Nq, Dv] in q's dtype (and lse when return_lse). A query row with no allowed
-        key gives y = 0 and lse = -inf, and zero gradients.
+        key gives y = 0 and lse = -inf, and zero gradients; NaN or inf in a row's scores
+        gives that row NaN (as torch SDPA does).
+
+    Autograd: gradients for q, k, v (only those that require them) from y's and lse's
+    gradients; differentiable once (double backward raises Unsupported). Under
+    torch.autocast, q/k/v are cast to the autocast dtype as for torch SDPA.
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 256, 64)
         >>> pattern = torch.ones(1, 1, 4, 4, dtype=torch.bool)
         >>> y = block_sparse_attention(q, k, v, pattern, block_size=64, is_causal=True)
     """
+    if isinstance(block_pattern, PreparedPattern):
+        block_size, is_causal = _from_prepared(block_pattern, block_size, is_causal)
     if block_size is None:
         block_size = getattr(block_pattern, "block_size", None)
         if block_size is None:
-            raise InvalidProblem("block_size is None; expected an int >= 1 (or pass a BlockPattern, "
-                                 "which carries its block_size).")
+            raise InvalidProblem("block_size is None; expected an int >= 1 (or pass a BlockPattern "
+                                 "or PreparedPattern, which carry their block_size).")
     if is_causal is None:
         is_causal = bool(getattr(block_pattern, "is_causal", False))
+    q, k, v, no_autocast = _autocast_inputs(q, k, v)
     desc = SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=block_size, scale=scale,
                                                   is_causal=is_causal)
     device = check_qkv(desc, q, k, v)
-    pattern = canonical_pattern(desc, block_pattern, device)
     if backend is not None and not isinstance(backend, str):
         backend = backend.value  # a BackendKind
-    if _tracing(q):
-        y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size,
-                                           desc.softmax_scale, desc.is_causal, backend or "")
-    else:
-        plan = plan_for(desc, device, backend or None)
-        y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan, plan.block_lists(pattern))
+    with no_autocast:
+        if _tracing(q):
+            if isinstance(block_pattern, PreparedPattern):
+                block_pattern.check_matches(desc, device)
+                pattern = block_pattern.mask
+            else:
+                pattern = canonical_pattern(desc, block_pattern, device)
+            y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size,
+                                               desc.softmax_scale, desc.is_causal, backend or "")
+        else:
+            plan = plan_for(desc, device, backend or None)
+            y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan,
+                                                        plan.block_lists(block_pattern))
     return (y, lse) if return_lse else y
+
+
+def _from_prepared(prepared: PreparedPattern, block_size, is_causal):
+    """A PreparedPattern fixes block_size and is_causal; explicit values must agree."""
+    for name, given, own in (("block_size", block_size, prepared.block_size),
+                             ("is_causal", is_causal, prepared.is_causal)):
+        if given is not None and given != own:
+            raise InvalidProblem(
+                f"{name}={given} was passed with a PreparedPattern prepared for {name}={own}; "
+                f"expected them to agree. Leave {name} out, or prepare the pattern again.")
+    return prepared.block_size, prepared.is_causal
+
+
+def _autocast_inputs(q, k, v):
+    """Under torch.autocast on q's device type, cast floating q/k/v to the autocast dtype as
+    torch SDPA does (float64 stays), and return a context that turns autocast off for the
+    call, so that the reference backend's float32 accumulation is not downcast by it."""
+    device_type = q.device.type if isinstance(q, torch.Tensor) else "cpu"
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        enabled = False
+    if not enabled:
+        return q, k, v, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible and t.dtype != dtype else t
+    return cast(q), cast(k), cast(v), torch.autocast(device_type, enabled=False)
 
 
 def _tracing(q: torch.Tensor) -> bool:

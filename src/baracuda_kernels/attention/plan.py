@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import weakref
+import contextlib
 from typing import Optional
 
 import torch
@@ -12,9 +12,11 @@ from ..core import (ArchSku, AttentionKind, BackendKind, ElementKind, InvalidPro
 from .backends import choose_backend, resolve_device
 from .block_lists import BlockLists
 from .descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
+from .prepared import PreparedPattern
 from .reference import (block_sparse_attention_backward_reference,
                         block_sparse_attention_forward_reference)
-from .validation import canonical_pattern, check_outputs, check_qkv, check_tensor
+from .validation import (canonical_pattern, check_no_overlap, check_outputs, check_qkv,
+                         check_tensor)
 
 _MATH = {ElementKind.F16: MathPrecision.F16, ElementKind.BF16: MathPrecision.BF16,
          ElementKind.F32: MathPrecision.F32, ElementKind.F64: MathPrecision.F64}
@@ -41,7 +43,6 @@ class SdpaBlockSparsePlan:
         self._backend = backend
         self._allow_tf32 = allow_tf32
         self._config = None  # triton forward config
-        self._lists_cache: list[tuple] = []  # [(weakref to pattern tensor, version, lists)]
 
     # ---------------------------------------------------------------- selection
     @classmethod
@@ -84,11 +85,13 @@ class SdpaBlockSparsePlan:
                        for shape in (desc.query_shape(), desc.key_shape(), desc.value_shape()))
             pattern = torch.ones(1, 1, desc.num_blocks_q, desc.num_blocks_k, dtype=torch.bool,
                                  device=self._device)
-            lists = BlockLists.build(pattern, desc.query_len, desc.key_len, desc.block_size, desc.is_causal)
-            return autotune_forward_config(q, k, v, lists, block_size=desc.block_size,
+            lists = BlockLists.build(pattern, desc.query_len, desc.key_len,
+                                     desc.kernel_block_size, desc.is_causal)
+            return autotune_forward_config(q, k, v, lists, block_size=desc.kernel_block_size,
                                            scale=desc.softmax_scale, is_causal=desc.is_causal,
                                            allow_tf32=self._allow_tf32)
-        return triton_configs.default_forward_config(desc.d_k, desc.d_v, dtype, desc.block_size,
+        return triton_configs.default_forward_config(desc.d_k, max(desc.d_v, 1), dtype,
+                                                     desc.kernel_block_size,
                                                      ArchSku.from_device(self._device),
                                                      allow_tf32=self._allow_tf32)
 
@@ -141,14 +144,49 @@ class SdpaBlockSparsePlan:
                 f"d_k={d.d_k}, d_v={d.d_v}, block_size={d.block_size}, causal={d.is_causal}, "
                 f"element={d.element.value})")
 
+    # ---------------------------------------------------------------- patterns
+    def prepare(self, block_pattern) -> PreparedPattern:
+        """Prepare a pattern (tensor or BlockPattern) once for this plan's problem: the
+        result, passed as ``SdpaBlockSparseArgs.block_pattern``, costs no pattern work per call."""
+        if isinstance(block_pattern, PreparedPattern):
+            block_pattern.check_matches(self._desc, self._device)
+            return block_pattern
+        pattern = canonical_pattern(self._desc, block_pattern, None)
+        d = self._desc
+        return PreparedPattern.build(pattern, query_len=d.query_len, key_len=d.key_len,
+                                     block_size=d.block_size, is_causal=d.is_causal,
+                                     device=self._device)
+
+    def block_lists(self, block_pattern) -> BlockLists:
+        """The active-block lists of a pattern for this plan.
+
+        A PreparedPattern hands over its lists after a geometry check. A raw tensor or a
+        BlockPattern is validated and its lists are built now, from its current content
+        (one Triton launch on the triton backend; torch ops for the reference): never a
+        cached copy that a write to the tensor could have made stale."""
+        if isinstance(block_pattern, PreparedPattern):
+            block_pattern.check_matches(self._desc, self._device)
+            return block_pattern.lists
+        pattern = canonical_pattern(self._desc, block_pattern, self._device)
+        d = self._desc
+        with self.device_guard():
+            return BlockLists.build(pattern, d.query_len, d.key_len, d.kernel_block_size,
+                                    d.is_causal, use_triton=self._backend is BackendKind.TRITON)
+
+    def device_guard(self):
+        """Context making the plan's CUDA device current (Triton launches on the current
+        device, whatever device the tensors are on); a no-op elsewhere."""
+        if self._device.type == "cuda":
+            return torch.cuda.device(self._device)
+        return contextlib.nullcontext()
+
     # ---------------------------------------------------------------- checks
     def can_implement(self, args: SdpaBlockSparseArgs) -> bool:
         """Check concrete tensors against the plan; raises InvalidProblem, else returns True."""
-        self._checked_pattern(args)
-        check_outputs(self._desc, self._device, args.y, args.lse)
+        self._check_args(args)
         return True
 
-    def _checked_pattern(self, args: SdpaBlockSparseArgs) -> torch.Tensor:
+    def _check_args(self, args: SdpaBlockSparseArgs) -> None:
         if not isinstance(args, SdpaBlockSparseArgs):
             raise InvalidProblem(f"args is a {type(args).__name__}; expected SdpaBlockSparseArgs.")
         device = check_qkv(self._desc, args.q, args.k, args.v)
@@ -156,32 +194,25 @@ class SdpaBlockSparsePlan:
             raise InvalidProblem(
                 f"q is on {device}; this plan was selected for {self._device}. "
                 f"Select a plan with device={device}.")
-        return canonical_pattern(self._desc, args.block_pattern, self._device)
+        if isinstance(args.block_pattern, PreparedPattern):
+            args.block_pattern.check_matches(self._desc, self._device)
+        else:
+            canonical_pattern(self._desc, args.block_pattern, self._device)
+        check_outputs(self._desc, self._device, args.y, args.lse)
+        check_no_overlap({"y": args.y, "lse": args.lse}, self._inputs_of(args))
 
-    def block_lists(self, block_pattern) -> BlockLists:
-        """Compact active-block lists of a pattern; cached per pattern tensor and version,
-        so a pattern reused across calls (the common case) is compacted once."""
-        source = block_pattern.mask if hasattr(block_pattern, "mask") else block_pattern
-        version = getattr(source, "_version", None)
-        for ref, seen_version, lists in self._lists_cache:
-            if ref() is source and seen_version == version:
-                return lists
-        pattern = canonical_pattern(self._desc, block_pattern, self._device)
-        d = self._desc
-        lists = BlockLists.build(pattern, d.query_len, d.key_len, d.block_size, d.is_causal)
-        try:
-            entry = (weakref.ref(source), version, lists)
-            self._lists_cache = [entry] + self._lists_cache[:3]
-        except TypeError:  # not weak-referenceable: skip caching
-            pass
-        return lists
+    @staticmethod
+    def _inputs_of(args: SdpaBlockSparseArgs) -> dict:
+        pattern = args.block_pattern
+        pattern = pattern if isinstance(pattern, torch.Tensor) else getattr(pattern, "mask", None)
+        return {"q": args.q, "k": args.k, "v": args.v, "block_pattern": pattern}
 
     # ---------------------------------------------------------------- running
     def run(self, args: SdpaBlockSparseArgs, workspace: Optional[torch.Tensor] = None):
         """Compute (y, lse); writes into args.y / args.lse when given, else allocates them."""
-        self.can_implement(args)
-        args.y, args.lse = self._forward(args.q, args.k, args.v,
-                                         self.block_lists(args.block_pattern), args.y, args.lse)
+        self._check_args(args)
+        lists = self.block_lists(args.block_pattern)
+        args.y, args.lse = self._forward(args.q, args.k, args.v, lists, args.y, args.lse)
         return args.y, args.lse
 
     def _forward(self, q, k, v, lists: BlockLists, y=None, lse=None):
@@ -195,47 +226,83 @@ class SdpaBlockSparsePlan:
             y.zero_()
             lse.fill_(float("-inf"))
             return y, lse
-        kwargs = dict(block_size=d.block_size, scale=d.softmax_scale, is_causal=d.is_causal, y=y, lse=lse)
-        if self._backend is BackendKind.TRITON:
-            from .triton_fwd import block_sparse_attention_forward_triton
-            block_sparse_attention_forward_triton(q, k, v, lists, config=self._config,
-                                                  allow_tf32=self._allow_tf32, **kwargs)
-        else:
-            block_sparse_attention_forward_reference(q, k, v, lists, **kwargs)
-        return y, lse
+        if d.d_v == 0:
+            # No value columns, but the scores (and so lse) exist: run on one zero column.
+            v, y_out, y = v.new_zeros(v.shape[:-1] + (1,)), y, y.new_empty(y.shape[:-1] + (1,))
+        kwargs = dict(block_size=d.kernel_block_size, scale=d.softmax_scale,
+                      is_causal=d.is_causal, y=y, lse=lse)
+        with self.device_guard():
+            if self._backend is BackendKind.TRITON:
+                from .triton_fwd import block_sparse_attention_forward_triton
+                block_sparse_attention_forward_triton(q, k, v, lists, config=self._config,
+                                                      allow_tf32=self._allow_tf32, **kwargs)
+            else:
+                block_sparse_attention_forward_reference(q, k, v, lists, **kwargs)
+        return (y_out if d.d_v == 0 else y), lse
 
-    def run_backward(self, args: SdpaBlockSparseArgs, dy: torch.Tensor, dq=None, dk=None, dv=None):
+    def run_backward(self, args: SdpaBlockSparseArgs, dy: Optional[torch.Tensor], dq=None, dk=None,
+                     dv=None, *, dlse: Optional[torch.Tensor] = None):
         """Gradients (dq, dk, dv) of the forward in ``args`` (whose y and lse must hold the
-        forward's outputs) for the upstream gradient dy [B,H,Nq,Dv]. Preallocated dq/dk/dv
-        (shaped like q/k/v) are written when given."""
-        self.can_implement(args)
+        forward's outputs) for the upstream gradients dy [B,H,Nq,Dv] and, optionally, dlse
+        [B,H,Nq] (the gradient of the returned lse; None = 0). dy may be None when only
+        lse was used. Preallocated dq/dk/dv (shaped like q/k/v) are written when given."""
+        self._check_args(args)
         d = self._desc
         if args.y is None or args.lse is None:
             raise InvalidProblem("args.y and args.lse are None; expected the forward's outputs. "
                                  "Call plan.run(args) first, then plan.run_backward(args, dy).")
-        check_tensor("dy", dy, d.output_shape(), d.element.torch_dtype, self._device)
+        if dy is None and dlse is None:
+            raise InvalidProblem("dy and dlse are both None; expected at least one upstream "
+                                 "gradient (dy [B,H,Nq,Dv] for y, dlse [B,H,Nq] for lse).")
+        if dy is not None:
+            check_tensor("dy", dy, d.output_shape(), d.element.torch_dtype, self._device)
+        if dlse is not None:
+            check_tensor("dlse", dlse, d.lse_shape(), d.lse_dtype, self._device)
         for name, ref, given in (("dq", args.q, dq), ("dk", args.k, dk), ("dv", args.v, dv)):
             if given is not None:
                 check_tensor(name, given, tuple(ref.shape), ref.dtype, self._device)
+        inputs = dict(self._inputs_of(args), y=args.y, lse=args.lse, dy=dy, dlse=dlse)
+        check_no_overlap({"dq": dq, "dk": dk, "dv": dv}, inputs)
         return self._backward(args.q, args.k, args.v, args.y, args.lse, dy,
-                              self.block_lists(args.block_pattern), dq, dk, dv)
+                              self.block_lists(args.block_pattern), dq, dk, dv, dlse=dlse)
 
-    def _backward(self, q, k, v, y, lse, dy, lists: BlockLists, dq=None, dk=None, dv=None):
-        """Launch the backward on checked tensors; allocates dq / dk / dv (shaped like q / k /
-        v) when None. -> (dq, dk, dv)"""
-        dq, dk, dv = (torch.empty_like(ref, memory_format=torch.contiguous_format)
-                      if given is None else given for ref, given in ((q, dq), (k, dk), (v, dv)))
+    def _backward(self, q, k, v, y, lse, dy, lists: BlockLists, dq=None, dk=None, dv=None, *,
+                  dlse=None, need_dq: bool = True, need_dkdv: bool = True):
+        """Launch the backward on checked tensors. dy: None (y unused) or any strides; dlse:
+        None or the lse gradient. Allocates the wanted gradients (shaped like q / k / v)
+        when None; -> (dq or None, dk or None, dv or None), None where not wanted."""
         d = self._desc
+        if dy is None:
+            dy = torch.zeros(d.output_shape(), dtype=y.dtype, device=y.device)
+        elif dy.dim() and dy.stride(-1) != 1 and dy.shape[-1] > 1:
+            # E.g. the stride-0 gradient of y.sum(): the kernels want a unit last stride.
+            dy = dy.contiguous()
+        dq = (torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq) \
+            if need_dq else None
+        if need_dkdv:
+            dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
+            dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
+        else:
+            dk = dv = None
         if d.is_empty:
             for g in (dq, dk, dv):
-                g.zero_()
+                if g is not None:
+                    g.zero_()
             return dq, dk, dv
-        kwargs = dict(block_size=d.block_size, scale=d.softmax_scale, is_causal=d.is_causal,
-                      dq=dq, dk=dk, dv=dv)
-        if self._backend is BackendKind.TRITON:
-            from .triton_bwd import block_sparse_attention_backward_triton
-            block_sparse_attention_backward_triton(q, k, v, y, lse, dy, lists,
-                                                   allow_tf32=self._allow_tf32, **kwargs)
-        else:
-            block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists, **kwargs)
+        v_run, y_run, dy_run, dv_run = v, y, dy, dv
+        if d.d_v == 0:  # as in _forward: one zero value column carries lse's gradient
+            v_run = v.new_zeros(v.shape[:-1] + (1,))
+            y_run = y.new_zeros(y.shape[:-1] + (1,))
+            dy_run = dy.new_zeros(dy.shape[:-1] + (1,))
+            dv_run = torch.empty_like(v_run) if need_dkdv else None
+        kwargs = dict(block_size=d.kernel_block_size, scale=d.softmax_scale,
+                      is_causal=d.is_causal, dq=dq, dk=dk, dv=dv_run, dlse=dlse)
+        with self.device_guard():
+            if self._backend is BackendKind.TRITON:
+                from .triton_bwd import block_sparse_attention_backward_triton
+                block_sparse_attention_backward_triton(q, k, v_run, y_run, lse, dy_run, lists,
+                                                       allow_tf32=self._allow_tf32, **kwargs)
+            else:
+                block_sparse_attention_backward_reference(q, k, v_run, y_run, lse, dy_run, lists,
+                                                          **kwargs)
         return dq, dk, dv

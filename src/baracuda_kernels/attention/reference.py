@@ -72,10 +72,18 @@ def _groups(active: torch.Tensor, block_size: int, row_len: int, col_len: int,
         start = stop
 
 
+def _active_blocks(lists: BlockLists) -> torch.Tensor:
+    """bool [Bp, Hp, nq, nk] on the CPU: the blocks the reference walks (on the host)."""
+    if lists.block_class is None:
+        raise RuntimeError("reference backend got block lists without block_class (built by "
+                           "the Triton builder); internal error: build them with use_triton=False")
+    return (lists.block_class != SKIP).cpu()
+
+
 def _slices(lists: BlockLists):
     """(batch slice, head slice, pattern slice index) per pattern slice; size-1 pattern dims
     cover every batch/head at once."""
-    Bp, Hp = lists.block_class.shape[:2]
+    Bp, Hp = lists.kv_index.shape[:2]
     for bp in range(Bp):
         for hp in range(Hp):
             yield (slice(None) if Bp == 1 else slice(bp, bp + 1),
@@ -99,10 +107,13 @@ def _allowed(g: _Group, block_size: int, is_causal: bool, rows_are_queries: bool
 
 
 def _probs(scores, lse, allowed=None):
-    """exp(scores - lse), 0 where not allowed; lse = -inf (rows that see nothing) gives 0."""
-    finite = torch.isfinite(lse)
-    p = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)))
-    keep = finite if allowed is None else allowed & finite
+    """exp(scores - lse), 0 where not allowed; lse = -inf (rows that see nothing) gives 0.
+
+    Only -inf means "nothing allowed": a NaN or +inf lse comes from NaN/inf in the inputs
+    and must reach the row's outputs and gradients (as in torch SDPA), so it is kept."""
+    seen = lse != float("-inf")
+    p = torch.exp(scores - torch.where(seen, lse, torch.zeros_like(lse)))
+    keep = seen if allowed is None else allowed & seen
     return p.masked_fill(~keep, 0.0)
 
 
@@ -114,7 +125,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
     Nk = k.shape[2]
     y.zero_()
     lse.fill_(float("-inf"))
-    active_all = (lists.block_class != SKIP).cpu()
+    active_all = _active_blocks(lists)
     for bsl, hsl, bp, hp in _slices(lists):
         qs, ks, vs = q[bsl, hsl], k[bsl, hsl], v[bsl, hsl]
         bh = qs.shape[0] * qs.shape[1]
@@ -133,24 +144,30 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
 
 def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockLists, *,
                                               block_size: int, scale: float, is_causal: bool,
-                                              dq, dk, dv) -> None:
-    """Writes dq, dk, dv (shaped like q, k, v) from the upstream gradient dy [B,H,Nq,Dv],
-    rebuilding probabilities from the forward's lse."""
+                                              dq, dk, dv, dlse=None) -> None:
+    """Writes dq, dk, dv (shaped like q, k, v; None = not wanted, dk and dv go together) from
+    the upstream gradients dy [B,H,Nq,Dv] and dlse [B,H,Nq] (None = 0), rebuilding
+    probabilities from the forward's lse."""
     acc = _accumulator(q.dtype)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     for g in (dq, dk, dv):
-        g.zero_()
-    # delta_i = sum_d dy_id * y_id = sum_j p_ij dp_ij: the softmax-Jacobian correction.
+        if g is not None:
+            g.zero_()
+    # delta_i = sum_d dy_id * y_id = sum_j p_ij dp_ij: the softmax-Jacobian correction. The
+    # lse gradient enters the same place: d lse_i / d s_ij = p_ij, so dS = P * (dP - delta + dlse).
     delta = (dy.to(acc) * y.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
     lse_acc = lse.to(acc)
-    active_all = (lists.block_class != SKIP).cpu()
+    active_all = _active_blocks(lists)
     for bsl, hsl, bp, hp in _slices(lists):
         qs, ks, vs, dys = q[bsl, hsl], k[bsl, hsl], v[bsl, hsl], dy[bsl, hsl]
         ls, ds_ = lse_acc[bsl, hsl], delta[bsl, hsl]
         bh = qs.shape[0] * qs.shape[1]
         # dQ: query-block rows.
-        for g in _groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device):
+        for g in (_groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device)
+                  if dq is not None else ()):
             G = g.cols.shape[0]
             rows = g.rows.view(G, block_size)
             kt, vt = _gather(ks, g.cols, acc), _gather(vs, g.cols, acc)
@@ -162,7 +179,8 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             keep = g.row_ok.nonzero().flatten()
             dq[bsl, hsl].index_copy_(2, g.rows[keep], out[:, :, keep].to(dq.dtype))
         # dK, dV: key-block rows over the transposed pattern.
-        for g in _groups(active_all[bp, hp].T, block_size, Nk, Nq, bh, q.device):
+        for g in (_groups(active_all[bp, hp].T, block_size, Nk, Nq, bh, q.device)
+                  if dk is not None else ()):
             G = g.cols.shape[0]
             rows = g.rows.view(G, block_size)
             qt, dyt = _gather(qs, g.cols, acc), _gather(dys, g.cols, acc)

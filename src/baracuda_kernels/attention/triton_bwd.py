@@ -85,15 +85,19 @@ def _load_rows(src, b32, h32, row0, offs, ok, stride, offs_d, d_ok, CHECK_ROWS: 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    Y, DY, LSE, DELTA, LSE2,
+    Y, DY, LSE, DLSE, DELTA, LSE2,
     stride_yb, stride_yh, stride_yn,
     stride_gb, stride_gh, stride_gn,
     stride_lb, stride_lh, stride_ln,
+    stride_db, stride_dh, stride_dn,
     H, Nq, n_row_tiles,
     D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, IS_F64: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
-    """delta[bh, i] = sum_d y*dy (f32, f64 for f64); lse2[bh, i] = lse in kernel units.
+    """delta[bh, i] = sum_d y*dy - dlse (f32, f64 for f64); lse2[bh, i] = lse in kernel units.
 
+    The lse gradient needs no kernel of its own: d lse_i / d s_ij = p_ij, so it adds
+    p_ij * dlse_i to dS_ij = p_ij * (dp_ij - delta_i), i.e. it shifts delta by -dlse.
     Grid (B*H*n_row_tiles,): 1-D, so B*H is not bound by the 65535 grid-y limit."""
     bh = tl.program_id(0) // n_row_tiles
     pid = tl.program_id(0) - bh * n_row_tiles
@@ -114,6 +118,10 @@ def _bwd_preprocess_kernel(
     else:
         delta = tl.sum(y.to(tl.float32) * dy.to(tl.float32), axis=1)
         lse2 = lse.to(tl.float32) * 1.4426950408889634
+    if HAS_DLSE:
+        dlse = tl.load(DLSE + b * stride_db + h * stride_dh + offs_r * stride_dn, mask=row_ok,
+                       other=0.0)
+        delta = delta - dlse.to(delta.dtype)
     # A row that attends nothing has lse = -inf; +inf makes every recomputed P exactly 0.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     out = bh.to(tl.int64) * Nq + offs_r
@@ -521,7 +529,7 @@ def _list_strides(index: torch.Tensor, count: torch.Tensor) -> tuple[int, ...]:
 
 def block_sparse_attention_backward_triton(
     q, k, v, y, lse, dy, lists, *, block_size: int, scale: float, is_causal: bool,
-    dq, dk, dv, allow_tf32: bool = False, config: BackwardConfig | None = None,
+    dq, dk, dv, dlse=None, allow_tf32: bool = False, config: BackwardConfig | None = None,
 ) -> None:
     """Write dq, dk, dv of block-sparse attention (no host synchronisation, no atomics).
 
@@ -535,15 +543,19 @@ def block_sparse_attention_backward_triton(
         lists: forward ``BlockLists`` of the pattern (``transposed()`` is used for dK/dV).
         block_size, scale, is_causal: as in the forward.
         dq, dk, dv: preallocated outputs shaped like q, k, v (same dtype); every valid
-            element is written (0 where nothing is attended), nothing past Nq/Nk.
+            element is written (0 where nothing is attended), nothing past Nq/Nk. dq None
+            skips the dQ kernel, dk and dv None (together) the dK/dV kernel.
+        dlse: gradient of lse ``[B, H, Nq]`` (any strides) or None (zero).
         allow_tf32: let f32 dots use TF32 (ieee otherwise).
         config: tile override (pinned in tests/benchmarks); default per dtype and head dim.
     """
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
+    if (dk is None) != (dv is None):
+        raise Unsupported("dk and dv must be given together (one kernel writes both)")
     for name, t in (("q", q), ("k", k), ("v", v), ("y", y), ("dy", dy), ("dq", dq), ("dk", dk),
                     ("dv", dv)):
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
+        if t is not None and t.stride(-1) != 1 and t.shape[-1] > 1:
             raise Unsupported(f"{name} has last-dim stride {t.stride(-1)}; expected 1; "
                               f"fix: pass {name}.contiguous()")
     if q.dtype not in _TORCH_TO_F64:
@@ -557,22 +569,18 @@ def block_sparse_attention_backward_triton(
         return
     if Nq == 0 or Nk == 0:
         # Nothing attends anything: every gradient that exists is 0.
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
+        for g in (dq, dk, dv):
+            if g is not None:
+                g.zero_()
         return
     cfg = config or default_backward_config(q.dtype, max(Dk, Dv), block_size)
     n_blocks = -(-max(Nq, Nk) // block_size)
     if B * H * n_blocks * -(-block_size // 16) >= 2**31:  # 16 = smallest tile
         raise Unsupported(f"B*H*blocks = {B * H * n_blocks} gives a grid over 2^31 programs; "
                           "fix: split the batch")
-    if q.device.type == "cuda":
-        with torch.cuda.device(q.device):  # Triton launches on the current device
-            _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv,
-                    allow_tf32, cfg)
-    else:  # TRITON_INTERPRET=1 on CPU tensors
-        _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv,
-                allow_tf32, cfg)
+    # The caller (the plan) makes q's device current: Triton launches on the current device.
+    _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
+            allow_tf32, cfg)
 
 
 # A work item counts as heavy when its list is this many times the mean list length.
@@ -612,8 +620,8 @@ def _launch_order(lists, for_dq: bool, B: int, H: int, tiles: int, mode: str) ->
     return lists.memo(("bwd-order", for_dq, B, H, tiles, mode), build)
 
 
-def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, allow_tf32,
-            cfg: BackwardConfig) -> None:
+def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
+            allow_tf32, cfg: BackwardConfig) -> None:
     """The three launches (see the module docstring); inputs already checked."""
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
@@ -632,47 +640,51 @@ def _launch(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv
     lse2 = torch.empty((B * H, Nq), dtype=acc_dtype, device=dev)
     block_r = max(16, 4096 // block_dv)  # ~32 live values per thread of 4 warps
     n_row_tiles = triton.cdiv(Nq, block_r)
+    dlse_arg = lse if dlse is None else dlse  # never read when HAS_DLSE is False
     _bwd_preprocess_kernel[(B * H * n_row_tiles,)](
-        y, dy, lse, delta, lse2, *_bhn(y), *_bhn(dy), lse.stride(0), lse.stride(1), lse.stride(2),
-        H, Nq, n_row_tiles, D_V=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, IS_F64=is_f64, num_warps=4)
+        y, dy, lse, dlse_arg, delta, lse2, *_bhn(y), *_bhn(dy), *_bhn(lse), *_bhn(dlse_arg),
+        H, Nq, n_row_tiles, D_V=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, IS_F64=is_f64,
+        HAS_DLSE=dlse is not None, num_warps=4)
 
     common = dict(BS=block_size, D_K=Dk, D_V=Dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                   IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision)
     nq, nk = -(-Nq // block_size), -(-Nk // block_size)
 
-    q_index, q_count_full, q_count = lists.transposed()
-    bn, tiles_n, _ = _tile(cfg.kv_block_n, block_size)
-    bm, subs_m, even_m = _tile(cfg.kv_block_m, block_size)
-    n_tiles = nk * tiles_n
-    tma = cfg.use_tma and even_m and tma_fallback_reason(q.dtype, dev, q, dy) is None
-    q_arg = row_tile_descriptor(q, bm, block_dk) if tma else q
-    dy_arg = row_tile_descriptor(dy, bm, block_dv) if tma else dy
-    order = _launch_order(lists, False, B, H, tiles_n, cfg.launch_order)
-    _bwd_dkdv_kernel[(B * H * n_tiles,)](
-        q_arg, k, v, dy_arg, lse2, delta, dk, dv, scale64, q_index, q_count_full, q_count,
-        order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
-        *_list_strides(q_index, q_count), H, n_tiles, Nq, Nk, float(scale), qk_scale,
-        BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, USE_TMA=tma,
-        **common,
-        num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
-        num_stages=cfg.kv_stages)
+    if dk is not None:  # dK/dV only when k or v needs a gradient
+        q_index, q_count_full, q_count = lists.transposed()
+        bn, tiles_n, _ = _tile(cfg.kv_block_n, block_size)
+        bm, subs_m, even_m = _tile(cfg.kv_block_m, block_size)
+        n_tiles = nk * tiles_n
+        tma = cfg.use_tma and even_m and tma_fallback_reason(q.dtype, dev, q, dy) is None
+        q_arg = row_tile_descriptor(q, bm, block_dk) if tma else q
+        dy_arg = row_tile_descriptor(dy, bm, block_dv) if tma else dy
+        order = _launch_order(lists, False, B, H, tiles_n, cfg.launch_order)
+        _bwd_dkdv_kernel[(B * H * n_tiles,)](
+            q_arg, k, v, dy_arg, lse2, delta, dk, dv, scale64, q_index, q_count_full, q_count,
+            order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
+            *_list_strides(q_index, q_count), H, n_tiles, Nq, Nk, float(scale), qk_scale,
+            BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, USE_TMA=tma,
+            **common,
+            num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
+            num_stages=cfg.kv_stages)
 
-    bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
-    bn, subs_n, even_n = _tile(cfg.q_block_n, block_size)
-    n_tiles = nq * tiles_m
-    tma = cfg.use_tma and even_n and tma_fallback_reason(q.dtype, dev, k, v) is None
-    k_arg = row_tile_descriptor(k, bn, block_dk) if tma else k
-    v_arg = row_tile_descriptor(v, bn, block_dv) if tma else v
-    order = _launch_order(lists, True, B, H, tiles_m, cfg.launch_order)
-    _bwd_dq_kernel[(B * H * n_tiles,)](
-        q, k_arg, v_arg, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
-        lists.kv_count, order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
-        *_list_strides(lists.kv_index, lists.kv_count), H, n_tiles, Nq, Nk,
-        float(scale), qk_scale,
-        BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, USE_TMA=tma,
-        **common,
-        num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
-        num_stages=cfg.q_stages)
+    if dq is not None:  # dQ only when q needs a gradient
+        bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
+        bn, subs_n, even_n = _tile(cfg.q_block_n, block_size)
+        n_tiles = nq * tiles_m
+        tma = cfg.use_tma and even_n and tma_fallback_reason(q.dtype, dev, k, v) is None
+        k_arg = row_tile_descriptor(k, bn, block_dk) if tma else k
+        v_arg = row_tile_descriptor(v, bn, block_dv) if tma else v
+        order = _launch_order(lists, True, B, H, tiles_m, cfg.launch_order)
+        _bwd_dq_kernel[(B * H * n_tiles,)](
+            q, k_arg, v_arg, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
+            lists.kv_count, order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
+            *_list_strides(lists.kv_index, lists.kv_count), H, n_tiles, Nq, Nk,
+            float(scale), qk_scale,
+            BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, USE_TMA=tma,
+            **common,
+            num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
+            num_stages=cfg.q_stages)
 
 
 __all__ = ["BackwardConfig", "block_sparse_attention_backward_triton", "default_backward_config"]

@@ -56,7 +56,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                    STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr,
                    USE_EXP2: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   USE_TMA: tl.constexpr):
+                   USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr):
     """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
 
     One flat loop over (block, column step) pairs, so the software pipeliner sees a single
@@ -69,9 +69,15 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
     offs_dk = tl.arange(0, DK_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     if not USE_TMA:
-        # In-tile offsets stay 32-bit (BLOCK_N rows); the block start is added in 64-bit.
-        k_tile = offs_n0[:, None] * stride_kn + offs_dk[None, :]
-        v_tile = offs_n0[:, None] * stride_vn + offs_dv[None, :]
+        # In-tile offsets stay 32-bit (BLOCK_N rows) unless BLOCK_N rows of K or V span 2^31
+        # elements or more (WIDE_TILE, decided by the launcher); the block start is added in
+        # 64-bit either way.
+        if WIDE_TILE:
+            rows_in_tile = offs_n0.to(tl.int64)[:, None]
+        else:
+            rows_in_tile = offs_n0[:, None]
+        k_tile = rows_in_tile * stride_kn + offs_dk[None, :]
+        v_tile = rows_in_tile * stride_vn + offs_dv[None, :]
     MASK_COLS: tl.constexpr = PARTIAL or (not EVEN_N)
     n_steps = (it_hi - it_lo) * STEPS
     # The key block of the next step is loaded one iteration ahead and carried: K/V
@@ -168,7 +174,7 @@ def _block_sparse_fwd_kernel(
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
 
@@ -220,14 +226,17 @@ def _block_sparse_fwd_kernel(
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, 0, n_full, offs_m,
         stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION, USE_TMA)
+        STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION, USE_TMA,
+        WIDE_TILE)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, n_full, n_all, offs_m,
         stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION, USE_TMA)
+        STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION, USE_TMA,
+        WIDE_TILE)
 
-    # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf.
-    has_key = l_i > 0
+    # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
+    # or inf in q or k) make l NaN: such a row is not "empty", its NaN reaches y and lse.
+    has_key = l_i != 0
     l_safe = tl.where(has_key, l_i, 1.0)
     y = acc / l_safe[:, None]
     if USE_EXP2:
@@ -241,6 +250,12 @@ def _block_sparse_fwd_kernel(
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
     lse_ptrs = LSE + b64 * stride_lb + h64 * stride_lh + rows64 * stride_lm
     tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=row_ok)
+
+
+def wide_tile_offsets(rows: int, *row_strides_and_widths: int) -> bool:
+    """True when a tile of ``rows`` rows at the given row strides (and widths) spans 2^31
+    elements or more: its in-tile offsets then need 64-bit arithmetic."""
+    return rows * max(abs(x) for x in row_strides_and_widths) >= 2**31
 
 
 def block_sparse_attention_forward_triton(
@@ -328,5 +343,6 @@ def block_sparse_attention_forward_triton(
         TILES_PER_BLOCK=tiles_per_block, STEPS=-(-block_size // bn),
         EVEN_N=(block_size % bn == 0), IS_CAUSAL=bool(is_causal),
         SCALE_NONNEG=(scale >= 0), IS_F64=is_f64, DOT_PRECISION=precision, USE_TMA=use_tma,
+        WIDE_TILE=wide_tile_offsets(bn, k.stride(2), v.stride(2), d_k, d_v),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

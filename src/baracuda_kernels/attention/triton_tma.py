@@ -21,19 +21,15 @@ uses the pointer path (``tma_fallback_reason`` says why). Rules checked:
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
+from ..core.runtime import triton_interpreting
+
 TMA_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def interpreter_active() -> bool:
-    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def tma_strides(shape, strides, elem_bytes: int) -> list[int]:
@@ -82,7 +78,7 @@ def tma_fallback_reason(dtype: torch.dtype, device: torch.device, *tensors) -> s
     """Why a kernel must not load these tensors through TMA, or None."""
     if dtype not in TMA_DTYPES:
         return f"dtype {dtype} (TMA path is for float16/bfloat16)"
-    if not interpreter_active():
+    if not triton_interpreting():
         if device.type != "cuda":
             return f"device {device} (needs CUDA sm90+ or TRITON_INTERPRET)"
         index = device.index if device.index is not None else torch.cuda.current_device()

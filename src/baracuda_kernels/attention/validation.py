@@ -55,20 +55,30 @@ def check_outputs(desc: SdpaBlockSparseDescriptor, device, y, lse) -> None:
 
 
 def canonical_pattern(desc: SdpaBlockSparseDescriptor, pattern, device: Optional[torch.device]) -> torch.Tensor:
-    """Validate a block pattern and return it as bool [Bp, Hp, nq, nk] (Bp in {1,B}, Hp in {1,H}).
+    """Validate a block pattern and return it as a 4-D view [Bp, Hp, nq, nk] (Bp in {1,B},
+    Hp in {1,H}), bool or uint8 as given (no copy: non-zero = active).
 
     Accepts a uint8/bool tensor in the flat layout [B|1, H|1, nq*nk] or as [B|1, H|1, nq, nk],
     or any object with a ``mask`` tensor and ``block_size`` / ``query_len`` / ``key_len``
     attributes (a BlockPattern), whose geometry must match the descriptor.
     """
-    nq, nk = desc.num_blocks_q, desc.num_blocks_k
     if hasattr(pattern, "mask") and hasattr(pattern, "block_size"):
         _check_pattern_geometry(desc, pattern)
         pattern = pattern.mask
+    return pattern_view(pattern, desc.num_blocks_q, desc.num_blocks_k, desc.block_size,
+                        (desc.query_len, desc.key_len), device, desc.batch_size, desc.num_heads)
+
+
+def pattern_view(pattern, nq: int, nk: int, block_size: int, lengths: tuple[int, int],
+                 device: Optional[torch.device], batch: Optional[int] = None,
+                 heads: Optional[int] = None) -> torch.Tensor:
+    """A raw pattern tensor as a 4-D view [Bp, Hp, nq, nk], checked (dtype, device, shape).
+
+    ``batch`` / ``heads``: when given, Bp and Hp must be 1 or equal to them."""
     if not isinstance(pattern, torch.Tensor):
         raise InvalidProblem(
             f"block_pattern is a {type(pattern).__name__}; expected a bool/uint8 tensor "
-            f"[B, H, nq, nk] or [B, H, nq*nk], or a BlockPattern.")
+            f"[B, H, nq, nk] or [B, H, nq*nk], a BlockPattern or a PreparedPattern.")
     if pattern.dtype not in (torch.bool, torch.uint8):
         raise InvalidProblem(
             f"block_pattern has dtype {pattern.dtype}; expected torch.bool or torch.uint8. "
@@ -77,17 +87,52 @@ def canonical_pattern(desc: SdpaBlockSparseDescriptor, pattern, device: Optional
         raise InvalidProblem(
             f"block_pattern is on {pattern.device}; expected {device} like q. "
             f"Move it with block_pattern.to(q.device) once, outside the training loop.")
-    B, H = desc.batch_size, desc.num_heads
-    ok_lead = pattern.dim() in (3, 4) and pattern.shape[0] in (1, B) and pattern.shape[1] in (1, H)
-    if ok_lead and pattern.dim() == 3 and pattern.shape[2] == nq * nk:
-        pattern = pattern.reshape(pattern.shape[0], pattern.shape[1], nq, nk)
-    elif not (ok_lead and pattern.dim() == 4 and tuple(pattern.shape[2:]) == (nq, nk)):
-        raise InvalidProblem(
-            f"block_pattern has shape {tuple(pattern.shape)}; expected ({B}, {H}, {nq * nk}) = "
-            f"[B, H, nq*nk] with nq={nq}, nk={nk} for block_size={desc.block_size} "
-            f"(Nq={desc.query_len}, Nk={desc.key_len}), or ({B}, {H}, {nq}, {nk}) = [B, H, nq, nk]; "
-            f"B and H may be 1 to broadcast.")
-    return pattern if pattern.dtype == torch.bool else pattern != 0
+    lead_ok = pattern.dim() in (3, 4) and \
+        (batch is None or pattern.shape[0] in (1, batch)) and \
+        (heads is None or pattern.shape[1] in (1, heads))
+    if lead_ok and pattern.dim() == 3 and pattern.shape[2] == nq * nk:
+        return pattern.view(pattern.shape[0], pattern.shape[1], nq, nk) if pattern.is_contiguous() \
+            else pattern.reshape(pattern.shape[0], pattern.shape[1], nq, nk)
+    if lead_ok and pattern.dim() == 4 and tuple(pattern.shape[2:]) == (nq, nk):
+        return pattern
+    B = "B" if batch is None else batch
+    H = "H" if heads is None else heads
+    raise InvalidProblem(
+        f"block_pattern has shape {tuple(pattern.shape)}; expected ({B}, {H}, {nq * nk}) = "
+        f"[B, H, nq*nk] with nq={nq}, nk={nk} for block_size={block_size} "
+        f"(Nq={lengths[0]}, Nk={lengths[1]}), or ({B}, {H}, {nq}, {nk}) = [B, H, nq, nk]; "
+        f"B and H may be 1 to broadcast.")
+
+
+def _byte_span(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """(storage address, first byte, one past the last byte) that ``t`` can touch."""
+    if t.numel() == 0:
+        return None
+    extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return t.untyped_storage().data_ptr(), start, start + (extent + 1) * t.element_size()
+
+
+def check_no_overlap(outputs: dict, inputs: dict) -> None:
+    """InvalidProblem when an output buffer shares memory with an input or another output.
+
+    Conservative (compares the byte ranges the views can touch, not element sets): a kernel
+    writing an output while reading an overlapping input would give a wrong answer, and the
+    outputs are written in place, so both must be distinct memory."""
+    spans = {name: _byte_span(t) for name, t in {**inputs, **outputs}.items() if t is not None}
+    names = list(spans)
+    for i, out in enumerate(names):
+        if out not in outputs or spans[out] is None:
+            continue
+        for other in names:
+            if other == out or spans[other] is None or (other in outputs and names.index(other) < i):
+                continue
+            a, b = spans[out], spans[other]
+            if a[0] == b[0] and a[1] < b[2] and b[1] < a[2]:
+                raise InvalidProblem(
+                    f"{out} shares memory with {other}; expected an output buffer of its own "
+                    f"(outputs are written in place while inputs are read). Pass a fresh "
+                    f"tensor (torch.empty_like) as {out}, or None to let the plan allocate it.")
 
 
 def _check_pattern_geometry(desc: SdpaBlockSparseDescriptor, pattern) -> None:

@@ -108,7 +108,7 @@ class BlockPattern:
         (torch.Size([1, 1, 32, 32]), True, False, 659206)
 
     Methods: ``density()``, ``row_counts()``, ``col_counts()``, ``num_active_blocks()``,
-    ``nbytes``, ``computed_token_pairs()``, ``flop_token_pairs()``, ``exact`` /
+    ``nbytes``, ``prepare(device)``, ``computed_token_pairs()``, ``flop_token_pairs()``, ``exact`` /
     ``extra_token_pairs`` / ``exact_mask`` / ``coarsening_report()``,
     ``to_dense_token_mask()``, ``to(device)``, ``&`` ``|`` ``~``, ``to_bsr()`` /
     ``from_bsr()``, ``to_flex_block_mask()`` / ``from_flex_block_mask()``, ``draw()`` /
@@ -348,6 +348,12 @@ class BlockPattern:
         if "computed" in self._cache:
             out._cache["computed"] = self._cache["computed"]
         return out
+
+    def prepare(self, device=None):
+        """A ``PreparedPattern`` of this pattern on ``device`` (default: the pattern's): its
+        block lists built once, so attention calls that take it do no pattern work."""
+        from ..prepared import PreparedPattern  # attention layer above this package
+        return PreparedPattern.build(self, device=device)
 
     def cpu(self) -> "BlockPattern":
         return self.to("cpu")
