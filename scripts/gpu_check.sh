@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|all] [extra pytest args...]
+#   bash scripts/gpu_check.sh [tests|bench|probe|all] [extra pytest args...]
+# (two stages fit one 10-minute device call: run tests+probe and bench as separate calls)
 # Runs from the working tree (no install); the device image has torch and triton.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,11 +18,16 @@ shift || true
 cat "$OUT/device.txt"
 
 status=0
-if [[ "$stage" == tests || "$stage" == all ]]; then
+if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == all ]]; then
   # Triton compiles on the host CPU: several workers keep the card busy while others compile.
   python3 -m pytest tests -q -n 8 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
   status=$?
   tail -n 25 "$OUT/gpu_tests.log"
+fi
+if [[ "$stage" == probe || "$stage" == tests+probe || "$stage" == all ]]; then
+  # Host overhead: list building vs forward GPU time, eager vs CUDA-graph step, launches.
+  python3 scripts/probe_host_overhead.py > "$OUT/probe_host_overhead.log" 2>&1 || status=$?
+  cat "$OUT/probe_host_overhead.log"
 fi
 if [[ "$stage" == bench || "$stage" == all ]]; then
   python3 -m baracuda_kernels bench --preset kernels --out "$OUT/bench" 2> "$OUT/bench_progress.log" > "$OUT/bench.log" || status=$?

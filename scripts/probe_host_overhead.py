@@ -1,24 +1,32 @@
-"""Host (CPU) cost of one training step through block_sparse_attention, per backward variant.
+"""Host cost of block-sparse attention calls, and what the GPU does meanwhile.
 
     PYTHONPATH=src python scripts/probe_host_overhead.py
 
-At low density the GPU finishes before Python has submitted the next launch, so the step
-time is the host's. This times, in one process: the fwd+bwd step (do_bench, as the bench
-does) and its host-only submission time, for the default backward and variants (TMA off,
-head-major order), and the pieces of the launcher's Python work.
+On the benchmark problem (bf16, B=2, H=16, N=8192, D=128, block 128, random per-head
+patterns as in the bench) this prints, in one process on one card:
+
+* list building from a raw pattern: GPU time per build (a CUDA graph of 20 builds replayed,
+  so host time is excluded) against the forward kernel's GPU time at each density, and the
+  host time of one build call;
+* per density: forward and training-step (fwd + bwd through autograd) time eager (what a
+  user's loop sees, triton.testing.do_bench), the same work replayed from a CUDA graph (the
+  GPU-only time), the host submission time of one eager call, and the CUDA kernels launched
+  per call (torch.profiler), for a prepared pattern and for a raw pattern tensor.
 """
-import dataclasses
 import time
 
 import torch
 import triton
 
-from baracuda_kernels.attention import block_sparse_attention, triton_bwd
+from baracuda_kernels import block_sparse_attention, prepare_pattern
 from baracuda_kernels.attention.block_lists import BlockLists
-from baracuda_kernels.attention.triton_tma import row_tile_descriptor, tma_fallback_reason
+
+B, H, N, D, BS = 2, 16, 8192, 128, 128
+DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05, 0.02)
 
 
 def host_ms(fn, n=50):
+    """Mean host time to submit ``fn`` (the GPU runs behind; synchronised before and after)."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -29,49 +37,74 @@ def host_ms(fn, n=50):
     return host
 
 
+def graph_ms(fn, repeats_inside=1):
+    """GPU time of ``fn`` replayed from a CUDA graph (per call of fn)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats_inside):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=200) / repeats_inside
+
+
+def kernels_launched(fn) -> int:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def main():
-    B, H, N, D, bs = 2, 16, 8192, 128, 128
     gen = torch.Generator().manual_seed(0)
     q, k, v, dy = (torch.randn(B, H, N, D, generator=gen).to("cuda", torch.bfloat16)
                    for _ in range(4))
     xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    real_default = triton_bwd.default_backward_config
-    variants = {
-        "default": lambda cfg: cfg,
-        "no tma": lambda cfg: dataclasses.replace(cfg, use_tma=False),
-        "head-major": lambda cfg: dataclasses.replace(cfg, launch_order="head-major"),
-        "no tma, head-major": lambda cfg: dataclasses.replace(cfg, use_tma=False,
-                                                              launch_order="head-major"),
-    }
-    for density in (0.05, 0.25):
-        pattern = (torch.rand(B, H, N // bs, N // bs, generator=gen) < density).cuda()
-        step = lambda: torch.autograd.grad(  # noqa: E731
-            block_sparse_attention(*xs, pattern, block_size=bs), xs, dy)
-        fwd = lambda: block_sparse_attention(q, k, v, pattern, block_size=bs)  # noqa: E731
-        print(f"\ndensity {density}: forward only {triton.testing.do_bench(fwd):.3f} ms "
-              f"(host {host_ms(fwd):.3f} ms)")
-        for name, change in variants.items():
-            triton_bwd.default_backward_config = lambda *a, c=change: c(real_default(*a))
-            ms = triton.testing.do_bench(step, warmup=25, rep=200)
-            print(f"  fwd+bwd {name:<20} {ms:.3f} ms   host {host_ms(step):.3f} ms")
-        triton_bwd.default_backward_config = real_default
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"bf16 B={B} H={H} N={N} D={D} block {BS}; random per-head patterns\n")
+    header = ("density  build_gpu_us  fwd_gpu_us  build/fwd | fwd eager / graph / host ms, "
+              "launches | step eager / graph / host ms, launches | raw-pattern fwd / step ms")
+    print(header)
+    for density in DENSITIES:
+        nb = N // BS
+        mask = torch.rand(B, H, nb, nb, generator=gen) < density
+        mask[..., torch.arange(nb), torch.arange(nb)] = True  # no empty rows
+        mask = mask.cuda()
+        prepared = prepare_pattern(mask, query_len=N, block_size=BS)
 
-    lists = BlockLists.build(pattern, N, N, bs, False)
-    pieces = {
-        "row_tile_descriptor x1": lambda: row_tile_descriptor(q, 64, 128),
-        "tma_fallback_reason(q, dy)": lambda: tma_fallback_reason(q.dtype, q.device, q, dy),
-        "_launch_order (cached)": lambda: triton_bwd._launch_order(
-            lists, True, B, H, 1, "heavy-first"),
-        "lists.transposed (cached)": lambda: lists.transposed(),
-        "torch.empty x1": lambda: torch.empty_like(q),
-    }
-    print()
-    for name, fn in pieces.items():
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(1000):
-            fn()
-        print(f"  {name:<28} {(time.perf_counter() - t0):.3f} ms per 1000")
+        def build():
+            return BlockLists.build(mask, N, N, BS, False, use_triton=True)
+        build_gpu = graph_ms(build, repeats_inside=20) * 1e3
+
+        def fwd(p=prepared):
+            return block_sparse_attention(q, k, v, p, block_size=BS)
+
+        def step(p=prepared):
+            return torch.autograd.grad(block_sparse_attention(*xs, p, block_size=BS), xs, dy)
+
+        fwd_gpu = graph_ms(fwd)
+        row = [f"{density:7.2f}  {build_gpu:12.1f}  {fwd_gpu * 1e3:10.1f}  {build_gpu / (fwd_gpu * 1e3):9.3f}"]
+        row.append(f"{triton.testing.do_bench(fwd):.3f} / {fwd_gpu:.3f} / {host_ms(fwd):.3f}, "
+                   f"{kernels_launched(fwd)}")
+        step_gpu = graph_ms(step)
+        row.append(f"{triton.testing.do_bench(step):.3f} / {step_gpu:.3f} / {host_ms(step):.3f}, "
+                   f"{kernels_launched(step)}")
+        raw_fwd = triton.testing.do_bench(lambda: fwd(mask))
+        raw_step = triton.testing.do_bench(lambda: step(mask))
+        row.append(f"{raw_fwd:.3f} / {raw_step:.3f}")
+        print(" | ".join(row), flush=True)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        build()
+    print(f"\nhost time of one raw-pattern list build call: "
+          f"{(time.perf_counter() - t0) / 200 * 1e6:.1f} us")
+    torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

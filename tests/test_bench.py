@@ -1,5 +1,6 @@
 """The benchmark harness itself (CPU): argument parsing, the FLOP convention on hand-computed
-cases, the files of a --quick CPU run, and unavailable/crashing baselines reported as rows."""
+cases, the files of a --quick CPU run, unavailable/crashing baselines reported as rows, and the
+host-overhead modes (step, unprepared, step-graph: its CUDA path is the GPU run's)."""
 
 import csv
 import json
@@ -11,9 +12,11 @@ import torch
 from baracuda_kernels import cli
 from baracuda_kernels.attention.patterns import causal as causal_pattern
 from baracuda_kernels.attention.patterns import random_blocks
-from baracuda_kernels.bench import baselines, report
+from baracuda_kernels.bench import baselines, graphs, report
 from baracuda_kernels.bench import cli as bench_cli
-from baracuda_kernels.bench.cases import Geometry, PatternSpec, preset_grids
+from baracuda_kernels.bench import runner as bench_runner
+from baracuda_kernels.bench.cases import (HOST_MODES, MAIN_MODES, Geometry, PatternSpec,
+                                          merge_cases, preset_grids)
 from baracuda_kernels.bench.flops import computed_pairs, mode_flops, tflops
 from baracuda_kernels.bench.runner import Sweep, derive
 
@@ -30,12 +33,19 @@ def test_parse_lists_and_aliases():
               "--modes", "fwd,fwdbwd", "--dtypes", "bf16,float16", "--seq-lens", "256,512",
               "--impls", "ours,flex", "--device", "cpu")
     assert a.preset == "quick" and a.run is bench_cli.run
-    assert a.densities == (0.5, 0.1) and a.modes == ("fwd", "fwd+bwd")
+    assert a.densities == (0.5, 0.1) and a.modes == ("fwd", "step")
     assert a.dtypes == ("bf16", "f16") and a.seq_lens == (256, 512) and a.impls == ("ours", "flex")
     cases = bench_cli.build_cases(a, on_gpu=False)
     names = [c.pattern.name for c in cases if c.geometry.seq_len == 256 and c.geometry.dtype == "bf16"]
     assert names == ["dense", "causal", "random50", "random10"]      # dense first: the yardstick
-    assert {c.modes for c in cases} == {("fwd", "fwd+bwd")}
+    assert {c.modes for c in cases} == {("fwd", "step")}
+
+
+def test_mode_names_and_the_fwd_bwd_alias():
+    assert parse("--modes", "fwd+bwd").modes == ("step",)          # the old name of step
+    a = parse("--modes", "fwd,bwd,step,step-graph,unprepared")
+    assert a.modes == ("fwd", "bwd", "step", "step-graph", "unprepared")
+    assert parse("--modes", "train,graph,Step_Graph").modes == ("step", "step-graph", "step-graph")
 
 
 def test_densities_alone_redensify_the_preset():
@@ -59,15 +69,62 @@ def test_unknown_pattern_is_a_clear_error(capsys):
 
 
 def test_kernels_preset_matches_the_kernel_issues():
-    cases = [c for g in preset_grids("kernels", on_gpu=True) for c in g.cases()]
-    main = [c for c in cases if c.geometry == Geometry(2, 16, 8192, 128, "bf16", 128)]
-    assert [c.pattern.name for c in main] == ["dense", "causal", "sliding_window", "random50",
-                                              "random25", "random10", "random5"]
-    assert all(c.modes == ("fwd", "bwd", "fwd+bwd") for c in cases)
+    grids = preset_grids("kernels", on_gpu=True)
+    main_geo = Geometry(2, 16, 8192, 128, "bf16", 128)
+    assert [c.pattern.name for c in grids[0].cases()] == [
+        "dense", "causal", "sliding_window", "random50", "random25", "random10", "random5"]
+    assert all(g.modes == MAIN_MODES for g in grids[:3])
+    host = grids[3]
+    assert host.modes == HOST_MODES and host.impls == ("ours", "flex")
+    assert [c.pattern.name for c in host.cases()] == ["dense", "random10", "random5", "random2",
+                                                      "sliding_window"]
+    assert {c.geometry for c in host.cases()} == {main_geo}
+    cases = bench_cli.build_cases(parse("--preset", "kernels"), on_gpu=True)
+    assert len(cases) == len({(c.geometry, c.pattern) for c in cases})     # merged, once each
+    main = {c.pattern.name: c for c in cases if c.geometry == main_geo}
+    assert list(main) == ["dense", "causal", "sliding_window", "random50", "random25",
+                          "random10", "random5", "random2"]
+    assert main["causal"].pairs() == [(i, m) for i in ("ours", "flex", "sdpa") for m in MAIN_MODES]
+    r5 = set(main["random5"].pairs())
+    assert {("ours", "step-graph"), ("flex", "step-graph"), ("ours", "unprepared"),
+            ("sdpa", "step")} <= r5
+    assert ("flex", "unprepared") not in r5 and ("sdpa", "step-graph") not in r5
+    assert main["random2"].pairs() == [("ours", m) for m in HOST_MODES] + [
+        ("flex", m) for m in HOST_MODES if m != "unprepared"]
     b64 = [c for c in cases if c.geometry.block_size == 64]
     assert [c.pattern.name for c in b64] == ["dense", "random25"] and b64[0].impls == ("ours", "flex")
     long = [c for c in cases if c.geometry.seq_len == 32768]
     assert {c.geometry.head_dim for c in long} == {64} and "sliding_window" in [c.pattern.name for c in long]
+    assert all(c.modes == MAIN_MODES for c in b64 + long)
+
+
+def test_quick_presets_have_no_step_graph():
+    for on_gpu in (False, True):
+        for g in preset_grids("quick", on_gpu):
+            assert "step-graph" not in g.modes
+    assert "unprepared" in preset_grids("quick", on_gpu=False)[0].modes
+
+
+def test_low_densities_parse_and_name():
+    assert PatternSpec("random", 0.02).name == "random2"
+    assert PatternSpec.parse("random2") == [PatternSpec("random", 0.02)]
+    assert PatternSpec.parse("random", (0.1, 0.05, 0.02)) == PatternSpec.parse("random10") + \
+        PatternSpec.parse("random5") + PatternSpec.parse("random0.02")
+    assert parse("--densities", "0.02,2%").densities == (0.02, 0.02)
+    assert PatternSpec("random", 0.005).name == "random0.5"
+
+
+def test_merge_cases_keeps_each_grid_pairs():
+    from baracuda_kernels.bench.cases import Case
+    geo, pat = Geometry(1, 2, 128, 16, "f32", 32), PatternSpec("dense")
+    a = Case(geo, pat, ("fwd", "bwd"), ("ours", "sdpa"))
+    b = Case(geo, pat, ("fwd", "step-graph", "unprepared"), ("ours", "flex"))
+    (m,) = merge_cases([a, b])
+    assert m.modes == ("fwd", "bwd", "step-graph", "unprepared") and m.impls == ("ours", "sdpa", "flex")
+    assert set(m.pairs()) == {("ours", "fwd"), ("ours", "bwd"), ("ours", "step-graph"),
+                              ("ours", "unprepared"), ("sdpa", "fwd"), ("sdpa", "bwd"),
+                              ("flex", "fwd"), ("flex", "step-graph")}
+    assert merge_cases([a, a]) == [a]
 
 
 def test_list_prints_cases(capsys):
@@ -108,7 +165,9 @@ def test_flops_per_head_patterns_and_mode_factors():
     assert mode_flops(pairs, 64, 64, "fwd") == 4 * 64 * pairs
     assert mode_flops(pairs, 64, 32, "fwd") == 2 * (64 + 32) * pairs
     assert mode_flops(pairs, 64, 64, "bwd") == 2.5 * 4 * 64 * pairs
-    assert mode_flops(pairs, 64, 64, "fwd+bwd") == 3.5 * 4 * 64 * pairs
+    assert mode_flops(pairs, 64, 64, "step") == 3.5 * 4 * 64 * pairs
+    assert mode_flops(pairs, 64, 64, "step-graph") == 3.5 * 4 * 64 * pairs
+    assert mode_flops(pairs, 64, 64, "unprepared") == 4 * 64 * pairs
     assert tflops(2e12, 1000.0) == pytest.approx(2.0)
 
 
@@ -126,6 +185,35 @@ def test_derived_columns():
     assert rows[3]["skip_ratio"] == pytest.approx(4.0 / (0.25 * 8.0)) and "vs_flex" not in rows[3]
 
 
+def test_derived_host_overhead():
+    def row(mode, impl, ms, pattern="random5"):
+        return dict(geometry="g", pattern=pattern, mode=mode, impl=impl, status="ok",
+                    time_ms=ms, work_fraction=0.05)
+    rows = [row("fwd", "ours", 0.20), row("unprepared", "ours", 0.26),
+            row("step", "ours", 1.20), row("step-graph", "ours", 0.80),
+            row("step", "flex", 1.00), row("step-graph", "flex", 0.96),
+            row("step", "ours", 2.0, "random10"),                     # no graph: no overhead
+            dict(row("step-graph", "ours", 0, "random10"), status="unavailable")]
+    derive(rows)
+    by = {(r["pattern"], r["impl"], r["mode"]): r for r in rows}
+    assert by[("random5", "ours", "step")]["overhead_ms"] == pytest.approx(0.40)
+    assert by[("random5", "ours", "unprepared")]["overhead_ms"] == pytest.approx(0.06)
+    assert "overhead_ms" not in by[("random5", "ours", "step-graph")]
+    assert "overhead_ms" not in by[("random10", "ours", "step")]
+    assert by[("random5", "ours", "step-graph")]["vs_flex"] == pytest.approx(0.96 / 0.80)
+    assert by[("random5", "ours", "step")]["vs_flex"] == pytest.approx(1.00 / 1.20)
+    (e,) = report.host_overhead(rows)
+    assert e["pattern"] == "random5" and e["host"] == pytest.approx(0.40)
+    assert e["host_share"] == pytest.approx(0.40 / 1.20) and e["lists"] == pytest.approx(0.06)
+    assert e["graph_vs_flex"] == pytest.approx(1.2)
+    text = report.format_host_overhead(rows)
+    assert "Host overhead (ours)" in text and "0.400" in text and "33%" in text and "1.20x" in text
+    plain = [{k: v for k, v in r.items() if k != "overhead_ms"} for r in rows
+             if r["mode"] in ("fwd", "step")]
+    derive(plain)
+    assert report.format_host_overhead(plain) == ""
+
+
 # ------------------------------------------------------------------ a --quick CPU run
 def test_quick_cpu_run_writes_csv_json_png(tmp_path, capsys):
     rc = cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path), *FAST])
@@ -136,8 +224,11 @@ def test_quick_cpu_run_writes_csv_json_png(tmp_path, capsys):
     with open(tmp_path / "bench.csv") as f:
         rows = list(csv.DictReader(f))
     ours = [r for r in rows if r["impl"] == "ours"]
-    assert {r["mode"] for r in ours} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["mode"] for r in ours} == {"fwd", "bwd", "step", "unprepared"}
     assert all(r["status"] == "ok" and float(r["tflops"]) > 0 and r["check"] == "ok" for r in ours)
+    assert all(r["overhead_ms"] != "" for r in ours if r["mode"] == "unprepared")
+    assert not [r for r in rows if r["mode"] == "unprepared" and r["impl"] != "ours"]
+    assert "Host overhead (ours)" in out
     assert all(r["card"].startswith("CPU") and r["torch"] == torch.__version__ and
                "bench --preset quick" in r["command"] for r in rows)
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -210,6 +301,71 @@ def test_wrong_output_fails_the_check(monkeypatch, tmp_path, capsys):
                    "--out", str(tmp_path), "--no-plots", *FAST])
     out = capsys.readouterr().out
     assert rc == 1 and "CHECK FAILED" in out
+
+
+# ------------------------------------------------------------------ host-overhead modes
+def test_step_graph_is_unavailable_on_cpu_and_unprepared_is_ours_only():
+    sweep = Sweep(_tiny_cases(("ours", "flex", "sdpa"), patterns=("dense",),
+                              modes=("step", "step-graph", "unprepared")),
+                  torch.device("cpu"), _options(), progress=False)
+    rows = sweep.run()
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    assert by[("ours", "step")]["status"] == "ok" and by[("ours", "unprepared")]["status"] == "ok"
+    assert by[("ours", "unprepared")]["check"] == "ok"
+    assert by[("sdpa", "step-graph")]["status"] == "unavailable"
+    graph = by[("ours", "step-graph")]
+    assert graph["status"] == "unavailable" and "CUDA graphs need a CUDA device" in graph["reason"]
+    assert ("flex", "unprepared") not in by and ("sdpa", "unprepared") not in by
+    assert not sweep.check_failures
+
+
+def test_ours_uses_the_prepared_pattern(monkeypatch):
+    class Prepared:        # stands in for a PreparedPattern: a BlockPattern's geometry and mask
+        def __init__(self, pattern):
+            self._pattern = pattern
+
+        def __getattr__(self, name):
+            return getattr(self._pattern, name)
+
+    class Preparable(Prepared):   # a BlockPattern with prepare() (the API being added)
+        def prepare(self):
+            seen.append("prepare")
+            return Prepared(self._pattern)
+
+    seen, calls = [], []
+    case = _tiny_cases(("ours",), patterns=("random25",))[-1]
+    from baracuda_kernels.bench.cases import build_pattern
+    pattern = Preparable(build_pattern(case.pattern, case.geometry))
+    q, k, v, dy = bench_runner._inputs(case.geometry, torch.device("cpu"), 0)
+    inputs = baselines.Inputs(q, k, v, dy, pattern, case.pattern, case.geometry)
+    real = baselines.block_sparse_attention
+    monkeypatch.setattr(baselines, "block_sparse_attention",
+                        lambda *a, **kw: calls.append(type(a[3]).__name__) or real(*a, **kw))
+    p = baselines.prepare_ours(inputs, _options())
+    assert seen == ["prepare"]                       # once, at setup
+    xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    torch.autograd.grad(p.train(*xs), xs, dy)
+    p.unprepared()
+    p.unprepared()
+    assert seen == ["prepare"] and calls == ["Prepared", "Tensor", "Tensor"]
+
+
+@pytest.mark.parametrize("error", [0.0, 0.5, float("nan")])
+def test_step_graph_replay_is_checked_before_timing(monkeypatch, error):
+    # The capture itself needs CUDA; this checks what the runner does with its verdict.
+    step = types.SimpleNamespace(replay=lambda: None, setup_s=0.0)
+    monkeypatch.setattr(graphs, "capture_step", lambda *a, **kw: step)
+    monkeypatch.setattr(graphs, "replay_error", lambda s, train: error)
+    sweep = Sweep(_tiny_cases(("ours",), patterns=("dense",), modes=("step-graph",)),
+                  torch.device("cpu"), _options(), progress=False)
+    (row,) = sweep.run()
+    if error == 0.0:
+        assert row["status"] == "ok" and row["time_ms"] >= 0 and row["check"] == "ok"
+        assert not sweep.check_failures
+    else:
+        assert row["status"] == "error" and "time_ms" not in row and row["check"] == "FAIL"
+        assert "differs from the eager step" in row["reason"]
+        assert len(sweep.check_failures) == 1 and "step-graph" in sweep.check_failures[0]
 
 
 # ------------------------------------------------------------------ GPU (the lead's run)

@@ -1,8 +1,11 @@
 """The implementations a case is timed with, all in the same process on the same device.
 
-* ``ours``: ``SdpaBlockSparsePlan`` (forward timing: ``plan.run`` with preallocated outputs
-  and the pattern's cached block lists) and ``block_sparse_attention`` (autograd, for
-  backward). Triton on CUDA, the reference backend on CPU.
+* ``ours``: ``SdpaBlockSparsePlan`` (forward timing: ``plan.run`` with preallocated outputs)
+  and ``block_sparse_attention`` (autograd: bwd, step, step-graph), both given the pattern
+  prepared once (``BlockPattern.prepare()``: block lists built once, no pattern work per
+  call), as a model that keeps its pattern would. Mode ``unprepared`` calls
+  ``block_sparse_attention`` with a new view of the mask every call, so the lists are
+  rebuilt each time. Triton on CUDA, the reference backend on CPU.
 * ``flex``: FlexAttention with a ``BlockMask`` of the same pattern (``to_flex_block_mask``:
   full blocks without mask_mod, ``kv_idx <= q_idx`` on the blocks the diagonal crosses),
   compiled (``torch.compile(flex_attention, dynamic=False)``) on CUDA, eager on CPU, where a
@@ -61,12 +64,14 @@ class Inputs:
 @dataclass
 class Prepared:
     """A ready implementation: ``infer()`` runs the forward on the case's tensors without
-    autograd; ``train(q, k, v)`` is a differentiable forward returning y."""
+    autograd; ``train(q, k, v)`` is a differentiable forward returning y; ``unprepared()``
+    (ours only, else None: no such mode) is the forward given a new pattern object."""
 
     detail: str
     infer: Callable[[], torch.Tensor]
     train: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     train_detail: Optional[str] = None
+    unprepared: Optional[Callable[[], torch.Tensor]] = None
     setup_s: float = 0.0
     notes: list = field(default_factory=list)
     train_error: Optional[tuple] = None   # (status, reason) once backward failed
@@ -93,23 +98,39 @@ def _descriptor(inputs: Inputs) -> SdpaBlockSparseDescriptor:
                                      element=g.dtype)
 
 
+def prepared_pattern(inputs: Inputs):
+    """The case's pattern prepared once (block lists built now, none per call): a
+    PreparedPattern where BlockPattern.prepare exists, else the BlockPattern itself (versions
+    before it, whose plans cached the lists per pattern tensor). Either carries block_size
+    and is_causal, so calls pass neither."""
+    pattern = inputs.pattern
+    return pattern.prepare() if hasattr(pattern, "prepare") else pattern
+
+
 def _plan_based(inputs: Inputs, backend: Optional[str]) -> Prepared:
     g = inputs.geometry
     plan = SdpaBlockSparsePlan.select(_descriptor(inputs), device=inputs.device, backend=backend)
-    mask = inputs.pattern.mask
-    args = SdpaBlockSparseArgs(inputs.q, inputs.k, inputs.v, mask)
     t0 = time.perf_counter()
+    prepared = prepared_pattern(inputs)
+    args = SdpaBlockSparseArgs(inputs.q, inputs.k, inputs.v, prepared)
     plan.run(args)                 # allocates args.y / args.lse once; later runs reuse them
     _sync(inputs.device)
     chosen = plan.backend.value
+    q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.pattern.mask
 
-    def train(q, k, v):
-        return block_sparse_attention(q, k, v, mask, block_size=g.block_size,
+    def train(q_, k_, v_):
+        return block_sparse_attention(q_, k_, v_, prepared, backend=chosen)
+
+    def unprepared():
+        # A fresh view (no copy) per call: a new pattern object, as when a model builds its
+        # pattern inside forward, so nothing cached on the pattern can be reused.
+        return block_sparse_attention(q, k, v, mask.view(mask.shape), block_size=g.block_size,
                                       is_causal=inputs.is_causal, backend=chosen)
 
     config = plan.sku.config
     detail = chosen if not config else f"{chosen} {config}"
-    return Prepared(detail, lambda: plan.run(args)[0], train, setup_s=time.perf_counter() - t0)
+    return Prepared(detail, lambda: plan.run(args)[0], train, unprepared=unprepared,
+                    setup_s=time.perf_counter() - t0)
 
 
 def prepare_ours(inputs: Inputs, options) -> Prepared:
@@ -121,7 +142,9 @@ def prepare_reference(inputs: Inputs, options) -> Prepared:
     if ours.backend is BackendKind.REFERENCE:
         raise Unavailable(f"ours runs the reference backend on {inputs.device.type}: it is the "
                           "implementation under test here")
-    return _plan_based(inputs, "reference")
+    p = _plan_based(inputs, "reference")
+    p.unprepared = None            # a mode of ours only
+    return p
 
 
 # ------------------------------------------------------------------------------ flex

@@ -2,8 +2,17 @@
 
 A *grid* is a cross product (sequence lengths x head dims x dtypes x block sizes x patterns)
 with one batch size, head count, list of modes and list of implementations. A *preset* is a
-list of grids (the `kernels` preset needs three: the main table, block 64, and a long
-sequence at D=64). Command-line options override the same field in every grid of a preset.
+list of grids (the `kernels` preset needs four: the main table, block 64, a long sequence
+at D=64, and the host-overhead grid). Command-line options override the same field in every
+grid of a preset. Cases of different grids with the same geometry and pattern are merged
+(``merge_cases``), so a pattern in two grids is built, checked and timed once.
+
+Modes: ``fwd`` (forward, plan with preallocated outputs and the prepared pattern), ``bwd``
+(backward of one recorded forward), ``step`` (one training step: forward + autograd backward;
+``fwd+bwd`` is its old name, still accepted), ``step-graph`` (the same step captured once in a
+CUDA graph and replayed: the step without host overhead; CUDA only) and ``unprepared``
+(forward of ours with a new pattern object on every call, so its block lists are rebuilt
+each time, as in a model that builds its pattern inside forward; ours only).
 
 Pattern names: ``dense``, ``causal``, ``sliding_window`` (8 blocks incl. the diagonal + 1
 sink block, causal), ``bigbird`` (3 window blocks, 2 global blocks, 3 random blocks per row),
@@ -24,7 +33,16 @@ from ..attention.patterns import (BlockPattern, bigbird, causal, document_mask, 
                                   sliding_window)
 from ..core import ElementKind, InvalidProblem
 
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "step", "step-graph", "unprepared")
+MAIN_MODES = ("fwd", "bwd", "step")                              # the kernel table
+HOST_MODES = ("fwd", "step", "step-graph", "unprepared")         # the host-overhead grid
+TRAIN_MODES = ("bwd", "step", "step-graph")                      # need autograd (train())
+OURS_ONLY_MODES = ("unprepared",)
+# Other spellings accepted on the command line; fwd+bwd was the name of step before.
+MODE_ALIASES = {"forward": "fwd", "backward": "bwd", "fwd+bwd": "step", "fwdbwd": "step",
+                "fwd_bwd": "step", "both": "step", "train": "step", "graph": "step-graph",
+                "step_graph": "step-graph", "stepgraph": "step-graph", "cudagraph": "step-graph",
+                "cuda-graph": "step-graph", "cuda_graph": "step-graph"}
 IMPLS = ("ours", "flex", "sdpa", "reference")
 PATTERN_KINDS = ("dense", "causal", "sliding_window", "bigbird", "document", "random")
 DEFAULT_DENSITIES = (0.5, 0.25, 0.1, 0.05)
@@ -102,12 +120,35 @@ class Geometry:
         return f"N{self.seq_len}_D{self.head_dim}_{self.dtype}_bs{self.block_size}"
 
 
+def canonical_mode(text: str) -> str:
+    """A mode name from the command line: lower case, aliases (``fwd+bwd`` -> ``step``)."""
+    t = text.strip().lower().replace(" ", "")
+    return MODE_ALIASES.get(t, t)
+
+
+def mode_applies(impl: str, mode: str) -> bool:
+    """False for (impl, mode) pairs that do not exist (``unprepared`` is ours' own cost):
+    no row is made for them."""
+    return mode not in OURS_ONLY_MODES or impl == "ours"
+
+
 @dataclass(frozen=True)
 class Case:
+    """One pattern on one geometry, timed for ``impls`` x ``modes``; ``runs``, when set (a
+    merge of cases from several grids), is the subset of (impl, mode) pairs to time."""
+
     geometry: Geometry
     pattern: PatternSpec
     modes: tuple
     impls: tuple
+    runs: Optional[frozenset] = None
+
+    def wants(self, impl: str, mode: str) -> bool:
+        return mode_applies(impl, mode) and (self.runs is None or (impl, mode) in self.runs)
+
+    def pairs(self) -> list:
+        """The (impl, mode) pairs that get a row, impl-major."""
+        return [(i, m) for i in self.impls for m in self.modes if self.wants(i, m)]
 
 
 @dataclass
@@ -119,7 +160,7 @@ class Grid:
     dtypes: tuple
     block_sizes: tuple
     patterns: tuple             # PatternSpec
-    modes: tuple = MODES
+    modes: tuple = MAIN_MODES
     impls: tuple = ("ours", "flex", "sdpa")
 
     def cases(self) -> list[Case]:
@@ -138,6 +179,29 @@ class Grid:
         return out
 
 
+def merge_cases(cases: list[Case]) -> list[Case]:
+    """One case per (geometry, pattern), in first-seen order. Cases of several grids on the
+    same geometry and pattern (the main and the host-overhead grid of ``kernels``) become
+    one, with the union of their modes and impls and ``runs`` = the union of their
+    (impl, mode) pairs, so that nothing is built, checked or timed twice and no (impl, mode)
+    that no grid asked for is added."""
+    groups: dict = {}
+    for c in cases:
+        groups.setdefault((c.geometry, c.pattern), []).append(c)
+    out = []
+    for (geo, pat), group in groups.items():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        modes = tuple(dict.fromkeys(m for c in group for m in c.modes))
+        impls = tuple(dict.fromkeys(i for c in group for i in c.impls))
+        runs = frozenset(p for c in group for p in c.pairs())
+        full = frozenset((i, m) for i in impls for m in modes if mode_applies(i, m))
+        out.append(Case(geo, pat, modes, impls, None if runs == full else runs))
+    order = {geo: i for i, geo in enumerate(dict.fromkeys(c.geometry for c in out))}
+    return sorted(out, key=lambda c: order[c.geometry])     # stable: patterns keep their order
+
+
 def _specs(names, densities=DEFAULT_DENSITIES) -> tuple:
     out = []
     for name in names:
@@ -147,33 +211,43 @@ def _specs(names, densities=DEFAULT_DENSITIES) -> tuple:
 
 ALL_PATTERNS = ("dense", "causal", "sliding_window", "bigbird", "document", "random")
 KERNEL_PATTERNS = ("dense", "causal", "sliding_window", "random50", "random25", "random10", "random5")
+# Low densities, where the GPU work per step is short enough for the host to show.
+HOST_PATTERNS = ("random", "sliding_window")
+HOST_DENSITIES = (0.1, 0.05, 0.02)
 
 
 def preset_grids(name: str, on_gpu: bool) -> list[Grid]:
     """Grids of a preset. On CPU the sizes are small (reference backend, seconds not hours)."""
     if not on_gpu:
+        # No step-graph on CPU (it would only say 'needs a CUDA device'); unprepared is
+        # cheap at these sizes and keeps that path exercised by the quick run.
+        cpu_modes = MAIN_MODES + ("unprepared",)
         if name in ("quick", "kernels"):
             return [Grid(1, 2, (512,), (32,), ("f32",), (32,),
-                         _specs(ALL_PATTERNS, (0.5, 0.25, 0.1)), MODES,
+                         _specs(ALL_PATTERNS, (0.5, 0.25, 0.1)), cpu_modes,
                          ("ours", "flex", "sdpa", "reference"))]
         return [Grid(1, 4, (1024, 2048), (64,), ("f32",), (64,),
-                     _specs(ALL_PATTERNS, (0.5, 0.25, 0.1)), MODES,
+                     _specs(ALL_PATTERNS, (0.5, 0.25, 0.1)), cpu_modes,
                      ("ours", "flex", "sdpa", "reference"))]
     if name == "quick":
         return [Grid(2, 16, (4096,), (128,), ("bf16",), (128,),
                      _specs(("dense", "causal", "sliding_window", "random25", "random10")),
                      ("fwd", "bwd"), ("ours", "flex", "sdpa"))]
     if name == "kernels":
-        main = Grid(2, 16, (8192,), (128,), ("bf16",), (128,), _specs(KERNEL_PATTERNS), MODES,
+        main = Grid(2, 16, (8192,), (128,), ("bf16",), (128,), _specs(KERNEL_PATTERNS), MAIN_MODES,
                     ("ours", "flex", "sdpa"))
         block64 = dataclasses.replace(main, block_sizes=(64,), patterns=_specs(("dense", "random25")),
                                       impls=("ours", "flex"))
         long = dataclasses.replace(main, seq_lens=(32768,), head_dims=(64,),
                                    patterns=_specs(("dense", "causal", "sliding_window")))
-        return [main, block64, long]
+        # Same geometry as main (merged with it): step - step-graph is the host's share of
+        # a training step, unprepared - fwd the cost of rebuilding the block lists per call.
+        host = dataclasses.replace(main, patterns=_specs(HOST_PATTERNS, HOST_DENSITIES),
+                                   modes=HOST_MODES, impls=("ours", "flex"))
+        return [main, block64, long, host]
     if name == "full":
         return [Grid(2, 16, (4096, 8192, 16384), (64, 128), ("bf16",), (64, 128),
-                     _specs(ALL_PATTERNS), MODES, ("ours", "flex", "sdpa", "reference"))]
+                     _specs(ALL_PATTERNS), MAIN_MODES, ("ours", "flex", "sdpa", "reference"))]
     raise InvalidProblem(f"unknown preset {name!r}; expected quick, kernels or full.")
 
 

@@ -4,6 +4,7 @@ same-process baselines (FlexAttention, torch SDPA, our dense, the reference back
     baracuda-kernels bench --preset kernels --out bench/results/h100   # the kernel-issue table
     baracuda-kernels bench --quick                                     # minutes on a GPU, seconds on CPU
     baracuda-kernels bench --patterns causal,random --densities 0.1 --seq-lens 16384 --modes fwd
+    baracuda-kernels bench --patterns random --densities 0.05 --modes step,step-graph  # host overhead
 
 Without a CUDA GPU it runs on CPU with small sizes (reference backend) and says so.
 """
@@ -20,7 +21,7 @@ import torch
 from ..core import ElementKind, InvalidProblem
 from . import report
 from .cases import (DEFAULT_DENSITIES, IMPLS, MODES, PRESETS, PatternSpec, apply_overrides,
-                    preset_grids)
+                    canonical_mode, merge_cases, preset_grids)
 from .runner import Sweep
 from .timing import timer_name
 
@@ -63,9 +64,7 @@ def _dtype(text: str) -> str:
 
 
 def _mode(text: str) -> str:
-    t = text.lower().replace(" ", "")
-    return {"forward": "fwd", "backward": "bwd", "fwdbwd": "fwd+bwd", "fwd_bwd": "fwd+bwd",
-            "both": "fwd+bwd", "train": "fwd+bwd"}.get(t, t)
+    return canonical_mode(text)      # fwd+bwd (the old name of step) and other aliases
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,8 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel = parser.add_argument_group("what to run (each option overrides the preset)")
     sel.add_argument("--preset", choices=PRESETS, default="full",
                      help="quick: a few cases; kernels: the forward/backward issue table (bf16, "
-                          "B=2, H=16, N=8192, D=128, block 128, + block 64, + N=32768 D=64); "
-                          "full (default): all patterns, N 4k-16k, D 64/128, blocks 64/128")
+                          "B=2, H=16, N=8192, D=128, block 128, + block 64, + N=32768 D=64, + "
+                          "host overhead: random 10/5/2%% and sliding_window in fwd, step, "
+                          "step-graph, unprepared); full (default): all patterns, N 4k-16k, "
+                          "D 64/128, blocks 64/128")
     sel.add_argument("--quick", dest="preset", action="store_const", const="quick",
                      help="same as --preset quick")
     sel.add_argument("--patterns", type=str, default=None,
@@ -91,7 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--batch", type=_positive_int, default=None)
     sel.add_argument("--heads", type=_positive_int, default=None)
     sel.add_argument("--modes", type=_list(_mode, "--modes", MODES), default=None,
-                     help="fwd, bwd, fwd+bwd")
+                     help="fwd, bwd, step (forward + backward through autograd; alias "
+                          "fwd+bwd), step-graph (the step replayed from a CUDA graph, CUDA "
+                          "only), unprepared (ours' forward with a new pattern object per call)")
     sel.add_argument("--impls", type=_list(str.lower, "--impls", IMPLS), default=None,
                      help="ours, flex, sdpa, reference (our dense is the 'dense' pattern, always run)")
     how = parser.add_argument_group("how")
@@ -147,7 +150,7 @@ def build_cases(args, on_gpu: bool):
     cases = []
     for g in grids:
         cases.extend(g.cases())
-    return list(dict.fromkeys(cases))
+    return merge_cases(cases)
 
 
 _FLAGS = {"check": "--no-check", "plots": "--no-plots", "progress": "--no-progress", "list": "--list"}
@@ -195,8 +198,10 @@ def _run(args, device: torch.device, cases) -> int:
     on_gpu = device.type == "cuda"
     if args.list:
         for c in cases:
+            runs = ("" if c.runs is None else "  only " + ",".join(
+                f"{i}:{m}" for i, m in c.pairs()))
             print(f"{c.geometry.label}  {c.pattern.name:<15} modes={','.join(c.modes)} "
-                  f"impls={','.join(c.impls)}")
+                  f"impls={','.join(c.impls)}{runs}")
         return 0
     meta = report.collect_meta(device, command_line(args), preset=args.preset,
                                timer=timer_name(device))
@@ -210,6 +215,10 @@ def _run(args, device: torch.device, cases) -> int:
     rows = sweep.run()
     unavailable = report.unavailable_summary(rows)
     print(report.format_table(rows))
+    host = report.format_host_overhead(rows)
+    if host:
+        print()
+        print(host)
     print()
     print(report.format_unavailable(unavailable))
 
@@ -227,6 +236,7 @@ def _run(args, device: torch.device, cases) -> int:
             written += report.write_plots(out_dir, rows)
     print("wrote " + ", ".join(str(p) for p in written))
     if sweep.check_failures:
-        print("CHECK FAILED (ours vs reference):\n  " + "\n  ".join(sweep.check_failures))
+        print("CHECK FAILED (ours vs reference, or a CUDA graph replay vs the eager step):\n  "
+              + "\n  ".join(sweep.check_failures))
         return 1
     return 0

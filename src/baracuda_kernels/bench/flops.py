@@ -6,7 +6,8 @@ with ragged tails cut (a last block of r < block_size rows/columns counts r). A 
 the causal diagonal crosses counts in full: the kernel computes it whole and masks inside.
 With d_k = d_v = D that is 4 * D * P (QK^T and PV, 2 FLOPs per multiply-add).
 
-Backward = 2.5 x forward (five block matmuls instead of two), forward + backward = 3.5 x.
+Backward = 2.5 x forward (five block matmuls instead of two), a training step (forward +
+backward, eager ``step`` or replayed ``step-graph``) = 3.5 x; ``unprepared`` is a forward.
 Effective TFLOP/s = these FLOPs / measured time, for every implementation of the same case,
 so ratios of TFLOP/s are ratios of time.
 """
@@ -17,7 +18,7 @@ import torch
 
 from ..attention.block_lists import SKIP, classify_blocks
 
-MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "step": 3.5, "step-graph": 3.5, "unprepared": 1.0}
 
 
 def computed_pairs(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int,
@@ -47,7 +48,7 @@ def forward_flops(pairs: int, d_k: int, d_v: int) -> float:
 
 
 def mode_flops(pairs: int, d_k: int, d_v: int, mode: str) -> float:
-    """FLOPs of ``mode`` in ("fwd", "bwd", "fwd+bwd") for ``pairs`` computed token pairs."""
+    """FLOPs of ``mode`` (a key of MODE_FACTOR) for ``pairs`` computed token pairs."""
     return MODE_FACTOR[mode] * forward_flops(pairs, d_k, d_v)
 
 

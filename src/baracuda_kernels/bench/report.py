@@ -96,7 +96,7 @@ def format_table(rows: list[dict]) -> str:
     """Terminal table grouped by geometry and pattern (see the legend at its end). An
     implementation unavailable in every mode of a pattern is shown once, with why."""
     lines = []
-    head = (f"{'pattern':<15}{'density':>8}  {'mode':<8}{'impl':<22}{'ms':>9}{'TFLOP/s':>9}"
+    head = (f"{'pattern':<15}{'density':>8}  {'mode':<11}{'impl':<22}{'ms':>9}{'TFLOP/s':>9}"
             f"{'x dense':>9}{'vs flex':>9}{'skip':>7}{'rel.err':>9}")
     for geo in geometry_of(rows):
         lines += ["", f"== {geo}", head, "-" * len(head)]
@@ -108,14 +108,15 @@ def format_table(rows: list[dict]) -> str:
             collapsed = set()
             for impl in dict.fromkeys(r["impl"] for r in p_rows):
                 mine = [r for r in p_rows if r["impl"] == impl]
-                if len(mine) == len(modes) and all(r.get("status") == "unavailable" for r in mine) \
+                # (not len(modes): an impl has no row in modes that are not its own)
+                if all(r.get("status") == "unavailable" for r in mine) \
                         and len({r.get("reason") for r in mine}) == 1:
                     collapsed.add(impl)
             for mode in modes:
                 first_line = True
                 for r in (x for x in p_rows if x["mode"] == mode and x["impl"] not in collapsed):
                     lead = (label if mode == modes[0] and first_line else " " * 23) + "  " + \
-                        (f"{mode:<8}" if first_line else " " * 8)
+                        (f"{mode:<11}" if first_line else " " * 11)
                     first_line = False
                     if r.get("status") != "ok":
                         lines.append(f"{lead}{impl_label(r):<22}{r.get('status', '')}: "
@@ -128,13 +129,71 @@ def format_table(rows: list[dict]) -> str:
                                  f"{_fmt(r.get('skip_ratio'), '7.2f'):>7}{err:>9}")
             for impl in collapsed:
                 r = next(x for x in p_rows if x["impl"] == impl)
-                lines.append(f"{' ' * 23}  {'all':<8}{impl:<22}unavailable: {(r.get('reason') or '')[:80]}")
+                lines.append(f"{' ' * 23}  {'all':<11}{impl:<22}unavailable: {(r.get('reason') or '')[:80]}")
     lines += ["", "density: computed token pairs / dense pairs (the FLOP convention's work). "
-              "TFLOP/s: 4*D*pairs per forward, x2.5 backward, x3.5 fwd+bwd.",
+              "TFLOP/s: 4*D*pairs per forward (fwd, unprepared), x2.5 backward (bwd), x3.5 a "
+              "training step (step, step-graph).",
+              "step: forward + backward through autograd; step-graph: the same step replayed "
+              "from a CUDA graph (no host work); unprepared: ours' forward given a new pattern "
+              "object per call (block lists rebuilt each call).",
               "x dense: our dense time / this time. vs flex: FlexAttention time / this time "
               "(>1 = faster than Flex). skip: time / (density x the same implementation's "
               "dense time), 1.00 = time proportional to work. rel.err: ||out - ref|| / ||ref|| "
               "vs the reference backend (bwd rows: worst of dq, dk, dv; ! = check failed)."]
+    return "\n".join(lines)
+
+
+def host_overhead(rows: list[dict], impl: str = "ours") -> list[dict]:
+    """Per (geometry, pattern) where ``impl`` has an overhead (see runner.derive): the times
+    of its step, step-graph, fwd and unprepared rows, host = step - step-graph (per training
+    step), lists = unprepared - fwd (per call), and vs Flex of step and step-graph."""
+    out = []
+    ok = [r for r in rows if r["impl"] == impl and r.get("status") == "ok"]
+    for geo in geometry_of(ok):
+        for pat in dict.fromkeys(r["pattern"] for r in ok if r["geometry"] == geo):
+            by_mode = {r["mode"]: r for r in ok if r["geometry"] == geo and r["pattern"] == pat}
+            step, unprep = by_mode.get("step", {}), by_mode.get("unprepared", {})
+            if step.get("overhead_ms") is None and unprep.get("overhead_ms") is None:
+                continue
+            ms = {m: r["time_ms"] for m, r in by_mode.items()}
+            host = step.get("overhead_ms")
+            out.append(dict(geometry=geo, pattern=pat, work_fraction=step.get(
+                "work_fraction", unprep.get("work_fraction")), step=ms.get("step"),
+                graph=ms.get("step-graph"), host=host,
+                host_share=host / ms["step"] if host is not None and ms["step"] > 0 else None,
+                fwd=ms.get("fwd"), unprepared=ms.get("unprepared"), lists=unprep.get("overhead_ms"),
+                step_vs_flex=step.get("vs_flex"),
+                graph_vs_flex=by_mode.get("step-graph", {}).get("vs_flex")))
+    return out
+
+
+_HOST_COLUMNS = [("step ms", "step", ".3f"), ("graph ms", "graph", ".3f"), ("host ms", "host", ".3f"),
+                 ("host %", "host_share", ".0%"), ("fwd ms", "fwd", ".3f"),
+                 ("unprep ms", "unprepared", ".3f"), ("lists ms", "lists", ".3f"),
+                 ("step vs flex", "step_vs_flex", ".2f"), ("graph vs flex", "graph_vs_flex", ".2f")]
+_HOST_LEGEND = ("ours' host overhead: host = step - step-graph (Python, autograd and launches "
+                "per training step; host % of the step). lists = unprepared - fwd: rebuilding "
+                "the block lists of a new pattern object per call, plus the functional call's "
+                "own cost (fwd is plan.run with preallocated outputs). vs flex = Flex time / "
+                "ours in step and step-graph.")
+
+
+def format_host_overhead(rows: list[dict]) -> str:
+    """The host-overhead summary of the terminal report; '' when no case has the modes."""
+    entries = host_overhead(rows)
+    if not entries:
+        return ""
+    widths = [max(10, len(title) + 2) for title, _, _ in _HOST_COLUMNS]
+    head = f"{'pattern':<15}{'density':>8}" + "".join(
+        f"{title:>{w}}" for (title, _, _), w in zip(_HOST_COLUMNS, widths))
+    lines = ["Host overhead (ours)"]
+    for geo in dict.fromkeys(e["geometry"] for e in entries):
+        lines += [f"== {geo}", head, "-" * len(head)]
+        for e in (x for x in entries if x["geometry"] == geo):
+            cells = "".join(f"{_fmt(e[key], spec, 'x' if 'flex' in key else ''):>{w}}"
+                            for (_, key, spec), w in zip(_HOST_COLUMNS, widths))
+            lines.append(f"{e['pattern']:<15}{(e['work_fraction'] or 0) * 100:>7.1f}%{cells}".rstrip())
+    lines.append(_HOST_LEGEND)
     return "\n".join(lines)
 
 
@@ -189,9 +248,11 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
            f"{' @' + meta['git_commit'] if meta.get('git_commit') else ''}.",
            f"Command: `{meta['command']}`. Timer: {meta.get('timer', '')}.", "",
            "TFLOP/s by the DESIGN.md convention (4*D*pairs per forward, x2.5 backward, x3.5 "
-           "fwd+bwd). ours vs Flex = Flex time / our time (>1: ours faster). skip = time / "
+           "a training step). ours vs Flex = Flex time / our time (>1: ours faster). skip = time / "
            "(density x our dense time): 1.00 = time proportional to the work. x dense = our "
-           "dense time / this time.", ""]
+           "dense time / this time. Modes: fwd, bwd, step (forward + backward through "
+           "autograd), step-graph (the step replayed from a CUDA graph), unprepared (forward "
+           "with a new pattern object per call).", ""]
     for geo in geometry_of(rows):
         g_rows = [r for r in rows if r["geometry"] == geo]
         out += [f"**{geo}**", "",
@@ -217,6 +278,16 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
             out += ["", "torch SDPA on the same card: " + "; ".join(
                 f"{r['pattern']} {r['mode']} {_tflops_text(r['tflops']).strip()} TFLOP/s "
                 f"({r['impl_detail']})" for r in sdpa)]
+        out.append("")
+    host = host_overhead(rows)
+    if host:
+        out += ["**Host overhead (ours)**", "", _HOST_LEGEND, "",
+                "| geometry | pattern | density | " + " | ".join(t for t, _, _ in _HOST_COLUMNS) + " |",
+                "|---" * (3 + len(_HOST_COLUMNS)) + "|"]
+        for e in host:
+            cells = [e["geometry"], e["pattern"], _fmt((e["work_fraction"] or 0) * 100, ".1f", "%")]
+            cells += [_fmt(e[key], spec, "x" if "flex" in key else "") for _, key, spec in _HOST_COLUMNS]
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
     entries = unavailable_summary(rows)
     if entries:

@@ -1,6 +1,7 @@
 """The sweep: for every case, check ours (and the baselines) against the reference backend,
 then time every implementation in every mode. Produces one row (a dict) per
-(case, implementation, mode), including rows for unavailable implementations."""
+(case, implementation, mode), including rows for unavailable implementations. The CUDA graph
+mode (step-graph) lives in graphs.py."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from typing import Optional
 import torch
 
 from ..attention import block_sparse_attention
-from . import baselines
-from .cases import Case, Geometry, build_pattern
+from . import baselines, graphs
+from .cases import TRAIN_MODES, Case, Geometry, build_pattern
 from .flops import computed_pairs, mode_flops, tflops
 from .timing import median_ms
 
@@ -26,7 +27,13 @@ CHECK_TOLERANCE = {"bf16": 5e-2, "f16": 1e-2, "f32": 1e-3, "f64": 1e-8}
 ROW_FIELDS = ["geometry", "batch", "heads", "seq_len", "head_dim", "dtype", "block_size",
               "pattern", "pattern_description", "causal", "block_density", "work_fraction",
               "pairs", "mode", "impl", "impl_detail", "status", "reason", "time_ms", "flops", "tflops",
-              "x_dense", "vs_flex", "skip_ratio", "rel_err", "max_abs_err", "check", "setup_s"]
+              "x_dense", "vs_flex", "skip_ratio", "rel_err", "max_abs_err", "check", "setup_s",
+              "overhead_ms"]
+
+# Which check result a mode's row shows: the forward check (plan.run), the check of the
+# unprepared call, or the gradient check of train() (which step-graph replays).
+CHECK_OF_MODE = {"fwd": "fwd", "unprepared": "unprepared", "bwd": "bwd", "step": "bwd",
+                 "step-graph": "bwd"}
 
 
 class Progress:
@@ -77,6 +84,11 @@ def _status_of(exc: BaseException) -> str:
     return "unavailable" if isinstance(exc, (NotImplementedError, baselines.Unavailable)) else "error"
 
 
+class GraphMismatch(Exception):
+    """A captured step whose replay differs from the eager step (not timed: it would be a
+    fast wrong number)."""
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -93,7 +105,7 @@ class Sweep:
         self.out = out or sys.stdout
         self.rows: list[dict] = []
         self.check_failures: list[str] = []
-        steps = sum(1 + len(c.impls) * len(c.modes) for c in cases)
+        steps = sum(1 + len(c.pairs()) for c in cases)
         self.progress = Progress(steps, enabled=progress)
 
     def log(self, text: str) -> None:
@@ -143,7 +155,7 @@ class Sweep:
             pattern = build_pattern(case.pattern, g, seed=opts.seed, device=self.device)
         except Exception as exc:
             self.log(f"   {case.pattern.name}: cannot build the pattern: {exc}")
-            self.progress.step(case.pattern.name, 1 + len(case.impls) * len(case.modes))
+            self.progress.step(case.pattern.name, 1 + len(case.pairs()))
             return
         pairs = computed_pairs(pattern.mask, g.seq_len, g.seq_len, g.block_size,
                                pattern.is_causal, g.batch, g.heads)
@@ -158,37 +170,44 @@ class Sweep:
                 continue
             except baselines.Unavailable as exc:
                 prepared[impl] = str(exc)
-        need_bwd = any(m != "fwd" for m in case.modes)
+        need_bwd = any(m in TRAIN_MODES for m in case.modes)
         ready = {i: p for i, p in prepared.items() if isinstance(p, baselines.Prepared)}
         errors = self._check(case, inputs, ready, need_bwd) if opts.check else {}
         self.progress.step(f"{g.slug} {case.pattern.name} check")
         for impl in case.impls:
+            modes = [m for m in case.modes if case.wants(impl, m)]
             p = prepared.get(impl)
             if not isinstance(p, baselines.Prepared):
                 if p is not None:     # unavailable: one row per mode, with the reason
                     self.rows += [dict(base, mode=m, impl=impl, status="unavailable", reason=p)
-                                  for m in case.modes]
-                self.progress.step(f"{case.pattern.name} {impl} n/a", len(case.modes))
+                                  for m in modes]
+                self.progress.step(f"{case.pattern.name} {impl} n/a", len(modes))
                 continue
-            for mode in case.modes:
+            for mode in modes:
                 self.progress.step(f"{g.slug} {case.pattern.name} {impl} {mode}")
+                if mode == "unprepared" and p.unprepared is None:
+                    continue          # no such call for this implementation: no row
+                train = mode in TRAIN_MODES
                 row = dict(base, mode=mode, impl=impl,
-                           impl_detail=p.detail if mode == "fwd" else (p.train_detail or p.detail),
+                           impl_detail=(p.train_detail or p.detail) if train else p.detail,
                            flops=mode_flops(pairs, g.head_dim, g.head_dim, mode))
-                err = errors.get((impl, "fwd" if mode == "fwd" else "bwd"))
+                err = errors.get((impl, CHECK_OF_MODE[mode]))
                 if err is not None:
                     row.update(rel_err=err[0], max_abs_err=err[1], check=err[2])
-                if mode != "fwd" and p.train_error:
+                if train and p.train_error:
                     row.update(status=p.train_error[0], reason=p.train_error[1])
                     self.rows.append(row)
                     continue
                 try:
-                    setup, ms = self._time(p, inputs, mode)
+                    if mode == "step-graph":
+                        setup, ms = self._time_graph(p, case, impl, inputs, row)
+                    else:
+                        setup, ms = self._time(p, inputs, mode)
                     row.update(status="ok", time_ms=ms, tflops=tflops(row["flops"], ms),
                                setup_s=round(p.setup_s + setup, 3))
                 except Exception as exc:  # a crash in one baseline must not end the sweep
                     row.update(status=_status_of(exc), reason=baselines._first_line(exc))
-                    if mode != "fwd":
+                    if mode in ("bwd", "step"):   # the eager train() itself failed
                         p.train_error = (row["status"], row["reason"])
                 self.rows.append(row)
         prepared.clear()
@@ -221,6 +240,16 @@ class Sweep:
                 del y
             except Exception as exc:
                 texts.append(f"fwd failed ({baselines._first_line(exc, 120)})")
+            if "unprepared" in case.modes and p.unprepared is not None:
+                try:
+                    y = p.unprepared()
+                    rel, mx = _rel_err(y, y_ref)
+                    out[(impl, "unprepared")] = (rel, mx, self._verdict(impl, rel, tol, case,
+                                                                        "unprepared"))
+                    texts.append(f"unprepared {rel:.1e}")
+                    del y
+                except Exception as exc:
+                    texts.append(f"unprepared failed ({baselines._first_line(exc, 120)})")
             if need_bwd:
                 try:
                     xs = [t.detach().requires_grad_(True) for t in (inputs.q, inputs.k, inputs.v)]
@@ -252,8 +281,8 @@ class Sweep:
         opts, dev = self.options, self.device
         # No torch.no_grad() for the forward: its inputs need no grad anyway, and a change of
         # grad mode would make torch.compile recompile FlexAttention.
-        if mode == "fwd":
-            fn = p.infer
+        if mode in ("fwd", "unprepared"):
+            fn = p.infer if mode == "fwd" else p.unprepared
             t0 = time.perf_counter()
             fn()
             baselines._sync(dev)
@@ -275,6 +304,30 @@ class Sweep:
         setup = time.perf_counter() - t0
         return setup, median_ms(fn, dev, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms)
 
+    def _time_graph(self, p, case: Case, impl: str, inputs, row: dict) -> tuple[float, float]:
+        """(capture seconds, median ms of a replay) of the captured training step, after
+        checking once that a replay gives the eager step's y and grads (within the dtype's
+        CHECK_TOLERANCE; a mismatch is a check failure for ours and is not timed)."""
+        step = graphs.capture_step(p.train, inputs.q, inputs.k, inputs.v, inputs.dy)
+        try:
+            err = graphs.replay_error(step, p.train)
+            tol = CHECK_TOLERANCE.get(case.geometry.dtype, 1e-2)
+            verdict = "bitwise equal" if err == 0 else f"rel. error {err:.1e}"
+            self.log(f"   {case.pattern.name:<15} {impl} step-graph: replay vs eager step {verdict}")
+            if not (math.isfinite(err) and err <= tol):
+                if impl == "ours":    # like _verdict: only ours fails the run
+                    row["check"] = "FAIL"
+                    self.check_failures.append(
+                        f"{case.geometry.label} {case.pattern.name} step-graph: replay vs eager "
+                        f"step rel. error {err:.2e} > {tol:.0e}")
+                raise GraphMismatch(f"the CUDA graph replay differs from the eager step "
+                                    f"(rel. error {err:.2e} > {tol:.0e}): not timed")
+            ms = median_ms(step.replay, self.device, warmup_ms=self.options.warmup_ms,
+                           rep_ms=self.options.rep_ms)
+            return step.setup_s, ms
+        finally:
+            del step
+
 
 # ---------------------------------------------------------------------------------------
 def derive(rows: list[dict]) -> None:
@@ -284,6 +337,10 @@ def derive(rows: list[dict]) -> None:
     vs_flex: FlexAttention's time on the same case and mode / this time (> 1: faster).
     skip_ratio: time / (work_fraction x the same implementation's dense time); 1.0 means the
         time scales exactly with the computed work ("block skipping is real").
+    overhead_ms: on ``step`` rows, step - step-graph of the same implementation and case
+        (what the host adds to a training step: Python, autograd, launches); on
+        ``unprepared`` rows, unprepared - fwd (the pattern work of a call that gets a new
+        pattern object).
     """
     ok = [r for r in rows if r.get("status") == "ok"]
     dense = {(r["geometry"], r["mode"], r["impl"]): r["time_ms"] for r in ok if r["pattern"] == "dense"}
@@ -299,6 +356,16 @@ def derive(rows: list[dict]) -> None:
         f = flex.get((r["geometry"], r["pattern"], r["mode"]))
         if f and r["impl"] != "flex":
             r["vs_flex"] = f / ms
+    times = {(r["geometry"], r["pattern"], r["mode"], r["impl"]): r["time_ms"] for r in ok}
+    for r in ok:
+        base = OVERHEAD_BASE.get(r["mode"])
+        other = times.get((r["geometry"], r["pattern"], base, r["impl"])) if base else None
+        if other is not None:
+            r["overhead_ms"] = r["time_ms"] - other
+
+
+# mode -> the mode whose time, subtracted, leaves the overhead (see derive)
+OVERHEAD_BASE = {"step": "step-graph", "unprepared": "fwd"}
 
 
 def geometry_of(rows: list[dict]) -> list[str]:
