@@ -253,7 +253,7 @@ def test_prepared_pattern_is_a_snapshot_and_checks_geometry():
 
 
 def test_block_pattern_and_plan_prepare():
-    pattern = sliding_window(N, window=20, block_size=BS, sinks=4)
+    pattern = sliding_window(N, window=20, block_size=BS, sinks=4).to(DEVICE)
     q, k, v = _inputs(requires_grad=False)
     y = bk.block_sparse_attention(q, k, v, pattern)
     prepared = pattern.prepare()
@@ -389,3 +389,23 @@ def test_wide_tile_offsets_rule():
     assert not wide_tile_offsets(128, 128, 128)
     assert wide_tile_offsets(128, 2**24, 128)       # 128 rows x 16M elements = 2^31
     assert not wide_tile_offsets(64, 2**24 - 1, 64)
+
+
+def test_short_row_tiles_only_for_prepared_short_rows():
+    from baracuda_kernels.attention.triton_bwd import short_row_backward_config
+    from baracuda_kernels.attention.triton_configs import ForwardConfig, short_row_forward_config
+    from baracuda_kernels.core import ArchSku, BackendKind
+    assert short_row_forward_config(128, 128, torch.bfloat16, 128, ArchSku.SM90) is not None
+    assert short_row_forward_config(128, 128, torch.float32, 128, ArchSku.SM90) is None
+    assert short_row_backward_config(torch.bfloat16, 128, 64) is None
+    desc = bk.SdpaBlockSparseDescriptor(1, 1, 256, 256, 64, 64, block_size=16, element="bf16")
+    plan = bk.SdpaBlockSparsePlan(desc, torch.device("cpu"), BackendKind.TRITON, False)
+    default, short_f = ForwardConfig(64, 64, 4, 2), ForwardConfig(32, 32, 4, 2)
+    plan._config, plan._short_row_configs = default, (short_f, "short-bwd")
+    sparse = torch.eye(16, dtype=torch.bool)[None, None]
+    dense = torch.ones(1, 1, 16, 16, dtype=torch.bool)
+    assert plan._configs_for(BlockLists.build(sparse, 256, 256, 16, False)) == (default, None)
+    assert plan._configs_for(BlockLists.build(sparse, 256, 256, 16, False).measured()) == \
+        (short_f, "short-bwd")
+    assert plan._configs_for(BlockLists.build(dense, 256, 256, 16, False).measured()) == \
+        (default, None)

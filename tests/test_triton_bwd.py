@@ -89,6 +89,8 @@ def run_case(*, dtype, B=1, H=2, Nq=48, Nk=48, Dk=16, Dv=16, bs=16, causal=False
     lse = lse64.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
     lists = BlockLists.build(pattern, Nq, Nk, bs, causal)
+    if config is not None and config.launch_order == "heavy-first":
+        lists = lists.measured()  # as prepared: heavy-first applies to reused lists only
     bq, dq = _poisoned_like(q)
     bk, dk = _poisoned_like(k)
     bv, dv = _poisoned_like(v)
@@ -241,8 +243,11 @@ def test_heavy_first_order_puts_sink_column_first():
     # Sliding window of 2 blocks plus a sink column (key block 0, attended by all 16 rows).
     i = torch.arange(16)
     pattern = (((i[:, None] - i[None, :]).abs() < 2) | (i[None, :] == 0))[None, None]
-    lists = BlockLists.build(pattern, 16 * 16, 16 * 16, 16, True)
+    lists = BlockLists.build(pattern, 16 * 16, 16 * 16, 16, True).measured()
     order = _launch_order(lists, False, 2, 3, 2, "heavy-first").tolist()
+    # Lists built for one call keep the head-major order (no per-call torch ops).
+    per_call = BlockLists.build(pattern, 16 * 16, 16 * 16, 16, True)
+    assert _launch_order(per_call, False, 2, 3, 2, "heavy-first").tolist() == list(range(6 * 32))
     # Items are (bh * 32 + tile), 2 tiles per block: key block 0 of all 6 heads first
     # (12 items), then the rest head-major; a permutation of all items.
     heavy = [bh * 32 + t for bh in range(6) for t in (0, 1)]

@@ -17,6 +17,7 @@ Broadcast pattern dims (size 1 in B or H) stay size 1 here; kernels index them w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -95,6 +96,11 @@ class BlockLists:
     q_count_full: torch.Tensor
     q_count: torch.Tensor
     block_class: Optional[torch.Tensor] = None
+    # Mean active blocks per query-block row, measured once (a host sync) when the lists
+    # are prepared for reuse; None for lists built per call. Prepared lists take the
+    # short-row kernel tiles and the heavy-first backward launch order (both cost host
+    # work that only pays off when the lists are reused).
+    mean_row_blocks: Optional[float] = None
 
     @classmethod
     def build(cls, pattern: torch.Tensor, query_len: int, key_len: int, block_size: int,
@@ -112,6 +118,12 @@ class BlockLists:
         block_class = classify_blocks(pattern != 0, query_len, key_len, block_size, is_causal)
         return cls(*_compact(block_class), *_compact(block_class.transpose(-1, -2)),
                    block_class=block_class)
+
+    def measured(self) -> "BlockLists":
+        """These lists with ``mean_row_blocks`` filled in (synchronises with the device)."""
+        rows = self.kv_count.numel()
+        mean = float(self.kv_count.sum(dtype=torch.int64)) / rows if rows else 0.0
+        return dataclasses.replace(self, mean_row_blocks=mean)
 
     @property
     def device(self) -> torch.device:

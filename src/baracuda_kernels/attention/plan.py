@@ -43,6 +43,9 @@ class SdpaBlockSparsePlan:
         self._backend = backend
         self._allow_tf32 = allow_tf32
         self._config = None  # triton forward config
+        # Tiles for prepared patterns with short rows (triton_configs.SHORT_ROW_BLOCKS);
+        # None: the default ones serve every pattern.
+        self._short_row_configs = (None, None)
 
     # ---------------------------------------------------------------- selection
     @classmethod
@@ -72,7 +75,24 @@ class SdpaBlockSparsePlan:
         plan = cls(desc, device, chosen, bool(allow_tf32))
         if chosen is BackendKind.TRITON:
             plan._config = plan._select_triton_config(preference)
+            if preference is not PlanPreference.FASTEST:
+                plan._short_row_configs = plan._select_short_row_configs()
         return plan
+
+    def _select_short_row_configs(self):
+        from .triton_bwd import short_row_backward_config
+        from .triton_configs import short_row_forward_config
+        d, dtype = self._desc, self._desc.element.torch_dtype
+        return (short_row_forward_config(d.d_k, d.d_v, dtype, d.kernel_block_size,
+                                         ArchSku.from_device(self._device)),
+                short_row_backward_config(dtype, max(d.d_k, d.d_v), d.kernel_block_size))
+
+    def _configs_for(self, lists: BlockLists):
+        """(forward config, backward config or None = default) for these lists."""
+        from .triton_configs import SHORT_ROW_BLOCKS
+        short = lists.mean_row_blocks is not None and lists.mean_row_blocks <= SHORT_ROW_BLOCKS
+        fwd, bwd = self._short_row_configs if short else (None, None)
+        return fwd or self._config, bwd
 
     def _select_triton_config(self, preference: PlanPreference):
         from . import triton_configs
@@ -234,7 +254,8 @@ class SdpaBlockSparsePlan:
         with self.device_guard():
             if self._backend is BackendKind.TRITON:
                 from .triton_fwd import block_sparse_attention_forward_triton
-                block_sparse_attention_forward_triton(q, k, v, lists, config=self._config,
+                block_sparse_attention_forward_triton(q, k, v, lists,
+                                                      config=self._configs_for(lists)[0],
                                                       allow_tf32=self._allow_tf32, **kwargs)
             else:
                 block_sparse_attention_forward_reference(q, k, v, lists, **kwargs)
@@ -301,6 +322,7 @@ class SdpaBlockSparsePlan:
             if self._backend is BackendKind.TRITON:
                 from .triton_bwd import block_sparse_attention_backward_triton
                 block_sparse_attention_backward_triton(q, k, v_run, y_run, lse, dy_run, lists,
+                                                       config=self._configs_for(lists)[1],
                                                        allow_tf32=self._allow_tf32, **kwargs)
             else:
                 block_sparse_attention_backward_reference(q, k, v_run, y_run, lse, dy_run, lists,

@@ -107,7 +107,7 @@ class PreparedPattern:
         # The snapshot: a private bool copy on the target device (also detaches it from any
         # later in-place write by the caller).
         mask = view.to(device=device, dtype=torch.bool, copy=True).contiguous()
-        lists = BlockLists.build(mask, query_len, key_len, kernel_block, is_causal)
+        lists = BlockLists.build(mask, query_len, key_len, kernel_block, is_causal).measured()
         return cls(mask, lists, block_size=block_size, query_len=query_len, key_len=key_len,
                    is_causal=is_causal, description=description)
 

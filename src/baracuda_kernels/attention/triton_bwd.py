@@ -485,6 +485,21 @@ _SMALL_BLOCK_DEFAULTS = {
 }
 
 
+# Short rows (see triton_configs.SHORT_ROW_BLOCKS; prepared patterns only): 16-bit, head
+# dims <= 128, block 128. Same H200 probe as the forward's short-row entry: 10% / 5% / 2%
+# density, default 889 / 565 / 367 us, (64,64,4,2 | 64,64,4,2) 852 / 541 / 327 us,
+# (64,32,4,3 | ...) 919 / 572 / 330, (64,64,4,3 | ...) 1010 / 666 / 446.
+_SHORT_ROW_DEFAULTS = {128: BackwardConfig(64, 64, 4, 2, 64, 64, 4, 2, use_tma=True)}
+
+
+def short_row_backward_config(dtype: torch.dtype, head_dim: int,
+                              block_size: int) -> BackwardConfig | None:
+    """The measured short-row tiles for this problem class, or None (keep the default)."""
+    if dtype not in (torch.float16, torch.bfloat16) or block_size != 128 or head_dim > 128:
+        return None
+    return _SHORT_ROW_DEFAULTS.get(128 if head_dim > 64 else 64)
+
+
 def default_backward_config(dtype: torch.dtype, head_dim: int,
                             block_size: int = 128) -> BackwardConfig:
     """Default tiles for ``dtype``, ``head_dim = max(d_k, d_v)`` (<= 256) and the pattern
@@ -602,6 +617,10 @@ def _launch_order(lists, for_dq: bool, B: int, H: int, tiles: int, mode: str) ->
         raise ValueError(f"launch_order {mode!r}; expected heavy-first, head-major or tile-major")
 
     count = lists.kv_count if for_dq else lists.transposed()[2]  # [Bp, Hp, n]
+    if lists.mean_row_blocks is None and mode == "heavy-first":
+        # Lists built for one call: the heavy-first order costs a chain of torch ops (host
+        # time every call); keep the plain head-major order.
+        mode = "head-major"
 
     def build():
         n_items = B * H * count.shape[-1] * tiles
@@ -687,4 +706,5 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
             num_stages=cfg.q_stages)
 
 
-__all__ = ["BackwardConfig", "block_sparse_attention_backward_triton", "default_backward_config"]
+__all__ = ["BackwardConfig", "block_sparse_attention_backward_triton", "default_backward_config",
+           "short_row_backward_config"]

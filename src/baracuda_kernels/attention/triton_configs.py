@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -212,6 +213,27 @@ def default_forward_config(d_k: int, d_v: int, dtype: torch.dtype, block_size: i
 
 
 _TMA_ARCHS = (ArchSku.SM90, ArchSku.SM100)
+
+# Patterns whose rows hold at most this many active blocks on average ("short rows") are
+# latency-bound: a program loads Q, walks 1-7 blocks and stores Y, and the 8-warp, 3-stage
+# tile that is best on long rows leaves one program per SM. Only prepared patterns know their
+# row lengths (measured once, at prepare time), so only they take these entries.
+SHORT_ROW_BLOCKS = 7.0
+
+# (16-bit, head-dim bucket, block key) -> short-row tile, sm90 (TMA). Measured on an H200
+# (bf16, B=2, H=16, N=8192, D=128, block 128, random per-head patterns; CUDA-graph GPU time,
+# scripts/probe_low_density.py, 2026-12-01): 10% / 5% / 2% density
+# (128,128,8,3) 286 / 183 / 122 us, (128,64,4,2) 273 / 171 / 110 us, (64,64,4,3) 286 / 172 / 102.
+_SHORT_ROW_SM90 = {(128, 128): ForwardConfig(128, 64, 4, 2, True)}
+
+
+def short_row_forward_config(d_k: int, d_v: int, dtype: torch.dtype, block_size: int,
+                             arch: ArchSku) -> Optional[ForwardConfig]:
+    """The measured short-row tile for this problem class, or None (keep the default)."""
+    if dtype not in (torch.float16, torch.bfloat16) or arch not in _TMA_ARCHS:
+        return None
+    bucket = min(256, max(64, head_dim_tile(max(d_k, d_v))))
+    return _SHORT_ROW_SM90.get((bucket, _table_block_key(block_size)))
 
 
 # ----------------------------------------------------------------------------------------
