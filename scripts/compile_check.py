@@ -20,8 +20,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from baracuda_kernels.attention.triton_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
 
-POINTERS_16 = {"Q", "K", "V", "DY", "DK", "DV", "DQ", "SCALE64"}
-POINTERS_F32 = {"LSE2", "DELTA"}
+POINTERS_16 = {"Q", "K", "V", "DY", "DK", "DV", "DQ", "SCALE64", "Y"}
+POINTERS_F32 = {"LSE2", "DELTA", "LSE", "DLSE"}
 
 
 def compile_kernel(kernel, tile_a, tile_b, warps, stages, causal, d=128, dtype="bf16",
@@ -43,6 +43,8 @@ def compile_kernel(kernel, tile_a, tile_b, warps, stages, causal, d=128, dtype="
             sig[name] = "i32"
     const = dict(BS=128, D_K=d, D_V=d, BLOCK_DK=d, BLOCK_DV=d, IS_CAUSAL=causal, IS_F64=False,
                  PRECISION="ieee", USE_TMA=False)
+    if "HAS_DLSE" in fn.arg_names:
+        const["HAS_DLSE"] = False
     if kernel == "dkdv":
         const.update(BLOCK_N=tile_a, BLOCK_M=tile_b, SUBS_M=128 // tile_b, EVEN_M=True,
                      TILES_N=128 // tile_a)

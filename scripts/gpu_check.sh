@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
 #   bash scripts/gpu_check.sh [tests|bench|probe|all] [extra pytest args...]
-# (two stages fit one 10-minute device call: run tests+probe and bench as separate calls)
+# (tests+probe and bench each fit one 10-minute device call; "all" may not)
 # Runs from the working tree (no install); the device image has torch and triton.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,9 @@ if [[ "$stage" == probe || "$stage" == tests+probe || "$stage" == all ]]; then
   # Host overhead: list building vs forward GPU time, eager vs CUDA-graph step, launches.
   python3 scripts/probe_host_overhead.py > "$OUT/probe_host_overhead.log" 2>&1 || status=$?
   cat "$OUT/probe_host_overhead.log"
+  # Kernel tiles at low density (GPU time) and the host breakdown of an eager step.
+  python3 scripts/probe_low_density.py > "$OUT/probe_low_density.log" 2>&1 || status=$?
+  grep -v "^ \{5,\}[0-9]" "$OUT/probe_low_density.log" | head -80
 fi
 if [[ "$stage" == bench || "$stage" == all ]]; then
   python3 -m baracuda_kernels bench --preset kernels --out "$OUT/bench" 2> "$OUT/bench_progress.log" > "$OUT/bench.log" || status=$?

@@ -80,9 +80,13 @@ def test_only_kv_need_grad_skips_dq(backend, monkeypatch):
     for name in launches:
         kernel = getattr(triton_bwd, f"_bwd_{name}_kernel")
         monkeypatch.setattr(triton_bwd, f"_bwd_{name}_kernel", _Counting(kernel, launches, name))
-    y = _attend(q.detach(), k, v, _pattern(), backend)
-    dk, dv = torch.autograd.grad(y, (k, v), torch.ones_like(y))
-    assert dk.shape == k.shape and dv.shape == v.shape
+    pattern = _pattern()
+    y, lse = _attend(q.detach(), k, v, pattern, backend, return_lse=True)
+    w = torch.randn(B, H, N, device=DEVICE)
+    dk, dv = torch.autograd.grad(y.sum() + (lse * w).sum(), (k, v))
+    leaves, y_ref, lse_ref = _oracle(q, k, v, pattern)
+    _, dk_ref, dv_ref = torch.autograd.grad(y_ref.sum() + (lse_ref * w.double()).sum(), leaves)
+    assert rel_error(dk, dk_ref) < 1e-5 and rel_error(dv, dv_ref) < 1e-5
     if backend == "triton":
         assert launches == {"dkdv": 1, "dq": 0}
 

@@ -7,15 +7,18 @@ Given the forward output ``y`` and its log-sum-exp ``lse``, the gradients are
     dS = P * (dY V^T - delta),   delta_i = sum_d dY[i, d] * Y[i, d]
     dQ = scale * dS K,           dK = scale * dS^T Q
 
-Three kernels, launched in order on the current stream, with no host synchronisation:
+Two kernels, launched in order on the current stream, with no host synchronisation:
 
-* ``_bwd_preprocess_kernel``: ``delta`` and ``lse2``, the lse in the exponent base the other
-  kernels use (log2 units for f16/bf16/f32, natural units for f64) with ``-inf`` (a query row
-  that attends nothing) replaced by ``+inf``, so that ``exp(s - lse2)`` is exactly 0 there.
+* ``_bwd_dq_kernel``: one program per (b*h, query tile), looping over the key blocks of its
+  query block (``kv_index``), FULL blocks first without any mask arithmetic, then PARTIAL
+  blocks (causal diagonal, ragged tail) with masks. It first computes its rows' ``delta``
+  and ``lse2`` (``_row_stats``: the lse in the exponent base the loops use, log2 units for
+  f16/bf16/f32, natural for f64, with ``-inf`` (a row that attends nothing) replaced by
+  ``+inf`` so that ``exp(s - lse2)`` is exactly 0 there) and stores them for:
 * ``_bwd_dkdv_kernel``: one program per (b*h, key tile), 1-D grid; it loops only over the
-  query blocks that attend its key block (``BlockLists.transposed()``), FULL blocks first
-  without any mask arithmetic, then PARTIAL blocks (causal diagonal, ragged tail) with masks.
-* ``_bwd_dq_kernel``: one program per (b*h, query tile), looping over ``kv_index`` likewise.
+  query blocks that attend its key block (``BlockLists.transposed()``), likewise.
+
+Without dQ (q needs no gradient), ``_bwd_preprocess_kernel`` computes delta and lse2 alone.
 
 Every output element is written by exactly one program (no atomics), so the gradients are
 bitwise reproducible. dQ and dK/dV recompute ``Q K^T`` and ``dY V^T`` separately: that is
@@ -84,6 +87,27 @@ def _load_rows(src, b32, h32, row0, offs, ok, stride, offs_d, d_ok, CHECK_ROWS: 
 
 
 @triton.jit
+def _row_stats(y, dy, lse, dlse, IS_F64: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """Per-row terms of the backward from y, dy tiles [R, D] and lse, dlse [R]:
+    delta = sum_d y*dy - dlse (f32; f64 for f64) and lse2 = lse in the exponent base of the
+    dK/dV and dQ loops (log2 units, natural for f64), -inf (a row that attends nothing)
+    turned into +inf so that every recomputed P of that row is exactly 0.
+
+    The lse gradient needs no kernel of its own: d lse_i / d s_ij = p_ij, so it adds
+    p_ij * dlse_i to dS_ij = p_ij * (dp_ij - delta_i), i.e. it shifts delta by -dlse."""
+    if IS_F64:
+        delta = tl.sum(y.to(tl.float64) * dy.to(tl.float64), axis=1)
+        lse2 = lse.to(tl.float64)
+    else:
+        delta = tl.sum(y.to(tl.float32) * dy.to(tl.float32), axis=1)
+        lse2 = lse.to(tl.float32) * 1.4426950408889634
+    if HAS_DLSE:
+        delta = delta - dlse.to(delta.dtype)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
+    return delta, lse2
+
+
+@triton.jit
 def _bwd_preprocess_kernel(
     Y, DY, LSE, DLSE, DELTA, LSE2,
     stride_yb, stride_yh, stride_yn,
@@ -94,10 +118,9 @@ def _bwd_preprocess_kernel(
     D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, IS_F64: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):
-    """delta[bh, i] = sum_d y*dy - dlse (f32, f64 for f64); lse2[bh, i] = lse in kernel units.
+    """delta and lse2 (see _row_stats) into [B*H, Nq] buffers, for a backward without dQ
+    (the dQ kernel computes them itself otherwise).
 
-    The lse gradient needs no kernel of its own: d lse_i / d s_ij = p_ij, so it adds
-    p_ij * dlse_i to dS_ij = p_ij * (dp_ij - delta_i), i.e. it shifts delta by -dlse.
     Grid (B*H*n_row_tiles,): 1-D, so B*H is not bound by the 65535 grid-y limit."""
     bh = tl.program_id(0) // n_row_tiles
     pid = tl.program_id(0) - bh * n_row_tiles
@@ -111,19 +134,13 @@ def _bwd_preprocess_kernel(
                 mask=mask, other=0.0)
     dy = tl.load(DY + b * stride_gb + h * stride_gh + offs_r[:, None] * stride_gn
                  + offs_d[None, :], mask=mask, other=0.0)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_r * stride_ln, mask=row_ok, other=0.0)
-    if IS_F64:
-        delta = tl.sum(y.to(tl.float64) * dy.to(tl.float64), axis=1)
-        lse2 = lse.to(tl.float64)
-    else:
-        delta = tl.sum(y.to(tl.float32) * dy.to(tl.float32), axis=1)
-        lse2 = lse.to(tl.float32) * 1.4426950408889634
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_r * stride_ln, mask=row_ok,
+                  other=float("-inf"))
+    dlse = lse
     if HAS_DLSE:
         dlse = tl.load(DLSE + b * stride_db + h * stride_dh + offs_r * stride_dn, mask=row_ok,
                        other=0.0)
-        delta = delta - dlse.to(delta.dtype)
-    # A row that attends nothing has lse = -inf; +inf makes every recomputed P exactly 0.
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
+    delta, lse2 = _row_stats(y, dy, lse, dlse, IS_F64, HAS_DLSE)
     out = bh.to(tl.int64) * Nq + offs_r
     tl.store(DELTA + out, delta, mask=row_ok)
     tl.store(LSE2 + out, lse2, mask=row_ok)
@@ -348,7 +365,7 @@ def _dq_inner(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DY, LSE2, DELTA, DQ, SCALE64,
-    KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER,
+    KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -356,15 +373,22 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     stride_ib, stride_ih, stride_ir,
     stride_cb, stride_ch,
+    stride_yb, stride_yh, stride_yn,
+    stride_lb, stride_lh, stride_ln,
+    stride_db, stride_dh, stride_dn,
     H, n_tiles, Nq, Nk, scale, qk_scale,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr, TILES_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
+
+    It also computes its rows' delta and lse2 (_row_stats, from the y and dy rows it loads
+    anyway) and stores them for the dK/dV kernel launched after it: the backward needs no
+    separate preprocessing pass over y and dy (one launch and one read of dy fewer).
 
     Program p does work item ORDER[p] = bh * n_tiles + (n_tiles - 1 - tile): by default
     (b, h)-major with the last query tiles of a head first (under a causal mask they have
@@ -392,8 +416,18 @@ def _bwd_dq_kernel(
                 mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
     dy = tl.load(DY + b * stride_gb + h * stride_gh + rows * stride_gn
                  + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0)
+    y = tl.load(Y + b * stride_yb + h * stride_yh + rows * stride_yn + offs_dv[None, :],
+                mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m.to(tl.int64) * stride_ln,
+                  mask=row_ok, other=float("-inf"))
+    dlse = lse
+    if HAS_DLSE:
+        dlse = tl.load(DLSE + b * stride_db + h * stride_dh + offs_m.to(tl.int64) * stride_dn,
+                       mask=row_ok, other=0.0)
+    delta, lse2 = _row_stats(y, dy, lse, dlse, IS_F64, HAS_DLSE)
+    stats = bh.to(tl.int64) * Nq + offs_m
+    tl.store(DELTA + stats, delta, mask=row_ok)
+    tl.store(LSE2 + stats, lse2, mask=row_ok)
     if IS_F64:
         dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float64)
     else:
@@ -657,19 +691,38 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
 
     delta = torch.empty((B * H, Nq), dtype=acc_dtype, device=dev)
     lse2 = torch.empty((B * H, Nq), dtype=acc_dtype, device=dev)
-    block_r = max(16, 4096 // block_dv)  # ~32 live values per thread of 4 warps
-    n_row_tiles = triton.cdiv(Nq, block_r)
     dlse_arg = lse if dlse is None else dlse  # never read when HAS_DLSE is False
-    _bwd_preprocess_kernel[(B * H * n_row_tiles,)](
-        y, dy, lse, dlse_arg, delta, lse2, *_bhn(y), *_bhn(dy), *_bhn(lse), *_bhn(dlse_arg),
-        H, Nq, n_row_tiles, D_V=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, IS_F64=is_f64,
-        HAS_DLSE=dlse is not None, num_warps=4)
-
+    stats_args = (*_bhn(y), *_bhn(lse), *_bhn(dlse_arg))
     common = dict(BS=block_size, D_K=Dk, D_V=Dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
                   IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision)
     nq, nk = -(-Nq // block_size), -(-Nk // block_size)
 
-    if dk is not None:  # dK/dV only when k or v needs a gradient
+    if dq is not None:  # dQ (which also writes delta and lse2) only when q needs a gradient
+        bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
+        bn, subs_n, even_n = _tile(cfg.q_block_n, block_size)
+        n_tiles = nq * tiles_m
+        tma = cfg.use_tma and even_n and tma_fallback_reason(q.dtype, dev, k, v) is None
+        k_arg = row_tile_descriptor(k, bn, block_dk) if tma else k
+        v_arg = row_tile_descriptor(v, bn, block_dv) if tma else v
+        order = _launch_order(lists, True, B, H, tiles_m, cfg.launch_order)
+        _bwd_dq_kernel[(B * H * n_tiles,)](
+            q, k_arg, v_arg, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
+            lists.kv_count, order, y, lse, dlse_arg, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy),
+            *_bhn(dq), *_list_strides(lists.kv_index, lists.kv_count), *stats_args,
+            H, n_tiles, Nq, Nk, float(scale), qk_scale,
+            BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, USE_TMA=tma,
+            HAS_DLSE=dlse is not None, **common,
+            num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
+            num_stages=cfg.q_stages)
+    elif dk is not None:  # no dQ: a pass of its own for delta and lse2
+        block_r = max(16, 4096 // block_dv)  # ~32 live values per thread of 4 warps
+        n_row_tiles = triton.cdiv(Nq, block_r)
+        _bwd_preprocess_kernel[(B * H * n_row_tiles,)](
+            y, dy, lse, dlse_arg, delta, lse2, *_bhn(y), *_bhn(dy), *_bhn(lse), *_bhn(dlse_arg),
+            H, Nq, n_row_tiles, D_V=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, IS_F64=is_f64,
+            HAS_DLSE=dlse is not None, num_warps=4)
+
+    if dk is not None:  # dK/dV only when k or v needs a gradient; reads delta and lse2
         q_index, q_count_full, q_count = lists.transposed()
         bn, tiles_n, _ = _tile(cfg.kv_block_n, block_size)
         bm, subs_m, even_m = _tile(cfg.kv_block_m, block_size)
@@ -686,24 +739,6 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
             **common,
             num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
             num_stages=cfg.kv_stages)
-
-    if dq is not None:  # dQ only when q needs a gradient
-        bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
-        bn, subs_n, even_n = _tile(cfg.q_block_n, block_size)
-        n_tiles = nq * tiles_m
-        tma = cfg.use_tma and even_n and tma_fallback_reason(q.dtype, dev, k, v) is None
-        k_arg = row_tile_descriptor(k, bn, block_dk) if tma else k
-        v_arg = row_tile_descriptor(v, bn, block_dv) if tma else v
-        order = _launch_order(lists, True, B, H, tiles_m, cfg.launch_order)
-        _bwd_dq_kernel[(B * H * n_tiles,)](
-            q, k_arg, v_arg, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
-            lists.kv_count, order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
-            *_list_strides(lists.kv_index, lists.kv_count), H, n_tiles, Nq, Nk,
-            float(scale), qk_scale,
-            BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, USE_TMA=tma,
-            **common,
-            num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
-            num_stages=cfg.q_stages)
 
 
 __all__ = ["BackwardConfig", "block_sparse_attention_backward_triton", "default_backward_config",
