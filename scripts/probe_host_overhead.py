@@ -18,38 +18,13 @@ import time
 import torch
 import triton
 
+from probe_common import graph_ms, host_us
+
 from baracuda_kernels import block_sparse_attention, prepare_pattern
 from baracuda_kernels.attention.block_lists import BlockLists
 
 B, H, N, D, BS = 2, 16, 8192, 128, 128
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05, 0.02)
-
-
-def host_ms(fn, n=50):
-    """Mean host time to submit ``fn`` (the GPU runs behind; synchronised before and after)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e3
-    torch.cuda.synchronize()
-    return host
-
-
-def graph_ms(fn, repeats_inside=1):
-    """GPU time of ``fn`` replayed from a CUDA graph (per call of fn)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats_inside):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=200) / repeats_inside
 
 
 def kernels_launched(fn) -> int:
@@ -88,10 +63,10 @@ def main():
 
         fwd_gpu = graph_ms(fwd)
         row = [f"{density:7.2f}  {build_gpu:12.1f}  {fwd_gpu * 1e3:10.1f}  {build_gpu / (fwd_gpu * 1e3):9.3f}"]
-        row.append(f"{triton.testing.do_bench(fwd):.3f} / {fwd_gpu:.3f} / {host_ms(fwd):.3f}, "
+        row.append(f"{triton.testing.do_bench(fwd):.3f} / {fwd_gpu:.3f} / {host_us(fwd, 50) / 1e3:.3f}, "
                    f"{kernels_launched(fwd)}")
         step_gpu = graph_ms(step)
-        row.append(f"{triton.testing.do_bench(step):.3f} / {step_gpu:.3f} / {host_ms(step):.3f}, "
+        row.append(f"{triton.testing.do_bench(step):.3f} / {step_gpu:.3f} / {host_us(step, 50) / 1e3:.3f}, "
                    f"{kernels_launched(step)}")
         raw_fwd = triton.testing.do_bench(lambda: fwd(mask))
         raw_step = triton.testing.do_bench(lambda: step(mask))

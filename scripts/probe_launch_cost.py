@@ -4,7 +4,6 @@ Triton's launch with descriptor vs pointer arguments.
     PYTHONPATH=src python scripts/probe_launch_cost.py
 """
 import dataclasses
-import time
 
 import torch
 
@@ -12,19 +11,9 @@ from baracuda_kernels.attention import triton_fwd
 from baracuda_kernels.attention.block_lists import BlockLists
 from baracuda_kernels.attention.triton_configs import ForwardConfig
 from baracuda_kernels.attention.triton_tma import row_tile_descriptor, tma_fallback_reason
+from probe_common import host_us
 
 B, H, N, D, BS = 2, 16, 8192, 128, 128
-
-
-def per_call_us(fn, n=300):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    out = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return out
 
 
 def main():
@@ -48,7 +37,7 @@ def main():
         "launcher, TMA": launch(tma),
     }
     for name, fn in rows.items():
-        print(f"{name:<40} {per_call_us(fn):7.1f} us", flush=True)
+        print(f"{name:<40} {host_us(fn):7.1f} us", flush=True)
     # The same TMA launch with the descriptors built once: what remains is Triton's own
     # handling of descriptor arguments.
     kd, vd = row_tile_descriptor(k, 64, 128), row_tile_descriptor(v, 64, 128)
@@ -56,7 +45,7 @@ def main():
     triton_fwd.row_tile_descriptor = lambda t, bn, dp: kd if t is k else vd
     real_reason = triton_fwd.tma_fallback_reason
     triton_fwd.tma_fallback_reason = lambda *a: None
-    print(f"{'launcher, TMA, descriptors prebuilt':<40} {per_call_us(launch(tma)):7.1f} us")
+    print(f"{'launcher, TMA, descriptors prebuilt':<40} {host_us(launch(tma)):7.1f} us")
     triton_fwd.row_tile_descriptor, triton_fwd.tma_fallback_reason = real, real_reason
 
 

@@ -13,7 +13,6 @@ import pstats
 import time
 
 import torch
-import triton
 
 from baracuda_kernels import block_sparse_attention
 from baracuda_kernels.attention import triton_bwd
@@ -22,6 +21,7 @@ from baracuda_kernels.attention.triton_bwd import (BackwardConfig,
 from baracuda_kernels.attention.triton_fwd import (ForwardConfig,
                                                    block_sparse_attention_forward_triton)
 from baracuda_kernels.patterns import random_blocks
+from probe_common import graph_ms, host_us
 
 B, H, N, D, BS = 2, 16, 8192, 128, 128
 
@@ -39,28 +39,14 @@ BWD = [BackwardConfig(128, 64, 8, 3, 128, 64, 8, 3, use_tma=True),
        BackwardConfig(64, 64, 4, 2, 64, 64, 4, 2, use_tma=False)]
 
 
-def gpu_ms(fn, inside=10):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inside):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=20, rep=150) / inside
-
-
 def main():
     gen = torch.Generator().manual_seed(0)
     q, k, v, dy = (torch.randn(B, H, N, D, generator=gen).to("cuda", torch.bfloat16)
                    for _ in range(4))
     xs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    dense = gpu_ms(lambda: block_sparse_attention(q, k, v, torch.ones(1, 1, 64, 64, dtype=torch.bool,
+    dense = graph_ms(lambda: block_sparse_attention(q, k, v, torch.ones(1, 1, 64, 64, dtype=torch.bool,
                                                                        device="cuda"),
-                                                  block_size=BS), inside=2)
+                                                  block_size=BS), repeats_inside=2)
     print(f"dense fwd {dense:.3f} ms")
     for density in (1.0, 0.1, 0.05, 0.02):
         prepared = random_blocks(N, block_size=BS, density=density, num_heads=H).to("cuda").prepare()
@@ -71,16 +57,17 @@ def main():
         print(f"\n== density {density}: target fwd <= {1.5 * density * dense:.3f} ms "
               f"(1.5 x d x dense)")
         for cfg in fwd_configs:
-            ms = gpu_ms(lambda: block_sparse_attention_forward_triton(
+            ms = graph_ms(lambda: block_sparse_attention_forward_triton(
                 q, k, v, lists, block_size=BS, scale=D ** -0.5, is_causal=False, y=y, lse=lse,
                 config=cfg))
             print(f"  fwd {cfg.describe():<40} {ms * 1e3:7.1f} us", flush=True)
         y_ref, lse_ref = block_sparse_attention(q, k, v, prepared, return_lse=True)
         grads = [torch.empty_like(t) for t in (q, k, v)]
         for cfg in bwd_configs:
-            ms = gpu_ms(lambda: block_sparse_attention_backward_triton(
+            ms = graph_ms(lambda: block_sparse_attention_backward_triton(
                 q, k, v, y_ref, lse_ref, dy, lists, block_size=BS, scale=D ** -0.5,
-                is_causal=False, dq=grads[0], dk=grads[1], dv=grads[2], config=cfg))
+                is_causal=False, dq=grads[0], dk=grads[1], dv=grads[2], config=cfg),
+                repeats_inside=10)
             print(f"  bwd {str(dataclasses.astuple(cfg)):<50} {ms * 1e3:7.1f} us", flush=True)
 
         def step():
@@ -114,13 +101,7 @@ def main():
         "full step": step,
     }
     for name, fn in pieces.items():
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(100):
-            fn()
-        print(f"  host {name:<32} {(time.perf_counter() - t0) / 100 * 1e6:7.1f} us", flush=True)
-        torch.cuda.synchronize()
+        print(f"  host {name:<32} {host_us(fn):7.1f} us", flush=True)
     # Triton launch alone: the forward kernel with the same arguments, many times.
     t0 = time.perf_counter()
     for _ in range(200):

@@ -5,7 +5,6 @@ interpreter on a machine without a GPU, on the GPU otherwise). Small shapes: the
 the contract, not the numerics grid (test_forward.py / test_backward.py do that).
 """
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,7 @@ from baracuda_kernels.attention.autograd import block_sparse_attention_op
 from baracuda_kernels.attention.block_lists import BlockLists
 from baracuda_kernels.patterns import sliding_window
 from cases import DEVICE, random_qkv
-from oracle import assert_matches_oracle, dense_attention, rel_error
+from oracle import dense_attention, rel_error
 
 BACKENDS = ["reference", "triton"]
 B, H, N, D, BS = 1, 2, 40, 16, 16          # 3 x 3 blocks, the last one ragged

@@ -1,0 +1,34 @@
+"""Timing helpers shared by the probe scripts (run on a CUDA device)."""
+import time
+
+import torch
+import triton
+
+
+def host_us(fn, n=100):
+    """Mean host time (us) to submit ``fn`` once, synchronised before and after the loop
+    (the GPU runs behind, so this is what Python, autograd and launches cost)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    out = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return out
+
+
+def graph_ms(fn, repeats_inside=1):
+    """GPU time (ms) of one ``fn``: captured ``repeats_inside`` times in a CUDA graph after a
+    warm-up on a side stream, and the graph replayed (no host work in the timing)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats_inside):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=200) / repeats_inside
