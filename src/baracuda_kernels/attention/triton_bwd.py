@@ -275,22 +275,23 @@ def _bwd_dkdv_kernel(
     if IS_F64:
         scale = tl.load(SCALE64)
         qk_scale = scale
+    # Lists are [Bp, Hp, nk, nq] / [Bp, Hp, nk]; broadcast dims come with stride 0.
+    list_row = Q_INDEX + b * stride_ib + h * stride_ih + kb.to(tl.int64) * stride_ir
+    count_off = b * stride_cb + h * stride_ch + kb
+    n_full = tl.load(Q_COUNT_FULL + count_off)
+    n_all = tl.load(Q_COUNT + count_off)
+    # A key block no query attends only stores zeros: its K/V loads are masked off.
+    load_ok = key_ok & (offs_n < tl.where(n_all > 0, Nk, 0))  # vector & vector (interpreter)
     k = tl.load(K + b * stride_kb + h * stride_kh + rows * stride_kn + offs_dk[None, :],
-                mask=key_ok[:, None] & dk_ok[None, :], other=0.0)
+                mask=load_ok[:, None] & dk_ok[None, :], other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + rows * stride_vn + offs_dv[None, :],
-                mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+                mask=load_ok[:, None] & dv_ok[None, :], other=0.0)
     if IS_F64:
         dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float64)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float64)
     else:
         dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-
-    # Lists are [Bp, Hp, nk, nq] / [Bp, Hp, nk]; broadcast dims come with stride 0.
-    list_row = Q_INDEX + b * stride_ib + h * stride_ih + kb.to(tl.int64) * stride_ir
-    count_off = b * stride_cb + h * stride_ch + kb
-    n_full = tl.load(Q_COUNT_FULL + count_off)
-    n_all = tl.load(Q_COUNT + count_off)
     q_src = head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
     dy_src = head_source(DY, b, h, stride_gb, stride_gh, USE_TMA)
     b32 = bh // H
@@ -412,18 +413,25 @@ def _bwd_dq_kernel(
     if IS_F64:
         scale = tl.load(SCALE64)
         qk_scale = scale
+    list_row = KV_INDEX + b * stride_ib + h * stride_ih + qb.to(tl.int64) * stride_ir
+    count_off = b * stride_cb + h * stride_ch + qb
+    n_full = tl.load(KV_COUNT_FULL + count_off)
+    n_all = tl.load(KV_COUNT + count_off)
+    # A query block with no active key block reads nothing (masked-off loads): dq = 0, and
+    # its delta / lse2 are never read, since no key block's list holds it.
+    load_ok = row_ok & (offs_m < tl.where(n_all > 0, Nq, 0))  # vector & vector (interpreter)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qn + offs_dk[None, :],
-                mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
+                mask=load_ok[:, None] & dk_ok[None, :], other=0.0)
     dy = tl.load(DY + b * stride_gb + h * stride_gh + rows * stride_gn
-                 + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+                 + offs_dv[None, :], mask=load_ok[:, None] & dv_ok[None, :], other=0.0)
     y = tl.load(Y + b * stride_yb + h * stride_yh + rows * stride_yn + offs_dv[None, :],
-                mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+                mask=load_ok[:, None] & dv_ok[None, :], other=0.0)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m.to(tl.int64) * stride_ln,
-                  mask=row_ok, other=float("-inf"))
+                  mask=load_ok, other=float("-inf"))
     dlse = lse
     if HAS_DLSE:
         dlse = tl.load(DLSE + b * stride_db + h * stride_dh + offs_m.to(tl.int64) * stride_dn,
-                       mask=row_ok, other=0.0)
+                       mask=load_ok, other=0.0)
     delta, lse2 = _row_stats(y, dy, lse, dlse, IS_F64, HAS_DLSE)
     stats = bh.to(tl.int64) * Nq + offs_m
     tl.store(DELTA + stats, delta, mask=row_ok)
@@ -433,10 +441,6 @@ def _bwd_dq_kernel(
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
 
-    list_row = KV_INDEX + b * stride_ib + h * stride_ih + qb.to(tl.int64) * stride_ir
-    count_off = b * stride_cb + h * stride_ch + qb
-    n_full = tl.load(KV_COUNT_FULL + count_off)
-    n_all = tl.load(KV_COUNT + count_off)
     k_src = head_source(K, b, h, stride_kb, stride_kh, USE_TMA)
     v_src = head_source(V, b, h, stride_vb, stride_vh, USE_TMA)
     b32 = bh // H

@@ -201,14 +201,18 @@ def _block_sparse_fwd_kernel(
     h64 = h.to(tl.int64)
     qb64 = qb.to(tl.int64)
 
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qm + offs_dk[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
-    k_src = head_source(K, b64, h64, stride_kb, stride_kh, USE_TMA)
-    v_src = head_source(V, b64, h64, stride_vb, stride_vh, USE_TMA)
-
     cnt_off = b64 * stride_cb + h64 * stride_ch + qb64 * stride_cq
     n_full = tl.load(KV_COUNT_FULL + cnt_off)
     n_all = tl.load(KV_COUNT + cnt_off)
+    # A query block with no active key block (common at low density) reads nothing: its
+    # masked-off Q load moves no memory, and its rows get y = 0, lse = -inf below.
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qm + offs_dk[None, :]
+    # (A row bound instead of `row_ok & (n_all > 0)`: the interpreter mistypes a
+    # scalar-bool & vector-bool mask.)
+    load_ok = offs_m < tl.where(n_all > 0, row_end, 0)
+    q = tl.load(q_ptrs, mask=load_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+    k_src = head_source(K, b64, h64, stride_kb, stride_kh, USE_TMA)
+    v_src = head_source(V, b64, h64, stride_vb, stride_vh, USE_TMA)
     idx_ptr = KV_INDEX + b64 * stride_ib + h64 * stride_ih + qb64 * stride_iq
 
     if IS_F64:
