@@ -80,7 +80,7 @@ class SdpaBlockSparsePlan:
         return plan
 
     def _select_short_row_configs(self):
-        from .triton_bwd import short_row_backward_config
+        from .triton_bwd_configs import short_row_backward_config
         from .triton_configs import short_row_forward_config
         d, dtype = self._desc, self._desc.element.torch_dtype
         return (short_row_forward_config(d.d_k, d.d_v, dtype, d.kernel_block_size,
@@ -204,9 +204,14 @@ class SdpaBlockSparsePlan:
     def can_implement(self, args: SdpaBlockSparseArgs) -> bool:
         """Check concrete tensors against the plan; raises InvalidProblem, else returns True."""
         self._check_args(args)
+        if isinstance(args.block_pattern, PreparedPattern):
+            args.block_pattern.check_matches(self._desc, self._device)
+        else:
+            canonical_pattern(self._desc, args.block_pattern, self._device)
         return True
 
     def _check_args(self, args: SdpaBlockSparseArgs) -> None:
+        """Everything but the pattern (``block_lists`` checks that, once per call)."""
         if not isinstance(args, SdpaBlockSparseArgs):
             raise InvalidProblem(f"args is a {type(args).__name__}; expected SdpaBlockSparseArgs.")
         device = check_qkv(self._desc, args.q, args.k, args.v)
@@ -214,10 +219,6 @@ class SdpaBlockSparsePlan:
             raise InvalidProblem(
                 f"q is on {device}; this plan was selected for {self._device}. "
                 f"Select a plan with device={device}.")
-        if isinstance(args.block_pattern, PreparedPattern):
-            args.block_pattern.check_matches(self._desc, self._device)
-        else:
-            canonical_pattern(self._desc, args.block_pattern, self._device)
         check_outputs(self._desc, self._device, args.y, args.lse)
         check_no_overlap({"y": args.y, "lse": args.lse}, self._inputs_of(args))
 
@@ -229,7 +230,8 @@ class SdpaBlockSparsePlan:
 
     # ---------------------------------------------------------------- running
     def run(self, args: SdpaBlockSparseArgs, workspace: Optional[torch.Tensor] = None):
-        """Compute (y, lse); writes into args.y / args.lse when given, else allocates them."""
+        """Compute (y, lse); writes into args.y / args.lse when given, else allocates them.
+        Every check (tensors, outputs, pattern) runs before anything is written."""
         self._check_args(args)
         lists = self.block_lists(args.block_pattern)
         args.y, args.lse = self._forward(args.q, args.k, args.v, lists, args.y, args.lse)
