@@ -574,6 +574,15 @@ def _launch_order(lists, for_dq: bool, B: int, H: int, tiles: int, mode: str) ->
     return lists.memo(("bwd-order", for_dq, B, H, tiles, mode), build)
 
 
+def _looped_sources(want_tma: bool, a, b, rows: int, a_pad: int, b_pad: int):
+    """The two tensors a kernel loops over (K, V for dQ; Q, dY for dK/dV) as TMA descriptors
+    of ``rows``-row tiles when wanted and legal (triton_tma), else as they are.
+    -> (a_arg, b_arg, uses_tma)"""
+    if want_tma and tma_fallback_reason(a.dtype, a.device, a, b) is None:
+        return row_tile_descriptor(a, rows, a_pad), row_tile_descriptor(b, rows, b_pad), True
+    return a, b, False
+
+
 def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
             allow_tf32, cfg: BackwardConfig) -> None:
     """The three launches (see the module docstring); inputs already checked."""
@@ -602,9 +611,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
         bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
         bn, subs_n, even_n = _tile(cfg.q_block_n, block_size)
         n_tiles = nq * tiles_m
-        tma = cfg.use_tma and even_n and tma_fallback_reason(q.dtype, dev, k, v) is None
-        k_arg = row_tile_descriptor(k, bn, block_dk) if tma else k
-        v_arg = row_tile_descriptor(v, bn, block_dv) if tma else v
+        k_arg, v_arg, tma = _looped_sources(cfg.use_tma and even_n, k, v, bn, block_dk, block_dv)
         order = _launch_order(lists, True, B, H, tiles_m, cfg.launch_order)
         _bwd_dq_kernel[(B * H * n_tiles,)](
             q, k_arg, v_arg, dy, lse2, delta, dq, scale64, lists.kv_index, lists.kv_count_full,
@@ -628,9 +635,8 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
         bn, tiles_n, _ = _tile(cfg.kv_block_n, block_size)
         bm, subs_m, even_m = _tile(cfg.kv_block_m, block_size)
         n_tiles = nk * tiles_n
-        tma = cfg.use_tma and even_m and tma_fallback_reason(q.dtype, dev, q, dy) is None
-        q_arg = row_tile_descriptor(q, bm, block_dk) if tma else q
-        dy_arg = row_tile_descriptor(dy, bm, block_dv) if tma else dy
+        q_arg, dy_arg, tma = _looped_sources(cfg.use_tma and even_m, q, dy, bm, block_dk,
+                                             block_dv)
         order = _launch_order(lists, False, B, H, tiles_n, cfg.launch_order)
         _bwd_dkdv_kernel[(B * H * n_tiles,)](
             q_arg, k, v, dy_arg, lse2, delta, dk, dv, scale64, q_index, q_count_full, q_count,
