@@ -115,7 +115,9 @@ class BlockLists:
             from .triton_lists import build_block_lists_triton
             return cls(*build_block_lists_triton(pattern, query_len, key_len, block_size,
                                                  is_causal))
-        block_class = classify_blocks(pattern != 0, query_len, key_len, block_size, is_causal)
+        if pattern.dtype != torch.bool:
+            pattern = pattern != 0  # uint8: non-zero = active
+        block_class = classify_blocks(pattern, query_len, key_len, block_size, is_causal)
         return cls(*_compact(block_class), *_compact(block_class.transpose(-1, -2)),
                    block_class=block_class)
 
@@ -124,15 +126,6 @@ class BlockLists:
         rows = self.kv_count.numel()
         mean = float(self.kv_count.sum(dtype=torch.int64)) / rows if rows else 0.0
         return dataclasses.replace(self, mean_row_blocks=mean)
-
-    @property
-    def device(self) -> torch.device:
-        return self.kv_index.device
-
-    @property
-    def batch_heads(self) -> tuple[int, int]:
-        """(Bp, Hp): the pattern's batch and head extents (1 = broadcast)."""
-        return tuple(self.kv_index.shape[:2])
 
     def memo(self, key, build):
         """A tensor derived from these lists (a launch order, say), built once per key."""

@@ -11,6 +11,13 @@ import torch
 from ..core import ElementKind, InvalidProblem
 
 
+def kernel_block_size(block_size: int, query_len: int, key_len: int) -> int:
+    """``block_size`` clipped to the longer sequence: what kernels and block lists work with.
+    A block longer than both sequences covers them in one block either way (nq = nk = 1), so
+    this changes nothing but keeps tiles and temporaries bounded for a huge ``block_size``."""
+    return max(1, min(block_size, max(query_len, key_len)))
+
+
 @dataclass(frozen=True)
 class SdpaBlockSparseDescriptor:
     """A block-sparse scaled-dot-product attention problem, independent of any tensor.
@@ -87,11 +94,8 @@ class SdpaBlockSparseDescriptor:
 
     @property
     def kernel_block_size(self) -> int:
-        """The block size the kernels and lists work with: ``block_size`` clipped to the
-        longer sequence. A block longer than both sequences covers them in one block either
-        way (nq = nk = 1), so this changes nothing but keeps tiles and temporaries bounded
-        for a huge ``block_size``."""
-        return max(1, min(self.block_size, max(self.query_len, self.key_len)))
+        """The block size the kernels and lists work with (see ``kernel_block_size``)."""
+        return kernel_block_size(self.block_size, self.query_len, self.key_len)
 
     def query_shape(self):
         return (self.batch_size, self.num_heads, self.query_len, self.d_k)

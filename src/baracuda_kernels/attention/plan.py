@@ -15,6 +15,7 @@ from .descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
 from .reference import (block_sparse_attention_backward_reference,
                         block_sparse_attention_forward_reference)
+from .triton_configs import SHORT_ROW_BLOCKS
 from .validation import (canonical_pattern, check_no_overlap, check_outputs, check_qkv,
                          check_tensor)
 
@@ -89,7 +90,6 @@ class SdpaBlockSparsePlan:
 
     def _configs_for(self, lists: BlockLists):
         """(forward config, backward config or None = default) for these lists."""
-        from .triton_configs import SHORT_ROW_BLOCKS
         short = lists.mean_row_blocks is not None and lists.mean_row_blocks <= SHORT_ROW_BLOCKS
         fwd, bwd = self._short_row_configs if short else (None, None)
         return fwd or self._config, bwd

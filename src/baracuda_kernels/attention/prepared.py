@@ -22,6 +22,8 @@ import torch
 from ..core import InvalidProblem
 from .backends import resolve_device
 from .block_lists import BlockLists
+from .descriptor import kernel_block_size
+from .patterns.block_pattern import check_int
 from .validation import pattern_view
 
 
@@ -92,22 +94,22 @@ class PreparedPattern:
                 f"pattern tensor. Pass prepare_pattern(mask, query_len=N, block_size=bs) or "
                 f"prepare a BlockPattern, which carries them.")
         key_len = query_len if key_len is None else key_len
-        for name, value, least in (("block_size", block_size, 1), ("query_len", query_len, 0),
-                                   ("key_len", key_len, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise InvalidProblem(f"{name} is {value!r}; expected an int >= {least}.")
+        check_int("block_size", block_size, 1)
+        check_int("query_len", query_len, 0)
+        check_int("key_len", key_len, 0)
         is_causal = bool(is_causal) if is_causal is not None else False
         if not isinstance(pattern, torch.Tensor):
             raise InvalidProblem(f"pattern is a {type(pattern).__name__}; expected a bool/uint8 "
                                  f"tensor or a BlockPattern.")
         device = resolve_device(pattern.device if device is None else device)
-        kernel_block = max(1, min(block_size, max(query_len, key_len)))
         nq, nk = -(-query_len // block_size), -(-key_len // block_size)
         view = pattern_view(pattern, nq, nk, block_size, (query_len, key_len), None)
         # The snapshot: a private bool copy on the target device (also detaches it from any
         # later in-place write by the caller).
         mask = view.to(device=device, dtype=torch.bool, copy=True).contiguous()
-        lists = BlockLists.build(mask, query_len, key_len, kernel_block, is_causal).measured()
+        lists = BlockLists.build(mask, query_len, key_len,
+                                 kernel_block_size(block_size, query_len, key_len),
+                                 is_causal).measured()
         return cls(mask, lists, block_size=block_size, query_len=query_len, key_len=key_len,
                    is_causal=is_causal, description=description)
 
