@@ -120,13 +120,11 @@ def check_no_overlap(outputs: dict, inputs: dict) -> None:
     writing an output while reading an overlapping input would give a wrong answer, and the
     outputs are written in place, so both must be distinct memory."""
     spans = {name: _byte_span(t) for name, t in {**inputs, **outputs}.items() if t is not None}
-    names = list(spans)
-    for i, out in enumerate(names):
-        if out not in outputs or spans[out] is None:
-            continue
-        for other in names:
-            if other == out or spans[other] is None or (other in outputs and names.index(other) < i):
-                continue
+    spans = {name: span for name, span in spans.items() if span is not None}
+    outs = [name for name in outputs if name in spans]
+    for i, out in enumerate(outs):
+        # Each output against every input and every later output (each pair once).
+        for other in [name for name in inputs if name in spans] + outs[i + 1:]:
             a, b = spans[out], spans[other]
             if a[0] == b[0] and a[1] < b[2] and b[1] < a[2]:
                 raise InvalidProblem(
