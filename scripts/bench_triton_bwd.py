@@ -22,8 +22,8 @@ import itertools
 import torch
 import triton
 
-from baracuda_kernels.attention.block_lists import BlockLists
-from baracuda_kernels.attention.triton_bwd import (
+from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
+from baracuda_kernels.attention.block_sparse.triton_bwd import (
     block_sparse_attention_backward_triton,
     default_backward_config,
 )

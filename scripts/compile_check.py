@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from baracuda_kernels.attention.triton_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
+from baracuda_kernels.attention.block_sparse.triton_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
 
 POINTERS_16 = {"Q", "K", "V", "DY", "DK", "DV", "DQ", "SCALE64", "Y"}
 POINTERS_F32 = {"LSE2", "DELTA", "LSE", "DLSE"}

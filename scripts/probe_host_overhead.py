@@ -21,7 +21,7 @@ import triton
 from probe_common import graph_ms, host_us
 
 from baracuda_kernels import block_sparse_attention, prepare_pattern
-from baracuda_kernels.attention.block_lists import BlockLists
+from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
 
 B, H, N, D, BS = 2, 16, 8192, 128, 128
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05, 0.02)

@@ -7,10 +7,10 @@ import dataclasses
 
 import torch
 
-from baracuda_kernels.attention import triton_fwd
-from baracuda_kernels.attention.block_lists import BlockLists
-from baracuda_kernels.attention.triton_configs import ForwardConfig
-from baracuda_kernels.attention.triton_tma import row_tile_descriptor, tma_fallback_reason
+from baracuda_kernels.attention.block_sparse import triton_fwd
+from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
+from baracuda_kernels.attention.block_sparse.triton_fwd_configs import ForwardConfig
+from baracuda_kernels.attention.common.triton_tma import row_tile_descriptor, tma_fallback_reason
 from probe_common import host_us
 
 B, H, N, D, BS = 2, 16, 8192, 128, 128

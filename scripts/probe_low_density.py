@@ -15,10 +15,10 @@ import time
 import torch
 
 from baracuda_kernels import block_sparse_attention
-from baracuda_kernels.attention import triton_bwd
-from baracuda_kernels.attention.triton_bwd import (BackwardConfig,
+from baracuda_kernels.attention.block_sparse import triton_bwd
+from baracuda_kernels.attention.block_sparse.triton_bwd import (BackwardConfig,
                                                    block_sparse_attention_backward_triton)
-from baracuda_kernels.attention.triton_fwd import (ForwardConfig,
+from baracuda_kernels.attention.block_sparse.triton_fwd import (ForwardConfig,
                                                    block_sparse_attention_forward_triton)
 from baracuda_kernels.patterns import random_blocks
 from probe_common import graph_ms, host_us
@@ -87,7 +87,7 @@ def main():
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
             print(f"  eager step host {host:.3f} ms (under cProfile)\n{text.getvalue()}")
     # Host breakdown of one step at the last density (GPU kept ahead: no sync in the loops).
-    from baracuda_kernels.attention.autograd import plan_for
+    from baracuda_kernels.attention.block_sparse.autograd import plan_for
     from baracuda_kernels import SdpaBlockSparseDescriptor
     plan = plan_for(SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=BS),
                     q.device, None)

@@ -15,10 +15,10 @@ import argparse
 import torch
 import triton.testing
 
-from baracuda_kernels.attention.block_lists import BlockLists
-from baracuda_kernels.attention.triton_configs import ForwardConfig
-from baracuda_kernels.attention.triton_fwd import block_sparse_attention_forward_triton
-from baracuda_kernels.attention.triton_tma import tma_fallback_reason
+from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
+from baracuda_kernels.attention.block_sparse.triton_fwd_configs import ForwardConfig
+from baracuda_kernels.attention.block_sparse.triton_fwd import block_sparse_attention_forward_triton
+from baracuda_kernels.attention.common.triton_tma import tma_fallback_reason
 from baracuda_kernels.patterns import random_blocks, sliding_window
 
 

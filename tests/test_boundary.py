@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import baracuda_kernels as bk
-from baracuda_kernels.attention import triton_bwd
-from baracuda_kernels.attention.autograd import block_sparse_attention_op
-from baracuda_kernels.attention.block_lists import BlockLists
+from baracuda_kernels.attention.block_sparse import triton_bwd
+from baracuda_kernels.attention.block_sparse.autograd import block_sparse_attention_op
+from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
 from baracuda_kernels.patterns import sliding_window
 from cases import DEVICE, random_qkv
 from oracle import dense_attention, rel_error
@@ -378,7 +378,7 @@ def test_cuda_device_without_cuda_is_a_typed_error():
 
 def test_triton_interpret_is_parsed_in_one_place(monkeypatch):
     from baracuda_kernels.core.runtime import triton_interpreting
-    from baracuda_kernels.attention import backends, triton_tma
+    from baracuda_kernels.attention.common import backends, triton_tma
     for value, expected in (("1", True), ("true", True), ("On", True), ("0", False), ("", False)):
         monkeypatch.setenv("TRITON_INTERPRET", value)
         assert triton_interpreting() is expected
@@ -387,15 +387,15 @@ def test_triton_interpret_is_parsed_in_one_place(monkeypatch):
 
 
 def test_wide_tile_offsets_rule():
-    from baracuda_kernels.attention.triton_fwd import wide_tile_offsets
+    from baracuda_kernels.attention.common.kernel_pieces import wide_tile_offsets
     assert not wide_tile_offsets(128, 128, 128)
     assert wide_tile_offsets(128, 2**24, 128)       # 128 rows x 16M elements = 2^31
     assert not wide_tile_offsets(64, 2**24 - 1, 64)
 
 
 def test_short_row_tiles_only_for_prepared_short_rows():
-    from baracuda_kernels.attention.triton_bwd import short_row_backward_config
-    from baracuda_kernels.attention.triton_configs import ForwardConfig, short_row_forward_config
+    from baracuda_kernels.attention.block_sparse.triton_bwd import short_row_backward_config
+    from baracuda_kernels.attention.block_sparse.triton_fwd_configs import ForwardConfig, short_row_forward_config
     from baracuda_kernels.core import ArchSku, BackendKind
     assert short_row_forward_config(128, 128, torch.bfloat16, 128, ArchSku.SM90) is not None
     assert short_row_forward_config(128, 128, torch.float32, 128, ArchSku.SM90) is None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import baracuda_kernels as bk
-from baracuda_kernels.attention.block_lists import BlockLists
+from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
 from baracuda_kernels.patterns import sliding_window
 
 pytestmark = pytest.mark.gpu
@@ -96,7 +96,7 @@ def test_prepared_training_step_does_no_pattern_work(monkeypatch):
 def test_huge_k_row_stride_uses_64_bit_tile_offsets():
     """A K row stride of 2^26 + 16 elements: 32 rows of a tile span more than 2^31 elements,
     which overflowed 32-bit in-tile offsets (a crash or a wrong answer)."""
-    from baracuda_kernels.attention.triton_fwd import (block_sparse_attention_forward_triton,
+    from baracuda_kernels.attention.block_sparse.triton_fwd import (block_sparse_attention_forward_triton,
                                                        default_forward_config)
     from baracuda_kernels.core import ArchSku
     device = torch.device("cuda")

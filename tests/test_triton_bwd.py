@@ -17,8 +17,8 @@ import math
 import pytest
 import torch
 
-from baracuda_kernels.attention.block_lists import BlockLists
-from baracuda_kernels.attention.triton_bwd import (
+from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
+from baracuda_kernels.attention.block_sparse.triton_bwd import (
     BackwardConfig,
     block_sparse_attention_backward_triton,
     default_backward_config,
@@ -201,7 +201,7 @@ def test_tma_loads_interpreter(causal, layout):
 
 
 def test_tma_split_tiles_and_fallback(monkeypatch):
-    from baracuda_kernels.attention import triton_bwd
+    from baracuda_kernels.attention.block_sparse import triton_bwd
     calls = []
     real = triton_bwd.row_tile_descriptor
     monkeypatch.setattr(triton_bwd, "row_tile_descriptor",
@@ -239,25 +239,25 @@ def test_launch_orders(order, causal):
 
 
 def test_heavy_first_order_puts_sink_column_first():
-    from baracuda_kernels.attention.triton_bwd import _launch_order
+    from baracuda_kernels.attention.block_sparse.triton_bwd import _launch_order
     # Sliding window of 2 blocks plus a sink column (key block 0, attended by all 16 rows).
     i = torch.arange(16)
     pattern = (((i[:, None] - i[None, :]).abs() < 2) | (i[None, :] == 0))[None, None]
     lists = BlockLists.build(pattern, 16 * 16, 16 * 16, 16, True).measured()
-    order = _launch_order(lists, False, 2, 3, 2, "heavy-first").tolist()
+    order = _launch_order(lists, False, 2, 3, 1, 2, "heavy-first").tolist()
     # Lists built for one call keep the head-major order (no per-call torch ops).
     per_call = BlockLists.build(pattern, 16 * 16, 16 * 16, 16, True)
-    assert _launch_order(per_call, False, 2, 3, 2, "heavy-first").tolist() == list(range(6 * 32))
+    assert _launch_order(per_call, False, 2, 3, 1, 2, "heavy-first").tolist() == list(range(6 * 32))
     # Items are (bh * 32 + tile), 2 tiles per block: key block 0 of all 6 heads first
     # (12 items), then the rest head-major; a permutation of all items.
     heavy = [bh * 32 + t for bh in range(6) for t in (0, 1)]
     assert order[:12] == heavy
     rest = [w for w in range(6 * 32) if w not in heavy]
     assert order[12:] == rest
-    assert _launch_order(lists, False, 2, 3, 2, "heavy-first") is \
-        _launch_order(lists, False, 2, 3, 2, "heavy-first"), "not cached"
+    assert _launch_order(lists, False, 2, 3, 1, 2, "heavy-first") is \
+        _launch_order(lists, False, 2, 3, 1, 2, "heavy-first"), "not cached"
     with pytest.raises(ValueError, match="launch_order"):
-        _launch_order(lists, False, 2, 3, 2, "random")
+        _launch_order(lists, False, 2, 3, 1, 2, "random")
 
 
 def test_prefetch_single_and_empty_lists():

@@ -18,18 +18,18 @@ import os
 import pytest
 import torch
 
-from baracuda_kernels.attention.block_lists import BlockLists
-from baracuda_kernels.attention.triton_configs import (
+from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
+from baracuda_kernels.attention.block_sparse.triton_fwd_configs import (
     ForwardConfig,
-    autotune_forward_config,
     candidate_forward_configs,
-    clear_autotune_cache,
     default_forward_config,
     estimate_shared_bytes,
 )
-from baracuda_kernels.attention import triton_fwd
-from baracuda_kernels.attention.triton_fwd import block_sparse_attention_forward_triton
-from baracuda_kernels.attention.triton_tma import (
+from baracuda_kernels.attention.block_sparse.triton_fwd_tune import (autotune_forward_config,
+                                                                     clear_autotune_cache)
+from baracuda_kernels.attention.block_sparse import triton_fwd
+from baracuda_kernels.attention.block_sparse.triton_fwd import block_sparse_attention_forward_triton
+from baracuda_kernels.attention.common.triton_tma import (
     tma_fallback_reason,
     tma_layout_problem,
     tma_strides,

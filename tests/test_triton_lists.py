@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baracuda_kernels.attention.block_lists import _compact, classify_blocks
-from baracuda_kernels.attention.triton_lists import build_block_lists_triton
+from baracuda_kernels.attention.block_sparse.block_lists import _compact, classify_blocks
+from baracuda_kernels.attention.block_sparse.triton_lists import build_block_lists_triton
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"

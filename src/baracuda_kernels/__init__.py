@@ -4,9 +4,10 @@ Functional:  y = baracuda_kernels.block_sparse_attention(q, k, v, pattern, block
 Plan API:    plan = SdpaBlockSparsePlan.select(SdpaBlockSparseDescriptor(...)); plan.run(args)
 """
 
-from .attention import (PreparedPattern, SdpaBlockSparseArgs, SdpaBlockSparseDescriptor,
-                        SdpaBlockSparsePlan, block_sparse_attention, prepare_pattern)
-from .core import (ArchSku, AttentionKind, BackendKind, ElementKind, Error, InvalidProblem,
+from .attention import (AttentionKind, PreparedPattern, SdpaBlockSparseArgs,
+                        SdpaBlockSparseDescriptor, SdpaBlockSparsePlan, block_sparse_attention,
+                        prepare_pattern)
+from .core import (ArchSku, BackendKind, ElementKind, Error, InvalidProblem,
                    KernelSku, MathPrecision, OpCategory, PlanPreference, PrecisionGuarantee,
                    Unsupported)
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from .attention import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor, SdpaBlockSparsePlan
-from .attention.block_lists import BlockLists
+from .attention.block_sparse.block_lists import BlockLists
 from .attention.patterns import sliding_window
 
 

@@ -1,15 +1,19 @@
-"""Attention op family: block-sparse scaled-dot-product attention.
+"""Attention op family. One folder per op, shared pieces in ``common``:
 
-Layers, top to bottom: functional.py (public function) -> autograd.py -> plan.py
-(validation, backend and config choice) -> launchers (reference.py, triton_fwd.py,
-triton_bwd.py) -> @triton.jit kernels. block_lists.py (with triton_lists.py) turns a pattern
-into compact lists of active blocks for every backend; prepared.py holds them for reuse.
+* ``block_sparse/``: block-sparse scaled-dot-product attention (functional.py -> autograd.py
+  -> plan.py -> launchers reference.py, triton_fwd.py, triton_bwd.py -> @triton.jit kernels;
+  block_lists.py / triton_lists.py / prepared.py turn a pattern into block lists).
+* ``flash_sdpa/``: dense (optionally causal) SDPA behind the same plan surface.
+* ``patterns/``: BlockPattern and its builders.
+* ``common/``: op kinds, kernel pieces, TMA loads, the Triton availability rule.
 """
 
-from .descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
-from .functional import block_sparse_attention
-from .plan import SdpaBlockSparsePlan
-from .prepared import PreparedPattern, prepare_pattern
+from .block_sparse.descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
+from .block_sparse.functional import block_sparse_attention
+from .block_sparse.plan import SdpaBlockSparsePlan
+from .block_sparse.prepared import PreparedPattern, prepare_pattern
+from .common.kinds import AttentionKind
 
-__all__ = ["PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor",
-           "SdpaBlockSparsePlan", "block_sparse_attention", "prepare_pattern"]
+__all__ = ["AttentionKind", "PreparedPattern", "SdpaBlockSparseArgs",
+           "SdpaBlockSparseDescriptor", "SdpaBlockSparsePlan", "block_sparse_attention",
+           "prepare_pattern"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.block_lists import SKIP, classify_blocks
+from ..attention.block_sparse.block_lists import SKIP, classify_blocks
 
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "step": 3.5, "step-graph": 3.5, "unprepared": 1.0}
 

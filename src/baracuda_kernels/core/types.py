@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -73,18 +74,20 @@ _DTYPE_TO_KIND = {v: k for k, v in _KIND_TO_DTYPE.items()}
 
 
 class OpCategory(enum.Enum):
+    """The op families of the library; each family names its ops in an enum of its own
+    (``attention.AttentionKind``), which ``KernelSku.op`` holds."""
+
     ATTENTION = "attention"
 
 
-class AttentionKind(enum.Enum):
-    FLASH_SDPA = "flash_sdpa"
-    MASKED_SDPA = "masked_sdpa"
-    BLOCK_SPARSE_ATTENTION = "block_sparse_attention"
-
-
 class BackendKind(enum.Enum):
+    """Who runs a plan: our Triton kernels, the pure-PyTorch reference, or one of PyTorch's
+    own SDPA backends (library backends, used where they are correct and faster)."""
+
     TRITON = "triton"
     REFERENCE = "reference"
+    TORCH_CUDNN = "torch_cudnn"
+    TORCH_FLASH = "torch_flash"
 
     @classmethod
     def coerce(cls, value: "BackendKind | str | None") -> "BackendKind | None":
@@ -147,12 +150,12 @@ class PrecisionGuarantee:
 
 @dataclass(frozen=True)
 class KernelSku:
-    """Names the kernel a plan will launch."""
+    """Names the kernel a plan will launch, for any op family."""
 
     category: OpCategory
-    op: AttentionKind
+    op: enum.Enum  # the family's op kind, e.g. AttentionKind.BLOCK_SPARSE_ATTENTION
     element: ElementKind
-    aux_element: ElementKind  # dtype of the auxiliary output (lse)
+    aux_element: Optional[ElementKind]  # dtype of an auxiliary output (attention: lse)
     arch: ArchSku
     backend: BackendKind
     precision_guarantee: PrecisionGuarantee

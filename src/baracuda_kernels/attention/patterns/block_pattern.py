@@ -352,7 +352,7 @@ class BlockPattern:
     def prepare(self, device=None):
         """A ``PreparedPattern`` of this pattern on ``device`` (default: the pattern's): its
         block lists built once, so attention calls that take it do no pattern work."""
-        from ..prepared import PreparedPattern  # attention layer above this package
+        from ..block_sparse.prepared import PreparedPattern  # attention layer above this package
         return PreparedPattern.build(self, device=device)
 
     def cpu(self) -> "BlockPattern":

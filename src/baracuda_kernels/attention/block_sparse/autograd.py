@@ -33,13 +33,11 @@ from typing import Optional
 
 import torch
 
-from ..core import PlanPreference, Unsupported
-from .backends import resolve_device
+from ...core import PlanCache, PlanPreference, Unsupported, resolve_device
 from .descriptor import SdpaBlockSparseDescriptor
 from .plan import SdpaBlockSparsePlan
 
-_PLANS: dict = {}  # (descriptor, device, backend) -> plan; a plan is immutable once selected
-_MAX_PLANS = 64
+_PLANS = PlanCache()  # (descriptor, device, backend) -> plan of the functional API
 
 DOUBLE_BACKWARD_MESSAGE = (
     "block_sparse_attention is differentiable once: its backward has no derivative of its own "
@@ -50,15 +48,8 @@ DOUBLE_BACKWARD_MESSAGE = (
 
 def plan_for(desc: SdpaBlockSparseDescriptor, device, backend: Optional[str]) -> SdpaBlockSparsePlan:
     """The cached plan of the functional API for this problem."""
-    key = (desc, device, backend)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = SdpaBlockSparsePlan.select(desc, PlanPreference.DEFAULT,
-                                          device=resolve_device(device), backend=backend)
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = plan
-    return plan
+    return _PLANS.get((desc, device, backend), lambda: SdpaBlockSparsePlan.select(
+        desc, PlanPreference.DEFAULT, device=resolve_device(device), backend=backend))
 
 
 # ------------------------------------------------------------------------------ the contract

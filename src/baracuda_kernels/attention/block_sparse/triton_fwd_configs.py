@@ -5,7 +5,7 @@
 * ``default_forward_config``: the per-(head dim, dtype, block size, arch) default table.
   The table is plain data below (``_HALF_TABLE`` and friends) so that numbers measured on a
   card can be pasted in; shared-memory limits per arch shrink an entry that cannot fit.
-* ``autotune_forward_config``: opt-in (``PlanPreference.FASTEST``) search that times a few
+* ``candidate_forward_configs``: the candidates of the opt-in (``PlanPreference.FASTEST``) search that times a few
   candidate configs once on the caller's real tensors and caches the winner per problem key.
 
 How the kernel maps a config onto a pattern block of ``block_size`` rows/columns: a program
@@ -17,14 +17,14 @@ masks in FULL blocks (the fast path).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from ..core import ArchSku, InvalidProblem
+from ...core import ArchSku, InvalidProblem
+from ..common.kernel_pieces import head_dim_tile
 
 _POW2_TILES = (16, 32, 64, 128, 256)
 
@@ -73,11 +73,6 @@ class ForwardConfig:
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def head_dim_tile(d: int) -> int:
-    """Padded head dim the kernel uses for a head dim ``d`` (power of two, >= 16)."""
-    return max(16, _next_pow2(d))
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,16 +232,8 @@ def short_row_forward_config(d_k: int, d_v: int, dtype: torch.dtype, block_size:
 
 
 # ----------------------------------------------------------------------------------------
-# Opt-in autotuning (PlanPreference.FASTEST): time candidates once, cache the winner.
+# Candidates of the opt-in autotuning (PlanPreference.FASTEST, triton_fwd_tune.py).
 # ----------------------------------------------------------------------------------------
-
-_AUTOTUNE_CACHE: dict[tuple, ForwardConfig] = {}
-
-
-def clear_autotune_cache() -> None:
-    """Forget every autotuned choice (tests, or after changing cards)."""
-    _AUTOTUNE_CACHE.clear()
-
 
 def candidate_forward_configs(d_k: int, d_v: int, dtype: torch.dtype, block_size: int,
                               arch: ArchSku, allow_tf32: bool = False) -> list[ForwardConfig]:
@@ -285,69 +272,3 @@ def candidate_forward_configs(d_k: int, d_v: int, dtype: torch.dtype, block_size
                  if c.block_m >= 64 and c.block_n >= 64 and c.num_stages in (2, 3)]
         out += [c for c in twins if c not in out]
     return out
-
-
-def _time_config(run, cfg: ForwardConfig, reps: int) -> float:
-    """Median milliseconds of ``run(cfg)`` on the current CUDA stream (host syncs: select
-    time only)."""
-    run(cfg)  # compile + warm up
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        run(cfg)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def autotune_forward_config(q, k, v, lists, *, block_size: int, scale: float,
-                            is_causal: bool, allow_tf32: bool = False,
-                            reps: int = 5) -> ForwardConfig:
-    """Pick the fastest candidate config for this problem by timing it once; cached.
-
-    Runs at plan-select time (it synchronises the device). The cache key is the problem
-    class (head dims, dtype, block size, arch, causal, tf32) plus the power-of-two buckets
-    of the lengths and of B*H; patterns are not part of the key. On CPU (interpreter) it
-    returns the default config without timing.
-    """
-    from .triton_fwd import block_sparse_attention_forward_triton  # avoid import cycle
-
-    B, H, Nq, d_k = q.shape
-    Nk, d_v = k.shape[2], v.shape[3]
-    arch = ArchSku.from_device(q.device)
-    if q.device.type != "cuda":
-        return default_forward_config(d_k, d_v, q.dtype, block_size, arch, allow_tf32)
-    key = (d_k, d_v, q.dtype, block_size, arch, bool(is_causal), bool(allow_tf32),
-           _next_pow2(Nq), _next_pow2(Nk), _next_pow2(B * H), q.device.index)
-    hit = _AUTOTUNE_CACHE.get(key)
-    if hit is not None:
-        return hit
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    y = torch.empty(B, H, Nq, d_v, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Nq, dtype=lse_dtype, device=q.device)
-
-    def run(cfg):
-        block_sparse_attention_forward_triton(
-            q, k, v, lists, block_size=block_size, scale=scale, is_causal=is_causal,
-            y=y, lse=lse, config=cfg, allow_tf32=allow_tf32)
-
-    best, best_ms = None, math.inf
-    for cfg in candidate_forward_configs(d_k, d_v, q.dtype, block_size, arch, allow_tf32):
-        try:
-            ms = _time_config(run, cfg, reps)
-        except Exception as exc:  # noqa: BLE001 - a candidate that fails to compile
-            # (out of shared memory / registers) is simply not a candidate.
-            if "out of resource" in str(exc).lower() or "OutOfResources" in type(exc).__name__:
-                continue
-            raise
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
-        best = default_forward_config(d_k, d_v, q.dtype, block_size, arch, allow_tf32)
-    _AUTOTUNE_CACHE[key] = best
-    return best

@@ -19,12 +19,11 @@ from typing import Optional
 
 import torch
 
-from ..core import InvalidProblem
-from .backends import resolve_device
+from ...core import InvalidProblem, resolve_device
 from .block_lists import BlockLists
 from .descriptor import kernel_block_size
-from .patterns.block_pattern import check_int
-from .validation import pattern_view
+from ..patterns.block_pattern import check_int
+from .validation import pattern_head_counts, pattern_view
 
 
 class PreparedPattern:
@@ -57,7 +56,8 @@ class PreparedPattern:
     def build(cls, pattern, *, query_len: Optional[int] = None, key_len: Optional[int] = None,
               block_size: Optional[int] = None, is_causal: Optional[bool] = None,
               device=None) -> "PreparedPattern":
-        """Prepare ``pattern`` (bool/uint8 ``[B|1, H|1, nq, nk]`` or ``[B|1, H|1, nq*nk]``, or
+        """Prepare ``pattern`` (bool/uint8 ``[B|1, Hp, nq, nk]`` or ``[B|1, Hp, nq*nk]`` with Hp
+        one per query head, one per K/V head or 1 (checked against q, k, v at use), or
         a BlockPattern, whose block_size / lengths / causality are used).
 
         Args:
@@ -127,10 +127,12 @@ class PreparedPattern:
             raise InvalidProblem(f"PreparedPattern is on {self.device}; expected {device} like q. "
                                  f"Prepare it with device={device}.")
         bp, hp = self.mask.shape[:2]
-        if bp not in (1, desc.batch_size) or hp not in (1, desc.num_heads):
+        heads = pattern_head_counts(desc.num_heads, desc.num_kv_heads)
+        if bp not in (1, desc.batch_size) or hp not in heads:
             raise InvalidProblem(
-                f"PreparedPattern has batch/heads ({bp}, {hp}); expected 1 or "
-                f"({desc.batch_size}, {desc.num_heads}) to match q.")
+                f"PreparedPattern has batch/heads ({bp}, {hp}); expected batch 1 or "
+                f"{desc.batch_size} and heads one of {heads} (per query head, per K/V head, "
+                f"or 1 for all) to match q, k and v.")
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

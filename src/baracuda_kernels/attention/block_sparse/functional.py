@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..core import InvalidProblem
+from ...core import InvalidProblem
 from .autograd import BlockSparseAttentionFunction, block_sparse_attention_op, plan_for
 from .descriptor import SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern

@@ -17,35 +17,17 @@ accelerator through tensor descriptors (triton_tma.py); only the K/V loads diffe
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
+from ..common.kernel_pieces import (exp_base, head_dim_tile, kernel_scale, list_strides,
+                                    scale_args, wide_tile_offsets)
+from ..common.triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
 # Re-exported so that callers find the configs next to the launcher.
-from .triton_configs import (  # noqa: F401
-    ForwardConfig,
-    autotune_forward_config,
-    default_forward_config,
-    head_dim_tile,
-)
-from .triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
+from .triton_fwd_configs import ForwardConfig, default_forward_config  # noqa: F401
 
-__all__ = ["ForwardConfig", "autotune_forward_config", "block_sparse_attention_forward_triton",
-           "default_forward_config"]
-
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _exp(x, USE_EXP2: tl.constexpr):
-    # exp2 is one MUFU op in f32; f64 needs the accurate libdevice exp (exp2 of an f64 is
-    # not guaranteed to lower to a full-precision routine).
-    if USE_EXP2:
-        return tl.exp2(x)
-    else:
-        return tl.exp(x)
+__all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_forward_config"]
 
 
 @triton.jit
@@ -55,15 +37,15 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                    DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                    STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr,
-                   USE_EXP2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   IS_F64: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr):
     """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
 
     One flat loop over (block, column step) pairs, so the software pipeliner sees a single
     loop. PARTIAL=False is the FULL-block loop: no masks unless a step overruns a generic
     block (EVEN_N False) or the head dim is padded.
-    k_src/v_src: pointers to K/V of this (b, h), or (USE_TMA) descriptors over the whole
-    ``[B, H, Nk, D]`` K/V whose out-of-bounds rows/columns read as zeros.
+    k_src/v_src: pointers to K/V of this (b, K/V head h), or (USE_TMA) descriptors over the
+    whole ``[B, Hkv, Nk, D]`` K/V whose out-of-bounds rows/columns read as zeros.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, DK_PAD)
@@ -126,7 +108,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
             # A row with nothing allowed so far keeps m = -inf; subtract 0 instead so that
             # exp(-inf - (-inf)) never makes a NaN.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = _exp(s_ij - m_use[:, None], USE_EXP2)
+            p = exp_base(s_ij - m_use[:, None], IS_F64)
         else:
             # No mask: every score is finite, so m_new is finite. max(qk) * scale keeps the
             # scale in a fused multiply-add with the subtraction below.
@@ -135,8 +117,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
             else:
                 m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
             m_use = m_new
-            p = _exp(qk * qk_scale - m_use[:, None], USE_EXP2)
-        alpha = _exp(m_i - m_use, USE_EXP2)
+            p = exp_base(qk * qk_scale - m_use[:, None], IS_F64)
+        alpha = exp_base(m_i - m_use, IS_F64)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
 
@@ -159,7 +141,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 
 # Lengths and counts are not specialised (alignment of them never helps here), so a new
 # sequence length does not trigger a recompile; strides are, for vectorised loads.
-@triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles"])
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV"])
 def _block_sparse_fwd_kernel(
     Q, K, V, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT,
     stride_qb, stride_qh, stride_qm,
@@ -169,7 +151,7 @@ def _block_sparse_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    H, Nq, Nk, n_tiles, scale_hi, scale_lo,
+    H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV,
     D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
@@ -181,6 +163,9 @@ def _block_sparse_fwd_kernel(
     Grid: (B*H*n_tiles,), (b, h)-major so the query tiles of one head run together and
     share its K/V in L2; within a head the last query tiles (most work under causal) go first.
     Pattern dims of size 1 arrive with stride 0 (stride_ib/ih, stride_cb/ch).
+    GQA: query head h reads K/V head h // G and list head h // LIST_DIV (LIST_DIV: 1 for a
+    per-query-head pattern, G per K/V head, H broadcast). The G query heads of a group are
+    adjacent in the launch, so a K/V tile they share is read from L2 after the first.
     USE_TMA: K and V are tensor descriptors (block [1, 1, BLOCK_N, D*_PAD]), not pointers;
     their stride arguments are then unused.
     """
@@ -199,9 +184,11 @@ def _block_sparse_fwd_kernel(
     rows64 = offs_m.to(tl.int64)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
+    hk64 = (h // G).to(tl.int64)
+    hl64 = (h // LIST_DIV).to(tl.int64)
     qb64 = qb.to(tl.int64)
 
-    cnt_off = b64 * stride_cb + h64 * stride_ch + qb64 * stride_cq
+    cnt_off = b64 * stride_cb + hl64 * stride_ch + qb64 * stride_cq
     n_full = tl.load(KV_COUNT_FULL + cnt_off)
     n_all = tl.load(KV_COUNT + cnt_off)
     # A query block with no active key block (common at low density) reads nothing: its
@@ -211,31 +198,28 @@ def _block_sparse_fwd_kernel(
     # scalar-bool & vector-bool mask.)
     load_ok = offs_m < tl.where(n_all > 0, row_end, 0)
     q = tl.load(q_ptrs, mask=load_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
-    k_src = head_source(K, b64, h64, stride_kb, stride_kh, USE_TMA)
-    v_src = head_source(V, b64, h64, stride_vb, stride_vh, USE_TMA)
-    idx_ptr = KV_INDEX + b64 * stride_ib + h64 * stride_ih + qb64 * stride_iq
+    k_src = head_source(K, b64, hk64, stride_kb, stride_kh, USE_TMA)
+    v_src = head_source(V, b64, hk64, stride_vb, stride_vh, USE_TMA)
+    idx_ptr = KV_INDEX + b64 * stride_ib + hl64 * stride_ih + qb64 * stride_iq
 
+    qk_scale = kernel_scale(scale_hi, scale_lo, IS_F64)  # carries log2(e) below f64
     if IS_F64:
-        # Python floats reach kernels as f32: the f64 scale arrives split in two f32 parts.
-        qk_scale = tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
         acc_ty = tl.float64
     else:
-        qk_scale = tl.cast(scale_hi, tl.float32)  # already multiplied by log2(e)
         acc_ty = tl.float32
-    USE_EXP2: tl.constexpr = not IS_F64
     m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)
     l_i = tl.zeros([BLOCK_M], acc_ty)
     acc = tl.zeros([BLOCK_M, DV_PAD], acc_ty)
 
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, 0, n_full, offs_m,
+        acc, m_i, l_i, q, k_src, v_src, b, h // G, idx_ptr, stride_ik, 0, n_full, offs_m,
         stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION, USE_TMA,
+        STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
         WIDE_TILE)
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, n_full, n_all, offs_m,
+        acc, m_i, l_i, q, k_src, v_src, b, h // G, idx_ptr, stride_ik, n_full, n_all, offs_m,
         stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, USE_EXP2, DOT_PRECISION, USE_TMA,
+        STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
         WIDE_TILE)
 
     # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
@@ -243,10 +227,10 @@ def _block_sparse_fwd_kernel(
     has_key = l_i != 0
     l_safe = tl.where(has_key, l_i, 1.0)
     y = acc / l_safe[:, None]
-    if USE_EXP2:
-        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # log2 units -> natural log
-    else:
+    if IS_F64:
         lse = m_i + tl.log(l_safe)
+    else:
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # log2 units -> natural log
     lse = tl.where(has_key, lse, float("-inf"))
 
     y_ptrs = (Y + b64 * stride_yb + h64 * stride_yh + rows64[:, None] * stride_ym
@@ -254,12 +238,6 @@ def _block_sparse_fwd_kernel(
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
     lse_ptrs = LSE + b64 * stride_lb + h64 * stride_lh + rows64 * stride_lm
     tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=row_ok)
-
-
-def wide_tile_offsets(rows: int, *row_strides_and_widths: int) -> bool:
-    """True when a tile of ``rows`` rows at the given row strides (and widths) spans 2^31
-    elements or more: its in-tile offsets then need 64-bit arithmetic."""
-    return rows * max(abs(x) for x in row_strides_and_widths) >= 2**31
 
 
 def block_sparse_attention_forward_triton(
@@ -270,9 +248,10 @@ def block_sparse_attention_forward_triton(
     """Launch the forward kernel; writes ``y`` and ``lse`` in place. No host synchronisation.
 
     Args:
-        q: ``[B, H, Nq, Dk]``; k: ``[B, H, Nk, Dk]``; v: ``[B, H, Nk, Dv]`` (same dtype, any
-            strides with unit last stride; Dk, Dv <= 256).
-        lists: ``BlockLists`` built on q.device for (Nq, Nk, block_size, is_causal).
+        q: ``[B, H, Nq, Dk]``; k: ``[B, Hkv, Nk, Dk]``; v: ``[B, Hkv, Nk, Dv]`` (same dtype,
+            any strides with unit last stride; Dk, Dv <= 256; H a multiple of Hkv).
+        lists: ``BlockLists`` built on q.device for (Nq, Nk, block_size, is_causal), with
+            1, Hkv or H pattern heads.
         block_size: pattern block size (any value >= 1; 16..256 multiples of the tile are fast).
         scale: softmax scale applied to q @ k^T.
         is_causal: key j visible to query i only if j <= i.
@@ -284,7 +263,8 @@ def block_sparse_attention_forward_triton(
         allow_tf32: f32 inputs may use TF32 products (default: true f32).
     """
     B, H, Nq, d_k = q.shape
-    Nk, d_v = k.shape[2], v.shape[3]
+    Hkv, Nk, d_v = k.shape[1], k.shape[2], v.shape[3]
+    Hp = lists.kv_index.shape[1]
     dtype = q.dtype
     nq, nk = -(-Nq // block_size), -(-Nk // block_size)
     idx, cnt = lists.kv_index, lists.kv_count
@@ -293,6 +273,7 @@ def block_sparse_attention_forward_triton(
         (k.dtype == dtype and v.dtype == dtype and y.dtype == dtype, "q/k/v/y dtypes differ"),
         (q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1, "q/k/v last stride != 1"),
         (d_k <= 256 and d_v <= 256, "head dim over 256"),
+        (Hkv > 0 and H % Hkv == 0 and Hp in (1, Hkv, H), f"heads H={H}, Hkv={Hkv}, lists {Hp}"),
         (tuple(idx.shape[2:]) == (nq, nk), f"lists {tuple(idx.shape)} for nq={nq}, nk={nk}"),
         (cnt.shape == lists.kv_count_full.shape and cnt.stride() == lists.kv_count_full.stride(),
          "kv_count and kv_count_full differ in layout"),
@@ -302,7 +283,7 @@ def block_sparse_attention_forward_triton(
     if B * H * Nq == 0:
         return
     if config is None:
-        from ..core import ArchSku  # local: keeps module import light
+        from ...core import ArchSku  # local: keeps module import light
         config = default_forward_config(d_k, d_v, dtype, block_size,
                                         ArchSku.from_device(q.device), allow_tf32)
     bm, bn = config.block_m, config.block_n
@@ -312,17 +293,9 @@ def block_sparse_attention_forward_triton(
         raise RuntimeError("block_sparse_attention_forward_triton: grid over 2^31 programs")
 
     is_f64 = dtype == torch.float64
-    if is_f64:
-        # Python floats reach kernels as f32: pass scale = hi + lo, both exact in f32.
-        scale_hi = struct.unpack("f", struct.pack("f", float(scale)))[0]
-        scale_lo = struct.unpack("f", struct.pack("f", float(scale) - scale_hi))[0]
-    else:
-        scale_hi, scale_lo = float(scale) * _LOG2E, 0.0
+    scale_hi, scale_lo = scale_args(scale, dtype)
     # Broadcast pattern dims index with stride 0.
-    sib = idx.stride(0) if idx.shape[0] > 1 else 0
-    sih = idx.stride(1) if idx.shape[1] > 1 else 0
-    scb = cnt.stride(0) if cnt.shape[0] > 1 else 0
-    sch = cnt.stride(1) if cnt.shape[1] > 1 else 0
+    sib, sih, _, scb, sch = list_strides(idx, cnt)
     precision = "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
     dk_pad, dv_pad = head_dim_tile(d_k), head_dim_tile(d_v)
     use_tma = config.use_tma and tma_fallback_reason(dtype, q.device, k, v) is None
@@ -341,7 +314,7 @@ def block_sparse_attention_forward_triton(
         lse.stride(0), lse.stride(1), lse.stride(2),
         sib, sih, idx.stride(2), idx.stride(3),
         scb, sch, cnt.stride(2),
-        H, Nq, Nk, n_tiles, scale_hi, scale_lo,
+        H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
         D_K=d_k, D_V=d_v, DK_PAD=dk_pad, DV_PAD=dv_pad,
         BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn,
         TILES_PER_BLOCK=tiles_per_block, STEPS=-(-block_size // bn),

@@ -6,8 +6,10 @@ only its own active blocks, so time and memory grow with the number of active bl
 
 * Forward and dQ walk query-block rows, gathering each row's active key blocks.
 * dK/dV walk key-block rows, gathering the query blocks that attend them (the transposed
-  pattern), so every gradient row is written once with index_copy_: no scatter-add, hence
-  deterministic on every device.
+  pattern). Each gradient row gets one index_add_ per pattern slice, in a fixed order, with
+  unique indices within a call: deterministic on every device.
+* GQA: queries are viewed as [B, Hkv, G, N, D] and K/V as [B, Hkv, 1, N, D], so a group
+  reads its K/V by broadcasting (no copy); dK/dV sum over the group dimension.
 
 A group stacks G rows padded to the longest row of the group (padding is masked out); G is
 chosen so a group's score tile stays under ``_GROUP_BUDGET`` elements. Accumulation is
@@ -80,19 +82,34 @@ def _active_blocks(lists: BlockLists) -> torch.Tensor:
     return (lists.block_class != SKIP).cpu()
 
 
-def _slices(lists: BlockLists):
-    """(batch slice, head slice, pattern slice index) per pattern slice; size-1 pattern dims
-    cover every batch/head at once."""
+def _slices(lists: BlockLists, H: int, Hkv: int):
+    """One entry per pattern slice: (batch slice, K/V-head slice, group slice, bp, hp).
+
+    Queries are read as [B, Hkv, G, N, D] (query head h = hk * G + g) and K/V as
+    [B, Hkv, 1, N, D], so that a group shares its K/V by broadcasting, never by a copy.
+    Pattern heads: Hp = H (per query head: one K/V head, one group member), Hp = Hkv (per
+    K/V head: the whole group), Hp = 1 (everything); size-1 dims cover all at once."""
     Bp, Hp = lists.kv_index.shape[:2]
+    G = H // Hkv
     for bp in range(Bp):
+        bsl = slice(None) if Bp == 1 else slice(bp, bp + 1)
         for hp in range(Hp):
-            yield (slice(None) if Bp == 1 else slice(bp, bp + 1),
-                   slice(None) if Hp == 1 else slice(hp, hp + 1), bp, hp)
+            if Hp == 1:
+                yield bsl, slice(None), slice(None), bp, hp
+            elif Hp == H:
+                yield bsl, slice(hp // G, hp // G + 1), slice(hp % G, hp % G + 1), bp, hp
+            else:  # Hp == Hkv
+                yield bsl, slice(hp, hp + 1), slice(None), bp, hp
+
+
+def _grouped(t: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """[B, H, ...] -> the view [B, Hkv, H // Hkv, ...] (query head h = hk * G + g)."""
+    return t.unflatten(1, (Hkv, t.shape[1] // Hkv))
 
 
 def _gather(t: torch.Tensor, tokens: torch.Tensor, acc) -> torch.Tensor:
-    """t [b, h, N, D] -> [b, h, *tokens.shape, D] in the accumulator dtype."""
-    return t.index_select(2, tokens.flatten()).to(acc).unflatten(2, tokens.shape)
+    """t [b, hk, g, N, D] -> [b, hk, g, *tokens.shape, D] in the accumulator dtype."""
+    return t.index_select(3, tokens.flatten()).to(acc).unflatten(3, tokens.shape)
 
 
 def _allowed(g: _Group, block_size: int, is_causal: bool, rows_are_queries: bool) -> torch.Tensor:
@@ -119,27 +136,31 @@ def _probs(scores, lse, allowed=None):
 
 def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, block_size: int,
                                              scale: float, is_causal: bool, y, lse) -> None:
-    """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] for q [B,H,Nq,Dk], k [B,H,Nk,Dk], v [B,H,Nk,Dv]."""
+    """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk],
+    v [B,Hkv,Nk,Dv] (query head h reads K/V head h // (H // Hkv))."""
     acc = _accumulator(q.dtype)
     B, H, Nq, _ = q.shape
-    Nk = k.shape[2]
+    Hkv, Nk = k.shape[1], k.shape[2]
     y.zero_()
     lse.fill_(float("-inf"))
     active_all = _active_blocks(lists)
-    for bsl, hsl, bp, hp in _slices(lists):
-        qs, ks, vs = q[bsl, hsl], k[bsl, hsl], v[bsl, hsl]
-        bh = qs.shape[0] * qs.shape[1]
+    q5, y5, lse5 = _grouped(q, Hkv), _grouped(y, Hkv), _grouped(lse, Hkv)
+    k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
+    for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
+        qs, ks, vs = q5[bsl, ksl, gsl], k5[bsl, ksl], v5[bsl, ksl]
+        bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
         for g in _groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device):
             G = g.cols.shape[0]
-            qt = _gather(qs, g.rows.view(G, block_size), acc)            # [b,h,G,bs,Dk]
+            qt = _gather(qs, g.rows.view(G, block_size), acc)        # [b,hk,g,G,bs,Dk]
             s = torch.matmul(qt, _gather(ks, g.cols, acc).transpose(-1, -2)) * scale
             s = s.masked_fill(~_allowed(g, block_size, is_causal, True), float("-inf"))
-            row_lse = torch.logsumexp(s, dim=-1)                         # [b,h,G,bs]
+            row_lse = torch.logsumexp(s, dim=-1)                     # [b,hk,g,G,bs]
             p = _probs(s, row_lse[..., None])  # masked scores are -inf: exp gives 0
-            out = torch.matmul(p, _gather(vs, g.cols, acc)).flatten(2, 3)
+            out = torch.matmul(p, _gather(vs, g.cols, acc)).flatten(3, 4)
             keep = g.row_ok.nonzero().flatten()
-            y[bsl, hsl].index_copy_(2, g.rows[keep], out[:, :, keep].to(y.dtype))
-            lse[bsl, hsl].index_copy_(2, g.rows[keep], row_lse.flatten(2)[:, :, keep].to(lse.dtype))
+            y5[bsl, ksl, gsl].index_copy_(3, g.rows[keep], out[:, :, :, keep].to(y.dtype))
+            lse5[bsl, ksl, gsl].index_copy_(
+                3, g.rows[keep], row_lse.flatten(3)[:, :, :, keep].to(lse.dtype))
 
 
 def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockLists, *,
@@ -147,24 +168,30 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
                                               dq, dk, dv, dlse=None) -> None:
     """Writes dq, dk, dv (shaped like q, k, v; None = not wanted, dk and dv go together) from
     the upstream gradients dy [B,H,Nq,Dv] and dlse [B,H,Nq] (None = 0), rebuilding
-    probabilities from the forward's lse."""
+    probabilities from the forward's lse. With GQA, dk/dv of a K/V head sum the
+    contributions of its query heads (in a fixed order, in the accumulator dtype)."""
     acc = _accumulator(q.dtype)
     B, H, Nq, _ = q.shape
-    Nk = k.shape[2]
-    for g in (dq, dk, dv):
-        if g is not None:
-            g.zero_()
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if dq is not None:
+        dq.zero_()
     # delta_i = sum_d dy_id * y_id = sum_j p_ij dp_ij: the softmax-Jacobian correction. The
     # lse gradient enters the same place: d lse_i / d s_ij = p_ij, so dS = P * (dP - delta + dlse).
     delta = (dy.to(acc) * y.to(acc)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(acc)
-    lse_acc = lse.to(acc)
+    lse5, delta5 = _grouped(lse.to(acc), Hkv), _grouped(delta, Hkv)
+    q5, dy5 = _grouped(q, Hkv), _grouped(dy, Hkv)
+    k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
+    dq5 = _grouped(dq, Hkv) if dq is not None else None
+    # dK/dV gather the group's contributions (several pattern slices may add to one K/V head).
+    dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device) if dk is not None else None
+    dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device) if dk is not None else None
     active_all = _active_blocks(lists)
-    for bsl, hsl, bp, hp in _slices(lists):
-        qs, ks, vs, dys = q[bsl, hsl], k[bsl, hsl], v[bsl, hsl], dy[bsl, hsl]
-        ls, ds_ = lse_acc[bsl, hsl], delta[bsl, hsl]
-        bh = qs.shape[0] * qs.shape[1]
+    for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
+        qs, ks, vs, dys = q5[bsl, ksl, gsl], k5[bsl, ksl], v5[bsl, ksl], dy5[bsl, ksl, gsl]
+        ls, ds_ = lse5[bsl, ksl, gsl], delta5[bsl, ksl, gsl]
+        bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
         # dQ: query-block rows.
         for g in (_groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device)
                   if dq is not None else ()):
@@ -175,27 +202,30 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             p = _probs(s, _gather_rows(ls, rows)[..., None], _allowed(g, block_size, is_causal, True))
             dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
             dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
-            out = (torch.matmul(dsc, kt) * scale).flatten(2, 3)
+            out = (torch.matmul(dsc, kt) * scale).flatten(3, 4)
             keep = g.row_ok.nonzero().flatten()
-            dq[bsl, hsl].index_copy_(2, g.rows[keep], out[:, :, keep].to(dq.dtype))
-        # dK, dV: key-block rows over the transposed pattern.
+            dq5[bsl, ksl, gsl].index_copy_(3, g.rows[keep], out[:, :, :, keep].to(dq.dtype))
+        # dK, dV: key-block rows over the transposed pattern, summed over the group (dim 2).
         for g in (_groups(active_all[bp, hp].T, block_size, Nk, Nq, bh, q.device)
                   if dk is not None else ()):
             G = g.cols.shape[0]
             rows = g.rows.view(G, block_size)
             qt, dyt = _gather(qs, g.cols, acc), _gather(dys, g.cols, acc)
             s_t = torch.matmul(_gather(ks, rows, acc), qt.transpose(-1, -2)) * scale
-            p_t = _probs(s_t, _gather_rows(ls, g.cols)[:, :, :, None, :],
+            p_t = _probs(s_t, _gather_rows(ls, g.cols)[..., None, :],
                          _allowed(g, block_size, is_causal, False))
-            dv_out = torch.matmul(p_t, dyt).flatten(2, 3)
+            dv_out = torch.matmul(p_t, dyt).sum(2).flatten(2, 3)
             dp_t = torch.matmul(_gather(vs, rows, acc), dyt.transpose(-1, -2))
-            ds_t = p_t * (dp_t - _gather_rows(ds_, g.cols)[:, :, :, None, :])
-            dk_out = (torch.matmul(ds_t, qt) * scale).flatten(2, 3)
+            ds_t = p_t * (dp_t - _gather_rows(ds_, g.cols)[..., None, :])
+            dk_out = (torch.matmul(ds_t, qt) * scale).sum(2).flatten(2, 3)
             keep = g.row_ok.nonzero().flatten()
-            dk[bsl, hsl].index_copy_(2, g.rows[keep], dk_out[:, :, keep].to(dk.dtype))
-            dv[bsl, hsl].index_copy_(2, g.rows[keep], dv_out[:, :, keep].to(dv.dtype))
+            dk_acc[bsl, ksl].index_add_(2, g.rows[keep], dk_out[:, :, keep])
+            dv_acc[bsl, ksl].index_add_(2, g.rows[keep], dv_out[:, :, keep])
+    if dk is not None:
+        dk.copy_(dk_acc)
+        dv.copy_(dv_acc)
 
 
 def _gather_rows(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """t [b, h, N] -> [b, h, *tokens.shape]."""
-    return t.index_select(2, tokens.flatten()).unflatten(2, tokens.shape)
+    """t [b, hk, g, N] -> [b, hk, g, *tokens.shape]."""
+    return t.index_select(3, tokens.flatten()).unflatten(3, tokens.shape)

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 
-from ..core import (ArchSku, AttentionKind, BackendKind, ElementKind, InvalidProblem, KernelSku,
-                    MathPrecision, OpCategory, PlanPreference, PrecisionGuarantee)
-from .backends import choose_backend, resolve_device
+from ...core import (ArchSku, BackendKind, BackendRegistry, ElementKind, InvalidProblem,
+                     KernelSku, MathPrecision, OpCategory, Plan, PlanPreference,
+                     PrecisionGuarantee, resolve_device)
+from ..common.backends import triton_unavailable_reason
+from ..common.kinds import AttentionKind
 from .block_lists import BlockLists
 from .descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
 from .reference import (block_sparse_attention_backward_reference,
                         block_sparse_attention_forward_reference)
-from .triton_configs import SHORT_ROW_BLOCKS
+from .triton_fwd_configs import SHORT_ROW_BLOCKS
 from .validation import (canonical_pattern, check_no_overlap, check_outputs, check_qkv,
                          check_tensor)
 
 _MATH = {ElementKind.F16: MathPrecision.F16, ElementKind.BF16: MathPrecision.BF16,
          ElementKind.F32: MathPrecision.F32, ElementKind.F64: MathPrecision.F64}
 
+# Who can run block-sparse attention: our Triton kernels (CUDA; the CPU interpreter only when
+# asked for), else the pure-PyTorch reference, which runs anything anywhere.
+BACKENDS = BackendRegistry("block-sparse attention")
+BACKENDS.register(BackendKind.TRITON, lambda desc, device, options, explicit:
+                  triton_unavailable_reason(desc.d_k, desc.d_v, device, explicit), priority=0)
+BACKENDS.register(BackendKind.REFERENCE, lambda desc, device, options, explicit: None,
+                  priority=10)
 
-class SdpaBlockSparsePlan:
+
+class SdpaBlockSparsePlan(Plan):
     """A selected block-sparse attention kernel for one descriptor on one device.
 
     >>> desc = SdpaBlockSparseDescriptor(2, 8, 1024, 1024, 64, 64, block_size=64, element="f32")
@@ -38,10 +47,11 @@ class SdpaBlockSparsePlan:
     """
 
     def __init__(self, desc: SdpaBlockSparseDescriptor, device: torch.device,
-                 backend: BackendKind, allow_tf32: bool):
+                 backend: BackendKind, allow_tf32: bool, declined: Optional[dict] = None):
         self._desc = desc
         self._device = device
         self._backend = backend
+        self._declined = declined or {}  # BackendKind -> why it was not chosen
         self._allow_tf32 = allow_tf32
         self._config = None  # triton forward config
         # Tiles for prepared patterns with short rows (triton_configs.SHORT_ROW_BLOCKS);
@@ -72,8 +82,9 @@ class SdpaBlockSparsePlan:
         if not isinstance(preference, PlanPreference):
             raise InvalidProblem(f"preference is {preference!r}; expected a PlanPreference.")
         device = resolve_device(device)
-        chosen = choose_backend(desc, device, BackendKind.coerce(backend))
-        plan = cls(desc, device, chosen, bool(allow_tf32))
+        choice = BACKENDS.choose(desc, device, BackendKind.coerce(backend))
+        chosen = choice.kind
+        plan = cls(desc, device, chosen, bool(allow_tf32), choice.declined)
         if chosen is BackendKind.TRITON:
             plan._config = plan._select_triton_config(preference)
             if preference is not PlanPreference.FASTEST:
@@ -82,7 +93,7 @@ class SdpaBlockSparsePlan:
 
     def _select_short_row_configs(self):
         from .triton_bwd_configs import short_row_backward_config
-        from .triton_configs import short_row_forward_config
+        from .triton_fwd_configs import short_row_forward_config
         d, dtype = self._desc, self._desc.element.torch_dtype
         return (short_row_forward_config(d.d_k, d.d_v, dtype, d.kernel_block_size,
                                          ArchSku.from_device(self._device)),
@@ -95,11 +106,11 @@ class SdpaBlockSparsePlan:
         return fwd or self._config, bwd
 
     def _select_triton_config(self, preference: PlanPreference):
-        from . import triton_configs
+        from . import triton_fwd_configs as triton_configs
         desc = self._desc
         dtype = desc.element.torch_dtype
         if preference is PlanPreference.FASTEST and not desc.is_empty:
-            from .triton_fwd import autotune_forward_config
+            from .triton_fwd_tune import autotune_forward_config
             gen = torch.Generator(device=self._device).manual_seed(0)
             q, k, v = (torch.randn(shape, dtype=dtype, device=self._device, generator=gen)
                        for shape in (desc.query_shape(), desc.key_shape(), desc.value_shape()))
@@ -127,6 +138,12 @@ class SdpaBlockSparsePlan:
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def declined(self) -> dict:
+        """Backends asked before the chosen one and why each declined (BackendKind -> reason);
+        empty when the first choice ran or the backend was forced."""
+        return dict(self._declined)
 
     @property
     def num_blocks_q(self) -> int:
@@ -160,7 +177,7 @@ class SdpaBlockSparsePlan:
     def __repr__(self) -> str:
         d = self._desc
         return (f"SdpaBlockSparsePlan(backend={self._backend.value}, device={self._device}, "
-                f"B={d.batch_size}, H={d.num_heads}, Nq={d.query_len}, Nk={d.key_len}, "
+                f"B={d.batch_size}, H={d.num_heads}, Hkv={d.num_kv_heads}, Nq={d.query_len}, Nk={d.key_len}, "
                 f"d_k={d.d_k}, d_v={d.d_v}, block_size={d.block_size}, causal={d.is_causal}, "
                 f"element={d.element.value})")
 
@@ -192,13 +209,6 @@ class SdpaBlockSparsePlan:
         with self.device_guard():
             return BlockLists.build(pattern, d.query_len, d.key_len, d.kernel_block_size,
                                     d.is_causal, use_triton=self._backend is BackendKind.TRITON)
-
-    def device_guard(self):
-        """Context making the plan's CUDA device current (Triton launches on the current
-        device, whatever device the tensors are on); a no-op elsewhere."""
-        if self._device.type == "cuda":
-            return torch.cuda.device(self._device)
-        return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- checks
     def can_implement(self, args: SdpaBlockSparseArgs) -> bool:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.runtime import triton_interpreting
+from ...core.runtime import triton_interpreting
 
 TMA_DTYPES = (torch.float16, torch.bfloat16)
 
