@@ -25,11 +25,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 
     Args:
         q: [B, H, Nq, Dk] float16, bfloat16, float32 or float64.
-        k: [B, H, Nk, Dk], same dtype and device.
-        v: [B, H, Nk, Dv], same dtype and device. Any strides with a unit last stride.
-        block_pattern: bool or uint8 [B|1, H|1, nq, nk] (or flat [B|1, H|1, nq*nk]) with
+        k: [B, Hkv, Nk, Dk], same dtype and device. Hkv < H is grouped-query attention
+            (Hkv = 1: multi-query): H must be a multiple of Hkv, and query head h reads K/V
+            head h // (H // Hkv), as torch SDPA's ``enable_gqa=True`` and flash-attn do.
+            K/V are never expanded (no copy); dK/dV sum over each group deterministically.
+        v: [B, Hkv, Nk, Dv], same dtype and device. Any strides with a unit last stride.
+        block_pattern: bool or uint8 [B|1, Hp, nq, nk] (or flat [B|1, Hp, nq*nk]) with
             nq = ceil(Nq / block_size), nk = ceil(Nk / block_size); non-zero = compute the
-            block. A BlockPattern (baracuda_kernels.patterns) is accepted too and carries
+            block. Hp = H: one pattern per query head; Hp = Hkv: one per K/V head, shared by
+            the query heads of its group; Hp = 1: one for all heads. (When H == Hkv, or
+            Hkv == 1, two of these readings coincide and mean the same thing.)
+            A BlockPattern (baracuda_kernels.patterns) is accepted too and carries
             its block_size. Either is read afresh on every call (its lists are rebuilt: one
             Triton launch on CUDA). A PreparedPattern (``prepare_pattern`` or
             ``BlockPattern.prepare()``) carries lists built once: no pattern work per call.
@@ -55,6 +61,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         >>> q = k = v = torch.randn(1, 2, 256, 64)
         >>> pattern = torch.ones(1, 1, 4, 4, dtype=torch.bool)
         >>> y = block_sparse_attention(q, k, v, pattern, block_size=64, is_causal=True)
+        >>> q8, k2 = torch.randn(1, 8, 256, 64), torch.randn(1, 2, 256, 64)   # GQA 8 / 2
+        >>> y = block_sparse_attention(q8, k2, k2, pattern, block_size=64)
     """
     if isinstance(block_pattern, PreparedPattern):
         block_size, is_causal = _from_prepared(block_pattern, block_size, is_causal)

@@ -157,6 +157,7 @@ def _block_sparse_fwd_kernel(
     TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr,
+    PACK_ROWS: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
 
@@ -166,26 +167,41 @@ def _block_sparse_fwd_kernel(
     GQA: query head h reads K/V head h // G and list head h // LIST_DIV (LIST_DIV: 1 for a
     per-query-head pattern, G per K/V head, H broadcast). The G query heads of a group are
     adjacent in the launch, so a K/V tile they share is read from L2 after the first.
+    PACK_ROWS > 0 (pack-GQA, when the group shares its pattern): a program instead owns
+    PACK_ROWS query positions of each of the G heads of one (b, K/V head), rows ordered
+    head-major, so every K/V tile it loads serves the whole group. Grid (B*Hkv*n_tiles,).
+    It pays where a pattern block has fewer query rows than a tile (short queries, decode).
     USE_TMA: K and V are tensor descriptors (block [1, 1, BLOCK_N, D*_PAD]), not pointers;
     their stride arguments are then unused.
     """
     pid = tl.program_id(0)
-    bh = pid // n_tiles
+    bh = pid // n_tiles  # (b, h), or (b, K/V head) when packed
     tile = n_tiles - 1 - (pid - bh * n_tiles)
-    b = bh // H
-    h = bh - b * H
     qb = tile // TILES_PER_BLOCK
-    row0 = qb * BLOCK + (tile - qb * TILES_PER_BLOCK) * BLOCK_M
     row_end = tl.minimum(qb * BLOCK + BLOCK, Nq)
-    offs_m = row0 + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    if PACK_ROWS > 0:
+        Hkv = H // G
+        b = bh // Hkv
+        hk = bh - b * Hkv
+        g_row = r // PACK_ROWS
+        offs_m = qb * BLOCK + (tile - qb * TILES_PER_BLOCK) * PACK_ROWS + (r - g_row * PACK_ROWS)
+        row_ok = (offs_m < row_end) & (g_row < G)
+        head_rows = (hk * G + g_row).to(tl.int64)  # the query head of every row
+        hl64 = (hk * G // LIST_DIV).to(tl.int64)
+    else:
+        b = bh // H
+        h = bh - b * H
+        hk = h // G
+        offs_m = qb * BLOCK + (tile - qb * TILES_PER_BLOCK) * BLOCK_M + r
+        row_ok = offs_m < row_end
+        head_rows = h.to(tl.int64)  # one query head for all rows
+        hl64 = (h // LIST_DIV).to(tl.int64)
     offs_dk = tl.arange(0, DK_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    row_ok = offs_m < row_end
     rows64 = offs_m.to(tl.int64)
     b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = (h // G).to(tl.int64)
-    hl64 = (h // LIST_DIV).to(tl.int64)
+    hk64 = hk.to(tl.int64)
     qb64 = qb.to(tl.int64)
 
     cnt_off = b64 * stride_cb + hl64 * stride_ch + qb64 * stride_cq
@@ -193,10 +209,11 @@ def _block_sparse_fwd_kernel(
     n_all = tl.load(KV_COUNT + cnt_off)
     # A query block with no active key block (common at low density) reads nothing: its
     # masked-off Q load moves no memory, and its rows get y = 0, lse = -inf below.
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qm + offs_dk[None, :]
+    q_ptrs = Q + b64 * stride_qb + (head_rows * stride_qh + rows64 * stride_qm)[:, None] \
+        + offs_dk[None, :]
     # (A row bound instead of `row_ok & (n_all > 0)`: the interpreter mistypes a
     # scalar-bool & vector-bool mask.)
-    load_ok = offs_m < tl.where(n_all > 0, row_end, 0)
+    load_ok = row_ok & (offs_m < tl.where(n_all > 0, row_end, 0))
     q = tl.load(q_ptrs, mask=load_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
     k_src = head_source(K, b64, hk64, stride_kb, stride_kh, USE_TMA)
     v_src = head_source(V, b64, hk64, stride_vb, stride_vh, USE_TMA)
@@ -212,12 +229,12 @@ def _block_sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_M, DV_PAD], acc_ty)
 
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_src, v_src, b, h // G, idx_ptr, stride_ik, 0, n_full, offs_m,
+        acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
         stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
         STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
         WIDE_TILE)
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_src, v_src, b, h // G, idx_ptr, stride_ik, n_full, n_all, offs_m,
+        acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
         stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
         STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
         WIDE_TILE)
@@ -233,10 +250,10 @@ def _block_sparse_fwd_kernel(
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # log2 units -> natural log
     lse = tl.where(has_key, lse, float("-inf"))
 
-    y_ptrs = (Y + b64 * stride_yb + h64 * stride_yh + rows64[:, None] * stride_ym
+    y_ptrs = (Y + b64 * stride_yb + (head_rows * stride_yh + rows64 * stride_ym)[:, None]
               + offs_dv[None, :] * stride_yd)
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
-    lse_ptrs = LSE + b64 * stride_lb + h64 * stride_lh + rows64 * stride_lm
+    lse_ptrs = LSE + b64 * stride_lb + head_rows * stride_lh + rows64 * stride_lm
     tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=row_ok)
 
 
@@ -244,6 +261,7 @@ def block_sparse_attention_forward_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists, *, block_size: int,
     scale: float, is_causal: bool, y: torch.Tensor, lse: torch.Tensor,
     config: ForwardConfig | None = None, allow_tf32: bool = False,
+    pack_gqa: bool | None = None,
 ) -> None:
     """Launch the forward kernel; writes ``y`` and ``lse`` in place. No host synchronisation.
 
@@ -261,6 +279,8 @@ def block_sparse_attention_forward_triton(
             the TMA K/V path where ``triton_tma.tma_fallback_reason`` allows it, else the
             pointer path.
         allow_tf32: f32 inputs may use TF32 products (default: true f32).
+        pack_gqa: pack the query heads of a GQA group into one tile (see ``pack_gqa_tiles``);
+            None decides automatically, True packs wherever allowed, False never.
     """
     B, H, Nq, d_k = q.shape
     Hkv, Nk, d_v = k.shape[1], k.shape[2], v.shape[3]
@@ -286,10 +306,21 @@ def block_sparse_attention_forward_triton(
         from ...core import ArchSku  # local: keeps module import light
         config = default_forward_config(d_k, d_v, dtype, block_size,
                                         ArchSku.from_device(q.device), allow_tf32)
-    bm, bn = config.block_m, config.block_n
-    tiles_per_block = -(-block_size // bm)
+    bm, bn, warps = config.block_m, config.block_n, config.num_warps
+    G = H // Hkv
+    # Query rows of one pattern block: block_size, or fewer when the whole query is shorter.
+    rows_in_block = min(block_size, Nq)
+    packing = pack_gqa_tiles(G, H // Hp, rows_in_block, bm, pack_gqa)
+    if packing is None:
+        pack_rows, heads_in_grid = 0, H
+        tiles_per_block = -(-rows_in_block // bm)
+    else:
+        bm, pack_rows = packing
+        heads_in_grid = Hkv
+        tiles_per_block = -(-rows_in_block // pack_rows)
+        warps = min(warps, max(4, bm // 16))
     n_tiles = nq * tiles_per_block
-    if B * H * n_tiles >= 2**31:
+    if B * heads_in_grid * n_tiles >= 2**31:
         raise RuntimeError("block_sparse_attention_forward_triton: grid over 2^31 programs")
 
     is_f64 = dtype == torch.float64
@@ -304,7 +335,7 @@ def block_sparse_attention_forward_triton(
     else:
         k_arg, v_arg = k, v
 
-    grid = (B * H * n_tiles,)
+    grid = (B * heads_in_grid * n_tiles,)
     _block_sparse_fwd_kernel[grid](
         q, k_arg, v_arg, y, lse, idx, lists.kv_count_full, cnt,
         q.stride(0), q.stride(1), q.stride(2),
@@ -321,5 +352,24 @@ def block_sparse_attention_forward_triton(
         EVEN_N=(block_size % bn == 0), IS_CAUSAL=bool(is_causal),
         SCALE_NONNEG=(scale >= 0), IS_F64=is_f64, DOT_PRECISION=precision, USE_TMA=use_tma,
         WIDE_TILE=wide_tile_offsets(bn, k.stride(2), v.stride(2), d_k, d_v),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PACK_ROWS=pack_rows, num_warps=warps, num_stages=config.num_stages,
     )
+
+
+def pack_gqa_tiles(group: int, list_div: int, rows_in_block: int, block_m: int,
+                   requested: bool | None) -> tuple[int, int] | None:
+    """(tile rows, query positions per head) of a pack-GQA launch, or None for the plain one.
+
+    Packing needs a group (G > 1) that shares its pattern (list head = query head // a
+    multiple of G: per-K/V-head or broadcast patterns) and G <= block_m. Automatically
+    (``requested`` None) it is used only where a pattern block has fewer query rows than a
+    tile: then the plain launch leaves most tile rows idle and reads every K/V tile once per
+    query head, while the packed tile holds G heads' rows and reads it once per group. With
+    full blocks (rows_in_block >= block_m) both read K/V once per block-row of each head, so
+    nothing is gained there."""
+    if group <= 1 or list_div % group or group > block_m or requested is False:
+        return None
+    if requested is None and rows_in_block >= block_m:
+        return None
+    tile = min(block_m, max(16, 1 << (rows_in_block * group - 1).bit_length()))
+    return tile, max(1, tile // group)
