@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|probe|all] [extra pytest args...]
+#   bash scripts/gpu_check.sh [tests|bench|gqa|probe|all] [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
 # Runs from the working tree (no install); the device image has torch and triton.
 set -uo pipefail
@@ -18,7 +18,7 @@ shift || true
 cat "$OUT/device.txt"
 
 status=0
-if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == all ]]; then
+if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == tests+gqa || "$stage" == all ]]; then
   # Triton compiles on the host CPU: several workers keep the card busy while others compile.
   python3 -m pytest tests -q -n 8 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -33,9 +33,23 @@ if [[ "$stage" == probe || "$stage" == tests+probe || "$stage" == all ]]; then
   grep -v "^ \{5,\}[0-9]" "$OUT/probe_low_density.log" | head -80
 fi
 if [[ "$stage" == bench || "$stage" == all ]]; then
-  python3 -m baracuda_kernels bench --preset kernels --out "$OUT/bench" 2> "$OUT/bench_progress.log" > "$OUT/bench.log" || status=$?
+  mkdir -p "$OUT/bench"
+  python3 -m baracuda_kernels bench --preset kernels --out "$OUT/bench" 2> "$OUT/bench/progress.log" > "$OUT/bench.log" || status=$?
   tail -n 40 "$OUT/bench.log"
   # The device returns at most 8 files: ship the results folder as one archive.
   tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+fi
+if [[ "$stage" == probe-gqa || "$stage" == tests+gqa ]]; then
+  # Pack-GQA tiles vs the plain launch (short queries), GQA vs expanded K/V.
+  python3 scripts/probe_gqa.py > "$OUT/probe_gqa.log" 2>&1 || status=$?
+  cat "$OUT/probe_gqa.log"
+fi
+if [[ "$stage" == gqa || "$stage" == all ]]; then
+  # Grouped-query attention (H=32, Hkv=8): ours vs ours on expanded K/V, Flex and SDPA
+  # with enable_gqa, peak memory per row. The progress log goes into the archive.
+  mkdir -p "$OUT/gqa"
+  python3 -m baracuda_kernels bench --preset gqa --out "$OUT/gqa" 2> "$OUT/gqa/progress.log" > "$OUT/bench_gqa.log" || status=$?
+  tail -n 60 "$OUT/bench_gqa.log"
+  tar czf "$OUT/gqa.tgz" -C "$OUT" gqa && rm -rf "$OUT/gqa"
 fi
 exit $status

@@ -10,4 +10,9 @@ entry point).
 One command for the kernel issues' table (same process, same card)::
 
     baracuda-kernels bench --preset kernels --out bench/results/<card>
+
+and one for grouped-query attention (H=32, Hkv=8: ours vs ours on expanded K/V, Flex and
+SDPA with enable_gqa, peak memory per row)::
+
+    baracuda-kernels bench --preset gqa --out bench/results/<card>-gqa
 """

@@ -5,13 +5,21 @@
   prepared once (``BlockPattern.prepare()``: block lists built once, no pattern work per
   call), as a model that keeps its pattern would. Mode ``unprepared`` calls
   ``block_sparse_attention`` with a new view of the mask every call, so the lists are
-  rebuilt each time. Triton on CUDA, the reference backend on CPU.
+  rebuilt each time. Triton on CUDA, the reference backend on CPU. With GQA (Hkv < H) it
+  gets k, v of Hkv heads as they are.
+* ``ours-expanded``: ours on K/V repeated to H heads (``repeat_interleave``) once, at
+  preparation, so the copy is outside every timed call: a throughput reference for ours'
+  GQA, which must match it without the copies. Only for GQA cases (NotApplicable otherwise).
+  Its ``train`` differentiates the expanded K/V (``Prepared.train_inputs``); the check sums
+  their gradients over each group (``Prepared.case_grads``) to compare with the case's.
 * ``flex``: FlexAttention with a ``BlockMask`` of the same pattern (``to_flex_block_mask``:
   full blocks without mask_mod, ``kv_idx <= q_idx`` on the blocks the diagonal crosses),
   compiled (``torch.compile(flex_attention, dynamic=False)``) on CUDA, eager on CPU, where a
   compile takes about a minute per shape. Compile time is excluded (first call = warm-up).
+  With GQA it is called with ``enable_gqa=True`` (torch >= 2.5; Unavailable before).
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the dense and causal
   patterns only (the problems it computes), pinned to the backend torch picks, which is named.
+  With GQA it is called with ``enable_gqa=True`` (torch >= 2.5; Unavailable before).
 * ``reference``: our pure-PyTorch backend, when ``ours`` is not already it.
 
 ``prepare`` raises ``Unavailable`` (with the reason, reported in the table and the files)
@@ -20,6 +28,8 @@ or ``NotApplicable`` (silently skipped: SDPA on a sparse pattern).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -42,7 +52,8 @@ class NotApplicable(Exception):
 
 @dataclass
 class Inputs:
-    """One case's tensors: q, k, v [B, H, N, D] without grad, dy like q, and its pattern."""
+    """One case's tensors: q [B, H, N, D], k, v [B, Hkv, N, D] (Hkv = H without GQA), all
+    without grad, dy like q, and its pattern."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -60,12 +71,21 @@ class Inputs:
     def is_causal(self) -> bool:
         return bool(self.pattern.is_causal)
 
+    @property
+    def group_size(self) -> int:
+        """Query heads per K/V head, H // Hkv (1 without GQA)."""
+        return self.q.shape[1] // self.k.shape[1]
+
 
 @dataclass
 class Prepared:
     """A ready implementation: ``infer()`` runs the forward on the case's tensors without
     autograd; ``train(q, k, v)`` is a differentiable forward returning y; ``unprepared()``
-    (ours only, else None: no such mode) is the forward given a new pattern object."""
+    (ours only, else None: no such mode) is the forward given a new pattern object.
+
+    ``train`` takes the case's q, k, v unless ``train_inputs`` gives the tensors it takes
+    instead (``ours-expanded``: k, v repeated ``kv_repeats`` times per head, made once);
+    ``leaves`` and ``case_grads`` hide the difference from the runner."""
 
     detail: str
     infer: Callable[[], torch.Tensor]
@@ -75,6 +95,21 @@ class Prepared:
     setup_s: float = 0.0
     notes: list = field(default_factory=list)
     train_error: Optional[tuple] = None   # (status, reason) once backward failed
+    train_inputs: Optional[tuple] = None  # (q, k, v) that train() takes, if not the case's
+    kv_repeats: int = 1                   # train_inputs' K/V heads per case K/V head
+
+    def leaves(self, inputs: "Inputs") -> tuple:
+        """The (q, k, v) to differentiate ``train`` at (no grad; the caller makes leaves)."""
+        return self.train_inputs if self.train_inputs is not None else (inputs.q, inputs.k, inputs.v)
+
+    def case_grads(self, grads):
+        """Gradients for ``leaves`` -> gradients for the case's q, k, v: the gradient of a
+        K/V head repeated r times is the sum of its copies' gradients."""
+        if self.kv_repeats == 1:
+            return tuple(grads)
+        dq, dk, dv = grads
+        r = self.kv_repeats
+        return (dq,) + tuple(t.unflatten(1, (t.shape[1] // r, r)).sum(2) for t in (dk, dv))
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -95,7 +130,7 @@ def _descriptor(inputs: Inputs) -> SdpaBlockSparseDescriptor:
     g = inputs.geometry
     return SdpaBlockSparseDescriptor(g.batch, g.heads, g.seq_len, g.seq_len, g.head_dim, g.head_dim,
                                      block_size=g.block_size, is_causal=inputs.is_causal,
-                                     element=g.dtype)
+                                     element=g.dtype, num_kv_heads=inputs.k.shape[1])
 
 
 def prepared_pattern(inputs: Inputs):
@@ -147,6 +182,31 @@ def prepare_reference(inputs: Inputs, options) -> Prepared:
     return p
 
 
+def expand_kv(t: torch.Tensor, repeats: int) -> torch.Tensor:
+    """[B, Hkv, N, D] -> [B, Hkv * repeats, N, D], K/V head j becoming heads j*r .. j*r+r-1
+    (query head h reads head h // (H // Hkv) either way): a copy."""
+    return t.repeat_interleave(repeats, dim=1)
+
+
+def prepare_ours_expanded(inputs: Inputs, options) -> Prepared:
+    """Ours on K/V expanded to H heads once, here: the copy is outside every timed call."""
+    r = inputs.group_size
+    if r == 1:
+        raise NotApplicable("ours-expanded is ours itself when K/V have all H heads")
+    hp = inputs.pattern.mask.shape[1]
+    if hp not in (1, inputs.q.shape[1]):
+        raise Unavailable(f"a pattern per K/V head ({hp} heads) would need expanding too")
+    t0 = time.perf_counter()
+    k, v = expand_kv(inputs.k, r), expand_kv(inputs.v, r)
+    _sync(inputs.device)
+    expand_s = time.perf_counter() - t0
+    p = _plan_based(dataclasses.replace(inputs, k=k, v=v), None)
+    p.unprepared = None            # a mode of ours only
+    p.train_inputs, p.kv_repeats = (inputs.q, k, v), r
+    p.setup_s += expand_s
+    return p
+
+
 # ------------------------------------------------------------------------------ flex
 _COMPILED_FLEX = {}
 _FLEX_FAILURES = {}   # (mode, geometry, causal) -> reason
@@ -194,6 +254,22 @@ def flex_block_mask(inputs: Inputs, compiled: bool = True):
                                        seq_lengths=tuple(bm.seq_lengths))
 
 
+def _flex_gqa_kwargs(inputs: Inputs) -> dict:
+    """``{"enable_gqa": True}`` for a GQA case ({} otherwise); Unavailable where
+    flex_attention has no such argument (torch < 2.5)."""
+    if inputs.group_size == 1:
+        return {}
+    fa = _flex_module()
+    try:
+        has = "enable_gqa" in inspect.signature(fa.flex_attention).parameters
+    except (TypeError, ValueError):
+        has = True           # no signature to read: let the call say
+    if not has:
+        raise Unavailable(f"torch {torch.__version__} flex_attention has no enable_gqa "
+                          "(GQA needs torch >= 2.5)")
+    return {"enable_gqa": True}
+
+
 def _flex_function(mode: str):
     fa = _flex_module()
     if mode == "eager":
@@ -227,7 +303,12 @@ def prepare_flex(inputs: Inputs, options) -> Prepared:
         raise
     except Exception as exc:
         raise Unavailable(f"building the BlockMask failed: {_first_line(exc)}") from None
-    fn = _flex_function(mode)
+    gqa = _flex_gqa_kwargs(inputs)
+    compiled_fn = _flex_function(mode)
+
+    def fn(q_, k_, v_, block_mask):
+        return compiled_fn(q_, k_, v_, block_mask=block_mask, **gqa)
+
     q, k, v = inputs.q, inputs.k, inputs.v
     key = (mode, inputs.geometry, inputs.is_causal)
     if key in _FLEX_FAILURES:   # the same compile failed for another pattern: don't retry
@@ -241,7 +322,7 @@ def prepare_flex(inputs: Inputs, options) -> Prepared:
                                f"{inputs.geometry.block_size}: {_first_line(exc)}")
         raise Unavailable(_FLEX_FAILURES[key]) from None
     setup = time.perf_counter() - t0
-    detail = f"{mode}"
+    detail = f"{mode}{' gqa' if gqa else ''}"
     notes = [] if mode == "compiled" else ["FlexAttention eager (unfused, materialises scores)"]
     return Prepared(detail, lambda: fn(q, k, v, block_mask=bm),
                     lambda q_, k_, v_: fn(q_, k_, v_, block_mask=bm), setup_s=setup, notes=notes)
@@ -252,13 +333,22 @@ _SDPA_NAMES = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient",
                "CUDNN_ATTENTION": "cudnn", "MATH": "math", "OVERRIDEABLE": "overrideable"}
 
 
-def _sdpa_choice(q, k, v, causal: bool):
+def _sdpa_choice(q, k, v, causal: bool, gqa: dict):
     """The SDPBackend torch's dispatcher picks for these tensors, or None if unknown."""
     try:
         from torch.nn.attention import SDPBackend
-        return SDPBackend(int(torch._fused_sdp_choice(q, k, v, None, 0.0, causal)))
+        return SDPBackend(int(torch._fused_sdp_choice(q, k, v, None, 0.0, causal, **gqa)))
     except Exception:
         return None
+
+
+def _sdpa_has_gqa() -> bool:
+    """Whether scaled_dot_product_attention takes ``enable_gqa`` (torch >= 2.5)."""
+    import torch.nn.functional as F
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):       # a builtin without a signature: read its doc
+        return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 def prepare_sdpa(inputs: Inputs, options) -> Prepared:
@@ -270,16 +360,22 @@ def prepare_sdpa(inputs: Inputs, options) -> Prepared:
     except ImportError:
         sdpa_kernel = None
     causal = inputs.is_causal
+    gqa = {}
+    if inputs.group_size > 1:
+        if not _sdpa_has_gqa():
+            raise Unavailable(f"torch {torch.__version__} scaled_dot_product_attention has no "
+                              "enable_gqa (GQA needs torch >= 2.5)")
+        gqa = {"enable_gqa": True}
     q, k, v = inputs.q, inputs.k, inputs.v
     grads = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
-    choice_infer = _sdpa_choice(q, k, v, causal)
-    choice_train = _sdpa_choice(*grads, causal)
+    choice_infer = _sdpa_choice(q, k, v, causal, gqa)
+    choice_train = _sdpa_choice(*grads, causal, gqa)
 
     def call(choice, q_, k_, v_):
         if sdpa_kernel is None or choice is None:
-            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal)
+            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal, **gqa)
         with sdpa_kernel([choice]):
-            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal)
+            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal, **gqa)
 
     def name(choice):
         return "default" if choice is None else _SDPA_NAMES.get(choice.name, choice.name.lower())
@@ -295,8 +391,8 @@ def prepare_sdpa(inputs: Inputs, options) -> Prepared:
                     train_detail=name(choice_train), setup_s=time.perf_counter() - t0)
 
 
-PREPARE = {"ours": prepare_ours, "flex": prepare_flex, "sdpa": prepare_sdpa,
-           "reference": prepare_reference}
+PREPARE = {"ours": prepare_ours, "ours-expanded": prepare_ours_expanded, "flex": prepare_flex,
+           "sdpa": prepare_sdpa, "reference": prepare_reference}
 
 
 def prepare(impl: str, inputs: Inputs, options) -> Prepared:

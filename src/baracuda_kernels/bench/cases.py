@@ -18,6 +18,12 @@ Pattern names: ``dense``, ``causal``, ``sliding_window`` (8 blocks incl. the dia
 sink block, causal), ``bigbird`` (3 window blocks, 2 global blocks, 3 random blocks per row),
 ``document`` (6 packed documents, causal), ``random<P>`` (P percent of the blocks of every
 head, seeded; ``random`` in a list expands over ``--densities``).
+
+Grouped-query attention: a geometry (and a grid) with ``num_kv_heads`` = Hkv < H gives k and
+v Hkv heads (query head h reads K/V head h // (H // Hkv)); patterns stay per query head
+(random, bigbird) or broadcast. The ``gqa`` preset compares ours on such K/V with
+``ours-expanded`` (ours on K/V repeated to H heads once, at preparation), FlexAttention and
+SDPA with ``enable_gqa=True``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ MODE_ALIASES = {"forward": "fwd", "backward": "bwd", "fwd+bwd": "step", "fwdbwd"
                 "fwd_bwd": "step", "both": "step", "train": "step", "graph": "step-graph",
                 "step_graph": "step-graph", "stepgraph": "step-graph", "cudagraph": "step-graph",
                 "cuda-graph": "step-graph", "cuda_graph": "step-graph"}
-IMPLS = ("ours", "flex", "sdpa", "reference")
+IMPLS = ("ours", "ours-expanded", "flex", "sdpa", "reference")
 PATTERN_KINDS = ("dense", "causal", "sliding_window", "bigbird", "document", "random")
 DEFAULT_DENSITIES = (0.5, 0.25, 0.1, 0.05)
 
@@ -97,7 +103,9 @@ class PatternSpec:
 
 @dataclass(frozen=True)
 class Geometry:
-    """One problem shape: q/k/v [batch, heads, seq_len, head_dim] of ``dtype``, square blocks."""
+    """One problem shape: q [batch, heads, seq_len, head_dim] and k, v [batch, kv_heads,
+    seq_len, head_dim] of ``dtype``, square blocks. ``num_kv_heads`` None means ``heads``
+    (no GQA); else ``heads`` must be a multiple of it."""
 
     batch: int
     heads: int
@@ -105,6 +113,30 @@ class Geometry:
     head_dim: int
     dtype: str            # an ElementKind value: bf16, f16, f32, f64
     block_size: int
+    num_kv_heads: Optional[int] = None
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            return
+        if self.num_kv_heads < 1 or self.heads % self.num_kv_heads:
+            raise InvalidProblem(f"{self.heads} query heads and {self.num_kv_heads} K/V heads; "
+                                 "expected the query heads to be a multiple of the K/V heads.")
+        if self.num_kv_heads == self.heads:   # one spelling per problem (equal, same label)
+            object.__setattr__(self, "num_kv_heads", None)
+
+    @property
+    def kv_heads(self) -> int:
+        """Hkv: heads of k and v (``heads`` without GQA)."""
+        return self.heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.kv_heads < self.heads
+
+    @property
+    def heads_text(self) -> str:
+        """``32`` without GQA, ``32/8`` (query / K/V heads) with."""
+        return f"{self.heads}/{self.kv_heads}" if self.is_gqa else f"{self.heads}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -112,12 +144,13 @@ class Geometry:
 
     @property
     def label(self) -> str:
-        return (f"B={self.batch} H={self.heads} N={self.seq_len} D={self.head_dim} "
+        return (f"B={self.batch} H={self.heads_text} N={self.seq_len} D={self.head_dim} "
                 f"{self.dtype} block={self.block_size}")
 
     @property
     def slug(self) -> str:
-        return f"N{self.seq_len}_D{self.head_dim}_{self.dtype}_bs{self.block_size}"
+        gqa = f"_H{self.heads}kv{self.kv_heads}" if self.is_gqa else ""
+        return f"N{self.seq_len}_D{self.head_dim}_{self.dtype}_bs{self.block_size}{gqa}"
 
 
 def canonical_mode(text: str) -> str:
@@ -162,6 +195,7 @@ class Grid:
     patterns: tuple             # PatternSpec
     modes: tuple = MAIN_MODES
     impls: tuple = ("ours", "flex", "sdpa")
+    num_kv_heads: Optional[int] = None      # Hkv (None: heads, no GQA)
 
     def cases(self) -> list[Case]:
         """Cases of the grid, the dense pattern first in every geometry (it is the yardstick
@@ -174,7 +208,7 @@ class Grid:
             for d in self.head_dims:
                 for dt in self.dtypes:
                     for bs in self.block_sizes:
-                        geo = Geometry(self.batch, self.heads, n, d, dt, bs)
+                        geo = Geometry(self.batch, self.heads, n, d, dt, bs, self.num_kv_heads)
                         out.extend(Case(geo, p, tuple(self.modes), tuple(self.impls)) for p in pats)
         return out
 
@@ -214,6 +248,10 @@ KERNEL_PATTERNS = ("dense", "causal", "sliding_window", "random50", "random25", 
 # Low densities, where the GPU work per step is short enough for the host to show.
 HOST_PATTERNS = ("random", "sliding_window")
 HOST_DENSITIES = (0.1, 0.05, 0.02)
+# The GQA issue's grid: bf16, B=2, H=32, Hkv=8, N=8192, D=128 (block 128, as kernels).
+GQA_PATTERNS = ("dense", "causal", "sliding_window", "random25", "random10")
+GQA_HEADS, GQA_KV_HEADS = 32, 8
+GQA_IMPLS = ("ours", "ours-expanded", "flex", "sdpa")
 
 
 def preset_grids(name: str, on_gpu: bool) -> list[Grid]:
@@ -226,6 +264,11 @@ def preset_grids(name: str, on_gpu: bool) -> list[Grid]:
             return [Grid(1, 2, (512,), (32,), ("f32",), (32,),
                          _specs(ALL_PATTERNS, (0.5, 0.25, 0.1)), cpu_modes,
                          ("ours", "flex", "sdpa", "reference"))]
+        if name == "gqa":     # the same patterns, modes and impls at H=8, Hkv=2
+            return [Grid(1, 8, (512,), (32,), ("f32",), (32,), _specs(GQA_PATTERNS), MAIN_MODES,
+                         GQA_IMPLS + ("reference",), num_kv_heads=2)]
+        if name not in PRESETS:
+            raise InvalidProblem(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}.")
         return [Grid(1, 4, (1024, 2048), (64,), ("f32",), (64,),
                      _specs(ALL_PATTERNS, (0.5, 0.25, 0.1)), cpu_modes,
                      ("ours", "flex", "sdpa", "reference"))]
@@ -248,10 +291,15 @@ def preset_grids(name: str, on_gpu: bool) -> list[Grid]:
     if name == "full":
         return [Grid(2, 16, (4096, 8192, 16384), (64, 128), ("bf16",), (64, 128),
                      _specs(ALL_PATTERNS), MAIN_MODES, ("ours", "flex", "sdpa", "reference"))]
-    raise InvalidProblem(f"unknown preset {name!r}; expected quick, kernels or full.")
+    if name == "gqa":
+        # ours (K/V with Hkv heads) against ours-expanded (K/V repeated to H heads once,
+        # outside the timed calls), FlexAttention and SDPA (dense, causal) with enable_gqa.
+        return [Grid(2, GQA_HEADS, (8192,), (128,), ("bf16",), (128,), _specs(GQA_PATTERNS),
+                     MAIN_MODES, GQA_IMPLS, num_kv_heads=GQA_KV_HEADS)]
+    raise InvalidProblem(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}.")
 
 
-PRESETS = ("quick", "kernels", "full")
+PRESETS = ("quick", "kernels", "full", "gqa")
 
 
 def apply_overrides(grids: list[Grid], **overrides) -> list[Grid]:

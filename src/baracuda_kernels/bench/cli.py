@@ -1,10 +1,12 @@
 """`baracuda-kernels bench`: sweep patterns x sizes x dtypes x block sizes x modes, against
-same-process baselines (FlexAttention, torch SDPA, our dense, the reference backend).
+same-process baselines (FlexAttention, torch SDPA, our dense, the reference backend; for GQA
+also ours on K/V expanded to all query heads).
 
     baracuda-kernels bench --preset kernels --out bench/results/h100   # the kernel-issue table
     baracuda-kernels bench --quick                                     # minutes on a GPU, seconds on CPU
     baracuda-kernels bench --patterns causal,random --densities 0.1 --seq-lens 16384 --modes fwd
     baracuda-kernels bench --patterns random --densities 0.05 --modes step,step-graph  # host overhead
+    baracuda-kernels bench --preset gqa --out bench/results/h100-gqa   # GQA (H=32, Hkv=8) table
 
 Without a CUDA GPU it runs on CPU with small sizes (reference backend) and says so.
 """
@@ -77,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "B=2, H=16, N=8192, D=128, block 128, + block 64, + N=32768 D=64, + "
                           "host overhead: random 10/5/2%% and sliding_window in fwd, step, "
                           "step-graph, unprepared); full (default): all patterns, N 4k-16k, "
-                          "D 64/128, blocks 64/128")
+                          "D 64/128, blocks 64/128; gqa: grouped-query attention (bf16, B=2, "
+                          "H=32, Hkv=8, N=8192, D=128, block 128; dense, causal, sliding_window, "
+                          "random25, random10; ours vs ours-expanded, flex, sdpa)")
     sel.add_argument("--quick", dest="preset", action="store_const", const="quick",
                      help="same as --preset quick")
     sel.add_argument("--patterns", type=str, default=None,
@@ -90,13 +94,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sel.add_argument("--dtypes", type=_list(_dtype, "--dtypes"), default=None, help="bf16,f16,f32")
     sel.add_argument("--block-sizes", type=_list(_positive_int, "--block-sizes"), default=None)
     sel.add_argument("--batch", type=_positive_int, default=None)
-    sel.add_argument("--heads", type=_positive_int, default=None)
+    sel.add_argument("--heads", type=_positive_int, default=None, help="query heads H")
+    sel.add_argument("--kv-heads", type=_positive_int, default=None,
+                     help="K/V heads Hkv (grouped-query attention when < H; H a multiple of it)")
     sel.add_argument("--modes", type=_list(_mode, "--modes", MODES), default=None,
                      help="fwd, bwd, step (forward + backward through autograd; alias "
                           "fwd+bwd), step-graph (the step replayed from a CUDA graph, CUDA "
                           "only), unprepared (ours' forward with a new pattern object per call)")
     sel.add_argument("--impls", type=_list(str.lower, "--impls", IMPLS), default=None,
-                     help="ours, flex, sdpa, reference (our dense is the 'dense' pattern, always run)")
+                     help="ours, ours-expanded (GQA only: ours on K/V repeated to H heads once), "
+                          "flex, sdpa, reference (our dense is the 'dense' pattern, always run)")
     how = parser.add_argument_group("how")
     how.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     how.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per measurement (ms)")
@@ -146,10 +153,11 @@ def build_cases(args, on_gpu: bool):
                if any(p.kind == "random" for p in g.patterns) else [])))) for g in grids]
     grids = apply_overrides(grids, seq_lens=args.seq_lens, head_dims=args.head_dims,
                             dtypes=args.dtypes, block_sizes=args.block_sizes, batch=args.batch,
-                            heads=args.heads, modes=args.modes, impls=args.impls)
+                            heads=args.heads, num_kv_heads=args.kv_heads, modes=args.modes,
+                            impls=args.impls)
     cases = []
     for g in grids:
-        cases.extend(g.cases())
+        cases.extend(g.cases())          # InvalidProblem for H not a multiple of Hkv
     return merge_cases(cases)
 
 
@@ -215,10 +223,10 @@ def _run(args, device: torch.device, cases) -> int:
     rows = sweep.run()
     unavailable = report.unavailable_summary(rows)
     print(report.format_table(rows))
-    host = report.format_host_overhead(rows)
-    if host:
-        print()
-        print(host)
+    for extra in (report.format_gqa(rows), report.format_host_overhead(rows)):
+        if extra:
+            print()
+            print(extra)
     print()
     print(report.format_unavailable(unavailable))
 

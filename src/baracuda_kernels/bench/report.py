@@ -92,15 +92,25 @@ def _tflops_text(value) -> str:
     return f"{value:9.1f}" if value >= 10 else f"{value:9.3f}"
 
 
+IMPL_WIDTH = 26    # "ours-expanded[reference]" and a space
+
+
+def _has_memory(rows: list[dict]) -> bool:
+    return any(r.get("peak_mib") is not None for r in rows)
+
+
 def format_table(rows: list[dict]) -> str:
     """Terminal table grouped by geometry and pattern (see the legend at its end). An
-    implementation unavailable in every mode of a pattern is shown once, with why."""
+    implementation unavailable in every mode of a pattern is shown once, with why. The
+    peak MiB column is there where memory was measured (CUDA)."""
     lines = []
-    head = (f"{'pattern':<15}{'density':>8}  {'mode':<11}{'impl':<22}{'ms':>9}{'TFLOP/s':>9}"
-            f"{'x dense':>9}{'vs flex':>9}{'skip':>7}{'rel.err':>9}")
+    base_head = (f"{'pattern':<15}{'density':>8}  {'mode':<11}{'impl':<{IMPL_WIDTH}}{'ms':>9}{'TFLOP/s':>9}"
+                 f"{'x dense':>9}{'vs flex':>9}{'skip':>7}{'rel.err':>9}")
     for geo in geometry_of(rows):
-        lines += ["", f"== {geo}", head, "-" * len(head)]
         g_rows = [x for x in rows if x["geometry"] == geo]
+        memory = _has_memory(g_rows)
+        head = base_head + (f"{'peak MiB':>10}" if memory else "")
+        lines += ["", f"== {geo}", head, "-" * len(head)]
         for pat in dict.fromkeys(r["pattern"] for r in g_rows):
             p_rows = [r for r in g_rows if r["pattern"] == pat]
             label = f"{pat:<15}{p_rows[0]['work_fraction'] * 100:>7.1f}%"
@@ -119,17 +129,18 @@ def format_table(rows: list[dict]) -> str:
                         (f"{mode:<11}" if first_line else " " * 11)
                     first_line = False
                     if r.get("status") != "ok":
-                        lines.append(f"{lead}{impl_label(r):<22}{r.get('status', '')}: "
+                        lines.append(f"{lead}{impl_label(r):<{IMPL_WIDTH}}{r.get('status', '')}: "
                                      f"{(r.get('reason') or '')[:80]}")
                         continue
                     err = _fmt(r.get("rel_err"), ".1e") + ("!" if r.get("check") == "FAIL" else "")
-                    lines.append(f"{lead}{impl_label(r):<22}{r['time_ms']:>9.3f}{_tflops_text(r['tflops'])}"
+                    mem = f"{_fmt(r.get('peak_mib'), '.1f'):>10}" if memory else ""
+                    lines.append(f"{lead}{impl_label(r):<{IMPL_WIDTH}}{r['time_ms']:>9.3f}{_tflops_text(r['tflops'])}"
                                  f"{_fmt(r.get('x_dense'), '8.2f', 'x'):>9}"
                                  f"{_fmt(r.get('vs_flex'), '8.2f', 'x'):>9}"
-                                 f"{_fmt(r.get('skip_ratio'), '7.2f'):>7}{err:>9}")
+                                 f"{_fmt(r.get('skip_ratio'), '7.2f'):>7}{err:>9}{mem}".rstrip())
             for impl in collapsed:
                 r = next(x for x in p_rows if x["impl"] == impl)
-                lines.append(f"{' ' * 23}  {'all':<11}{impl:<22}unavailable: {(r.get('reason') or '')[:80]}")
+                lines.append(f"{' ' * 23}  {'all':<11}{impl:<{IMPL_WIDTH}}unavailable: {(r.get('reason') or '')[:80]}")
     lines += ["", "density: computed token pairs / dense pairs (the FLOP convention's work). "
               "TFLOP/s: 4*D*pairs per forward (fwd, unprepared), x2.5 backward (bwd), x3.5 a "
               "training step (step, step-graph).",
@@ -139,7 +150,10 @@ def format_table(rows: list[dict]) -> str:
               "x dense: our dense time / this time. vs flex: FlexAttention time / this time "
               "(>1 = faster than Flex). skip: time / (density x the same implementation's "
               "dense time), 1.00 = time proportional to work. rel.err: ||out - ref|| / ||ref|| "
-              "vs the reference backend (bwd rows: worst of dq, dk, dv; ! = check failed)."]
+              "vs the reference backend (bwd rows: worst of dq, dk, dv; ! = check failed).",
+              "H=32/8: 32 query heads sharing 8 K/V heads (GQA); ours-expanded: ours on K/V "
+              "repeated to H heads once, before timing. peak MiB (CUDA): peak memory allocated "
+              "during one call above what was allocated before it (step-graph: the capture)."]
     return "\n".join(lines)
 
 
@@ -194,6 +208,104 @@ def format_host_overhead(rows: list[dict]) -> str:
                             for (_, key, spec), w in zip(_HOST_COLUMNS, widths))
             lines.append(f"{e['pattern']:<15}{(e['work_fraction'] or 0) * 100:>7.1f}%{cells}".rstrip())
     lines.append(_HOST_LEGEND)
+    return "\n".join(lines)
+
+
+# The GQA issue's targets: ours' GQA at least the throughput of ours on expanded K/V, and
+# at least 1.2x FlexAttention (enable_gqa) on every pattern, in every mode.
+GQA_TARGET_VS_EXPANDED = 1.0
+GQA_TARGET_VS_FLEX = 1.2
+
+
+def gqa_summary(rows: list[dict]) -> list[dict]:
+    """Per GQA geometry (Hkv < H), pattern and mode where ours ran: TFLOP/s of ours,
+    ours-expanded, Flex and SDPA; vs_expanded = ours / ours-expanded TFLOP/s (= the
+    expanded time / ours); vs_flex = Flex time / ours; peak MiB of ours and ours-expanded
+    (runner's peak_mib); kv_copy_mib = ours-expanded's prep_mib - ours' (the K/V copies it
+    holds); misses: the targets not met; unmeasured: the comparisons without a time
+    ("expanded", "flex")."""
+    out = []
+    ok = [r for r in rows if r.get("status") == "ok"]
+    gqa = [r for r in ok if r.get("kv_heads") is not None and r["kv_heads"] < r["heads"]]
+    for geo in geometry_of(gqa):
+        g_rows = [r for r in gqa if r["geometry"] == geo]
+        for pat in dict.fromkeys(r["pattern"] for r in g_rows):
+            for mode in dict.fromkeys(r["mode"] for r in g_rows if r["pattern"] == pat):
+                by = {r["impl"]: r for r in g_rows if r["pattern"] == pat and r["mode"] == mode}
+                ours, exp, flex, sdpa = (by.get(i) for i in ("ours", "ours-expanded", "flex", "sdpa"))
+                if ours is None:
+                    continue
+                vs_exp = exp["time_ms"] / ours["time_ms"] if exp and ours["time_ms"] > 0 else None
+                vs_flex = flex["time_ms"] / ours["time_ms"] if flex and ours["time_ms"] > 0 else None
+                copy = None
+                if exp and exp.get("prep_mib") is not None and ours.get("prep_mib") is not None:
+                    copy = exp["prep_mib"] - ours["prep_mib"]
+                misses = []
+                if vs_exp is not None and vs_exp < GQA_TARGET_VS_EXPANDED:
+                    misses.append("< expanded")
+                if vs_flex is not None and vs_flex < GQA_TARGET_VS_FLEX:
+                    misses.append(f"< {GQA_TARGET_VS_FLEX:g}x flex")
+                unmeasured = [name for name, x in (("expanded", vs_exp), ("flex", vs_flex))
+                              if x is None]
+                out.append(dict(
+                    geometry=geo, pattern=pat, mode=mode, work_fraction=ours["work_fraction"],
+                    ours=ours["tflops"], expanded=exp["tflops"] if exp else None,
+                    flex=flex["tflops"] if flex else None, sdpa=sdpa["tflops"] if sdpa else None,
+                    vs_expanded=vs_exp, vs_flex=vs_flex, ours_peak_mib=ours.get("peak_mib"),
+                    expanded_peak_mib=exp.get("peak_mib") if exp else None, kv_copy_mib=copy,
+                    misses=misses, unmeasured=unmeasured))
+    return out
+
+
+_GQA_COLUMNS = [("ours TF/s", "ours", "tflops"), ("exp. TF/s", "expanded", "tflops"),
+                ("flex TF/s", "flex", "tflops"), ("sdpa TF/s", "sdpa", "tflops"),
+                ("ours/exp.", "vs_expanded", ".2f"), ("vs flex", "vs_flex", ".2f"),
+                ("ours peak MiB", "ours_peak_mib", ".1f"), ("exp. peak MiB", "expanded_peak_mib", ".1f"),
+                ("exp. K/V copy MiB", "kv_copy_mib", ".1f")]
+_GQA_LEGEND = ("GQA (ours on K/V of Hkv heads): TF/s = effective TFLOP/s (query-head FLOPs, the "
+               "same for every implementation). ours/exp. = ours TFLOP/s / ours-expanded's (ours "
+               "on K/V repeated to H heads once, outside the timing; target >= "
+               f"{GQA_TARGET_VS_EXPANDED:g}). vs flex = Flex (enable_gqa) time / ours (target >= "
+               f"{GQA_TARGET_VS_FLEX:g}). peak MiB = peak memory allocated during one call above "
+               "what was allocated before it; exp. K/V copy MiB = memory ours-expanded keeps "
+               "from its preparation beyond ours' (the expanded K/V). Empty memory columns: "
+               "not on CUDA.")
+
+
+def _gqa_cell(e: dict, key: str, spec: str) -> str:
+    if spec == "tflops":
+        return _tflops_text(e[key]).strip()
+    return _fmt(e[key], spec, "x" if key in ("vs_expanded", "vs_flex") else "")
+
+
+def _gqa_targets(e: dict) -> str:
+    """'met', or the targets missed; '(no flex)' where a comparison was not measured."""
+    if len(e["unmeasured"]) == 2:
+        return "n/a"
+    text = ", ".join(e["misses"]) if e["misses"] else "met"
+    return text + "".join(f" (no {x})" for x in e["unmeasured"])
+
+
+def format_gqa(rows: list[dict]) -> str:
+    """The GQA summary of the terminal report; '' when no GQA case ran ours."""
+    entries = gqa_summary(rows)
+    if not entries:
+        return ""
+    widths = [max(10, len(title) + 2) for title, _, _ in _GQA_COLUMNS]
+    head = f"{'pattern':<15}{'density':>8}  {'mode':<6}" + "".join(
+        f"{title:>{w}}" for (title, _, _), w in zip(_GQA_COLUMNS, widths)) + "  targets"
+    lines = ["GQA summary (ours vs ours on expanded K/V, vs FlexAttention)"]
+    for geo in dict.fromkeys(e["geometry"] for e in entries):
+        lines += [f"== {geo}", head, "-" * len(head)]
+        shown = None
+        for e in (x for x in entries if x["geometry"] == geo):
+            cells = "".join(f"{_gqa_cell(e, key, spec):>{w}}"
+                            for (_, key, spec), w in zip(_GQA_COLUMNS, widths))
+            lead = (f"{e['pattern']:<15}{e['work_fraction'] * 100:>7.1f}%" if e["pattern"] != shown
+                    else " " * 23)
+            shown = e["pattern"]
+            lines.append(f"{lead}  {e['mode']:<6}{cells}  {_gqa_targets(e)}")
+    lines.append(_GQA_LEGEND)
     return "\n".join(lines)
 
 
@@ -279,6 +391,16 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
                 f"{r['pattern']} {r['mode']} {_tflops_text(r['tflops']).strip()} TFLOP/s "
                 f"({r['impl_detail']})" for r in sdpa)]
         out.append("")
+    gqa = gqa_summary(rows)
+    if gqa:
+        out += ["**GQA summary (ours vs ours on expanded K/V, vs FlexAttention)**", "", _GQA_LEGEND, "",
+                "| geometry | pattern | density | mode | " + " | ".join(t for t, _, _ in _GQA_COLUMNS)
+                + " | targets |", "|---" * (5 + len(_GQA_COLUMNS)) + "|"]
+        for e in gqa:
+            cells = [e["geometry"], e["pattern"], _fmt(e["work_fraction"] * 100, ".1f", "%"), e["mode"]]
+            cells += [_gqa_cell(e, key, spec) for _, key, spec in _GQA_COLUMNS]
+            out.append("| " + " | ".join(cells + [_gqa_targets(e)]) + " |")
+        out.append("")
     host = host_overhead(rows)
     if host:
         out += ["**Host overhead (ours)**", "", _HOST_LEGEND, "",
@@ -311,7 +433,7 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    colors = {"ours": "C0", "flex": "C1", "sdpa": "C2", "reference": "C3"}
+    colors = {"ours": "C0", "flex": "C1", "sdpa": "C2", "reference": "C3", "ours-expanded": "C4"}
     ok = [r for r in rows if r.get("status") == "ok"]
     for geo in geometry_of(ok):
         g_rows = [r for r in ok if r["geometry"] == geo]
@@ -376,4 +498,6 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
 
 
 def _slug(row: dict) -> str:
-    return f"B{row['batch']}_H{row['heads']}_N{row['seq_len']}_D{row['head_dim']}_{row['dtype']}_bs{row['block_size']}"
+    kv = row.get("kv_heads")
+    heads = f"H{row['heads']}" + (f"kv{kv}" if kv is not None and kv != row["heads"] else "")
+    return f"B{row['batch']}_{heads}_N{row['seq_len']}_D{row['head_dim']}_{row['dtype']}_bs{row['block_size']}"

@@ -1,7 +1,13 @@
 """The sweep: for every case, check ours (and the baselines) against the reference backend,
 then time every implementation in every mode. Produces one row (a dict) per
 (case, implementation, mode), including rows for unavailable implementations. The CUDA graph
-mode (step-graph) lives in graphs.py."""
+mode (step-graph) lives in graphs.py.
+
+Memory (CUDA only; None on CPU): ``peak_mib`` is the peak memory allocated during one call
+of the timed function (one more call after the timing) above what was allocated before it;
+for step-graph, during the capture (the replay allocates nothing: the graph's pool holds it).
+``prep_mib`` is what the implementation keeps allocated from its preparation (preallocated
+outputs, prepared lists, BlockMasks; ours-expanded's K/V copies)."""
 
 from __future__ import annotations
 
@@ -18,17 +24,20 @@ from ..attention import block_sparse_attention
 from . import baselines, graphs
 from .cases import TRAIN_MODES, Case, Geometry, build_pattern
 from .flops import computed_pairs, mode_flops, tflops
-from .timing import median_ms
+from .timing import PeakMemory, allocated_mib, median_ms, peak_memory_mib
 
 # Relative error (||out - ref|| / ||ref||) above which ours' check fails. About 10x what a
 # correct kernel shows in each dtype (outputs rounded to the dtype, float32 accumulation).
 CHECK_TOLERANCE = {"bf16": 5e-2, "f16": 1e-2, "f32": 1e-3, "f64": 1e-8}
+# Implementations whose check verdict (ok / FAIL) fails the run: our kernels. The
+# baselines' errors are shown, not judged.
+CHECKED_IMPLS = ("ours", "ours-expanded")
 
-ROW_FIELDS = ["geometry", "batch", "heads", "seq_len", "head_dim", "dtype", "block_size",
+ROW_FIELDS = ["geometry", "batch", "heads", "kv_heads", "seq_len", "head_dim", "dtype", "block_size",
               "pattern", "pattern_description", "causal", "block_density", "work_fraction",
               "pairs", "mode", "impl", "impl_detail", "status", "reason", "time_ms", "flops", "tflops",
               "x_dense", "vs_flex", "skip_ratio", "rel_err", "max_abs_err", "check", "setup_s",
-              "overhead_ms"]
+              "overhead_ms", "peak_mib", "prep_mib"]
 
 # Which check result a mode's row shows: the forward check (plan.run), the check of the
 # unprepared call, or the gradient check of train() (which step-graph replays).
@@ -73,10 +82,12 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def _inputs(geo: Geometry, device: torch.device, seed: int):
+    """[q, k, v, dy]: q and dy [B, H, N, D], k and v [B, Hkv, N, D]."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (geo.batch, geo.heads, geo.seq_len, geo.head_dim)
+    q_shape = (geo.batch, geo.heads, geo.seq_len, geo.head_dim)
+    kv_shape = (geo.batch, geo.kv_heads, geo.seq_len, geo.head_dim)
     return [torch.randn(shape, dtype=geo.torch_dtype, device=device, generator=gen)
-            for _ in range(4)]                                             # q, k, v, dy
+            for shape in (q_shape, kv_shape, kv_shape, q_shape)]
 
 
 def _status_of(exc: BaseException) -> str:
@@ -143,7 +154,8 @@ class Sweep:
     def _base_row(self, case: Case, pattern, pairs: int) -> dict:
         g = case.geometry
         dense = g.batch * g.heads * g.seq_len * g.seq_len
-        return dict(geometry=g.label, batch=g.batch, heads=g.heads, seq_len=g.seq_len,
+        return dict(geometry=g.label, batch=g.batch, heads=g.heads, kv_heads=g.kv_heads,
+                    seq_len=g.seq_len,
                     head_dim=g.head_dim, dtype=g.dtype, block_size=g.block_size,
                     pattern=case.pattern.name, pattern_description=pattern.description,
                     causal=bool(pattern.is_causal), block_density=round(pattern.density(), 6),
@@ -162,14 +174,18 @@ class Sweep:
         base = self._base_row(case, pattern, pairs)
         inputs = baselines.Inputs(q, k, v, dy, pattern, case.pattern, g)
 
-        prepared = {}
+        prepared, prep_mib = {}, {}
         for impl in case.impls:
+            before = allocated_mib(self.device)
             try:
                 prepared[impl] = baselines.prepare(impl, inputs, opts)
             except baselines.NotApplicable:
                 continue
             except baselines.Unavailable as exc:
                 prepared[impl] = str(exc)
+                continue
+            if before is not None:
+                prep_mib[impl] = max(0.0, allocated_mib(self.device) - before)
         need_bwd = any(m in TRAIN_MODES for m in case.modes)
         ready = {i: p for i, p in prepared.items() if isinstance(p, baselines.Prepared)}
         errors = self._check(case, inputs, ready, need_bwd) if opts.check else {}
@@ -200,11 +216,12 @@ class Sweep:
                     continue
                 try:
                     if mode == "step-graph":
-                        setup, ms = self._time_graph(p, case, impl, inputs, row)
+                        setup, ms, peak = self._time_graph(p, case, impl, inputs, row)
                     else:
-                        setup, ms = self._time(p, inputs, mode)
+                        setup, ms, peak = self._time(p, inputs, mode)
                     row.update(status="ok", time_ms=ms, tflops=tflops(row["flops"], ms),
-                               setup_s=round(p.setup_s + setup, 3))
+                               setup_s=round(p.setup_s + setup, 3), peak_mib=peak,
+                               prep_mib=prep_mib.get(impl))
                 except Exception as exc:  # a crash in one baseline must not end the sweep
                     row.update(status=_status_of(exc), reason=baselines._first_line(exc))
                     if mode in ("bwd", "step"):   # the eager train() itself failed
@@ -215,19 +232,30 @@ class Sweep:
     # ---------------------------------------------------------------------------------
     def _check(self, case: Case, inputs, prepared: dict, need_bwd: bool) -> dict:
         """{(impl, 'fwd'|'bwd'): (rel_err, max_abs_err, 'ok'|'FAIL'|'')} against the reference
-        backend run on the same inputs upcast (float32 on CUDA, float64 on CPU)."""
+        backend run on the same inputs upcast (float32 on CUDA, float64 on CPU). With GQA
+        the oracle gets K/V expanded to H heads (repeat_interleave, differentiable: the
+        gradient of a K/V head is the sum over its group), so it does not rely on the GQA
+        indexing under test; the implementations get the case's K/V."""
         g = case.geometry
         ref_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         leaves = [t.detach().to(ref_dtype).requires_grad_(need_bwd) for t in (inputs.q, inputs.k, inputs.v)]
+        group = inputs.group_size
         try:
-            y_ref = block_sparse_attention(*leaves, inputs.pattern.mask, block_size=g.block_size,
-                                           is_causal=inputs.is_causal, backend="reference")
+            q_ref, k_ref, v_ref = leaves
+            mask = inputs.pattern.mask
+            if group > 1:
+                k_ref, v_ref = (baselines.expand_kv(t, group) for t in (k_ref, v_ref))
+                if mask.shape[1] == inputs.k.shape[1] > 1:     # a pattern per K/V head
+                    mask = mask.repeat_interleave(group, dim=1)
+            y_ref = block_sparse_attention(q_ref, k_ref, v_ref, mask,
+                                           block_size=g.block_size, is_causal=inputs.is_causal,
+                                           backend="reference")
             g_ref = torch.autograd.grad(y_ref, leaves, inputs.dy.to(ref_dtype)) if need_bwd else None
         except Exception as exc:
             self.log(f"   {case.pattern.name}: reference failed, no check: {baselines._first_line(exc)}")
             return {}
         y_ref = y_ref.detach()
-        del leaves
+        del leaves, q_ref, k_ref, v_ref
         out, parts = {}, []
         tol = CHECK_TOLERANCE.get(g.dtype, 1e-2)
         for impl, p in prepared.items():
@@ -252,8 +280,8 @@ class Sweep:
                     texts.append(f"unprepared failed ({baselines._first_line(exc, 120)})")
             if need_bwd:
                 try:
-                    xs = [t.detach().requires_grad_(True) for t in (inputs.q, inputs.k, inputs.v)]
-                    grads = torch.autograd.grad(p.train(*xs), xs, inputs.dy)
+                    xs = [t.detach().requires_grad_(True) for t in p.leaves(inputs)]
+                    grads = p.case_grads(torch.autograd.grad(p.train(*xs), xs, inputs.dy))
                     errs = [_rel_err(a, b) for a, b in zip(grads, g_ref)]
                     rel_b, mx_b = max(e[0] for e in errs), max(e[1] for e in errs)
                     out[(impl, "bwd")] = (rel_b, mx_b, self._verdict(impl, rel_b, tol, case, "bwd"))
@@ -268,16 +296,17 @@ class Sweep:
         return out
 
     def _verdict(self, impl: str, rel: float, tol: float, case: Case, what: str) -> str:
-        if impl != "ours":
+        if impl not in CHECKED_IMPLS:
             return ""
         if math.isfinite(rel) and rel <= tol:
             return "ok"
-        self.check_failures.append(f"{case.geometry.label} {case.pattern.name} {what}: "
+        who = "" if impl == "ours" else f" ({impl})"
+        self.check_failures.append(f"{case.geometry.label} {case.pattern.name} {what}{who}: "
                                    f"rel. error {rel:.2e} > {tol:.0e}")
         return "FAIL"
 
-    def _time(self, p, inputs, mode: str) -> tuple[float, float]:
-        """(warm-up seconds, median ms) of one implementation in one mode."""
+    def _time(self, p, inputs, mode: str) -> tuple[float, float, Optional[float]]:
+        """(warm-up seconds, median ms, peak MiB or None) of one implementation in one mode."""
         opts, dev = self.options, self.device
         # No torch.no_grad() for the forward: its inputs need no grad anyway, and a change of
         # grad mode would make torch.compile recompile FlexAttention.
@@ -286,9 +315,10 @@ class Sweep:
             t0 = time.perf_counter()
             fn()
             baselines._sync(dev)
-            return time.perf_counter() - t0, median_ms(fn, dev, warmup_ms=opts.warmup_ms,
-                                                       rep_ms=opts.rep_ms)
-        xs = [t.detach().requires_grad_(True) for t in (inputs.q, inputs.k, inputs.v)]
+            setup = time.perf_counter() - t0
+            ms = median_ms(fn, dev, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms)
+            return setup, ms, peak_memory_mib(fn, dev)
+        xs = [t.detach().requires_grad_(True) for t in p.leaves(inputs)]
         dy = inputs.dy
         if mode == "bwd":
             y = p.train(*xs)
@@ -302,29 +332,34 @@ class Sweep:
         fn()
         baselines._sync(dev)
         setup = time.perf_counter() - t0
-        return setup, median_ms(fn, dev, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms)
+        ms = median_ms(fn, dev, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms)
+        return setup, ms, peak_memory_mib(fn, dev)
 
-    def _time_graph(self, p, case: Case, impl: str, inputs, row: dict) -> tuple[float, float]:
-        """(capture seconds, median ms of a replay) of the captured training step, after
-        checking once that a replay gives the eager step's y and grads (within the dtype's
-        CHECK_TOLERANCE; a mismatch is a check failure for ours and is not timed)."""
-        step = graphs.capture_step(p.train, inputs.q, inputs.k, inputs.v, inputs.dy)
+    def _time_graph(self, p, case: Case, impl: str, inputs,
+                    row: dict) -> tuple[float, float, Optional[float]]:
+        """(capture seconds, median ms of a replay, peak MiB of the capture or None) of the
+        captured training step, after checking once that a replay gives the eager step's y
+        and grads (within the dtype's CHECK_TOLERANCE; a mismatch is a check failure for
+        ours and is not timed)."""
+        with PeakMemory(self.device) as mem:
+            step = graphs.capture_step(p.train, *p.leaves(inputs), inputs.dy)
         try:
             err = graphs.replay_error(step, p.train)
             tol = CHECK_TOLERANCE.get(case.geometry.dtype, 1e-2)
             verdict = "bitwise equal" if err == 0 else f"rel. error {err:.1e}"
             self.log(f"   {case.pattern.name:<15} {impl} step-graph: replay vs eager step {verdict}")
             if not (math.isfinite(err) and err <= tol):
-                if impl == "ours":    # like _verdict: only ours fails the run
+                if impl in CHECKED_IMPLS:    # like _verdict: only our kernels fail the run
                     row["check"] = "FAIL"
+                    who = "" if impl == "ours" else f" ({impl})"
                     self.check_failures.append(
-                        f"{case.geometry.label} {case.pattern.name} step-graph: replay vs eager "
+                        f"{case.geometry.label} {case.pattern.name} step-graph{who}: replay vs eager "
                         f"step rel. error {err:.2e} > {tol:.0e}")
                 raise GraphMismatch(f"the CUDA graph replay differs from the eager step "
                                     f"(rel. error {err:.2e} > {tol:.0e}): not timed")
             ms = median_ms(step.replay, self.device, warmup_ms=self.options.warmup_ms,
                            rep_ms=self.options.rep_ms)
-            return step.setup_s, ms
+            return step.setup_s, ms, mem.mib
         finally:
             del step
 

@@ -4,6 +4,9 @@ On CUDA this is ``triton.testing.do_bench`` (CUDA events around every call, a 25
 zeroed before each call to flush L2, warm-up for ``warmup_ms``, repeats for ``rep_ms``,
 median). Without triton it falls back to the same procedure written with torch.cuda.Event.
 On CPU it is a wall-clock loop (one warm-up call, repeats for ``rep_ms``, median).
+
+Memory: ``peak_memory_mib`` runs one more call, outside the timing, and returns the peak
+CUDA memory allocated during it above what was allocated just before it (None on CPU).
 """
 
 from __future__ import annotations
@@ -74,6 +77,50 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: floa
             return _do_bench_events(fn, warmup_ms, rep_ms, grad_to_none, device)
         return _do_bench_triton(fn, warmup_ms, rep_ms, grad_to_none)
     return _time_cpu(fn, rep_ms)
+
+
+MIB = 1024 * 1024
+
+
+def allocated_mib(device: torch.device) -> Optional[float]:
+    """CUDA memory allocated by tensors now, in MiB (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device) / MIB
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` -> ``m.mib``: the peak CUDA memory allocated
+    inside the block above the allocation at its start, in MiB (None off CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mib, self._base = device, None, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda" and exc[0] is None:
+            torch.cuda.synchronize(self.device)
+            self.mib = max(0, torch.cuda.max_memory_allocated(self.device) - self._base) / MIB
+        return False
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak CUDA memory allocated during one call of ``fn`` above the allocation before
+    the call, in MiB: its outputs, temporaries and (autograd) saved tensors, not what was
+    allocated before it (inputs, preallocated outputs, a recorded forward). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    with PeakMemory(device) as m:
+        out = fn()
+    del out
+    return m.mib
 
 
 def timer_name(device: torch.device) -> str:

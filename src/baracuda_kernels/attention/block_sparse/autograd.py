@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from ...core import PlanCache, PlanPreference, Unsupported, resolve_device
+from ..common.numerics import accumulator_dtype
 from .descriptor import SdpaBlockSparseDescriptor
 from .plan import SdpaBlockSparsePlan
 
@@ -133,7 +134,7 @@ def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, pattern, block_size, scale, is_causal, backend):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = accumulator_dtype(q.dtype)
     y = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     return y, q.new_empty(q.shape[:-1], dtype=lse_dtype)
 

@@ -8,7 +8,7 @@ import torch
 
 from ...core import (ArchSku, BackendKind, BackendRegistry, ElementKind, InvalidProblem,
                      KernelSku, MathPrecision, OpCategory, Plan, PlanPreference,
-                     PrecisionGuarantee, resolve_device)
+                     PrecisionGuarantee, check_no_overlap, check_tensor, resolve_device)
 from ..common.backends import triton_unavailable_reason
 from ..common.kinds import AttentionKind
 from .block_lists import BlockLists
@@ -17,8 +17,7 @@ from .prepared import PreparedPattern
 from .reference import (block_sparse_attention_backward_reference,
                         block_sparse_attention_forward_reference)
 from .triton_fwd_configs import SHORT_ROW_BLOCKS
-from .validation import (canonical_pattern, check_no_overlap, check_outputs, check_qkv,
-                         check_tensor)
+from .validation import canonical_pattern, check_outputs, check_qkv
 
 _MATH = {ElementKind.F16: MathPrecision.F16, ElementKind.BF16: MathPrecision.BF16,
          ElementKind.F32: MathPrecision.F32, ElementKind.F64: MathPrecision.F64}

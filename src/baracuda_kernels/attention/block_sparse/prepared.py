@@ -22,7 +22,7 @@ import torch
 from ...core import InvalidProblem, resolve_device
 from .block_lists import BlockLists
 from .descriptor import kernel_block_size
-from ..patterns.block_pattern import check_int
+from ..patterns.checks import check_int
 from .validation import pattern_head_counts, pattern_view
 
 

@@ -23,13 +23,10 @@ from typing import Iterator
 
 import torch
 
+from ..common.numerics import accumulator_dtype
 from .block_lists import SKIP, BlockLists
 
 _GROUP_BUDGET = 1 << 22  # score-tile elements per group (16 MiB in float32)
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -138,7 +135,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
                                              scale: float, is_causal: bool, y, lse) -> None:
     """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk],
     v [B,Hkv,Nk,Dv] (query head h reads K/V head h // (H // Hkv))."""
-    acc = _accumulator(q.dtype)
+    acc = accumulator_dtype(q.dtype)
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     y.zero_()
@@ -170,7 +167,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
     the upstream gradients dy [B,H,Nq,Dv] and dlse [B,H,Nq] (None = 0), rebuilding
     probabilities from the forward's lse. With GQA, dk/dv of a K/V head sum the
     contributions of its query heads (in a fixed order, in the accumulator dtype)."""
-    acc = _accumulator(q.dtype)
+    acc = accumulator_dtype(q.dtype)
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if dq is not None:

@@ -46,7 +46,7 @@ import triton
 
 from baracuda_kernels.core import Unsupported
 
-from ..common.kernel_pieces import accumulator_dtype, head_dim_tile, list_strides, scale_args
+from ..common.numerics import accumulator_dtype, head_dim_tile, list_strides, scale_args
 from ..common.triton_tma import row_tile_descriptor, tma_fallback_reason
 from .triton_bwd_configs import (BackwardConfig, _tile, _warps, default_backward_config,
                                  short_row_backward_config)

@@ -52,7 +52,7 @@ def _row_stats(y, dy, lse, dlse, IS_F64: tl.constexpr, HAS_DLSE: tl.constexpr):
         lse2 = lse.to(tl.float64)
     else:
         delta = tl.sum(y.to(tl.float32) * dy.to(tl.float32), axis=1)
-        lse2 = lse.to(tl.float32) * 1.4426950408889634
+        lse2 = lse.to(tl.float32) * 1.4426950408889634  # log2(e): numerics.LOG2E
     if HAS_DLSE:
         delta = delta - dlse.to(delta.dtype)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (exp_base, head_dim_tile, kernel_scale, list_strides,
-                                    scale_args, wide_tile_offsets)
+from ..common.kernel_pieces import exp_base, kernel_scale
+from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
 from ..common.triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
 # Re-exported so that callers find the configs next to the launcher.
 from .triton_fwd_configs import ForwardConfig, default_forward_config  # noqa: F401

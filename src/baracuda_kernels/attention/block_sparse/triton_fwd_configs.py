@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ...core import ArchSku, InvalidProblem
-from ..common.kernel_pieces import head_dim_tile
+from ..common.numerics import head_dim_tile
 
 _POW2_TILES = (16, 32, 64, 128, 256)
 

@@ -8,6 +8,7 @@ import math
 import torch
 
 from ...core import ArchSku
+from ..common.numerics import accumulator_dtype
 from .triton_fwd import block_sparse_attention_forward_triton
 from .triton_fwd_configs import (ForwardConfig, _next_pow2, candidate_forward_configs,
                                  default_forward_config)
@@ -58,7 +59,7 @@ def autotune_forward_config(q, k, v, lists, *, block_size: int, scale: float,
     hit = _AUTOTUNE_CACHE.get(key)
     if hit is not None:
         return hit
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = accumulator_dtype(q.dtype)
     y = torch.empty(B, H, Nq, d_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Nq, dtype=lse_dtype, device=q.device)
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ...core import InvalidProblem, check_no_overlap, check_tensor  # noqa: F401 (re-exported)
+from ...core import InvalidProblem, check_tensor
 from .descriptor import SdpaBlockSparseDescriptor
 
 
