@@ -13,7 +13,7 @@ import torch
 from baracuda_kernels import cli
 from baracuda_kernels.attention.patterns import causal as causal_pattern
 from baracuda_kernels.attention.patterns import random_blocks
-from baracuda_kernels.bench import baselines, graphs, report
+from baracuda_kernels.bench import baselines, graphs, report, summaries
 from baracuda_kernels.bench import cli as bench_cli
 from baracuda_kernels.bench import runner as bench_runner
 from baracuda_kernels.bench.cases import (HOST_MODES, MAIN_MODES, Geometry, PatternSpec,
@@ -203,16 +203,16 @@ def test_derived_host_overhead():
     assert "overhead_ms" not in by[("random10", "ours", "step")]
     assert by[("random5", "ours", "step-graph")]["vs_flex"] == pytest.approx(0.96 / 0.80)
     assert by[("random5", "ours", "step")]["vs_flex"] == pytest.approx(1.00 / 1.20)
-    (e,) = report.host_overhead(rows)
+    (e,) = summaries.host_overhead(rows)
     assert e["pattern"] == "random5" and e["host"] == pytest.approx(0.40)
     assert e["host_share"] == pytest.approx(0.40 / 1.20) and e["lists"] == pytest.approx(0.06)
     assert e["graph_vs_flex"] == pytest.approx(1.2)
-    text = report.format_host_overhead(rows)
+    text = summaries.format_host_overhead(rows)
     assert "Host overhead (ours)" in text and "0.400" in text and "33%" in text and "1.20x" in text
     plain = [{k: v for k, v in r.items() if k != "overhead_ms"} for r in rows
              if r["mode"] in ("fwd", "step")]
     derive(plain)
-    assert report.format_host_overhead(plain) == ""
+    assert summaries.format_host_overhead(plain) == ""
 
 
 # ------------------------------------------------------------------ a --quick CPU run
@@ -464,7 +464,7 @@ def test_gqa_cpu_sweep_checks_against_the_expanded_oracle(monkeypatch, fast_swee
     assert by[("dense", "ours", "fwd")]["flops"] == 4 * 16 * 4 * 128 * 128
     assert by[("dense", "sdpa", "bwd")]["status"] == "ok" and by[("dense", "sdpa", "bwd")]["rel_err"] < 1e-5
     assert ("random25", "sdpa", "fwd") not in by                    # SDPA: dense/causal only
-    text = report.format_gqa(rows)
+    text = summaries.format_gqa(rows)
     assert "GQA summary" in text and "ours/exp." in text and "H=4/2" in text
     assert "| geometry | pattern | density | mode | ours TF/s" in report.summary_markdown(
         rows, report.collect_meta(torch.device("cpu")))
@@ -554,19 +554,19 @@ def test_gqa_summary_targets_and_memory_columns():
             row("dense", "ours", "bwd", 2.0, 300.0, 40.0), row("dense", "ours-expanded", "bwd", 1.8, 1068.0, 552.0),
             row("dense", "flex", "bwd", 3.0, 900.0, 1.0)]
     derive(rows)
-    fwd, bwd = report.gqa_summary(rows)
+    fwd, bwd = summaries.gqa_summary(rows)
     assert fwd["vs_expanded"] == pytest.approx(1.1) and fwd["vs_flex"] == pytest.approx(1.3)
     assert fwd["kv_copy_mib"] == pytest.approx(512.0) and fwd["misses"] == []
     assert bwd["vs_expanded"] == pytest.approx(0.9) and bwd["vs_flex"] == pytest.approx(1.5)
     assert bwd["misses"] == ["< expanded"] and bwd["expanded_peak_mib"] == 1068.0
-    text = report.format_gqa(rows)
+    text = summaries.format_gqa(rows)
     assert "met" in text and "< expanded" in text and "512.0" in text and "1068.0" in text
-    (step,) = report.gqa_summary(rows + [row("dense", "ours", "step", 3.0), row("dense", "flex", "step", 3.0)])[2:]
-    assert step["unmeasured"] == ["expanded"] and report._gqa_targets(step) == "< 1.2x flex (no expanded)"
+    (step,) = summaries.gqa_summary(rows + [row("dense", "ours", "step", 3.0), row("dense", "flex", "step", 3.0)])[2:]
+    assert step["unmeasured"] == ["expanded"] and summaries._gqa_targets(step) == "< 1.2x flex (no expanded)"
     table = report.format_table(rows)
     assert "peak MiB" in table and "1068.0" in table
     plain = [dict(r, peak_mib=None, kv_heads=32) for r in rows]
-    assert "peak MiB  " not in report.format_table(plain) and report.format_gqa(plain) == ""
+    assert "peak MiB  " not in report.format_table(plain) and summaries.format_gqa(plain) == ""
 
 
 def test_peak_memory_is_none_off_cuda():

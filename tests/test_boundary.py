@@ -387,7 +387,7 @@ def test_triton_interpret_is_parsed_in_one_place(monkeypatch):
 
 
 def test_wide_tile_offsets_rule():
-    from baracuda_kernels.attention.common.kernel_pieces import wide_tile_offsets
+    from baracuda_kernels.attention.common.numerics import wide_tile_offsets
     assert not wide_tile_offsets(128, 128, 128)
     assert wide_tile_offsets(128, 2**24, 128)       # 128 rows x 16M elements = 2^31
     assert not wide_tile_offsets(64, 2**24 - 1, 64)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..core import ElementKind, InvalidProblem
-from . import report
+from . import report, summaries
 from .cases import (DEFAULT_DENSITIES, IMPLS, MODES, PRESETS, PatternSpec, apply_overrides,
                     canonical_mode, merge_cases, preset_grids)
 from .runner import Sweep
@@ -223,7 +223,7 @@ def _run(args, device: torch.device, cases) -> int:
     rows = sweep.run()
     unavailable = report.unavailable_summary(rows)
     print(report.format_table(rows))
-    for extra in (report.format_gqa(rows), report.format_host_overhead(rows)):
+    for extra in (summaries.format_gqa(rows), summaries.format_host_overhead(rows)):
         if extra:
             print()
             print(extra)

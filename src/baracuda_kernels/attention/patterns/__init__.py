@@ -35,17 +35,21 @@ p & q, p | q                      from their combined token rules
 ``pattern.extra_token_pairs`` counts the pairs coarsening adds (0 = exact); causal
 builders return ``is_causal=True``, and the call must pass ``is_causal=True`` too.
 
-This package imports only ``baracuda_kernels.core`` and torch.
+This package imports only ``baracuda_kernels.core`` and torch, except ``BlockPattern.prepare()``,
+which lazily imports ``block_sparse.prepared`` (the one exception ``tests/test_layout.py``
+allows). Inside it, imports go one way: ``counting`` and ``checks`` (leaves) <- ``interop``,
+``from_mask``, ``drawing`` (tensors and duck-typed patterns in, constructor arguments out)
+<- ``block_pattern`` <- ``builders`` <- ``composite``.
 """
 
-from .block_pattern import BlockPattern, CoarseningReport
+from .block_pattern import (BlockPattern, from_bsr, from_flex_block_mask, from_mask_fn,
+                            from_token_mask)
 from .builders import (causal, dilated_sliding_window, document_mask, longformer, prefix_lm,
                        sliding_window)
 from .composite import (bigbird, per_head, random_blocks, sparse_transformer_fixed,
                         sparse_transformer_strided)
-from .counting import TokenRule
-from .from_mask import from_mask_fn, from_token_mask
-from .interop import flex_available, from_bsr, from_flex_block_mask, to_bsr, to_flex_block_mask
+from .counting import CoarseningReport, TokenRule
+from .interop import flex_available, to_bsr, to_flex_block_mask
 
 __all__ = [
     "BlockPattern", "CoarseningReport", "TokenRule",

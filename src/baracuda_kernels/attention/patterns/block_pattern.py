@@ -10,78 +10,17 @@ that adds (``extra_token_pairs``; 0 means the pattern is *exact*).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
 
 from baracuda_kernels.core import InvalidProblem
 
-from . import counting
-from .counting import TokenRule, cdiv
+from . import counting, drawing, from_mask, interop
+from .checks import broadcast_dim, canonical_mask, check_int
+from .counting import CoarseningReport, TokenRule
 
 RulePairs = Union[int, Callable[[], int], None]
-
-
-@dataclass(frozen=True)
-class CoarseningReport:
-    """How faithfully a block pattern represents its token rule.
-
-    ``computed_token_pairs``: pairs the kernel computes (active blocks, in range, causal cut).
-    ``rule_token_pairs``: pairs the token rule allows. ``extra_token_pairs`` = difference,
-    i.e. pairs computed although the rule forbids them. ``coarsened_blocks``: active blocks
-    holding at least one such pair (None when not computed). All counts are summed over the
-    stored batch and head slices (a broadcast dim counts once).
-    """
-
-    exact: bool
-    extra_token_pairs: int
-    rule_token_pairs: int
-    computed_token_pairs: int
-    active_blocks: int
-    coarsened_blocks: Optional[int]
-
-    def __str__(self) -> str:
-        if self.exact:
-            return f"exact at block granularity ({self.computed_token_pairs} token pairs computed)"
-        frac = self.extra_token_pairs / max(1, self.computed_token_pairs)
-        blocks = "" if self.coarsened_blocks is None else \
-            f" in {self.coarsened_blocks}/{self.active_blocks} active blocks"
-        return (f"coarsened: {self.extra_token_pairs} of {self.computed_token_pairs} computed "
-                f"token pairs ({frac:.2%}) are outside the token rule{blocks}")
-
-
-def _canonical_mask(mask, block_size: int, query_len: int, key_len: int) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        raise InvalidProblem(f"block pattern mask must be a torch.Tensor; got {type(mask).__name__}. "
-                             "Fix: pass a bool/uint8 tensor [B, H, nq, nk], or use a builder.")
-    nq, nk = cdiv(query_len, block_size), cdiv(key_len, block_size)
-    if mask.dim() not in (2, 3, 4) or tuple(mask.shape[-2:]) != (nq, nk):
-        raise InvalidProblem(
-            f"block pattern mask has shape {tuple(mask.shape)}; expected [B, H, {nq}, {nk}] "
-            f"(or [H, {nq}, {nk}] / [{nq}, {nk}]) for query_len={query_len}, key_len={key_len}, "
-            f"block_size={block_size} (nq = ceil(query_len / block_size)). Fix: rebuild the "
-            "mask for these lengths or pass the lengths it was built for.")
-    if mask.is_floating_point() or mask.is_complex():
-        raise InvalidProblem(f"block pattern mask has dtype {mask.dtype}; expected torch.bool or "
-                             "an integer dtype (nonzero = active). Fix: mask = mask != 0.")
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    mask = mask if mask.dtype == torch.bool else mask != 0
-    return mask.contiguous()
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidProblem(f"{name} must be an int >= {minimum}; got {value!r}.")
-    return value
-
-
-def _broadcast_dim(name: str, a: int, b: int) -> int:
-    if a != b and a != 1 and b != 1:
-        raise InvalidProblem(f"cannot combine block patterns with {name} {a} and {b}; expected equal "
-                             "sizes or 1 (broadcast). Fix: build both for the same batch/heads.")
-    return max(a, b)
 
 
 class BlockPattern:
@@ -127,7 +66,7 @@ class BlockPattern:
         block_size = check_int("block_size", block_size, 1)
         query_len = check_int("query_len", query_len, 1)
         key_len = query_len if key_len is None else check_int("key_len", key_len, 1)
-        mask = _canonical_mask(mask, block_size, query_len, key_len)
+        mask = canonical_mask(mask, block_size, query_len, key_len)
         if token_rule is not None and not callable(token_rule):
             raise InvalidProblem(f"token_rule must be callable f(b, h, q_idx, kv_idx) -> bool; "
                                  f"got {type(token_rule).__name__}.")
@@ -352,7 +291,11 @@ class BlockPattern:
     def prepare(self, device=None):
         """A ``PreparedPattern`` of this pattern on ``device`` (default: the pattern's): its
         block lists built once, so attention calls that take it do no pattern work."""
-        from ..block_sparse.prepared import PreparedPattern  # attention layer above this package
+        # The one import of this package from the attention layer above it (a lazy one):
+        # PreparedPattern lives with the kernels' block lists, and PreparedPattern.build only
+        # duck-types the pattern, so nothing imports patterns back through it.
+        # tests/test_layout.py allows exactly this edge (PATTERNS_UPWARD_EXCEPTIONS).
+        from ..block_sparse.prepared import PreparedPattern
         return PreparedPattern.build(self, device=device)
 
     def cpu(self) -> "BlockPattern":
@@ -369,8 +312,8 @@ class BlockPattern:
             raise InvalidProblem(
                 f"cannot combine block patterns with (block_size, query_len, key_len) {mine} and "
                 f"{theirs}; expected equal geometry. Fix: build both for the same lengths/block.")
-        _broadcast_dim("batch", self.batch, other.batch)
-        _broadcast_dim("heads", self.num_heads, other.num_heads)
+        broadcast_dim("batch", self.batch, other.batch)
+        broadcast_dim("heads", self.num_heads, other.num_heads)
         if other.device != self.device:
             raise InvalidProblem(f"cannot combine patterns on {self.device} and {other.device}. "
                                  "Fix: p.to(device) first.")
@@ -407,8 +350,8 @@ class BlockPattern:
                 (other._block_size, other._query_len, other._key_len, other._is_causal):
             return False
         try:
-            b = _broadcast_dim("batch", self.batch, other.batch)
-            h = _broadcast_dim("heads", self.num_heads, other.num_heads)
+            b = broadcast_dim("batch", self.batch, other.batch)
+            h = broadcast_dim("heads", self.num_heads, other.num_heads)
         except InvalidProblem:
             return False
         shape = (b, h, self.num_blocks_q, self.num_blocks_k)
@@ -416,46 +359,83 @@ class BlockPattern:
 
     __hash__ = object.__hash__
 
-    # ---- interop and drawing (implemented in sibling modules) -------------------------
-    def to_bsr(self):
+    # ---- interop and drawing (implemented in sibling modules below this one) ----------
+    def to_bsr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indptr int64 [B*H*nq + 1], indices int64 [nnz])``; see ``interop.to_bsr``."""
-        from .interop import to_bsr
-        return to_bsr(self)
+        return interop.to_bsr(self)
 
     @classmethod
-    def from_bsr(cls, indptr, indices, **kwargs) -> "BlockPattern":
-        """Inverse of ``to_bsr``; see ``interop.from_bsr`` for the arguments."""
-        from .interop import from_bsr
-        return from_bsr(indptr, indices, **kwargs)
+    def from_bsr(cls, indptr, indices, *, block_size: int, query_len: int,
+                 key_len: Optional[int] = None, batch: int = 1, num_heads: int = 1,
+                 is_causal: bool = False) -> BlockPattern:
+        """Inverse of ``to_bsr``: ``indptr [batch * num_heads * nq + 1]``, ``indices [nnz]``."""
+        parts = interop.bsr_parts(indptr, indices, block_size=block_size, query_len=query_len,
+                                  key_len=key_len, batch=batch, num_heads=num_heads)
+        return cls(**parts, is_causal=is_causal, description="from_bsr")
 
     def to_flex_block_mask(self):
         """A FlexAttention ``BlockMask`` computing the same thing; see ``interop``."""
-        from .interop import to_flex_block_mask
-        return to_flex_block_mask(self)
+        return interop.to_flex_block_mask(self)
 
     @classmethod
-    def from_flex_block_mask(cls, block_mask, *, is_causal: bool = False) -> "BlockPattern":
-        """See ``interop.from_flex_block_mask``."""
-        from .interop import from_flex_block_mask
-        return from_flex_block_mask(block_mask, is_causal=is_causal)
+    def from_flex_block_mask(cls, block_mask, *, is_causal: bool = False) -> BlockPattern:
+        """BlockPattern of a FlexAttention ``BlockMask`` (union of its partial and full blocks).
+
+        Needs square blocks (``BLOCK_SIZE[0] == BLOCK_SIZE[1]``). The pattern's token rule is
+        "full block, or partial block and ``mask_mod``", so ``extra_token_pairs`` reports what
+        dropping the mask_mod inside partial blocks adds (``is_causal=True`` restores a causal
+        cut). The mask_mod must accept broadcasting tensors for that report (most do).
+        """
+        return cls(**interop.flex_parts(block_mask), is_causal=is_causal,
+                   description="from_flex_block_mask")
 
     @classmethod
-    def from_token_mask(cls, token_mask, **kwargs) -> "BlockPattern":
-        """See ``from_mask.from_token_mask``."""
-        from .from_mask import from_token_mask
-        return from_token_mask(token_mask, **kwargs)
+    def from_token_mask(cls, token_mask: torch.Tensor, *, block_size: int,
+                        is_causal: bool = False, chunk_pairs: int = 1 << 24) -> BlockPattern:
+        """Block pattern covering a token-level mask.
+
+        Args:
+            token_mask: bool (or integer, nonzero = allowed) ``[Nq, Nk]``, ``[H, Nq, Nk]`` or
+                ``[B, H, Nq, Nk]``; B/H of size 1 broadcast. Query ``i`` may attend key ``j``
+                where it is True (ANDed with ``j <= i`` when ``is_causal``).
+            block_size: tokens per block.
+            is_causal: the pattern will be used with ``is_causal=True``: pairs above the
+                diagonal are ignored when choosing blocks.
+        Returns:
+            BlockPattern with ``exact_mask`` = blocks whose computed pairs are all allowed (for
+            ``is_causal=False``: the fully allowed blocks) and ``extra_token_pairs`` = allowed-
+            by-kernel pairs that the token mask forbids. Work is done in chunks of query blocks
+            (``chunk_pairs`` token pairs at a time), never on a second N x N copy.
+        """
+        return cls(**from_mask.token_mask_parts(token_mask, block_size=block_size,
+                                                is_causal=is_causal, chunk_pairs=chunk_pairs))
 
     @classmethod
-    def from_mask_fn(cls, fn, query_len: int, key_len: Optional[int] = None,
-                     **kwargs) -> "BlockPattern":
-        """See ``from_mask.from_mask_fn``."""
-        from .from_mask import from_mask_fn
-        return from_mask_fn(fn, query_len, key_len, **kwargs)
+    def from_mask_fn(cls, fn: TokenRule, query_len: int, key_len: Optional[int] = None, *,
+                     block_size: int, batch: int = 1, num_heads: int = 1, is_causal: bool = False,
+                     device=None, chunk_pairs: int = 1 << 24) -> BlockPattern:
+        """Block pattern from a vectorised mask function, in the spirit of FlexAttention's mask_mod.
+
+        ``fn(b, h, q_idx, kv_idx) -> bool tensor`` receives int64 tensors shaped
+        ``[B, 1, 1, 1]``, ``[1, H, 1, 1]``, ``[1, 1, rows, 1]``, ``[1, 1, 1, key_len]`` and must
+        return something that broadcasts to ``[B, H, rows, key_len]``. Mask functions written
+        with tensor ops (``q_idx >= kv_idx``, ``doc[q_idx] == doc[kv_idx]``, ...) work as they
+        are; Python ``if`` on tensor values does not. No ``torch.compile`` is involved.
+
+        The function is evaluated on every in-range pair, a chunk of query rows at a time
+        (``chunk_pairs`` pairs per chunk), so memory is bounded and time is O(Nq * Nk). Use
+        ``batch`` / ``num_heads`` > 1 only when ``fn`` depends on ``b`` / ``h`` (1 = broadcast).
+        ``is_causal``: as in ``from_token_mask``. The pattern keeps ``fn`` as its token rule,
+        records fully allowed blocks in ``exact_mask`` and the coarsening in
+        ``extra_token_pairs``.
+        """
+        return cls(**from_mask.mask_fn_parts(
+            fn, query_len, key_len, block_size=block_size, batch=batch, num_heads=num_heads,
+            is_causal=is_causal, device=device, chunk_pairs=chunk_pairs))
 
     def draw(self, max_rows: int = 32, max_cols: int = 64, max_slices: int = 4) -> str:
         """Text picture: see ``drawing.to_text``."""
-        from .drawing import to_text
-        return to_text(self, max_rows=max_rows, max_cols=max_cols, max_slices=max_slices)
+        return drawing.to_text(self, max_rows=max_rows, max_cols=max_cols, max_slices=max_slices)
 
     def __str__(self) -> str:
         return self.draw()
@@ -465,10 +445,16 @@ class BlockPattern:
 
     def plot(self, ax=None, *, batch: int = 0, head: int = 0):
         """Draw one (batch, head) slice with matplotlib; returns the Axes."""
-        from .drawing import plot
-        return plot(self, ax=ax, batch=batch, head=head)
+        return drawing.plot(self, ax=ax, batch=batch, head=head)
 
     def save_png(self, path, *, batch: int = 0, head: int = 0, dpi: int = 100) -> None:
         """Save a picture of one (batch, head) slice as PNG (needs matplotlib)."""
-        from .drawing import save_png
-        save_png(self, path, batch=batch, head=head, dpi=dpi)
+        drawing.save_png(self, path, batch=batch, head=head, dpi=dpi)
+
+
+# The package's module-level constructors are these classmethods (one implementation, the
+# same signatures and docs): ``from_bsr(indptr, indices, block_size=..., query_len=...)``.
+from_bsr = BlockPattern.from_bsr
+from_flex_block_mask = BlockPattern.from_flex_block_mask
+from_token_mask = BlockPattern.from_token_mask
+from_mask_fn = BlockPattern.from_mask_fn

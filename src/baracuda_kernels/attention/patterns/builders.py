@@ -20,22 +20,11 @@ import torch
 
 from baracuda_kernels.core import InvalidProblem
 
-from .block_pattern import BlockPattern, check_int
+from .block_pattern import BlockPattern
+from .checks import check_block_size, check_geometry, check_int
 from .counting import block_range_mask, block_ranges, causal_pairs, cdiv, interval_count
 
 Positions = Union[Sequence[int], torch.Tensor, range, None]
-
-
-def check_block_size(block_size) -> int:
-    return check_int("block_size", block_size, 1)
-
-
-def check_geometry(block_size, query_len, key_len, query_name: str = "query_len"):
-    """(block size, query length, key length) checked; the key length defaults to the
-    query length. ``query_name`` is the caller's parameter name, for the error message."""
-    bs = check_block_size(block_size)
-    lq = check_int(query_name, query_len, 1)
-    return bs, lq, lq if key_len is None else check_int("key_len", key_len, 1)
 
 
 def token_positions(values: Positions, limit: int, name: str) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 
 from baracuda_kernels.core import InvalidProblem
 
-from .block_pattern import BlockPattern, _broadcast_dim
-from .builders import (Positions, check_block_size, check_geometry, check_int,
-                       dilated_sliding_window, ranges_to_mask, sliding_window)
+from .block_pattern import BlockPattern
+from .builders import Positions, dilated_sliding_window, ranges_to_mask, sliding_window
+from .checks import broadcast_dim, check_block_size, check_geometry, check_int
 from .counting import block_lookup_rule, block_ranges, cdiv
 
 
@@ -100,7 +100,7 @@ def per_head(patterns: Sequence[Union[BlockPattern, Callable[[], BlockPattern]]]
             raise InvalidProblem(f"per_head: patterns are on {first.device} and {p.device}.")
     b = 1
     for p in pats:
-        b = _broadcast_dim("batch", b, p.batch)
+        b = broadcast_dim("batch", b, p.batch)
     mask = torch.cat([p.mask.expand(b, 1, -1, -1) for p in pats], dim=1)
     rules = [(p.token_rule, p.batch) for p in pats]
 

@@ -18,7 +18,8 @@ in chunks (cost proportional to the computed pairs, memory bounded by ``chunk_pa
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -28,6 +29,34 @@ TokenRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], t
 
 # Bound on the number of token pairs materialised at once by chunked evaluations.
 DEFAULT_CHUNK_PAIRS = 1 << 22
+
+
+@dataclass(frozen=True)
+class CoarseningReport:
+    """How faithfully a block pattern represents its token rule.
+
+    ``computed_token_pairs``: pairs the kernel computes (active blocks, in range, causal cut).
+    ``rule_token_pairs``: pairs the token rule allows. ``extra_token_pairs`` = difference,
+    i.e. pairs computed although the rule forbids them. ``coarsened_blocks``: active blocks
+    holding at least one such pair (None when not computed). All counts are summed over the
+    stored batch and head slices (a broadcast dim counts once).
+    """
+
+    exact: bool
+    extra_token_pairs: int
+    rule_token_pairs: int
+    computed_token_pairs: int
+    active_blocks: int
+    coarsened_blocks: Optional[int]
+
+    def __str__(self) -> str:
+        if self.exact:
+            return f"exact at block granularity ({self.computed_token_pairs} token pairs computed)"
+        frac = self.extra_token_pairs / max(1, self.computed_token_pairs)
+        blocks = "" if self.coarsened_blocks is None else \
+            f" in {self.coarsened_blocks}/{self.active_blocks} active blocks"
+        return (f"coarsened: {self.extra_token_pairs} of {self.computed_token_pairs} computed "
+                f"token pairs ({frac:.2%}) are outside the token rule{blocks}")
 
 
 def cdiv(a: int, b: int) -> int:

@@ -4,6 +4,11 @@ A block is active when any of its (in-range, and causal when ``is_causal``) toke
 allowed. Both builders also record which active blocks are *fully* allowed
 (``pattern.exact_mask``) and the exact number of pairs coarsening adds
 (``pattern.extra_token_pairs``), since they see every token pair anyway.
+
+This module sits below ``block_pattern`` and does not import it: it returns the
+``BlockPattern`` constructor arguments, and ``BlockPattern.from_token_mask`` /
+``BlockPattern.from_mask_fn`` (exported as the package's ``from_token_mask`` /
+``from_mask_fn``, where the arguments are documented) build the pattern from them.
 """
 
 from __future__ import annotations
@@ -14,8 +19,7 @@ import torch
 
 from baracuda_kernels.core import InvalidProblem
 
-from .block_pattern import BlockPattern
-from .builders import check_block_size, check_geometry, check_int
+from .checks import check_block_size, check_geometry, check_int
 from .counting import TokenRule, cdiv
 
 
@@ -51,28 +55,14 @@ def _rows_per_chunk(bsz: int, heads: int, key_len: int, block_size: int, chunk_p
 
 
 def _finish(active, full, count, *, block_size, query_len, key_len, is_causal, rule, description):
-    return BlockPattern(active, block_size=block_size, query_len=query_len, key_len=key_len,
-                        is_causal=is_causal, token_rule=rule, description=description,
-                        _rule_pairs=count, _exact_mask=full)
+    return dict(mask=active, block_size=block_size, query_len=query_len, key_len=key_len,
+                is_causal=is_causal, token_rule=rule, description=description,
+                _rule_pairs=count, _exact_mask=full)
 
 
-def from_token_mask(token_mask: torch.Tensor, *, block_size: int,
-                    is_causal: bool = False, chunk_pairs: int = 1 << 24) -> BlockPattern:
-    """Block pattern covering a token-level mask.
-
-    Args:
-        token_mask: bool (or integer, nonzero = allowed) ``[Nq, Nk]``, ``[H, Nq, Nk]`` or
-            ``[B, H, Nq, Nk]``; B/H of size 1 broadcast. Query ``i`` may attend key ``j``
-            where it is True (ANDed with ``j <= i`` when ``is_causal``).
-        block_size: tokens per block.
-        is_causal: the pattern will be used with ``is_causal=True``: pairs above the
-            diagonal are ignored when choosing blocks.
-    Returns:
-        BlockPattern with ``exact_mask`` = blocks whose computed pairs are all allowed (for
-        ``is_causal=False``: the fully allowed blocks) and ``extra_token_pairs`` = allowed-
-        by-kernel pairs that the token mask forbids. Work is done in chunks of query blocks
-        (``chunk_pairs`` token pairs at a time), never on a second N x N copy.
-    """
+def token_mask_parts(token_mask: torch.Tensor, *, block_size: int, is_causal: bool = False,
+                     chunk_pairs: int = 1 << 24) -> dict:
+    """BlockPattern arguments of ``BlockPattern.from_token_mask`` (documented there)."""
     bs = check_block_size(block_size)
     if not isinstance(token_mask, torch.Tensor) or token_mask.dim() not in (2, 3, 4):
         got = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
@@ -107,24 +97,10 @@ def from_token_mask(token_mask: torch.Tensor, *, block_size: int,
                    description=f"from_token_mask(is_causal={is_causal})")
 
 
-def from_mask_fn(fn: TokenRule, query_len: int, key_len: Optional[int] = None, *,
-                 block_size: int, batch: int = 1, num_heads: int = 1, is_causal: bool = False,
-                 device=None, chunk_pairs: int = 1 << 24) -> BlockPattern:
-    """Block pattern from a vectorised mask function, in the spirit of FlexAttention's mask_mod.
-
-    ``fn(b, h, q_idx, kv_idx) -> bool tensor`` receives int64 tensors shaped
-    ``[B, 1, 1, 1]``, ``[1, H, 1, 1]``, ``[1, 1, rows, 1]``, ``[1, 1, 1, key_len]`` and must
-    return something that broadcasts to ``[B, H, rows, key_len]``. Mask functions written
-    with tensor ops (``q_idx >= kv_idx``, ``doc[q_idx] == doc[kv_idx]``, ...) work as they
-    are; Python ``if`` on tensor values does not. No ``torch.compile`` is involved.
-
-    The function is evaluated on every in-range pair, a chunk of query rows at a time
-    (``chunk_pairs`` pairs per chunk), so memory is bounded and time is O(Nq * Nk). Use
-    ``batch`` / ``num_heads`` > 1 only when ``fn`` depends on ``b`` / ``h`` (1 = broadcast).
-    ``is_causal``: as in ``from_token_mask``. The pattern keeps ``fn`` as its token rule,
-    records fully allowed blocks in ``exact_mask`` and the coarsening in
-    ``extra_token_pairs``.
-    """
+def mask_fn_parts(fn: TokenRule, query_len: int, key_len: Optional[int] = None, *,
+                  block_size: int, batch: int = 1, num_heads: int = 1, is_causal: bool = False,
+                  device=None, chunk_pairs: int = 1 << 24) -> dict:
+    """BlockPattern arguments of ``BlockPattern.from_mask_fn`` (documented there)."""
     bs, lq, lk = check_geometry(block_size, query_len, key_len)
     batch = check_int("batch", batch, 1)
     num_heads = check_int("num_heads", num_heads, 1)

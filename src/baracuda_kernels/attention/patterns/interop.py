@@ -1,10 +1,16 @@
-"""Conversions between BlockPattern and other block-sparse formats.
+"""Conversions between block patterns and other block-sparse formats.
 
 * BSR (block compressed sparse rows): ``(indptr, indices)`` over the rows of all stored
   (batch, head) slices, in (b, h, query block) order.
 * FlexAttention ``BlockMask`` (``torch.nn.attention.flex_attention``), when the installed
   torch has it. The BlockMask computes exactly what ``block_sparse_attention`` computes for
   the pattern: its ``mask_mod`` is "the pair's block is active" (and ``j <= i`` when causal).
+
+This module sits below ``block_pattern`` and does not import it: the ``to_*`` functions read
+a pattern's attributes (``mask``, ``block_size``, lengths, ``is_causal``), and the ``from_*``
+directions return the ``BlockPattern`` constructor arguments (``bsr_parts``, ``flex_parts``),
+which ``BlockPattern.from_bsr`` / ``BlockPattern.from_flex_block_mask`` (exported as the
+package's ``from_bsr`` / ``from_flex_block_mask``) turn into a pattern.
 """
 
 from __future__ import annotations
@@ -15,13 +21,12 @@ import torch
 
 from baracuda_kernels.core import InvalidProblem, Unsupported
 
-from .block_pattern import BlockPattern
-from .builders import check_geometry, check_int
+from .checks import check_geometry, check_int
 from .counting import block_lookup_rule, block_ranges, cdiv, count_true
 
 
-def to_bsr(pattern: BlockPattern) -> tuple[torch.Tensor, torch.Tensor]:
-    """BSR form of the block mask.
+def to_bsr(pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """BSR form of the block mask of ``pattern`` (a BlockPattern).
 
     Returns:
         indptr: int64 ``[B * H * nq + 1]``; row ``r = (b * H + h) * nq + qb`` holds
@@ -38,10 +43,10 @@ def to_bsr(pattern: BlockPattern) -> tuple[torch.Tensor, torch.Tensor]:
     return indptr, indices
 
 
-def from_bsr(indptr, indices, *, block_size: int, query_len: int,
-             key_len: Optional[int] = None, batch: int = 1, num_heads: int = 1,
-             is_causal: bool = False) -> BlockPattern:
-    """Inverse of ``to_bsr``: ``indptr [batch * num_heads * nq + 1]``, ``indices [nnz]``."""
+def bsr_parts(indptr, indices, *, block_size: int, query_len: int,
+              key_len: Optional[int] = None, batch: int = 1, num_heads: int = 1) -> dict:
+    """BlockPattern arguments (mask, block_size, query_len, key_len) of a BSR structure
+    ``indptr [batch * num_heads * nq + 1]``, ``indices [nnz]``: the inverse of ``to_bsr``."""
     bs, lq, lk = check_geometry(block_size, query_len, key_len)
     batch, num_heads = check_int("batch", batch, 1), check_int("num_heads", num_heads, 1)
     nq, nk = cdiv(lq, bs), cdiv(lk, bs)
@@ -63,8 +68,7 @@ def from_bsr(indptr, indices, *, block_size: int, query_len: int,
     mask = torch.zeros(rows, nk, dtype=torch.bool, device=indices.device)
     row_of = torch.repeat_interleave(torch.arange(rows, device=indices.device), counts)
     mask[row_of, indices] = True
-    return BlockPattern(mask.view(batch, num_heads, nq, nk), block_size=bs, query_len=lq,
-                        key_len=lk, is_causal=is_causal, description="from_bsr")
+    return dict(mask=mask.view(batch, num_heads, nq, nk), block_size=bs, query_len=lq, key_len=lk)
 
 
 def _flex():
@@ -98,7 +102,7 @@ def _ordered(cells: torch.Tensor):
     return count_true(cells, -1).to(torch.int32).contiguous(), idx
 
 
-def to_flex_block_mask(pattern: BlockPattern):
+def to_flex_block_mask(pattern):
     """FlexAttention ``BlockMask`` equivalent to the pattern with ``is_causal=pattern.is_causal``.
 
     ``BLOCK_SIZE = (block_size, block_size)``, ``seq_lengths = (query_len, key_len)``.
@@ -133,14 +137,9 @@ def to_flex_block_mask(pattern: BlockPattern):
                                        mask_mod=mask_mod, seq_lengths=(lq, lk))
 
 
-def from_flex_block_mask(block_mask, *, is_causal: bool = False) -> BlockPattern:
-    """BlockPattern of a FlexAttention ``BlockMask`` (union of its partial and full blocks).
-
-    Needs square blocks (``BLOCK_SIZE[0] == BLOCK_SIZE[1]``). The pattern's token rule is
-    "full block, or partial block and ``mask_mod``", so ``extra_token_pairs`` reports what
-    dropping the mask_mod inside partial blocks adds (``is_causal=True`` restores a causal
-    cut). The mask_mod must accept broadcasting tensors for that report (most do).
-    """
+def flex_parts(block_mask) -> dict:
+    """BlockPattern arguments (mask, block_size, query_len, key_len, token_rule) of a
+    FlexAttention ``BlockMask``; see ``BlockPattern.from_flex_block_mask``."""
     fa = _flex()
     if not isinstance(block_mask, fa.BlockMask):
         raise InvalidProblem(f"expected a torch.nn.attention.flex_attention.BlockMask; got "
@@ -173,8 +172,7 @@ def from_flex_block_mask(block_mask, *, is_causal: bool = False) -> BlockPattern
         out = part_rule(b, h, q, kv) & mask_mod(b, h, q, kv)
         return out if full_rule is None else out | full_rule(b, h, q, kv)
 
-    return BlockPattern(mask, block_size=bq, query_len=lq, key_len=lk, is_causal=is_causal,
-                        token_rule=rule, description="from_flex_block_mask")
+    return dict(mask=mask, block_size=bq, query_len=lq, key_len=lk, token_rule=rule)
 
 
 def _dense(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
