@@ -63,12 +63,14 @@ def expanded_probe():
         mask_e = mask.repeat_interleave(H // HKV, 1) if mask.shape[1] == HKV else mask
         prep_e = bk.prepare_pattern(mask_e.cuda(), query_len=N, block_size=BS, is_causal=causal)
 
+        # backend="triton": our kernels (an all-active prepared pattern would otherwise take
+        # the dense route to cuDNN).
         def fwd(a, b, c, p):
-            return lambda: bk.block_sparse_attention(a, b, c, p)
+            return lambda: bk.block_sparse_attention(a, b, c, p, backend="triton")
 
         def step(a, b, c, p):
             def run():
-                y = bk.block_sparse_attention(a, b, c, p)
+                y = bk.block_sparse_attention(a, b, c, p, backend="triton")
                 torch.autograd.grad(y, (a, b, c), dy)
             return run
         with torch.no_grad():
@@ -79,7 +81,40 @@ def expanded_probe():
         print(f"{name:<20} {f_g:>8.3f} {f_e:>8.3f} {s_g:>9.3f} {s_e:>9.3f}", flush=True)
 
 
+def dense_route_probe():
+    print("\nFlashSdpaPlan backends, dense GQA N=8192 (ms fwd / step, do_bench)", flush=True)
+    N = 8192
+    q = torch.randn(B, H, N, D, device="cuda", dtype=DT, requires_grad=True)
+    k, v = (torch.randn(B, HKV, N, D, device="cuda", dtype=DT, requires_grad=True)
+            for _ in range(2))
+    dy = torch.randn(B, H, N, D, device="cuda", dtype=DT)
+    for causal in (False, True):
+        desc = bk.FlashSdpaDescriptor.from_tensors(q, k, v, is_causal=causal)
+        auto = bk.FlashSdpaPlan.select(desc, device="cuda")
+        print(f"causal={causal}: automatic choice {auto.backend.value}; declined: "
+              f"{ {kk.value: r for kk, r in auto.declined.items()} }", flush=True)
+        for backend in ("torch_cudnn", "torch_flash", "triton"):
+            try:
+                bk.FlashSdpaPlan.select(desc, device="cuda", backend=backend)
+            except bk.Unsupported as exc:
+                print(f"  {backend:<12} unsupported: {exc}", flush=True)
+                continue
+
+            def fwd(backend=backend):
+                with torch.no_grad():
+                    bk.flash_sdpa(q, k, v, is_causal=causal, backend=backend)
+
+            def step(backend=backend):
+                y = bk.flash_sdpa(q, k, v, is_causal=causal, backend=backend)
+                torch.autograd.grad(y, (q, k, v), dy)
+            f, s_ = triton.testing.do_bench(fwd), triton.testing.do_bench(step)
+            flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+            print(f"  {backend:<12} fwd {f:7.3f} ms ({flops / f / 1e9:5.0f} TFLOP/s)  "
+                  f"step {s_:7.3f} ms ({3.5 * flops / s_ / 1e9:5.0f} TFLOP/s)", flush=True)
+
+
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     pack_probe()
     expanded_probe()
+    dense_route_probe()

@@ -257,3 +257,29 @@ def test_patterns_import_only_core():
     bad = _outside(_graph(), patterns, (patterns, f"{PACKAGE}.core"), PATTERNS_UPWARD_EXCEPTIONS)
     assert not bad, ("attention.patterns may import only itself and core (one documented "
                      "exception, PATTERNS_UPWARD_EXCEPTIONS):\n  " + "\n  ".join(bad))
+
+
+def test_every_module_imports_first():
+    """Each module imports cleanly as the *first* module of the package a program touches
+    (a fresh interpreter state for the package each time): this catches the cycles the
+    static graph leaves out on purpose, those that run through a parent package's
+    ``__init__`` (importing ``a.b.c`` runs ``a/b/__init__`` first)."""
+    import subprocess
+    import sys
+    names = sorted(m for m in _modules() if not m.endswith("__main__"))
+    script = (
+        "import importlib, sys, traceback\n"
+        f"names = {names!r}\n"
+        "bad = []\n"
+        "for name in names:\n"
+        f"    for m in [m for m in sys.modules if m == {PACKAGE!r} or m.startswith({PACKAGE + '.'!r})]:\n"
+        "        del sys.modules[m]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as exc:\n"
+        "        bad.append(f'{name}: {type(exc).__name__}: {exc}')\n"
+        "print('\\n'.join(bad))\n"
+        "sys.exit(1 if bad else 0)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=SRC.parent, timeout=300)
+    assert done.returncode == 0, "modules that fail to import first:\n" + done.stdout + done.stderr[-2000:]

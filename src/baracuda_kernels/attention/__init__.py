@@ -13,7 +13,10 @@ from .block_sparse.functional import block_sparse_attention
 from .block_sparse.plan import SdpaBlockSparsePlan
 from .block_sparse.prepared import PreparedPattern, prepare_pattern
 from .common.kinds import AttentionKind
+from .flash_sdpa.descriptor import FlashSdpaArgs, FlashSdpaDescriptor
+from .flash_sdpa.functional import flash_sdpa
+from .flash_sdpa.plan import FlashSdpaPlan
 
-__all__ = ["AttentionKind", "PreparedPattern", "SdpaBlockSparseArgs",
-           "SdpaBlockSparseDescriptor", "SdpaBlockSparsePlan", "block_sparse_attention",
-           "prepare_pattern"]
+__all__ = ["AttentionKind", "FlashSdpaArgs", "FlashSdpaDescriptor", "FlashSdpaPlan",
+           "PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor",
+           "SdpaBlockSparsePlan", "block_sparse_attention", "flash_sdpa", "prepare_pattern"]

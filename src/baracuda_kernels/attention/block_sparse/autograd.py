@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from ...core import PlanCache, PlanPreference, Unsupported, resolve_device
+from ..common.autograd_pieces import refuse_double_backward
 from ..common.numerics import accumulator_dtype
 from .descriptor import SdpaBlockSparseDescriptor
 from .plan import SdpaBlockSparsePlan
@@ -75,24 +76,7 @@ def attention_backward(plan: SdpaBlockSparsePlan, lists, q, k, v, y, lse, dy, dl
     # through a node that refuses to be differentiated (no silent zero second derivative).
     with torch.no_grad():
         grads = attention_backward(plan, lists, q, k, v, y, lse, dy, dlse, needs_input_grad)
-    sources = [t for t in (q, k, v, dy, dlse) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not sources:
-        return grads
-    present = [g for g in grads if g is not None]
-    tied = iter(_RefuseDoubleBackward.apply(len(present), *present, *sources))
-    return tuple(None if g is None else next(tied) for g in grads)
-
-
-class _RefuseDoubleBackward(torch.autograd.Function):
-    """Identity on the gradients; its own backward raises (see DOUBLE_BACKWARD_MESSAGE)."""
-
-    @staticmethod
-    def forward(ctx, n: int, *tensors):
-        return tuple(t.view_as(t) for t in tensors[:n])
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise Unsupported(DOUBLE_BACKWARD_MESSAGE)
+    return refuse_double_backward(grads, (q, k, v, dy, dlse), DOUBLE_BACKWARD_MESSAGE)
 
 
 # ------------------------------------------------------------------------------ eager door

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 
 from ...core import InvalidProblem
+from ..common.autograd_pieces import autocast_inputs
+from ..flash_sdpa.library_autograd import library_attention
+from ..flash_sdpa.routing import all_blocks_active, dense_route
 from .autograd import BlockSparseAttentionFunction, block_sparse_attention_op, plan_for
 from .descriptor import SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
@@ -17,7 +19,7 @@ from .validation import canonical_pattern, check_qkv
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_pattern, *,
                            block_size: Optional[int] = None, is_causal: Optional[bool] = None,
                            scale: Optional[float] = None, return_lse: bool = False,
-                           backend: Optional[str] = None):
+                           backend: Optional[str] = None, deterministic: Optional[bool] = None):
     """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
 
     y = softmax(scale * q @ k^T + mask) @ v, where mask is -inf outside the active blocks of
@@ -46,7 +48,18 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.
-        backend: None (triton on CUDA, reference elsewhere), "triton" or "reference".
+        backend: None (automatic: triton on CUDA, reference elsewhere, or a dense route as
+            below), "triton" or "reference".
+        deterministic: True forbids the dense route below (as does
+            torch.use_deterministic_algorithms(True)); None/False allow it.
+
+    Dense route: when ``backend`` is None, the pattern is a PreparedPattern with every
+    reachable block active (all blocks, or with is_causal every block on or below the
+    diagonal), ``return_lse`` is False, determinism was not asked for, and torch SDPA's cuDNN
+    or flash kernel can run the problem (CUDA, f16/bf16, d_k == d_v, square when causal),
+    the call runs there: the problem is dense attention, and those kernels are faster than
+    ours on it. Their backward is not promised bitwise reproducible; pass deterministic=True
+    to keep our kernels. Under torch.compile the block-sparse op always carries the call.
 
     Returns:
         y [B, H, Nq, Dv] in q's dtype (and lse when return_lse). A query row with no allowed
@@ -73,7 +86,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                                  "or PreparedPattern, which carry their block_size).")
     if is_causal is None:
         is_causal = bool(getattr(block_pattern, "is_causal", False))
-    q, k, v, no_autocast = _autocast_inputs(q, k, v)
+    q, k, v, no_autocast = autocast_inputs(q, k, v)
     desc = SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=block_size, scale=scale,
                                                   is_causal=is_causal)
     device = check_qkv(desc, q, k, v)
@@ -89,6 +102,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size,
                                                desc.softmax_scale, desc.is_causal, backend or "")
         else:
+            if not backend and not return_lse and isinstance(block_pattern, PreparedPattern):
+                block_pattern.check_matches(desc, device)
+                dense = dense_route(desc, device, all_blocks_active(block_pattern),
+                                    deterministic)
+                if dense is not None:
+                    return library_attention(dense, q, k, v)
             plan = plan_for(desc, device, backend or None)
             y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan,
                                                         plan.block_lists(block_pattern))
@@ -104,25 +123,6 @@ def _from_prepared(prepared: PreparedPattern, block_size, is_causal):
                 f"{name}={given} was passed with a PreparedPattern prepared for {name}={own}; "
                 f"expected them to agree. Leave {name} out, or prepare the pattern again.")
     return prepared.block_size, prepared.is_causal
-
-
-def _autocast_inputs(q, k, v):
-    """Under torch.autocast on q's device type, cast floating q/k/v to the autocast dtype as
-    torch SDPA does (float64 stays), and return a context that turns autocast off for the
-    call, so that the reference backend's float32 accumulation is not downcast by it."""
-    device_type = q.device.type if isinstance(q, torch.Tensor) else "cpu"
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except (TypeError, RuntimeError):  # a device type autocast does not know
-        enabled = False
-    if not enabled:
-        return q, k, v, contextlib.nullcontext()
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t):
-        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-        return t.to(dtype) if eligible and t.dtype != dtype else t
-    return cast(q), cast(k), cast(v), torch.autocast(device_type, enabled=False)
 
 
 def _tracing(q: torch.Tensor) -> bool:
