@@ -108,9 +108,18 @@ def dense_route_probe():
                 y = bk.flash_sdpa(q, k, v, is_causal=causal, backend=backend)
                 torch.autograd.grad(y, (q, k, v), dy)
             f, s_ = triton.testing.do_bench(fwd), triton.testing.do_bench(step)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            # Above the inputs: y, dq (64 MiB each at these shapes), dk, dv (16 MiB each),
+            # plus whatever the backend allocates (lse, workspaces, any K/V expansion).
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
             flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
             print(f"  {backend:<12} fwd {f:7.3f} ms ({flops / f / 1e9:5.0f} TFLOP/s)  "
-                  f"step {s_:7.3f} ms ({3.5 * flops / s_ / 1e9:5.0f} TFLOP/s)", flush=True)
+                  f"step {s_:7.3f} ms ({3.5 * flops / s_ / 1e9:5.0f} TFLOP/s)  "
+                  f"step peak {peak:6.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":
