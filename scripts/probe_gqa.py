@@ -122,7 +122,48 @@ def dense_route_probe():
                   f"step peak {peak:6.0f} MiB", flush=True)
 
 
+def backward_tile_probe():
+    """GQA backward GPU time with the default dK/dV tiles and narrower ones (more programs:
+    the dK/dV grid has B*Hkv, not B*H, heads, so a causal launch has fewer, longer items)."""
+    import dataclasses
+    from baracuda_kernels.attention.block_sparse.triton_bwd import \
+        block_sparse_attention_backward_triton
+    from baracuda_kernels.attention.block_sparse.triton_bwd_configs import \
+        default_backward_config
+    print("\nGQA backward tiles, N=8192, GPU ms (graph replay)", flush=True)
+    N = 8192
+    base = default_backward_config(DT, D, BS)
+    variants = {"default": base,
+                "kv 64x64 w4": dataclasses.replace(base, kv_block_n=64, kv_warps=4),
+                "kv 64x64 w8": dataclasses.replace(base, kv_block_n=64, kv_warps=8)}
+    q = torch.randn(B, H, N, D, device="cuda", dtype=DT)
+    for hkv in (HKV, H):
+        k, v = (torch.randn(B, hkv, N, D, device="cuda", dtype=DT) for _ in range(2))
+        for causal in (False, True):
+            mask = torch.ones(1, 1, N // BS, N // BS, dtype=torch.bool, device="cuda")
+            lists = BlockLists.build(mask, N, N, BS, causal, use_triton=True)
+            y = torch.empty(B, H, N, D, device="cuda", dtype=DT)
+            lse = torch.empty(B, H, N, device="cuda")
+            block_sparse_attention_forward_triton(q, k, v, lists, block_size=BS,
+                                                  scale=D ** -0.5, is_causal=causal, y=y,
+                                                  lse=lse)
+            dy = torch.randn_like(y)
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            cells = []
+            for label, cfg in variants.items():
+                def run(cfg=cfg):
+                    block_sparse_attention_backward_triton(
+                        q, k, v, y, lse, dy, lists, block_size=BS, scale=D ** -0.5,
+                        is_causal=causal, dq=dq, dk=dk, dv=dv, config=cfg)
+                cells.append(f"{label} {graph_ms(run, 3):.3f}")
+            print(f"  Hkv={hkv:<3} causal={causal!s:<5} " + " | ".join(cells), flush=True)
+
+
 if __name__ == "__main__":
+    import sys
+    if "--bwd-tiles" in sys.argv:
+        backward_tile_probe()
+        sys.exit(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     pack_probe()
     expanded_probe()
