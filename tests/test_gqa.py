@@ -231,6 +231,8 @@ def test_pack_gqa_forward_matches_oracle(Nq, Nk, bs, kind, Hkv, causal):
         assert_matches_oracle(y, ref, same, what=f"y pack={pack}")
         torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)
     assert pack_gqa_tiles(4, 4, 1, 64, None) == (16, 4)      # decode: packed
+    assert pack_gqa_tiles(4, 4, 16, 128, None) == (64, 16)   # short queries: packed
+    assert pack_gqa_tiles(4, 4, 64, 128, None) is None       # half a tile: measured no gain
     assert pack_gqa_tiles(4, 4, 128, 128, None) is None      # full blocks: plain
     assert pack_gqa_tiles(4, 1, 1, 64, None) is None         # per-query-head pattern
     assert pack_gqa_tiles(4, 4, 128, 128, True) == (128, 32)
