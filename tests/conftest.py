@@ -12,6 +12,13 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Import triton now, while the variable says "interpret": the library imports it lazily,
+    # and a first import inside a test that sets TRITON_INTERPRET=0 for a moment would leave
+    # later kernels compiled for a GPU (triton reads the setting when it first loads).
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # platforms without triton: the reference backend still runs
+        pass
 
 import pytest  # noqa: E402
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from ...core import ElementKind, InvalidProblem
+from ..common.problem import AttentionProblem, qkv_dims
 
 
 def kernel_block_size(block_size: int, query_len: int, key_len: int) -> int:
@@ -18,19 +18,8 @@ def kernel_block_size(block_size: int, query_len: int, key_len: int) -> int:
     return max(1, min(block_size, max(query_len, key_len)))
 
 
-def check_head_counts(num_heads: int, num_kv_heads: int) -> None:
-    """InvalidProblem unless H query heads can share Hkv K/V heads in equal groups."""
-    if num_heads == 0 and num_kv_heads == 0:
-        return
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise InvalidProblem(
-            f"q has {num_heads} heads and k/v have {num_kv_heads}; expected the query heads to "
-            f"be a multiple of the K/V heads (grouped-query attention: query head h reads K/V "
-            f"head h // (H // Hkv)). Give k and v a head count that divides {num_heads}.")
-
-
 @dataclass(frozen=True)
-class SdpaBlockSparseDescriptor:
+class SdpaBlockSparseDescriptor(AttentionProblem):
     """A block-sparse scaled-dot-product attention problem, independent of any tensor.
 
     y[b,h] = softmax(scale * q[b,h] @ k[b,g]^T + mask) @ v[b,g] with g = h // (H // Hkv),
@@ -63,41 +52,10 @@ class SdpaBlockSparseDescriptor:
     num_kv_heads: Optional[int] = None
 
     def __post_init__(self):
-        object.__setattr__(self, "element", ElementKind.coerce(self.element))
-        if self.num_kv_heads is None:
-            object.__setattr__(self, "num_kv_heads", self.num_heads)
-        for name in ("batch_size", "num_heads", "query_len", "key_len", "d_k", "d_v", "block_size",
-                     "num_kv_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidProblem(f"{name} is {value!r} ({type(value).__name__}); expected an int.")
-            if value < 0:
-                raise InvalidProblem(f"{name} is {value}; expected a non-negative extent.")
+        self._validate(extra_extents=("block_size",))
         if self.block_size < 1:
             raise InvalidProblem(
                 f"block_size is {self.block_size}; expected an int >= 1 (e.g. 64 or 128).")
-        check_head_counts(self.num_heads, self.num_kv_heads)
-        if self.d_k < 1:
-            raise InvalidProblem(
-                f"d_k is {self.d_k}; expected >= 1: a zero-width query/key has no scores.")
-        if self.scale is not None:
-            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-                raise InvalidProblem(f"scale is {self.scale!r}; expected a finite float or None.")
-            if not math.isfinite(self.scale):
-                raise InvalidProblem(
-                    f"scale is {self.scale}; expected a finite float (or None for 1/sqrt(d_k)).")
-            object.__setattr__(self, "scale", float(self.scale))
-        if not isinstance(self.is_causal, bool):
-            raise InvalidProblem(f"is_causal is {self.is_causal!r}; expected True or False.")
-
-    @property
-    def softmax_scale(self) -> float:
-        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.d_k)
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per K/V head, H // Hkv (1 without GQA)."""
-        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 1
 
     @property
     def num_blocks_q(self) -> int:
@@ -108,49 +66,17 @@ class SdpaBlockSparseDescriptor:
         return -(-self.key_len // self.block_size)
 
     @property
-    def lse_dtype(self) -> torch.dtype:
-        return self.element.accumulator.torch_dtype
-
-    @property
-    def is_empty(self) -> bool:
-        """True when no query meets a key (outputs are y = 0, lse = -inf). A zero d_v is
-        not empty: y has no columns, but lse (and its gradient) still have values."""
-        return 0 in (self.batch_size, self.num_heads, self.query_len, self.key_len)
-
-    @property
     def kernel_block_size(self) -> int:
         """The block size the kernels and lists work with (see ``kernel_block_size``)."""
         return kernel_block_size(self.block_size, self.query_len, self.key_len)
-
-    def query_shape(self):
-        return (self.batch_size, self.num_heads, self.query_len, self.d_k)
-
-    def key_shape(self):
-        return (self.batch_size, self.num_kv_heads, self.key_len, self.d_k)
-
-    def value_shape(self):
-        return (self.batch_size, self.num_kv_heads, self.key_len, self.d_v)
-
-    def output_shape(self):
-        return (self.batch_size, self.num_heads, self.query_len, self.d_v)
-
-    def lse_shape(self):
-        return (self.batch_size, self.num_heads, self.query_len)
 
     @classmethod
     def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
                      scale: Optional[float] = None, is_causal: bool = False):
         """Descriptor for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv] (H % Hkv == 0)."""
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise InvalidProblem(f"{name} is a {type(t).__name__}; expected a torch.Tensor.")
-            if t.dim() != 4:
-                raise InvalidProblem(
-                    f"{name} has shape {tuple(t.shape)}; expected 4 dims [B, H, N, D]. "
-                    f"For [B, N, H, D] layouts pass {name}.transpose(1, 2) (no copy is made).")
-        B, H, Nq, Dk = q.shape
-        return cls(B, H, Nq, k.shape[2], Dk, v.shape[3], block_size, scale, is_causal,
-                   ElementKind.from_torch(q.dtype), num_kv_heads=k.shape[1])
+        B, H, Hkv, Nq, Nk, Dk, Dv = qkv_dims(q, k, v)
+        return cls(B, H, Nq, Nk, Dk, Dv, block_size, scale, is_causal,
+                   ElementKind.from_torch(q.dtype), num_kv_heads=Hkv)
 
 
 @dataclass

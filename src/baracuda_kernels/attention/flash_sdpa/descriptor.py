@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ...core import ElementKind, InvalidProblem
-from ..block_sparse.descriptor import SdpaBlockSparseDescriptor, check_head_counts
+from ...core import ElementKind
+from ..block_sparse.descriptor import SdpaBlockSparseDescriptor
+from ..common.problem import AttentionProblem, qkv_dims
 
 
 @dataclass(frozen=True)
-class FlashSdpaDescriptor:
+class FlashSdpaDescriptor(AttentionProblem):
     """A dense (optionally causal) scaled-dot-product attention problem, independent of any
     tensor.
 
@@ -45,68 +45,7 @@ class FlashSdpaDescriptor:
     num_kv_heads: Optional[int] = None
 
     def __post_init__(self):
-        object.__setattr__(self, "element", ElementKind.coerce(self.element))
-        if self.num_kv_heads is None:
-            object.__setattr__(self, "num_kv_heads", self.num_heads)
-        for name in ("batch_size", "num_heads", "query_len", "key_len", "d_k", "d_v",
-                     "num_kv_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidProblem(f"{name} is {value!r} ({type(value).__name__}); expected an int.")
-            if value < 0:
-                raise InvalidProblem(f"{name} is {value}; expected a non-negative extent.")
-        check_head_counts(self.num_heads, self.num_kv_heads)
-        if self.d_k < 1:
-            raise InvalidProblem(
-                f"d_k is {self.d_k}; expected >= 1: a zero-width query/key has no scores.")
-        if self.scale is not None:
-            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-                raise InvalidProblem(f"scale is {self.scale!r}; expected a finite float or None.")
-            if not math.isfinite(self.scale):
-                raise InvalidProblem(
-                    f"scale is {self.scale}; expected a finite float (or None for 1/sqrt(d_k)).")
-            object.__setattr__(self, "scale", float(self.scale))
-        if not isinstance(self.is_causal, bool):
-            raise InvalidProblem(f"is_causal is {self.is_causal!r}; expected True or False.")
-
-    # ------------------------------------------------------------------ derived facts
-    @property
-    def softmax_scale(self) -> float:
-        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.d_k)
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per K/V head, H // Hkv (1 without GQA)."""
-        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 1
-
-    @property
-    def is_gqa(self) -> bool:
-        """True when K/V have fewer heads than q (grouped-query or multi-query attention)."""
-        return self.num_kv_heads != self.num_heads
-
-    @property
-    def lse_dtype(self) -> torch.dtype:
-        return self.element.accumulator.torch_dtype
-
-    @property
-    def is_empty(self) -> bool:
-        """True when no query meets a key (outputs are y = 0, lse = -inf)."""
-        return 0 in (self.batch_size, self.num_heads, self.query_len, self.key_len)
-
-    def query_shape(self):
-        return (self.batch_size, self.num_heads, self.query_len, self.d_k)
-
-    def key_shape(self):
-        return (self.batch_size, self.num_kv_heads, self.key_len, self.d_k)
-
-    def value_shape(self):
-        return (self.batch_size, self.num_kv_heads, self.key_len, self.d_v)
-
-    def output_shape(self):
-        return (self.batch_size, self.num_heads, self.query_len, self.d_v)
-
-    def lse_shape(self):
-        return (self.batch_size, self.num_heads, self.query_len)
+        self._validate()
 
     def as_block_sparse(self, block_size: int = 128) -> SdpaBlockSparseDescriptor:
         """The same problem as block-sparse attention (with an all-active pattern it is
@@ -126,16 +65,9 @@ class FlashSdpaDescriptor:
     def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      scale: Optional[float] = None, is_causal: bool = False):
         """Descriptor for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv] (H % Hkv == 0)."""
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise InvalidProblem(f"{name} is a {type(t).__name__}; expected a torch.Tensor.")
-            if t.dim() != 4:
-                raise InvalidProblem(
-                    f"{name} has shape {tuple(t.shape)}; expected 4 dims [B, H, N, D]. "
-                    f"For [B, N, H, D] layouts pass {name}.transpose(1, 2) (no copy is made).")
-        B, H, Nq, Dk = q.shape
-        return cls(B, H, Nq, k.shape[2], Dk, v.shape[3], scale, is_causal,
-                   ElementKind.from_torch(q.dtype), num_kv_heads=k.shape[1])
+        B, H, Hkv, Nq, Nk, Dk, Dv = qkv_dims(q, k, v)
+        return cls(B, H, Nq, Nk, Dk, Dv, scale, is_causal, ElementKind.from_torch(q.dtype),
+                   num_kv_heads=Hkv)
 
 
 @dataclass

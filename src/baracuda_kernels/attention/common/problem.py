@@ -1,0 +1,106 @@
+"""What every attention descriptor shares: field validation, the GQA head rule, and the
+derived facts (softmax scale, group size, lse dtype, tensor shapes)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...core import ElementKind, InvalidProblem
+
+_EXTENTS = ("batch_size", "num_heads", "query_len", "key_len", "d_k", "d_v", "num_kv_heads")
+
+
+def check_head_counts(num_heads: int, num_kv_heads: int) -> None:
+    """InvalidProblem unless H query heads can share Hkv K/V heads in equal groups."""
+    if num_heads == 0 and num_kv_heads == 0:
+        return
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise InvalidProblem(
+            f"q has {num_heads} heads and k/v have {num_kv_heads}; expected the query heads to "
+            f"be a multiple of the K/V heads (grouped-query attention: query head h reads K/V "
+            f"head h // (H // Hkv)). Give k and v a head count that divides {num_heads}.")
+
+
+def qkv_dims(q, k, v) -> tuple[int, int, int, int, int, int, int]:
+    """(B, H, Hkv, Nq, Nk, Dk, Dv) of 4-D q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv]
+    (their agreement is checked against the descriptor afterwards)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidProblem(f"{name} is a {type(t).__name__}; expected a torch.Tensor.")
+        if t.dim() != 4:
+            raise InvalidProblem(
+                f"{name} has shape {tuple(t.shape)}; expected 4 dims [B, H, N, D]. "
+                f"For [B, N, H, D] layouts pass {name}.transpose(1, 2) (no copy is made).")
+    B, H, Nq, Dk = q.shape
+    return B, H, k.shape[1], Nq, k.shape[2], Dk, v.shape[3]
+
+
+class AttentionProblem:
+    """Mixin of the frozen attention descriptors (fields batch_size, num_heads, query_len,
+    key_len, d_k, d_v, scale, is_causal, element, num_kv_heads): ``_validate`` from their
+    ``__post_init__``, and the facts derived from the fields."""
+
+    def _validate(self, extra_extents: tuple = ()) -> None:
+        object.__setattr__(self, "element", ElementKind.coerce(self.element))
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        for name in _EXTENTS + tuple(extra_extents):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidProblem(f"{name} is {value!r} ({type(value).__name__}); expected an int.")
+            if value < 0:
+                raise InvalidProblem(f"{name} is {value}; expected a non-negative extent.")
+        check_head_counts(self.num_heads, self.num_kv_heads)
+        if self.d_k < 1:
+            raise InvalidProblem(
+                f"d_k is {self.d_k}; expected >= 1: a zero-width query/key has no scores.")
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+                raise InvalidProblem(f"scale is {self.scale!r}; expected a finite float or None.")
+            if not math.isfinite(self.scale):
+                raise InvalidProblem(
+                    f"scale is {self.scale}; expected a finite float (or None for 1/sqrt(d_k)).")
+            object.__setattr__(self, "scale", float(self.scale))
+        if not isinstance(self.is_causal, bool):
+            raise InvalidProblem(f"is_causal is {self.is_causal!r}; expected True or False.")
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.d_k)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per K/V head, H // Hkv (1 without GQA)."""
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 1
+
+    @property
+    def is_gqa(self) -> bool:
+        """True when K/V have fewer heads than q (grouped-query or multi-query attention)."""
+        return self.num_kv_heads != self.num_heads
+
+    @property
+    def lse_dtype(self) -> torch.dtype:
+        return self.element.accumulator.torch_dtype
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no query meets a key (outputs are y = 0, lse = -inf). A zero d_v is
+        not empty: y has no columns, but lse (and its gradient) still have values."""
+        return 0 in (self.batch_size, self.num_heads, self.query_len, self.key_len)
+
+    def query_shape(self):
+        return (self.batch_size, self.num_heads, self.query_len, self.d_k)
+
+    def key_shape(self):
+        return (self.batch_size, self.num_kv_heads, self.key_len, self.d_k)
+
+    def value_shape(self):
+        return (self.batch_size, self.num_kv_heads, self.key_len, self.d_v)
+
+    def output_shape(self):
+        return (self.batch_size, self.num_heads, self.query_len, self.d_v)
+
+    def lse_shape(self):
+        return (self.batch_size, self.num_heads, self.query_len)
