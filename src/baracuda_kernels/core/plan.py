@@ -20,7 +20,13 @@ from .types import BackendKind, KernelSku, PlanPreference, PrecisionGuarantee
 
 
 class Plan(abc.ABC):
-    """The surface every op's plan has. Subclasses fix the descriptor and args types."""
+    """The surface every op's plan has. Subclasses fix the descriptor and args types, and
+    call ``Plan.__init__`` with what ``select`` decided."""
+
+    def __init__(self, desc, device: torch.device, backend: BackendKind,
+                 declined: Optional[dict] = None):
+        self._desc, self._device, self._backend = desc, device, backend
+        self._declined = dict(declined or {})  # BackendKind -> why it was not chosen
 
     @classmethod
     @abc.abstractmethod
@@ -45,16 +51,23 @@ class Plan(abc.ABC):
         return 0
 
     @property
-    @abc.abstractmethod
-    def descriptor(self) -> Any: ...
+    def descriptor(self) -> Any:
+        """The problem this plan was selected for."""
+        return self._desc
 
     @property
-    @abc.abstractmethod
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        return self._device
 
     @property
-    @abc.abstractmethod
-    def backend(self) -> BackendKind: ...
+    def backend(self) -> BackendKind:
+        return self._backend
+
+    @property
+    def declined(self) -> dict:
+        """Backends asked before the chosen one and why each declined (BackendKind -> reason);
+        empty when the first choice ran or the backend was forced."""
+        return dict(self._declined)
 
     @property
     @abc.abstractmethod

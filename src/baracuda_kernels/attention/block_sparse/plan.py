@@ -47,10 +47,7 @@ class SdpaBlockSparsePlan(Plan):
 
     def __init__(self, desc: SdpaBlockSparseDescriptor, device: torch.device,
                  backend: BackendKind, allow_tf32: bool, declined: Optional[dict] = None):
-        self._desc = desc
-        self._device = device
-        self._backend = backend
-        self._declined = declined or {}  # BackendKind -> why it was not chosen
+        super().__init__(desc, device, backend, declined)
         self._allow_tf32 = allow_tf32
         self._config = None  # triton forward config
         # Tiles for prepared patterns with short rows (triton_configs.SHORT_ROW_BLOCKS);
@@ -126,24 +123,6 @@ class SdpaBlockSparsePlan(Plan):
                                                      allow_tf32=self._allow_tf32)
 
     # ---------------------------------------------------------------- properties
-    @property
-    def descriptor(self) -> SdpaBlockSparseDescriptor:
-        return self._desc
-
-    @property
-    def backend(self) -> BackendKind:
-        return self._backend
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def declined(self) -> dict:
-        """Backends asked before the chosen one and why each declined (BackendKind -> reason);
-        empty when the first choice ran or the backend was forced."""
-        return dict(self._declined)
-
     @property
     def num_blocks_q(self) -> int:
         return self._desc.num_blocks_q

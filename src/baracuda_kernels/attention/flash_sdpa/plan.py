@@ -90,8 +90,7 @@ class FlashSdpaPlan(Plan):
 
     def __init__(self, desc: FlashSdpaDescriptor, device: torch.device, backend: BackendKind,
                  declined: Optional[dict] = None):
-        self._desc, self._device, self._backend = desc, device, backend
-        self._declined = declined or {}
+        super().__init__(desc, device, backend, declined)
         self._inner: Optional[SdpaBlockSparsePlan] = None   # triton / reference delegate
         self._pattern: Optional[PreparedPattern] = None     # its all-active pattern
 
@@ -136,24 +135,6 @@ class FlashSdpaPlan(Plan):
         return plan
 
     # ---------------------------------------------------------------- properties
-    @property
-    def descriptor(self) -> FlashSdpaDescriptor:
-        return self._desc
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def backend(self) -> BackendKind:
-        return self._backend
-
-    @property
-    def declined(self) -> dict:
-        """Backends asked before the chosen one and why each declined (BackendKind -> reason);
-        empty when the first choice ran or the backend was forced."""
-        return dict(self._declined)
-
     @property
     def computes_lse(self) -> bool:
         """False on the library backends (torch SDPA's public API returns no lse)."""
