@@ -14,14 +14,16 @@ import torch
 
 def token_mask(pattern4d: torch.Tensor, query_len: int, key_len: int, block_size: int,
                is_causal: bool) -> torch.Tensor:
-    """bool [Bp, Hp, Nq, Nk]: True where query i may attend key j."""
+    """bool [Bp, Hp, Nq, Nk]: True where query i may attend key j. is_causal: False, True
+    (top-left: j <= i) or "bottom_right" (j <= i + Nk - Nq)."""
     rows = torch.arange(query_len, device=pattern4d.device) // block_size
     cols = torch.arange(key_len, device=pattern4d.device) // block_size
     mask = pattern4d.bool()[:, :, rows][:, :, :, cols]
     if is_causal:
         i = torch.arange(query_len, device=pattern4d.device)[:, None]
         j = torch.arange(key_len, device=pattern4d.device)[None, :]
-        mask = mask & (j <= i)
+        offset = key_len - query_len if is_causal == "bottom_right" else 0
+        mask = mask & (j <= i + offset)
     return mask
 
 

@@ -112,7 +112,7 @@ def test_double_backward_raises_clearly(backend):
 
 def test_double_backward_raises_through_the_custom_op():
     q, k, v = _inputs()
-    y, _ = block_sparse_attention_op(q, k, v, _pattern(), BS, D ** -0.5, True, "reference")
+    y, _ = block_sparse_attention_op(q, k, v, _pattern(), BS, D ** -0.5, "top_left", "reference")
     (gq,) = torch.autograd.grad(y.square().sum(), (q,), create_graph=True)
     with pytest.raises(bk.Unsupported, match="differentiable once"):
         gq.square().sum().backward()
@@ -127,7 +127,7 @@ def test_both_doors_share_the_contract(door):
         y, lse = bk.block_sparse_attention(q, k, v, pattern, block_size=BS, is_causal=True,
                                            return_lse=True, backend="reference")
     else:
-        y, lse = block_sparse_attention_op(q, k, v, pattern, BS, D ** -0.5, True, "reference")
+        y, lse = block_sparse_attention_op(q, k, v, pattern, BS, D ** -0.5, "top_left", "reference")
     (dq,) = torch.autograd.grad(y.sum() + lse.sum(), (q,))
     leaves, y_ref, lse_ref = _oracle(q, k, v, pattern)
     (dq_ref,) = torch.autograd.grad(y_ref.sum() + lse_ref.sum(), leaves[:1])

@@ -101,7 +101,13 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ compiled door
-def _plan(q, k, v, block_size, scale, is_causal, backend) -> SdpaBlockSparsePlan:
+def causal_arg(is_causal) -> str:
+    """The causal rule as the custom ops carry it (a string: their schema has no union)."""
+    return {False: "none", True: "top_left"}.get(is_causal, is_causal)
+
+
+def _plan(q, k, v, block_size, scale, causal: str, backend) -> SdpaBlockSparsePlan:
+    is_causal = False if causal == "none" else causal
     desc = SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=block_size, scale=scale,
                                                   is_causal=is_causal)
     return plan_for(desc, q.device, backend or None)
@@ -110,7 +116,7 @@ def _plan(q, k, v, block_size, scale, is_causal, backend) -> SdpaBlockSparsePlan
 @torch.library.custom_op("baracuda::block_sparse_attention", mutates_args=())
 def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               pattern: torch.Tensor, block_size: int, scale: float,
-                              is_causal: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                              is_causal: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, lse) for a validated problem; pattern is a checked bool/uint8 [Bp, Hp, nq, nk]."""
     plan = _plan(q, k, v, block_size, scale, is_causal, backend)
     return attention_forward(plan, q, k, v, plan.block_lists(pattern))
@@ -127,7 +133,7 @@ def _(q, k, v, pattern, block_size, scale, is_causal, backend):
 def block_sparse_attention_backward_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor, lse: torch.Tensor,
         dy: Optional[torch.Tensor], dlse: Optional[torch.Tensor], pattern: torch.Tensor,
-        block_size: int, scale: float, is_causal: bool, backend: str, need_dq: bool,
+        block_size: int, scale: float, is_causal: str, backend: str, need_dq: bool,
         need_dkdv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient that is not needed comes back as an empty tensor."""
     plan = _plan(q, k, v, block_size, scale, is_causal, backend)

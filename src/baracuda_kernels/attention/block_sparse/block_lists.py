@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from ..common.problem import causal_offset
+
 SKIP, FULL, PARTIAL = 0, 1, 2
 
 
@@ -32,6 +34,7 @@ def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_s
 
     Args:
         pattern: bool ``[Bp, Hp, nq, nk]`` (already canonical, see ``canonical_pattern``).
+        is_causal: False, True (top-left) or "bottom_right" (see common.problem.causal_mode).
     Returns:
         int8 ``[Bp, Hp, nq, nk]`` with values SKIP, FULL, PARTIAL.
     """
@@ -47,9 +50,11 @@ def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_s
     partial = ragged_q[:, None] | ragged_k[None, :]          # [nq, nk]
     alive = torch.ones(nq, nk, dtype=torch.bool, device=dev)
     if is_causal:
-        # query i sees key j only when j <= i (top-left aligned, like torch SDPA).
-        alive = k_first[None, :] <= q_last[:, None]          # some pair survives
-        fully_allowed = k_last[None, :] <= q_first[:, None]  # every pair survives
+        # query i sees key j only when j <= i + off (off = 0 top-left, like torch SDPA;
+        # Nk - Nq bottom-right).
+        off = causal_offset(is_causal, query_len, key_len)
+        alive = k_first[None, :] <= q_last[:, None] + off          # some pair survives
+        fully_allowed = k_last[None, :] <= q_first[:, None] + off  # every pair survives
         partial = partial | ~fully_allowed
     cls = torch.where(partial, PARTIAL, FULL).to(torch.int8)
     cls = torch.where(alive, cls, torch.zeros_like(cls))
@@ -111,7 +116,10 @@ class BlockLists:
         synchronisation, capturable in a CUDA graph). Otherwise a chain of torch ops that
         also keeps ``block_class`` (what the reference backend needs).
         """
-        if use_triton:
+        if use_triton and causal_offset(is_causal, query_len, key_len) == 0:
+            # (The Triton builder reasons in whole block indices, which holds for a diagonal
+            # through block corners; a bottom-right diagonal with Nq != Nk takes the torch
+            # ops below, which are as exact and also free of host syncs.)
             from .triton_lists import build_block_lists_triton
             return cls(*build_block_lists_triton(pattern, query_len, key_len, block_size,
                                                  is_causal))

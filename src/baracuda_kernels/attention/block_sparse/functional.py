@@ -10,14 +10,15 @@ from ...core import InvalidProblem
 from ..common.autograd_pieces import autocast_inputs
 from ..flash_sdpa.library_autograd import library_attention
 from ..flash_sdpa.routing import all_blocks_active, dense_route
-from .autograd import BlockSparseAttentionFunction, block_sparse_attention_op, plan_for
+from .autograd import (BlockSparseAttentionFunction, block_sparse_attention_op, causal_arg,
+                       plan_for)
 from .descriptor import SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
 from .validation import canonical_pattern, check_qkv
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_pattern, *,
-                           block_size: Optional[int] = None, is_causal: Optional[bool] = None,
+                           block_size: Optional[int] = None, is_causal=None,
                            scale: Optional[float] = None, return_lse: bool = False,
                            backend: Optional[str] = None, deterministic: Optional[bool] = None):
     """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
@@ -43,8 +44,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             ``BlockPattern.prepare()``) carries lists built once: no pattern work per call.
         block_size: side of a pattern block in tokens (required unless block_pattern is a
             BlockPattern).
-        is_causal: query i attends key j only when j <= i (top-left, like torch SDPA).
-            None (default) takes the BlockPattern's ``is_causal`` (False for raw tensors).
+        is_causal: True: query i attends key j only when j <= i (top-left, like torch SDPA).
+            "bottom_right": only when j <= i + Nk - Nq (queries aligned to the end of the
+            keys, flash-attn's convention: a KV cache, chunked prefill, decode with Nq = 1).
+            The two agree when Nq == Nk. None (default) takes the BlockPattern's
+            ``is_causal`` (False for raw tensors).
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.
@@ -100,7 +104,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             else:
                 pattern = canonical_pattern(desc, block_pattern, device)
             y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size,
-                                               desc.softmax_scale, desc.is_causal, backend or "")
+                                               desc.softmax_scale, causal_arg(desc.is_causal),
+                                               backend or "")
         else:
             if not backend and not return_lse and isinstance(block_pattern, PreparedPattern):
                 block_pattern.check_matches(desc, device)

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ...core import InvalidProblem, resolve_device
+from ..common.problem import causal_mode
 from .block_lists import BlockLists
 from .descriptor import kernel_block_size
 from ..patterns.checks import check_int
@@ -64,7 +65,8 @@ class PreparedPattern:
             query_len, key_len: token lengths (key_len defaults to query_len); required for
                 raw tensors, checked against a BlockPattern's when given.
             block_size: tokens per block; required for raw tensors.
-            is_causal: top-left causal mask (default: the BlockPattern's, else False).
+            is_causal: False, True (top-left) or "bottom_right" (default: the
+                BlockPattern's, else False).
             device: where the attention will run (default: the pattern's device); the
                 pattern is copied there.
         Raises:
@@ -97,7 +99,7 @@ class PreparedPattern:
         check_int("block_size", block_size, 1)
         check_int("query_len", query_len, 0)
         check_int("key_len", key_len, 0)
-        is_causal = bool(is_causal) if is_causal is not None else False
+        is_causal = causal_mode(is_causal) if is_causal is not None else False
         if not isinstance(pattern, torch.Tensor):
             raise InvalidProblem(f"pattern is a {type(pattern).__name__}; expected a bool/uint8 "
                                  f"tensor or a BlockPattern.")

@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 
 from ..common.numerics import accumulator_dtype
+from ..common.problem import causal_offset
 from .block_lists import SKIP, BlockLists
 
 _GROUP_BUDGET = 1 << 22  # score-tile elements per group (16 MiB in float32)
@@ -109,14 +110,16 @@ def _gather(t: torch.Tensor, tokens: torch.Tensor, acc) -> torch.Tensor:
     return t.index_select(3, tokens.flatten()).to(acc).unflatten(3, tokens.shape)
 
 
-def _allowed(g: _Group, block_size: int, is_causal: bool, rows_are_queries: bool) -> torch.Tensor:
-    """bool [G, bs, L]: which (row token, column token) pairs count."""
+def _allowed(g: _Group, block_size: int, is_causal, rows_are_queries: bool,
+             offset: int) -> torch.Tensor:
+    """bool [G, bs, L]: which (row token, column token) pairs count; causal: key j <= query
+    i + offset (0 top-left, Nk - Nq bottom-right)."""
     rows = g.rows.view(g.cols.shape[0], block_size)
     ok = g.col_ok[:, None, :].expand(-1, block_size, -1)
     if is_causal:
         q_tok, k_tok = (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
             (g.cols[:, None, :], rows[:, :, None])
-        ok = ok & (k_tok <= q_tok)
+        ok = ok & (k_tok <= q_tok + offset)
     return ok
 
 
@@ -138,6 +141,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
     acc = accumulator_dtype(q.dtype)
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    offset = causal_offset(is_causal, Nq, Nk)
     y.zero_()
     lse.fill_(float("-inf"))
     active_all = _active_blocks(lists)
@@ -150,7 +154,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
             G = g.cols.shape[0]
             qt = _gather(qs, g.rows.view(G, block_size), acc)        # [b,hk,g,G,bs,Dk]
             s = torch.matmul(qt, _gather(ks, g.cols, acc).transpose(-1, -2)) * scale
-            s = s.masked_fill(~_allowed(g, block_size, is_causal, True), float("-inf"))
+            s = s.masked_fill(~_allowed(g, block_size, is_causal, True, offset), float("-inf"))
             row_lse = torch.logsumexp(s, dim=-1)                     # [b,hk,g,G,bs]
             p = _probs(s, row_lse[..., None])  # masked scores are -inf: exp gives 0
             out = torch.matmul(p, _gather(vs, g.cols, acc)).flatten(3, 4)
@@ -170,6 +174,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
     acc = accumulator_dtype(q.dtype)
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    offset = causal_offset(is_causal, Nq, Nk)
     if dq is not None:
         dq.zero_()
     # delta_i = sum_d dy_id * y_id = sum_j p_ij dp_ij: the softmax-Jacobian correction. The
@@ -196,7 +201,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             rows = g.rows.view(G, block_size)
             kt, vt = _gather(ks, g.cols, acc), _gather(vs, g.cols, acc)
             s = torch.matmul(_gather(qs, rows, acc), kt.transpose(-1, -2)) * scale
-            p = _probs(s, _gather_rows(ls, rows)[..., None], _allowed(g, block_size, is_causal, True))
+            p = _probs(s, _gather_rows(ls, rows)[..., None], _allowed(g, block_size, is_causal, True, offset))
             dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
             dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
             out = (torch.matmul(dsc, kt) * scale).flatten(3, 4)
@@ -210,7 +215,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             qt, dyt = _gather(qs, g.cols, acc), _gather(dys, g.cols, acc)
             s_t = torch.matmul(_gather(ks, rows, acc), qt.transpose(-1, -2)) * scale
             p_t = _probs(s_t, _gather_rows(ls, g.cols)[..., None, :],
-                         _allowed(g, block_size, is_causal, False))
+                         _allowed(g, block_size, is_causal, False, offset))
             dv_out = torch.matmul(p_t, dyt).sum(2).flatten(2, 3)
             dp_t = torch.matmul(_gather(vs, rows, acc), dyt.transpose(-1, -2))
             ds_t = p_t * (dp_t - _gather_rows(ds_, g.cols)[..., None, :])

@@ -47,6 +47,7 @@ import triton
 from baracuda_kernels.core import Unsupported
 
 from ..common.numerics import accumulator_dtype, head_dim_tile, list_strides, scale_args
+from ..common.problem import causal_offset
 from ..common.triton_tma import row_tile_descriptor, tma_fallback_reason
 from .triton_bwd_configs import (BackwardConfig, _tile, _warps, default_backward_config,
                                  short_row_backward_config)
@@ -187,6 +188,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
     acc_dtype = accumulator_dtype(q.dtype)
     dev = q.device
     qk_hi, qk_lo = scale_args(scale, q.dtype)
+    offset = causal_offset(is_causal, Nq, Nk)  # query i sees key j iff j <= i + offset
 
     delta = torch.empty((B * H, Nq), dtype=acc_dtype, device=dev)
     lse2 = torch.empty((B * H, Nq), dtype=acc_dtype, device=dev)
@@ -206,7 +208,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
             q, k_arg, v_arg, dy, lse2, delta, dq, lists.kv_index, lists.kv_count_full,
             lists.kv_count, order, y, lse, dlse_arg, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy),
             *_bhn(dq), *list_strides(lists.kv_index, lists.kv_count), *stats_args,
-            H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo, G, list_div,
+            H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo, G, list_div, offset,
             BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, USE_TMA=tma,
             HAS_DLSE=dlse is not None, **common,
             num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
@@ -231,7 +233,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
             q_arg, k, v, dy_arg, lse2, delta, dk, dv, q_index, q_count_full, q_count,
             order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
             *list_strides(q_index, q_count), H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo,
-            G, list_div,
+            G, list_div, offset,
             BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, USE_TMA=tma,
             GROUPED=G > 1, **common,
             num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),

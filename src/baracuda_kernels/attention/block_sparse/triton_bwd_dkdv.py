@@ -19,7 +19,7 @@ from .triton_bwd_pieces import _list_step, _load_rows
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row, it_lo, it_hi,
-    stride_qn, stride_gn, offs_n, Nq, qk_scale, b32, h32,
+    stride_qn, stride_gn, offs_n, Nq, causal_offset, qk_scale, b32, h32,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
@@ -64,7 +64,7 @@ def _dkdv_inner(
         p_t = exp_base(qk_t * qk_scale - lse2[None, :], IS_F64)
         if MASKED:
             if IS_CAUSAL:
-                p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+                p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
         dv = tl.dot(p_t.to(dy.dtype), dy, dv, input_precision=PRECISION, out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -77,7 +77,7 @@ def _dkdv_one_head(
     dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-    b32, h32, kb, offs_n, H, Nq, LIST_DIV, qk_scale,
+    b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, qk_scale,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -98,18 +98,18 @@ def _dkdv_one_head(
     lse_base = LSE2 + rows_base
     delta_base = DELTA + rows_base
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
-                         0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, qk_scale,
-                         b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M,
+                         0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, causal_offset,
+                         qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M,
                          EVEN_M, IS_CAUSAL, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
-                         qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M,
+                         causal_offset, qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M,
                          SUBS_M, EVEN_M, IS_CAUSAL, IS_F64, PRECISION, MASKED=True,
                          USE_TMA=USE_TMA)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV"])
+@triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET"])
 def _bwd_dkdv_kernel(
     Q, K, V, DY, LSE2, DELTA, DK, DV,
     Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER,
@@ -121,7 +121,7 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_ib, stride_ih, stride_ir,
     stride_cb, stride_ch,
-    H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV,
+    H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -188,7 +188,7 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
                 stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                 stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-                b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, qk_scale,
+                b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, qk_scale,
                 BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, IS_F64,
                 PRECISION, USE_TMA)
     else:
@@ -196,7 +196,7 @@ def _bwd_dkdv_kernel(
             dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
             stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
             stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-            b32, hk32, kb, offs_n, H, Nq, LIST_DIV, qk_scale,
+            b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, qk_scale,
             BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, IS_F64,
             PRECISION, USE_TMA)
     dk = dk * scale

@@ -19,7 +19,7 @@ from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 @triton.jit
 def _dq_inner(
     dq, q, dy, lse2, delta, k_src, v_src, list_row, it_lo, it_hi,
-    stride_kn, stride_vn, offs_m, Nk, qk_scale, b32, h32,
+    stride_kn, stride_vn, offs_m, Nk, causal_offset, qk_scale, b32, h32,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr,
@@ -54,7 +54,7 @@ def _dq_inner(
         if MASKED:
             allowed = col_ok[None, :]
             if IS_CAUSAL:
-                allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             p = tl.where(allowed, p, 0.0)
         elif not EVEN_N:
             p = tl.where(col_ok[None, :], p, 0.0)
@@ -64,7 +64,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV"])
+@triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET"])
 def _bwd_dq_kernel(
     Q, K, V, DY, LSE2, DELTA, DQ,
     KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE,
@@ -78,7 +78,7 @@ def _bwd_dq_kernel(
     stride_yb, stride_yh, stride_yn,
     stride_lb, stride_lh, stride_ln,
     stride_db, stride_dh, stride_dn,
-    H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV,
+    H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -149,13 +149,13 @@ def _bwd_dq_kernel(
     v_src = head_source(V, b, hk32.to(tl.int64), stride_vb, stride_vh, USE_TMA)
     b32 = bh // H
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
-                   stride_kn, stride_vn, offs_m, Nk, qk_scale, b32, hk32, BS, D_K, D_V,
-                   BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, IS_F64, PRECISION,
-                   MASKED=False, USE_TMA=USE_TMA)
-    dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, n_full * SUBS_N,
-                   n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, qk_scale, b32, hk32, BS,
+                   stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, qk_scale, b32, hk32, BS,
                    D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, IS_F64,
-                   PRECISION, MASKED=True, USE_TMA=USE_TMA)
+                   PRECISION, MASKED=False, USE_TMA=USE_TMA)
+    dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, n_full * SUBS_N,
+                   n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, qk_scale,
+                   b32, hk32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N,
+                   IS_CAUSAL, IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])

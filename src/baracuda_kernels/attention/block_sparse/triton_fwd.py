@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..common.kernel_pieces import exp_base, kernel_scale
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
+from ..common.problem import causal_offset
 from ..common.triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
 # Re-exported so that callers find the configs next to the launcher.
 from .triton_fwd_configs import ForwardConfig, default_forward_config  # noqa: F401
@@ -32,7 +33,7 @@ __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_fo
 
 @triton.jit
 def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_lo, it_hi,
-                   offs_m, stride_kn, stride_vn, Nk, qk_scale,
+                   offs_m, stride_kn, stride_vn, Nk, causal_offset, qk_scale,
                    D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
                    DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                    STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
@@ -101,7 +102,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
         if MASK_COLS:
             keep = col_ok[None, :]
             if PARTIAL and IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             # Scale before masking: -inf * 0 would be NaN for scale == 0.
             s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s_ij, 1))
@@ -141,7 +142,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 
 # Lengths and counts are not specialised (alignment of them never helps here), so a new
 # sequence length does not trigger a recompile; strides are, for vectorised loads.
-@triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV"])
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET"])
 def _block_sparse_fwd_kernel(
     Q, K, V, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT,
     stride_qb, stride_qh, stride_qm,
@@ -151,7 +152,7 @@ def _block_sparse_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV,
+    H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET,
     D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
@@ -230,12 +231,12 @@ def _block_sparse_fwd_kernel(
 
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
-        stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
         STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
         WIDE_TILE)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
-        stride_kn, stride_vn, Nk, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
         STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
         WIDE_TILE)
 
@@ -272,7 +273,8 @@ def block_sparse_attention_forward_triton(
             1, Hkv or H pattern heads.
         block_size: pattern block size (any value >= 1; 16..256 multiples of the tile are fast).
         scale: softmax scale applied to q @ k^T.
-        is_causal: key j visible to query i only if j <= i.
+        is_causal: False, True (key j visible to query i only if j <= i) or "bottom_right"
+            (only if j <= i + Nk - Nq).
         y: preallocated ``[B, H, Nq, Dv]`` in q.dtype, any strides.
         lse: preallocated ``[B, H, Nq]`` (float32; float64 for f64 inputs), any strides.
         config: tile config; None takes the default table entry. ``config.use_tma`` takes
@@ -346,6 +348,7 @@ def block_sparse_attention_forward_triton(
         sib, sih, idx.stride(2), idx.stride(3),
         scb, sch, cnt.stride(2),
         H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
+        causal_offset(is_causal, Nq, Nk),
         D_K=d_k, D_V=d_v, DK_PAD=dk_pad, DV_PAD=dv_pad,
         BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn,
         TILES_PER_BLOCK=tiles_per_block, STEPS=-(-block_size // bn),

@@ -23,6 +23,30 @@ def check_head_counts(num_heads: int, num_kv_heads: int) -> None:
             f"head h // (H // Hkv)). Give k and v a head count that divides {num_heads}.")
 
 
+CAUSAL_MODES = (False, True, "bottom_right")
+
+
+def causal_mode(value):
+    """The canonical causal rule: False (none), True (top-left: query i sees key j iff
+    j <= i, as torch SDPA's is_causal) or "bottom_right" (query i sits at key position
+    i + Nk - Nq: it sees key j iff j <= i + Nk - Nq, flash-attn's alignment; a decode step,
+    Nq = 1, sees every key). "top_left" is accepted for True. Same as True when Nq == Nk."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, str) and value.lower() in ("bottom_right", "top_left"):
+        return "bottom_right" if value.lower() == "bottom_right" else True
+    raise InvalidProblem(
+        f"is_causal is {value!r}; expected False, True (top-left, like torch SDPA), "
+        f"'top_left' or 'bottom_right' (queries aligned to the end of the keys, as flash-attn "
+        f"and a KV cache need).")
+
+
+def causal_offset(is_causal, query_len: int, key_len: int) -> int:
+    """The diagonal of the causal rule: query i sees key j iff j <= i + offset (0 top-left,
+    Nk - Nq bottom-right; meaningless when not causal, 0 then)."""
+    return key_len - query_len if is_causal == "bottom_right" else 0
+
+
 def qkv_dims(q, k, v) -> tuple[int, int, int, int, int, int, int]:
     """(B, H, Hkv, Nq, Nk, Dk, Dv) of 4-D q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv]
     (their agreement is checked against the descriptor afterwards)."""
@@ -63,8 +87,12 @@ class AttentionProblem:
                 raise InvalidProblem(
                     f"scale is {self.scale}; expected a finite float (or None for 1/sqrt(d_k)).")
             object.__setattr__(self, "scale", float(self.scale))
-        if not isinstance(self.is_causal, bool):
-            raise InvalidProblem(f"is_causal is {self.is_causal!r}; expected True or False.")
+        object.__setattr__(self, "is_causal", causal_mode(self.is_causal))
+
+    @property
+    def causal_offset(self) -> int:
+        """Query i sees key j iff j <= i + causal_offset (when causal; see ``causal_mode``)."""
+        return causal_offset(self.is_causal, self.query_len, self.key_len)
 
     @property
     def softmax_scale(self) -> float:

@@ -25,7 +25,7 @@ from .torch_sdpa import determinism_requested
 
 _PLANS = PlanCache()  # (descriptor, device, backend, deterministic, need_lse) -> plan
 
-def flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
+def flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal=False,
                scale: Optional[float] = None, return_lse: bool = False,
                backend: Optional[str] = None, deterministic: Optional[bool] = None):
     """Dense scaled-dot-product attention with GQA, differentiable in q, k and v.
@@ -40,7 +40,9 @@ def flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: 
         k: [B, Hkv, Nk, Dk], same dtype and device; H must be a multiple of Hkv (query head
             h reads K/V head h // (H // Hkv); Hkv = 1 is multi-query attention).
         v: [B, Hkv, Nk, Dv]. Any strides with a unit last stride.
-        is_causal: query i attends key j only when j <= i.
+        is_causal: True: query i attends key j only when j <= i (top-left);
+            "bottom_right": only when j <= i + Nk - Nq (flash-attn's alignment; with
+            Nq != Nk only our kernels run it).
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq] (natural log, float32; float64 for float64),
             differentiable. Library backends cannot give it, so this picks triton/reference.

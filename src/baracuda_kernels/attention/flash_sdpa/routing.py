@@ -42,6 +42,8 @@ def _all_active(prepared: PreparedPattern) -> bool:
     nq_, nk_ = prepared.query_len, prepared.key_len
     if 0 in (bp, hp, nq, nk, nq_, nk_):
         return False
+    if prepared.is_causal == "bottom_right" and nq_ != nk_:
+        return False  # a shifted diagonal: not what the library's is_causal computes
     bs = kernel_block_size(prepared.block_size, nq_, nk_)  # what the lists were built with
     reachable = nq * nk
     if prepared.is_causal:  # key block kb reachable from query block qb iff kb*bs <= its last row

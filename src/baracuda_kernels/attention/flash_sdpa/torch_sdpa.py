@@ -81,11 +81,11 @@ def _torch_refusal(kind: BackendKind, desc: FlashSdpaDescriptor, device: torch.d
             k = zero_memory(d.num_kv_heads, d.key_len, d.d_k)
             v = zero_memory(d.num_kv_heads, d.key_len, d.d_v)
             try:  # torch >= 2.5: (q, k, v, attn_mask, dropout, is_causal, enable_gqa)
-                params = params_type(q, k, v, None, 0.0, d.is_causal, d.is_gqa)
+                params = params_type(q, k, v, None, 0.0, bool(d.is_causal), d.is_gqa)
             except TypeError:
                 if d.is_gqa:
                     raise
-                params = params_type(q, k, v, None, 0.0, d.is_causal)
+                params = params_type(q, k, v, None, 0.0, bool(d.is_causal))
             ok = bool(check(params, True))  # debug=True: torch warns why it refuses
     except Exception as exc:  # a signature or behaviour this torch version does not share
         return (f"torch cannot tell whether torch SDPA [{name}] runs this problem "
@@ -100,5 +100,5 @@ def torch_sdpa(kind: BackendKind, desc: FlashSdpaDescriptor, q, k, v) -> torch.T
     """y of torch SDPA forced to the library backend ``kind`` (autograd-aware as torch is)."""
     extra = {"enable_gqa": True} if desc.is_gqa else {}
     with sdpa_kernel([LIBRARY[kind][1]]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=desc.is_causal,
+        return F.scaled_dot_product_attention(q, k, v, is_causal=bool(desc.is_causal),
                                               scale=desc.softmax_scale, **extra)
