@@ -76,7 +76,7 @@ def test_bottom_right_block_classes_are_exact(Nq, Nk, bs):
             cell = allowed[qb * bs:(qb + 1) * bs, kb * bs:(kb + 1) * bs]
             want = 0 if not cell.any() else (1 if cell.all() and cell.shape == (bs, bs) else 2)
             assert int(cls[0, 0, qb, kb]) == want, (qb, kb)
-    lists = BlockLists.build(p, Nq, Nk, bs, "bottom_right", use_triton=True)
+    lists = BlockLists.build(p.to(DEVICE), Nq, Nk, bs, "bottom_right", use_triton=True)
     # A shifted diagonal takes the exact torch build (it keeps block_class); a square
     # problem's diagonal is the top-left one, built by the Triton builder.
     assert (lists.block_class is not None) == (Nq != Nk)
