@@ -13,9 +13,11 @@ import torch
 
 
 def token_mask(pattern4d: torch.Tensor, query_len: int, key_len: int, block_size: int,
-               is_causal: bool) -> torch.Tensor:
+               is_causal: bool, window_size=(-1, -1), sink_tokens: int = 0) -> torch.Tensor:
     """bool [Bp, Hp, Nq, Nk]: True where query i may attend key j. is_causal: False, True
-    (top-left: j <= i) or "bottom_right" (j <= i + Nk - Nq)."""
+    (top-left: j <= i) or "bottom_right" (j <= i + Nk - Nq). window_size (left, right),
+    flash-attn's convention (-1 unbounded), centred on the top-left diagonal when is_causal is
+    True and on the bottom-right one otherwise; the first ``sink_tokens`` keys stay visible."""
     rows = torch.arange(query_len, device=pattern4d.device) // block_size
     cols = torch.arange(key_len, device=pattern4d.device) // block_size
     mask = pattern4d.bool()[:, :, rows][:, :, :, cols]
@@ -24,6 +26,13 @@ def token_mask(pattern4d: torch.Tensor, query_len: int, key_len: int, block_size
         j = torch.arange(key_len, device=pattern4d.device)[None, :]
         offset = key_len - query_len if is_causal == "bottom_right" else 0
         mask = mask & (j <= i + offset)
+    left, right = window_size
+    if left >= 0 or right >= 0:
+        i = torch.arange(query_len, device=pattern4d.device)[:, None]
+        j = torch.arange(key_len, device=pattern4d.device)[None, :]
+        d = j - i - (0 if is_causal is True else key_len - query_len)
+        inside = ((d >= -left) | (left < 0)) & ((d <= right) | (right < 0))
+        mask = mask & (inside | (j < sink_tokens))
     return mask
 
 
@@ -35,7 +44,8 @@ def as_4d(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int) 
     return pattern
 
 
-def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, dtype=None):
+def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, dtype=None,
+                    window_size=(-1, -1), sink_tokens=0):
     """Returns (y, lse) computed densely in `dtype` (default float64).
 
     Fully masked rows give y = 0 and lse = -inf. q/k/v are [B, H, N, D].
@@ -43,7 +53,8 @@ def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, d
     dtype = dtype or torch.float64
     Nq, Nk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mask = token_mask(as_4d(pattern, Nq, Nk, block_size), Nq, Nk, block_size, is_causal)
+    mask = token_mask(as_4d(pattern, Nq, Nk, block_size), Nq, Nk, block_size, is_causal,
+                      window_size, sink_tokens)
     qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
     s = (qd @ kd.transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))

@@ -106,24 +106,30 @@ def causal_arg(is_causal) -> str:
     return {False: "none", True: "top_left"}.get(is_causal, is_causal)
 
 
-def _plan(q, k, v, block_size, scale, causal: str, backend) -> SdpaBlockSparsePlan:
+def _plan(q, k, v, block_size, scale, causal: str, backend, window_left=-1, window_right=-1,
+          sink_tokens=0) -> SdpaBlockSparsePlan:
     is_causal = False if causal == "none" else causal
-    desc = SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=block_size, scale=scale,
-                                                  is_causal=is_causal)
+    desc = SdpaBlockSparseDescriptor.from_tensors(
+        q, k, v, block_size=block_size, scale=scale, is_causal=is_causal,
+        window_size=(window_left, window_right), sink_tokens=sink_tokens)
     return plan_for(desc, q.device, backend or None)
 
 
 @torch.library.custom_op("baracuda::block_sparse_attention", mutates_args=())
 def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               pattern: torch.Tensor, block_size: int, scale: float,
-                              is_causal: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                              is_causal: str, backend: str, window_left: int = -1,
+                              window_right: int = -1, sink_tokens: int = 0
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, lse) for a validated problem; pattern is a checked bool/uint8 [Bp, Hp, nq, nk]."""
-    plan = _plan(q, k, v, block_size, scale, is_causal, backend)
+    plan = _plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
+                 sink_tokens)
     return attention_forward(plan, q, k, v, plan.block_lists(pattern))
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, pattern, block_size, scale, is_causal, backend):
+def _(q, k, v, pattern, block_size, scale, is_causal, backend, window_left=-1, window_right=-1,
+      sink_tokens=0):
     lse_dtype = accumulator_dtype(q.dtype)
     y = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     return y, q.new_empty(q.shape[:-1], dtype=lse_dtype)
@@ -134,9 +140,11 @@ def block_sparse_attention_backward_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor, lse: torch.Tensor,
         dy: Optional[torch.Tensor], dlse: Optional[torch.Tensor], pattern: torch.Tensor,
         block_size: int, scale: float, is_causal: str, backend: str, need_dq: bool,
-        need_dkdv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        need_dkdv: bool, window_left: int = -1, window_right: int = -1,
+        sink_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient that is not needed comes back as an empty tensor."""
-    plan = _plan(q, k, v, block_size, scale, is_causal, backend)
+    plan = _plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
+                 sink_tokens)
     grads = attention_backward(plan, plan.block_lists(pattern), q, k, v, y, lse, dy, dlse,
                                (need_dq, need_dkdv, need_dkdv))
     return tuple(q.new_empty(0) if g is None else g for g in grads)
@@ -144,7 +152,7 @@ def block_sparse_attention_backward_op(
 
 @block_sparse_attention_backward_op.register_fake
 def _(q, k, v, y, lse, dy, dlse, pattern, block_size, scale, is_causal, backend, need_dq,
-      need_dkdv):
+      need_dkdv, window_left=-1, window_right=-1, sink_tokens=0):
     def grad(ref, needed):
         return torch.empty_like(ref, memory_format=torch.contiguous_format) if needed \
             else q.new_empty(0)
@@ -163,20 +171,23 @@ block_sparse_attention_backward_op.register_autograd(_refuse, setup_context=_kee
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pattern, block_size, scale, is_causal, backend = inputs
+    q, k, v, pattern, block_size, scale, is_causal, backend, *window = inputs
     y, lse = output
     ctx.save_for_backward(q, k, v, y, lse, pattern)
     ctx.static = (block_size, scale, is_causal, backend)
+    ctx.window = tuple(window)  # (window_left, window_right, sink_tokens) as given
 
 
 def _backward(ctx, dy, dlse):
     q, k, v, y, lse, pattern = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
     dq, dk, dv = block_sparse_attention_backward_op(q, k, v, y, lse, dy, dlse, pattern,
-                                                    *ctx.static, need_q, need_k or need_v)
-    # One gradient per op input: q, k, v, then none for pattern and the four static arguments.
+                                                    *ctx.static, need_q, need_k or need_v,
+                                                    *ctx.window)
+    # One gradient per op input: q, k, v, then none for the pattern, the four static
+    # arguments and the window arguments that were passed.
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-            None, None, None, None, None)
+            None, None, None, None, None) + (None,) * len(ctx.window)
 
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -23,18 +23,20 @@ from typing import Optional
 
 import torch
 
-from ..common.problem import causal_offset
+from ..common.problem import WindowRule, causal_offset
 
 SKIP, FULL, PARTIAL = 0, 1, 2
 
 
 def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int,
-                    is_causal: bool) -> torch.Tensor:
-    """Class of every block cell.
+                    is_causal: bool, window: Optional[WindowRule] = None) -> torch.Tensor:
+    """Class of every block cell, exact for the token rule: FULL when the rule allows every
+    pair of the block, SKIP when it allows none (or the pattern is off), PARTIAL otherwise.
 
     Args:
         pattern: bool ``[Bp, Hp, nq, nk]`` (already canonical, see ``canonical_pattern``).
         is_causal: False, True (top-left) or "bottom_right" (see common.problem.causal_mode).
+        window: a sliding window with sink tokens (common.problem.WindowRule) or None.
     Returns:
         int8 ``[Bp, Hp, nq, nk]`` with values SKIP, FULL, PARTIAL.
     """
@@ -56,9 +58,35 @@ def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_s
         alive = k_first[None, :] <= q_last[:, None] + off          # some pair survives
         fully_allowed = k_last[None, :] <= q_first[:, None] + off  # every pair survives
         partial = partial | ~fully_allowed
+    if window is not None:
+        alive_w, full_w = _window_blocks(window, is_causal, query_len, key_len, block_size,
+                                         nq, k_first, k_last)
+        alive, partial = alive & alive_w, partial | ~full_w
     cls = torch.where(partial, PARTIAL, FULL).to(torch.int8)
     cls = torch.where(alive, cls, torch.zeros_like(cls))
     return torch.where(pattern, cls, torch.zeros_like(cls))
+
+
+def _window_blocks(window: WindowRule, is_causal, query_len: int, key_len: int,
+                   block_size: int, nq: int, k_first: torch.Tensor, k_last: torch.Tensor):
+    """(some pair allowed, every pair allowed) per block [nq, nk] under the window (and the
+    causal rule). Row i allows keys [0, S) and [lo_i, hi_i] (both cut at hi_i when causal),
+    so each row's test is a pair of interval comparisons; rows are then reduced per block
+    (O(Nq * nk) comparisons, no Nq x Nk tensor)."""
+    dev = k_first.device
+    i = torch.arange(nq * block_size, device=dev, dtype=torch.int64)
+    hi = i + window.hi
+    if is_causal:
+        hi = torch.minimum(hi, i + causal_offset(is_causal, query_len, key_len))
+    lo, hi = (i + window.lo)[:, None], hi[:, None]
+    j0, j1 = k_first[None, :], k_last[None, :]
+    sink_hi = torch.minimum(torch.minimum(j1, torch.full_like(j1, window.sinks - 1)), hi)
+    some = (torch.maximum(j0, lo) <= torch.minimum(j1, hi)) | (j0 <= sink_hi)
+    every = (j1 <= hi) & ((j0 >= lo) | (lo <= window.sinks))
+    real = (i < query_len)[:, None]  # rows past Nq: no pair, and no veto on FULL
+    some, every = some & real, every | ~real
+    nk = k_first.shape[0]
+    return (some.view(nq, block_size, nk).any(1), every.view(nq, block_size, nk).all(1))
 
 
 def _compact(block_class: torch.Tensor):
@@ -109,23 +137,24 @@ class BlockLists:
 
     @classmethod
     def build(cls, pattern: torch.Tensor, query_len: int, key_len: int, block_size: int,
-              is_causal: bool, *, use_triton: bool = False) -> "BlockLists":
+              is_causal: bool, *, use_triton: bool = False,
+              window: Optional[WindowRule] = None) -> "BlockLists":
         """Lists of a canonical pattern (bool or uint8 ``[Bp, Hp, nq, nk]``, any strides).
 
         ``use_triton``: one Triton launch builds both directions (triton_lists.py; no host
         synchronisation, capturable in a CUDA graph). Otherwise a chain of torch ops that
         also keeps ``block_class`` (what the reference backend needs).
         """
-        if use_triton and causal_offset(is_causal, query_len, key_len) == 0:
+        if use_triton and window is None and causal_offset(is_causal, query_len, key_len) == 0:
             # (The Triton builder reasons in whole block indices, which holds for a diagonal
-            # through block corners; a bottom-right diagonal with Nq != Nk takes the torch
-            # ops below, which are as exact and also free of host syncs.)
+            # through block corners; a bottom-right diagonal with Nq != Nk or a window takes
+            # the torch ops below, which are as exact and also free of host syncs.)
             from .triton_lists import build_block_lists_triton
             return cls(*build_block_lists_triton(pattern, query_len, key_len, block_size,
                                                  is_causal))
         if pattern.dtype != torch.bool:
             pattern = pattern != 0  # uint8: non-zero = active
-        block_class = classify_blocks(pattern, query_len, key_len, block_size, is_causal)
+        block_class = classify_blocks(pattern, query_len, key_len, block_size, is_causal, window)
         return cls(*_compact(block_class), *_compact(block_class.transpose(-1, -2)),
                    block_class=block_class)
 

@@ -8,7 +8,8 @@ from typing import Any, Optional
 import torch
 
 from ...core import ElementKind, InvalidProblem
-from ..common.problem import AttentionProblem, qkv_dims
+from ..common.problem import (AttentionProblem, WindowRule, check_window, qkv_dims,
+                              window_rule)
 
 
 def kernel_block_size(block_size: int, query_len: int, key_len: int) -> int:
@@ -34,6 +35,10 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
         scale: softmax scale; None means 1/sqrt(d_k).
         is_causal: query i attends key j only when j <= i (top-left aligned).
         element: dtype of q, k, v, y (an ElementKind, a torch.dtype or a name like 'bf16').
+        window_size: (left, right) sliding window in tokens, flash-attn's convention (-1 =
+            unbounded): query i sees keys j with -left <= j - i - off <= right, off = 0 when
+            is_causal is True (top-left) else Nk - Nq; exact per token.
+        sink_tokens: the first keys every query sees besides its window (with a window).
         num_kv_heads: Hkv, heads of k and v (None: H). Grouped-query attention when
             1 < H / Hkv (MQA when Hkv = 1): query head h reads K/V head h // (H // Hkv), as
             in torch SDPA's ``enable_gqa=True`` and flash-attn. H must be a multiple of Hkv.
@@ -50,9 +55,14 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
     is_causal: bool = False
     element: ElementKind = ElementKind.BF16
     num_kv_heads: Optional[int] = None
+    window_size: tuple = (-1, -1)
+    sink_tokens: int = 0
 
     def __post_init__(self):
         self._validate(extra_extents=("block_size",))
+        window, sinks = check_window(self.window_size, self.sink_tokens)
+        object.__setattr__(self, "window_size", window)
+        object.__setattr__(self, "sink_tokens", sinks)
         if self.block_size < 1:
             raise InvalidProblem(
                 f"block_size is {self.block_size}; expected an int >= 1 (e.g. 64 or 128).")
@@ -66,17 +76,25 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
         return -(-self.key_len // self.block_size)
 
     @property
+    def window(self) -> Optional[WindowRule]:
+        """The token window the kernels apply (None: no window); see ``window_rule``."""
+        return window_rule(self.window_size, self.sink_tokens, self.is_causal,
+                           self.query_len, self.key_len)
+
+    @property
     def kernel_block_size(self) -> int:
         """The block size the kernels and lists work with (see ``kernel_block_size``)."""
         return kernel_block_size(self.block_size, self.query_len, self.key_len)
 
     @classmethod
     def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
-                     scale: Optional[float] = None, is_causal: bool = False):
+                     scale: Optional[float] = None, is_causal: bool = False,
+                     window_size: tuple = (-1, -1), sink_tokens: int = 0):
         """Descriptor for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv] (H % Hkv == 0)."""
         B, H, Hkv, Nq, Nk, Dk, Dv = qkv_dims(q, k, v)
         return cls(B, H, Nq, Nk, Dk, Dv, block_size, scale, is_causal,
-                   ElementKind.from_torch(q.dtype), num_kv_heads=Hkv)
+                   ElementKind.from_torch(q.dtype), num_kv_heads=Hkv,
+                   window_size=tuple(window_size), sink_tokens=sink_tokens)
 
 
 @dataclass

@@ -20,7 +20,9 @@ from .validation import canonical_pattern, check_qkv
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_pattern, *,
                            block_size: Optional[int] = None, is_causal=None,
                            scale: Optional[float] = None, return_lse: bool = False,
-                           backend: Optional[str] = None, deterministic: Optional[bool] = None):
+                           backend: Optional[str] = None, deterministic: Optional[bool] = None,
+                           window_size: Optional[tuple] = None,
+                           sink_tokens: Optional[int] = None):
     """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
 
     y = softmax(scale * q @ k^T + mask) @ v, where mask is -inf outside the active blocks of
@@ -49,6 +51,15 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             keys, flash-attn's convention: a KV cache, chunked prefill, decode with Nq = 1).
             The two agree when Nq == Nk. None (default) takes the BlockPattern's
             ``is_causal`` (False for raw tensors).
+        window_size: (left, right) sliding window in tokens, flash-attn's convention (-1 =
+            unbounded on that side): query i sees key j only when
+            -left <= j - i - off <= right, with off = 0 for is_causal=True (top-left) and
+            Nk - Nq otherwise (bottom-right, as flash-attn). Exact per token (blocks the
+            window cuts are masked, blocks it empties skipped); ANDed with the pattern and
+            the causal rule. None: (-1, -1), or the PreparedPattern's.
+        sink_tokens: with a window, the first ``sink_tokens`` keys stay visible to every
+            query (still subject to the causal rule; StreamingLLM's attention sinks).
+            None: 0, or the PreparedPattern's.
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.
@@ -82,7 +93,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         >>> y = block_sparse_attention(q8, k2, k2, pattern, block_size=64)
     """
     if isinstance(block_pattern, PreparedPattern):
-        block_size, is_causal = _from_prepared(block_pattern, block_size, is_causal)
+        block_size, is_causal, window_size, sink_tokens = _from_prepared(
+            block_pattern, block_size, is_causal, window_size, sink_tokens)
     if block_size is None:
         block_size = getattr(block_pattern, "block_size", None)
         if block_size is None:
@@ -91,8 +103,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     if is_causal is None:
         is_causal = bool(getattr(block_pattern, "is_causal", False))
     q, k, v, no_autocast = autocast_inputs(q, k, v)
-    desc = SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=block_size, scale=scale,
-                                                  is_causal=is_causal)
+    desc = SdpaBlockSparseDescriptor.from_tensors(
+        q, k, v, block_size=block_size, scale=scale, is_causal=is_causal,
+        window_size=(-1, -1) if window_size is None else window_size,
+        sink_tokens=sink_tokens or 0)
     device = check_qkv(desc, q, k, v)
     if backend is not None and not isinstance(backend, str):
         backend = backend.value  # a BackendKind
@@ -105,7 +119,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                 pattern = canonical_pattern(desc, block_pattern, device)
             y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size,
                                                desc.softmax_scale, causal_arg(desc.is_causal),
-                                               backend or "")
+                                               backend or "", *desc.window_size,
+                                               desc.sink_tokens)
         else:
             if not backend and not return_lse and isinstance(block_pattern, PreparedPattern):
                 block_pattern.check_matches(desc, device)
@@ -119,15 +134,18 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     return (y, lse) if return_lse else y
 
 
-def _from_prepared(prepared: PreparedPattern, block_size, is_causal):
-    """A PreparedPattern fixes block_size and is_causal; explicit values must agree."""
+def _from_prepared(prepared: PreparedPattern, block_size, is_causal, window_size, sink_tokens):
+    """A PreparedPattern fixes block_size, is_causal and the window; explicit values must
+    agree."""
     for name, given, own in (("block_size", block_size, prepared.block_size),
-                             ("is_causal", is_causal, prepared.is_causal)):
-        if given is not None and given != own:
+                             ("is_causal", is_causal, prepared.is_causal),
+                             ("window_size", window_size, prepared.window_size),
+                             ("sink_tokens", sink_tokens, prepared.sink_tokens)):
+        if given is not None and (tuple(given) if name == "window_size" else given) != own:
             raise InvalidProblem(
                 f"{name}={given} was passed with a PreparedPattern prepared for {name}={own}; "
                 f"expected them to agree. Leave {name} out, or prepare the pattern again.")
-    return prepared.block_size, prepared.is_causal
+    return prepared.block_size, prepared.is_causal, prepared.window_size, prepared.sink_tokens
 
 
 def _tracing(q: torch.Tensor) -> bool:

@@ -113,9 +113,10 @@ class SdpaBlockSparsePlan(Plan):
             pattern = torch.ones(1, 1, desc.num_blocks_q, desc.num_blocks_k, dtype=torch.bool,
                                  device=self._device)
             lists = BlockLists.build(pattern, desc.query_len, desc.key_len,
-                                     desc.kernel_block_size, desc.is_causal)
+                                     desc.kernel_block_size, desc.is_causal, window=desc.window)
             return autotune_forward_config(q, k, v, lists, block_size=desc.kernel_block_size,
                                            scale=desc.softmax_scale, is_causal=desc.is_causal,
+                                           window=desc.window,
                                            allow_tf32=self._allow_tf32)
         return triton_configs.default_forward_config(desc.d_k, max(desc.d_v, 1), dtype,
                                                      desc.kernel_block_size,
@@ -170,6 +171,7 @@ class SdpaBlockSparsePlan(Plan):
         d = self._desc
         return PreparedPattern.build(pattern, query_len=d.query_len, key_len=d.key_len,
                                      block_size=d.block_size, is_causal=d.is_causal,
+                                     window_size=d.window_size, sink_tokens=d.sink_tokens,
                                      device=self._device)
 
     def block_lists(self, block_pattern) -> BlockLists:
@@ -186,7 +188,8 @@ class SdpaBlockSparsePlan(Plan):
         d = self._desc
         with self.device_guard():
             return BlockLists.build(pattern, d.query_len, d.key_len, d.kernel_block_size,
-                                    d.is_causal, use_triton=self._backend is BackendKind.TRITON)
+                                    d.is_causal, use_triton=self._backend is BackendKind.TRITON,
+                                    window=d.window)
 
     # ---------------------------------------------------------------- checks
     def can_implement(self, args: SdpaBlockSparseArgs) -> bool:
@@ -240,7 +243,7 @@ class SdpaBlockSparsePlan(Plan):
             # No value columns, but the scores (and so lse) exist: run on one zero column.
             v, y_out, y = v.new_zeros(v.shape[:-1] + (1,)), y, y.new_empty(y.shape[:-1] + (1,))
         kwargs = dict(block_size=d.kernel_block_size, scale=d.softmax_scale,
-                      is_causal=d.is_causal, y=y, lse=lse)
+                      is_causal=d.is_causal, y=y, lse=lse, window=d.window)
         with self.device_guard():
             if self._backend is BackendKind.TRITON:
                 from .triton_fwd import block_sparse_attention_forward_triton
@@ -307,7 +310,8 @@ class SdpaBlockSparsePlan(Plan):
             dy_run = dy.new_zeros(dy.shape[:-1] + (1,))
             dv_run = torch.empty_like(v_run) if need_dkdv else None
         kwargs = dict(block_size=d.kernel_block_size, scale=d.softmax_scale,
-                      is_causal=d.is_causal, dq=dq, dk=dk, dv=dv_run, dlse=dlse)
+                      is_causal=d.is_causal, dq=dq, dk=dk, dv=dv_run, dlse=dlse,
+                      window=d.window)
         with self.device_guard():
             if self._backend is BackendKind.TRITON:
                 from .triton_bwd import block_sparse_attention_backward_triton

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ...core import InvalidProblem, resolve_device
-from ..common.problem import causal_mode
+from ..common.problem import causal_mode, check_window, window_rule
 from .block_lists import BlockLists
 from .descriptor import kernel_block_size
 from ..patterns.checks import check_int
@@ -45,18 +45,21 @@ class PreparedPattern:
     """
 
     __slots__ = ("mask", "lists", "block_size", "query_len", "key_len", "is_causal", "device",
-                 "description")
+                 "description", "window_size", "sink_tokens")
 
     def __init__(self, mask: torch.Tensor, lists: BlockLists, *, block_size: int, query_len: int,
-                 key_len: int, is_causal: bool, description: str = ""):
+                 key_len: int, is_causal: bool, description: str = "",
+                 window_size: tuple = (-1, -1), sink_tokens: int = 0):
         self.mask, self.lists = mask, lists
         self.block_size, self.query_len, self.key_len = block_size, query_len, key_len
         self.is_causal, self.device, self.description = is_causal, mask.device, description
+        self.window_size, self.sink_tokens = window_size, sink_tokens
 
     @classmethod
     def build(cls, pattern, *, query_len: Optional[int] = None, key_len: Optional[int] = None,
               block_size: Optional[int] = None, is_causal: Optional[bool] = None,
-              device=None) -> "PreparedPattern":
+              device=None, window_size: tuple = (-1, -1),
+              sink_tokens: int = 0) -> "PreparedPattern":
         """Prepare ``pattern`` (bool/uint8 ``[B|1, Hp, nq, nk]`` or ``[B|1, Hp, nq*nk]`` with Hp
         one per query head, one per K/V head or 1 (checked against q, k, v at use), or
         a BlockPattern, whose block_size / lengths / causality are used).
@@ -69,6 +72,9 @@ class PreparedPattern:
                 BlockPattern's, else False).
             device: where the attention will run (default: the pattern's device); the
                 pattern is copied there.
+            window_size, sink_tokens: the token window of the attention calls (see
+                ``block_sparse_attention``); blocks it empties are skipped, blocks it cuts
+                are masked per token.
         Raises:
             InvalidProblem for a missing or inconsistent geometry or a malformed pattern.
         """
@@ -109,20 +115,26 @@ class PreparedPattern:
         # The snapshot: a private bool copy on the target device (also detaches it from any
         # later in-place write by the caller).
         mask = view.to(device=device, dtype=torch.bool, copy=True).contiguous()
+        window_size, sink_tokens = check_window(window_size, sink_tokens)
+        window = window_rule(window_size, sink_tokens, is_causal, query_len, key_len)
         lists = BlockLists.build(mask, query_len, key_len,
                                  kernel_block_size(block_size, query_len, key_len),
-                                 is_causal).measured()
+                                 is_causal, window=window).measured()
         return cls(mask, lists, block_size=block_size, query_len=query_len, key_len=key_len,
-                   is_causal=is_causal, description=description)
+                   is_causal=is_causal, description=description, window_size=window_size,
+                   sink_tokens=sink_tokens)
 
     # ------------------------------------------------------------------ use
     def check_matches(self, desc, device: torch.device) -> None:
         """InvalidProblem unless this was prepared for ``desc``'s geometry on ``device``."""
-        got = (self.block_size, self.query_len, self.key_len, self.is_causal)
-        want = (desc.block_size, desc.query_len, desc.key_len, desc.is_causal)
+        got = (self.block_size, self.query_len, self.key_len, self.is_causal, self.window_size,
+               self.sink_tokens)
+        want = (desc.block_size, desc.query_len, desc.key_len, desc.is_causal, desc.window_size,
+                desc.sink_tokens)
         if got != want:
             raise InvalidProblem(
-                f"PreparedPattern was prepared for (block_size, query_len, key_len, is_causal) = "
+                f"PreparedPattern was prepared for (block_size, query_len, key_len, is_causal, "
+                f"window_size, sink_tokens) = "
                 f"{got}; the problem is {want}. Prepare the pattern for this problem "
                 f"(plan.prepare(pattern) or prepare_pattern(..., query_len=..., is_causal=...)).")
         if self.device != device:
@@ -154,7 +166,8 @@ class PreparedPattern:
 
 def prepare_pattern(pattern, *, query_len: Optional[int] = None, key_len: Optional[int] = None,
                     block_size: Optional[int] = None, is_causal: Optional[bool] = None,
-                    device=None) -> PreparedPattern:
+                    device=None, window_size: tuple = (-1, -1),
+                    sink_tokens: int = 0) -> PreparedPattern:
     """Prepare a block pattern once for many attention calls (see ``PreparedPattern.build``).
 
     >>> prep = prepare_pattern(mask, query_len=8192, block_size=128, is_causal=True,
@@ -162,4 +175,5 @@ def prepare_pattern(pattern, *, query_len: Optional[int] = None, key_len: Option
     >>> y = block_sparse_attention(q, k, v, prep)
     """
     return PreparedPattern.build(pattern, query_len=query_len, key_len=key_len,
-                                 block_size=block_size, is_causal=is_causal, device=device)
+                                 block_size=block_size, is_causal=is_causal, device=device,
+                                 window_size=window_size, sink_tokens=sink_tokens)

@@ -19,12 +19,12 @@ float32 for f16/bf16/f32 inputs and float64 for f64 inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 from ..common.numerics import accumulator_dtype
-from ..common.problem import causal_offset
+from ..common.problem import WindowRule, causal_offset
 from .block_lists import SKIP, BlockLists
 
 _GROUP_BUDGET = 1 << 22  # score-tile elements per group (16 MiB in float32)
@@ -111,15 +111,17 @@ def _gather(t: torch.Tensor, tokens: torch.Tensor, acc) -> torch.Tensor:
 
 
 def _allowed(g: _Group, block_size: int, is_causal, rows_are_queries: bool,
-             offset: int) -> torch.Tensor:
+             offset: int, window: Optional[WindowRule]) -> torch.Tensor:
     """bool [G, bs, L]: which (row token, column token) pairs count; causal: key j <= query
-    i + offset (0 top-left, Nk - Nq bottom-right)."""
+    i + offset (0 top-left, Nk - Nq bottom-right); window: ``WindowRule.allows``."""
     rows = g.rows.view(g.cols.shape[0], block_size)
     ok = g.col_ok[:, None, :].expand(-1, block_size, -1)
+    q_tok, k_tok = (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
+        (g.cols[:, None, :], rows[:, :, None])
     if is_causal:
-        q_tok, k_tok = (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
-            (g.cols[:, None, :], rows[:, :, None])
         ok = ok & (k_tok <= q_tok + offset)
+    if window is not None:
+        ok = ok & window.allows(q_tok, k_tok)
     return ok
 
 
@@ -135,7 +137,8 @@ def _probs(scores, lse, allowed=None):
 
 
 def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, block_size: int,
-                                             scale: float, is_causal: bool, y, lse) -> None:
+                                             scale: float, is_causal: bool, y, lse,
+                                             window: Optional[WindowRule] = None) -> None:
     """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk],
     v [B,Hkv,Nk,Dv] (query head h reads K/V head h // (H // Hkv))."""
     acc = accumulator_dtype(q.dtype)
@@ -154,7 +157,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
             G = g.cols.shape[0]
             qt = _gather(qs, g.rows.view(G, block_size), acc)        # [b,hk,g,G,bs,Dk]
             s = torch.matmul(qt, _gather(ks, g.cols, acc).transpose(-1, -2)) * scale
-            s = s.masked_fill(~_allowed(g, block_size, is_causal, True, offset), float("-inf"))
+            s = s.masked_fill(~_allowed(g, block_size, is_causal, True, offset, window), float("-inf"))
             row_lse = torch.logsumexp(s, dim=-1)                     # [b,hk,g,G,bs]
             p = _probs(s, row_lse[..., None])  # masked scores are -inf: exp gives 0
             out = torch.matmul(p, _gather(vs, g.cols, acc)).flatten(3, 4)
@@ -166,7 +169,8 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
 
 def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockLists, *,
                                               block_size: int, scale: float, is_causal: bool,
-                                              dq, dk, dv, dlse=None) -> None:
+                                              dq, dk, dv, dlse=None,
+                                              window: Optional[WindowRule] = None) -> None:
     """Writes dq, dk, dv (shaped like q, k, v; None = not wanted, dk and dv go together) from
     the upstream gradients dy [B,H,Nq,Dv] and dlse [B,H,Nq] (None = 0), rebuilding
     probabilities from the forward's lse. With GQA, dk/dv of a K/V head sum the
@@ -201,7 +205,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             rows = g.rows.view(G, block_size)
             kt, vt = _gather(ks, g.cols, acc), _gather(vs, g.cols, acc)
             s = torch.matmul(_gather(qs, rows, acc), kt.transpose(-1, -2)) * scale
-            p = _probs(s, _gather_rows(ls, rows)[..., None], _allowed(g, block_size, is_causal, True, offset))
+            p = _probs(s, _gather_rows(ls, rows)[..., None], _allowed(g, block_size, is_causal, True, offset, window))
             dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
             dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
             out = (torch.matmul(dsc, kt) * scale).flatten(3, 4)
@@ -215,7 +219,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             qt, dyt = _gather(qs, g.cols, acc), _gather(dys, g.cols, acc)
             s_t = torch.matmul(_gather(ks, rows, acc), qt.transpose(-1, -2)) * scale
             p_t = _probs(s_t, _gather_rows(ls, g.cols)[..., None, :],
-                         _allowed(g, block_size, is_causal, False, offset))
+                         _allowed(g, block_size, is_causal, False, offset, window))
             dv_out = torch.matmul(p_t, dyt).sum(2).flatten(2, 3)
             dp_t = torch.matmul(_gather(vs, rows, acc), dyt.transpose(-1, -2))
             ds_t = p_t * (dp_t - _gather_rows(ds_, g.cols)[..., None, :])

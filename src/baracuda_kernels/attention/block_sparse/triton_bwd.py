@@ -47,7 +47,7 @@ import triton
 from baracuda_kernels.core import Unsupported
 
 from ..common.numerics import accumulator_dtype, head_dim_tile, list_strides, scale_args
-from ..common.problem import causal_offset
+from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import row_tile_descriptor, tma_fallback_reason
 from .triton_bwd_configs import (BackwardConfig, _tile, _warps, default_backward_config,
                                  short_row_backward_config)
@@ -67,6 +67,7 @@ def _bhn(t: torch.Tensor) -> tuple[int, int, int]:
 def block_sparse_attention_backward_triton(
     q, k, v, y, lse, dy, lists, *, block_size: int, scale: float, is_causal: bool,
     dq, dk, dv, dlse=None, allow_tf32: bool = False, config: BackwardConfig | None = None,
+    window: WindowRule | None = None,
 ) -> None:
     """Write dq, dk, dv of block-sparse attention (no host synchronisation, no atomics).
 
@@ -86,6 +87,7 @@ def block_sparse_attention_backward_triton(
         dlse: gradient of lse ``[B, H, Nq]`` (any strides) or None (zero).
         allow_tf32: let f32 dots use TF32 (ieee otherwise).
         config: tile override (pinned in tests/benchmarks); default per dtype and head dim.
+        window: the forward's sliding window with sink tokens (common.problem.WindowRule).
     """
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
@@ -118,7 +120,7 @@ def block_sparse_attention_backward_triton(
                           "fix: split the batch")
     # The caller (the plan) makes q's device current: Triton launches on the current device.
     _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
-            allow_tf32, cfg)
+            allow_tf32, cfg, window)
 
 
 # A work item counts as heavy when its list is this many times the mean list length.
@@ -177,7 +179,7 @@ def _looped_sources(want_tma: bool, a, b, rows: int, a_pad: int, b_pad: int):
 
 
 def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
-            allow_tf32, cfg: BackwardConfig) -> None:
+            allow_tf32, cfg: BackwardConfig, window: WindowRule | None) -> None:
     """The three launches (see the module docstring); inputs already checked."""
     B, H, Nq, Dk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -195,7 +197,8 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
     dlse_arg = lse if dlse is None else dlse  # never read when HAS_DLSE is False
     stats_args = (*_bhn(y), *_bhn(lse), *_bhn(dlse_arg))
     common = dict(BS=block_size, D_K=Dk, D_V=Dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                  IS_CAUSAL=bool(is_causal), IS_F64=is_f64, PRECISION=precision)
+                  IS_CAUSAL=bool(is_causal), HAS_WINDOW=window is not None, IS_F64=is_f64,
+                  PRECISION=precision)
     nq, nk = -(-Nq // block_size), -(-Nk // block_size)
 
     if dq is not None:  # dQ (which also writes delta and lse2) only when q needs a gradient
@@ -209,7 +212,8 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
             lists.kv_count, order, y, lse, dlse_arg, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy),
             *_bhn(dq), *list_strides(lists.kv_index, lists.kv_count), *stats_args,
             H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo, G, list_div, offset,
-            BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n, TILES_M=tiles_m, USE_TMA=tma,
+            *window_args(window), BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n,
+            TILES_M=tiles_m, USE_TMA=tma,
             HAS_DLSE=dlse is not None, **common,
             num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
             num_stages=cfg.q_stages)
@@ -233,7 +237,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
             q_arg, k, v, dy_arg, lse2, delta, dk, dv, q_index, q_count_full, q_count,
             order, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk), *_bhn(dv),
             *list_strides(q_index, q_count), H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo,
-            G, list_div, offset,
+            G, list_div, offset, *window_args(window),
             BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, USE_TMA=tma,
             GROUPED=G > 1, **common,
             num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
 from ..common.triton_tma import head_source
 from .triton_bwd_pieces import _list_step, _load_rows
 
@@ -19,11 +19,11 @@ from .triton_bwd_pieces import _list_step, _load_rows
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row, it_lo, it_hi,
-    stride_qn, stride_gn, offs_n, Nq, causal_offset, qk_scale, b32, h32,
+    stride_qn, stride_gn, offs_n, Nq, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
@@ -63,8 +63,10 @@ def _dkdv_inner(
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=dk.dtype)
         p_t = exp_base(qk_t * qk_scale - lse2[None, :], IS_F64)
         if MASKED:
-            if IS_CAUSAL:
-                p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+            if IS_CAUSAL or HAS_WINDOW:
+                p_t = tl.where(token_allowed(offs_m[None, :], offs_n[:, None], causal_offset,
+                                             win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW),
+                               p_t, 0.0)
         dv = tl.dot(p_t.to(dy.dtype), dy, dv, input_precision=PRECISION, out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -77,10 +79,10 @@ def _dkdv_one_head(
     dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-    b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, qk_scale,
+    b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, win_lo, win_hi, sinks, qk_scale,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     IS_F64: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Add query head h32's contribution to the dK, dV of one key tile: its FULL query
@@ -99,17 +101,18 @@ def _dkdv_one_head(
     delta_base = DELTA + rows_base
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, causal_offset,
-                         qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M,
-                         EVEN_M, IS_CAUSAL, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA)
+                         win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M,
+                         EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
-                         causal_offset, qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M,
-                         SUBS_M, EVEN_M, IS_CAUSAL, IS_F64, PRECISION, MASKED=True,
+                         causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M,
+                         SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True,
                          USE_TMA=USE_TMA)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET"])
+@triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
+                                     "WIN_LO", "WIN_HI", "SINKS"])
 def _bwd_dkdv_kernel(
     Q, K, V, DY, LSE2, DELTA, DK, DV,
     Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER,
@@ -121,12 +124,12 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_ib, stride_ih, stride_ir,
     stride_cb, stride_ch,
-    H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET,
+    H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, TILES_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
 ):
     """Grid (B*Hkv*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block
@@ -188,16 +191,16 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
                 stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                 stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-                b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, qk_scale,
-                BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, IS_F64,
+                b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale,
+                BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64,
                 PRECISION, USE_TMA)
     else:
         dk, dv = _dkdv_one_head(
             dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
             stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
             stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-            b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, qk_scale,
-            BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, IS_F64,
+            b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale,
+            BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64,
             PRECISION, USE_TMA)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_dk[None, :],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
 from ..common.triton_tma import head_source
 from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 
@@ -19,11 +19,11 @@ from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 @triton.jit
 def _dq_inner(
     dq, q, dy, lse2, delta, k_src, v_src, list_row, it_lo, it_hi,
-    stride_kn, stride_vn, offs_m, Nk, causal_offset, qk_scale, b32, h32,
+    stride_kn, stride_vn, offs_m, Nk, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles it_lo..it_hi of the block list.
@@ -53,8 +53,10 @@ def _dq_inner(
         p = exp_base(qk * qk_scale - lse2[:, None], IS_F64)
         if MASKED:
             allowed = col_ok[None, :]
-            if IS_CAUSAL:
-                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            if IS_CAUSAL or HAS_WINDOW:
+                allowed = allowed & token_allowed(offs_m[:, None], offs_n[None, :],
+                                                  causal_offset, win_lo, win_hi, sinks,
+                                                  IS_CAUSAL, HAS_WINDOW)
             p = tl.where(allowed, p, 0.0)
         elif not EVEN_N:
             p = tl.where(col_ok[None, :], p, 0.0)
@@ -64,7 +66,8 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET"])
+@triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
+                                     "WIN_LO", "WIN_HI", "SINKS"])
 def _bwd_dq_kernel(
     Q, K, V, DY, LSE2, DELTA, DQ,
     KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE,
@@ -78,12 +81,12 @@ def _bwd_dq_kernel(
     stride_yb, stride_yh, stride_yn,
     stride_lb, stride_lh, stride_ln,
     stride_db, stride_dh, stride_dn,
-    H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET,
+    H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr, TILES_M: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
@@ -149,13 +152,13 @@ def _bwd_dq_kernel(
     v_src = head_source(V, b, hk32.to(tl.int64), stride_vb, stride_vh, USE_TMA)
     b32 = bh // H
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
-                   stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, qk_scale, b32, hk32, BS,
-                   D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, IS_F64,
+                   stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, b32, hk32, BS,
+                   D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64,
                    PRECISION, MASKED=False, USE_TMA=USE_TMA)
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, n_full * SUBS_N,
-                   n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, qk_scale,
+                   n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale,
                    b32, hk32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N,
-                   IS_CAUSAL, IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA)
+                   IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
-from ..common.problem import causal_offset
+from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
 # Re-exported so that callers find the configs next to the launcher.
 from .triton_fwd_configs import ForwardConfig, default_forward_config  # noqa: F401
@@ -33,12 +33,14 @@ __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_fo
 
 @triton.jit
 def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_lo, it_hi,
-                   offs_m, stride_kn, stride_vn, Nk, causal_offset, qk_scale,
+                   offs_m, stride_kn, stride_vn, Nk, causal_offset, win_lo, win_hi, sinks,
+                   qk_scale,
                    D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
                    DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                    STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr,
-                   IS_F64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr,
                    USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr):
     """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
 
@@ -101,8 +103,9 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 
         if MASK_COLS:
             keep = col_ok[None, :]
-            if PARTIAL and IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            if PARTIAL and (IS_CAUSAL or HAS_WINDOW):
+                keep = keep & token_allowed(offs_m[:, None], offs_n[None, :], causal_offset,
+                                            win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW)
             # Scale before masking: -inf * 0 would be NaN for scale == 0.
             s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s_ij, 1))
@@ -142,7 +145,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 
 # Lengths and counts are not specialised (alignment of them never helps here), so a new
 # sequence length does not trigger a recompile; strides are, for vectorised loads.
-@triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET"])
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET",
+                                     "WIN_LO", "WIN_HI", "SINKS"])
 def _block_sparse_fwd_kernel(
     Q, K, V, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT,
     stride_qb, stride_qh, stride_qm,
@@ -152,12 +156,13 @@ def _block_sparse_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET,
+    H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SCALE_NONNEG: tl.constexpr,
+    IS_F64: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    WIDE_TILE: tl.constexpr,
     PACK_ROWS: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
@@ -231,13 +236,13 @@ def _block_sparse_fwd_kernel(
 
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, False, IS_CAUSAL, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
+        STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
         WIDE_TILE)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, True, IS_CAUSAL, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
+        STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
         WIDE_TILE)
 
     # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
@@ -262,7 +267,7 @@ def block_sparse_attention_forward_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists, *, block_size: int,
     scale: float, is_causal: bool, y: torch.Tensor, lse: torch.Tensor,
     config: ForwardConfig | None = None, allow_tf32: bool = False,
-    pack_gqa: bool | None = None,
+    pack_gqa: bool | None = None, window: WindowRule | None = None,
 ) -> None:
     """Launch the forward kernel; writes ``y`` and ``lse`` in place. No host synchronisation.
 
@@ -281,6 +286,8 @@ def block_sparse_attention_forward_triton(
             the TMA K/V path where ``triton_tma.tma_fallback_reason`` allows it, else the
             pointer path.
         allow_tf32: f32 inputs may use TF32 products (default: true f32).
+        window: a sliding window with sink tokens (common.problem.WindowRule) applied per
+            token in PARTIAL blocks (the lists must have been built with the same window).
         pack_gqa: pack the query heads of a GQA group into one tile (see ``pack_gqa_tiles``);
             None decides automatically, True packs wherever allowed, False never.
     """
@@ -348,11 +355,12 @@ def block_sparse_attention_forward_triton(
         sib, sih, idx.stride(2), idx.stride(3),
         scb, sch, cnt.stride(2),
         H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
-        causal_offset(is_causal, Nq, Nk),
+        causal_offset(is_causal, Nq, Nk), *window_args(window),
         D_K=d_k, D_V=d_v, DK_PAD=dk_pad, DV_PAD=dv_pad,
         BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn,
         TILES_PER_BLOCK=tiles_per_block, STEPS=-(-block_size // bn),
         EVEN_N=(block_size % bn == 0), IS_CAUSAL=bool(is_causal),
+        HAS_WINDOW=window is not None,
         SCALE_NONNEG=(scale >= 0), IS_F64=is_f64, DOT_PRECISION=precision, USE_TMA=use_tma,
         WIDE_TILE=wide_tile_offsets(bn, k.stride(2), v.stride(2), d_k, d_v),
         PACK_ROWS=pack_rows, num_warps=warps, num_stages=config.num_stages,

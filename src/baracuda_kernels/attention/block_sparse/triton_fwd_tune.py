@@ -41,7 +41,7 @@ def _time_config(run, cfg: ForwardConfig, reps: int) -> float:
 
 def autotune_forward_config(q, k, v, lists, *, block_size: int, scale: float,
                             is_causal: bool, allow_tf32: bool = False,
-                            reps: int = 5) -> ForwardConfig:
+                            reps: int = 5, window=None) -> ForwardConfig:
     """Pick the fastest candidate config for this problem by timing it once; cached.
 
     Runs at plan-select time (it synchronises the device). The cache key is the problem
@@ -66,7 +66,7 @@ def autotune_forward_config(q, k, v, lists, *, block_size: int, scale: float,
     def run(cfg):
         block_sparse_attention_forward_triton(
             q, k, v, lists, block_size=block_size, scale=scale, is_causal=is_causal,
-            y=y, lse=lse, config=cfg, allow_tf32=allow_tf32)
+            y=y, lse=lse, config=cfg, allow_tf32=allow_tf32, window=window)
 
     best, best_ms = None, math.inf
     for cfg in candidate_forward_configs(d_k, d_v, q.dtype, block_size, arch, allow_tf32):

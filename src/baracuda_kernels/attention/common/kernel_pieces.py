@@ -26,3 +26,19 @@ def exp_base(x, IS_F64: tl.constexpr):
     else:
         r = tl.exp2(x)
     return r
+
+
+@triton.jit
+def token_allowed(q_pos, k_pos, causal_offset, win_lo, win_hi, sinks,
+                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The token rule of a PARTIAL block, for broadcastable query / key positions: causal
+    (k - q <= causal_offset) AND window (win_lo <= k - q <= win_hi, or k < sinks). Call it
+    only when IS_CAUSAL or HAS_WINDOW (FULL blocks need no rule at all)."""
+    d = k_pos - q_pos
+    if IS_CAUSAL:
+        ok = d <= causal_offset
+        if HAS_WINDOW:
+            ok = ok & (((d >= win_lo) & (d <= win_hi)) | (k_pos < sinks))
+    else:
+        ok = ((d >= win_lo) & (d <= win_hi)) | (k_pos < sinks)
+    return ok

@@ -4,6 +4,8 @@ derived facts (softmax scale, group size, lse dtype, tensor shapes)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -45,6 +47,58 @@ def causal_offset(is_causal, query_len: int, key_len: int) -> int:
     """The diagonal of the causal rule: query i sees key j iff j <= i + offset (0 top-left,
     Nk - Nq bottom-right; meaningless when not causal, 0 then)."""
     return key_len - query_len if is_causal == "bottom_right" else 0
+
+
+UNBOUNDED = 1 << 30  # a window edge that never binds (positions stay below 2^30 + 2^30)
+
+
+@dataclass(frozen=True)
+class WindowRule:
+    """A sliding window with sink tokens, in key-minus-query offsets: query i sees key j iff
+    lo <= j - i <= hi, or j < sinks (the first keys stay visible), AND the causal rule.
+    Built by ``window_rule``; unbounded edges are -UNBOUNDED / UNBOUNDED."""
+
+    lo: int
+    hi: int
+    sinks: int
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """bool mask of the window rule alone for broadcastable query / key positions."""
+        d = j - i
+        return ((d >= self.lo) & (d <= self.hi)) | (j < self.sinks)
+
+
+def window_args(window: Optional[WindowRule]) -> tuple[int, int, int]:
+    """(lo, hi, sinks) as kernels take them; unused when window is None."""
+    return (window.lo, window.hi, window.sinks) if window is not None else (0, 0, 0)
+
+
+def check_window(window_size, sink_tokens) -> tuple[tuple[int, int], int]:
+    """Validated ((left, right), sinks): flash-attn's window_size convention, -1 = unbounded."""
+    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    if not ok:
+        raise InvalidProblem(
+            f"window_size is {window_size!r}; expected a pair (left, right) of ints >= -1 "
+            f"(-1 = unbounded on that side), e.g. (1023, 0) for a causal 1024-token window.")
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise InvalidProblem(f"sink_tokens is {sink_tokens!r}; expected an int >= 0 (the number "
+                             f"of first keys every query sees besides its window).")
+    return (int(window_size[0]), int(window_size[1])), int(sink_tokens)
+
+
+def window_rule(window_size, sink_tokens: int, is_causal, query_len: int,
+                key_len: int) -> Optional[WindowRule]:
+    """The window of ``window_size=(left, right)`` (flash-attn's convention, -1 = unbounded)
+    with ``sink_tokens``, or None when it restricts nothing. The window is centred on the
+    causal diagonal: top-left (j - i in [-left, right]) with is_causal=True, else
+    bottom-right as flash-attn (j - i - (Nk - Nq) in [-left, right])."""
+    left, right = window_size
+    if left < 0 and right < 0:
+        return None
+    off = 0 if is_causal is True else key_len - query_len
+    return WindowRule(off - left if left >= 0 else -UNBOUNDED,
+                      off + right if right >= 0 else UNBOUNDED, sink_tokens)
 
 
 def qkv_dims(q, k, v) -> tuple[int, int, int, int, int, int, int]:

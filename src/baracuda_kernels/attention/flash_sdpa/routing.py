@@ -44,6 +44,8 @@ def _all_active(prepared: PreparedPattern) -> bool:
         return False
     if prepared.is_causal == "bottom_right" and nq_ != nk_:
         return False  # a shifted diagonal: not what the library's is_causal computes
+    if tuple(prepared.window_size) != (-1, -1):
+        return False  # a token window: not dense attention
     bs = kernel_block_size(prepared.block_size, nq_, nk_)  # what the lists were built with
     reachable = nq * nk
     if prepared.is_causal:  # key block kb reachable from query block qb iff kb*bs <= its last row
