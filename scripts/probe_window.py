@@ -1,0 +1,43 @@
+"""Exact token window vs the coarsened block window: forward and step GPU time (graph
+replay) per computed block. bf16, B=2, H=16, D=128, N=8192, block 128, causal window of 1000
+tokens plus 4 sink keys.
+
+    PYTHONPATH=src python scripts/probe_window.py
+"""
+import torch
+
+import baracuda_kernels as bk
+from baracuda_kernels.patterns import sliding_window
+from probe_common import graph_ms
+
+B, H, N, D, BS = 2, 16, 8192, 128, 128
+
+
+def main():
+    print(torch.cuda.get_device_name(), flush=True)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    dy = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+    coarse = sliding_window(N, window=1000, block_size=BS, sinks=4, causal=True).to("cuda")
+    exact = bk.prepare_pattern(coarse.mask, query_len=N, block_size=BS, is_causal=True,
+                               window_size=(999, 0), sink_tokens=4)
+    variants = {"coarsened blocks": coarse.prepare(), "exact window": exact}
+    for name, prep in variants.items():
+        blocks = int(prep.lists.kv_count.sum())
+        full = int(prep.lists.kv_count_full.sum())
+
+        def fwd(prep=prep):
+            with torch.no_grad():
+                bk.block_sparse_attention(q, k, v, prep, backend="triton")
+
+        def step(prep=prep):
+            y = bk.block_sparse_attention(q, k, v, prep, backend="triton")
+            torch.autograd.grad(y, (q, k, v), dy)
+        f, s = graph_ms(fwd), graph_ms(step)
+        print(f"{name:<18} blocks {blocks:5d} (FULL {full:5d})  fwd {f:.3f} ms "
+              f"({f / blocks * 1e3:.3f} us/block)  step {s:.3f} ms ({s / blocks * 1e3:.3f} us/block)",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
