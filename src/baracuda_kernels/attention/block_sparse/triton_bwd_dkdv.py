@@ -23,8 +23,8 @@ def _dkdv_inner(
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
+    PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
 
@@ -82,7 +82,8 @@ def _dkdv_one_head(
     b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, win_lo, win_hi, sinks, qk_scale,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     IS_F64: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Add query head h32's contribution to the dK, dV of one key tile: its FULL query
@@ -101,13 +102,14 @@ def _dkdv_one_head(
     delta_base = DELTA + rows_base
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, causal_offset,
-                         win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M,
-                         EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA)
+                         win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK,
+                         BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64,
+                         PRECISION, MASKED=False, USE_TMA=USE_TMA)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
-                         causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M,
-                         SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True,
-                         USE_TMA=USE_TMA)
+                         causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V,
+                         BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW,
+                         IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA)
     return dk, dv
 
 
@@ -129,8 +131,8 @@ def _bwd_dkdv_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, TILES_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
 ):
     """Grid (B*Hkv*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block
     of one K/V head.
@@ -191,16 +193,20 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
                 stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                 stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-                b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale,
-                BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64,
+                b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
+                SINKS, qk_scale,
+                BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
+                HAS_WINDOW, IS_F64,
                 PRECISION, USE_TMA)
     else:
         dk, dv = _dkdv_one_head(
             dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
             stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
             stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
-            b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale,
-            BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64,
+            b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
+            qk_scale,
+            BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
+            HAS_WINDOW, IS_F64,
             PRECISION, USE_TMA)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_dk[None, :],

@@ -23,7 +23,8 @@ def _dq_inner(
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
+    PRECISION: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles it_lo..it_hi of the block list.
@@ -86,7 +87,8 @@ def _bwd_dq_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr, TILES_M: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
+    PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
@@ -152,13 +154,15 @@ def _bwd_dq_kernel(
     v_src = head_source(V, b, hk32.to(tl.int64), stride_vb, stride_vh, USE_TMA)
     b32 = bh // H
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
-                   stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, b32, hk32, BS,
-                   D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64,
-                   PRECISION, MASKED=False, USE_TMA=USE_TMA)
+                   stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
+                   qk_scale, b32, hk32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N,
+                   EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=False,
+                   USE_TMA=USE_TMA)
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, n_full * SUBS_N,
-                   n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale,
-                   b32, hk32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N,
-                   IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA)
+                   n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO,
+                   WIN_HI, SINKS, qk_scale, b32, hk32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N,
+                   SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True,
+                   USE_TMA=USE_TMA)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])

@@ -236,14 +236,14 @@ def _block_sparse_fwd_kernel(
 
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
-        WIDE_TILE)
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V,
+        DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW,
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V, DK_PAD, DV_PAD, BLOCK, BLOCK_N,
-        STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW, SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA,
-        WIDE_TILE)
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V,
+        DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW,
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE)
 
     # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
     # or inf in q or k) make l NaN: such a row is not "empty", its NaN reaches y and lse.
