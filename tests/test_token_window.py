@@ -11,8 +11,8 @@ import torch
 import baracuda_kernels as bk
 from baracuda_kernels.attention.block_sparse.block_lists import classify_blocks
 from baracuda_kernels.attention.common.problem import window_rule
-from cases import ALL_DTYPES, DEVICE, HAS_CUDA, nblocks
-from oracle import assert_matches_oracle, dense_attention, token_mask
+from cases import ALL_DTYPES, HAS_CUDA, check_token_rule, nblocks
+from oracle import dense_attention, token_mask
 
 # (Nq, Nk, bs, is_causal, window_size, sink_tokens)
 CASES = [(70, 70, 16, True, (20, 0), 0), (70, 70, 16, True, (37, 0), 5),
@@ -20,43 +20,12 @@ CASES = [(70, 70, 16, True, (20, 0), 0), (70, 70, 16, True, (37, 0), 5),
          (75, 30, 16, False, (-1, 4), 0), (1, 90, 32, "bottom_right", (40, 0), 4)]
 
 
-def _check(backend, dtype, Nq, Nk, bs, causal, window, sinks, *, H=4, Hkv=2, B=1, seed=0,
-           prepared=False):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = (torch.randn(B, H, Nq, 16, generator=gen) * 2).to(DEVICE, dtype).requires_grad_()
-    k = torch.randn(B, Hkv, Nk, 16, generator=gen).to(DEVICE, dtype).requires_grad_()
-    v = torch.randn(B, Hkv, Nk, 24, generator=gen).to(DEVICE, dtype).requires_grad_()
-    p = (torch.rand(B, 1, nblocks(Nq, bs), nblocks(Nk, bs), generator=gen) < 0.85).to(DEVICE)
-    rule = dict(is_causal=causal, window_size=window, sink_tokens=sinks)
-    if prepared:
-        pattern = bk.prepare_pattern(p, query_len=Nq, key_len=Nk, block_size=bs, **rule)
-        y, lse = bk.block_sparse_attention(q, k, v, pattern, backend=backend, return_lse=True)
-    else:
-        y, lse = bk.block_sparse_attention(q, k, v, p, block_size=bs, backend=backend,
-                                           return_lse=True, **rule)
-    dy = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
-    grads = torch.autograd.grad(y, (q, k, v), dy)
-
-    def oracle(dt):
-        qx, kx, vx = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
-        G = H // Hkv
-        yo, lo = dense_attention(qx, kx.repeat_interleave(G, 1), vx.repeat_interleave(G, 1), p,
-                                 bs, causal, dtype=dt, window_size=window, sink_tokens=sinks)
-        return yo, lo, torch.autograd.grad(yo, (qx, kx, vx), dy.to(yo.dtype))
-    y64, lse64, g64 = oracle(torch.float64)
-    ys, lses, gs = oracle(dtype)
-    assert_matches_oracle(y, y64, ys)
-    assert_matches_oracle(lse, lse64, lses, what="lse")
-    for name, g, r, s in zip(("dq", "dk", "dv"), grads, g64, gs):
-        assert_matches_oracle(g, r, s, factor=3.0, what=name)
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("Nq,Nk,bs,causal,window,sinks", CASES)
 def test_window_matches_oracle_cpu(backend, Nq, Nk, bs, causal, window, sinks):
     if HAS_CUDA:
         pytest.skip("the GPU grid below covers this")
-    _check(backend, torch.float32 if backend == "triton" else torch.float64, Nq, Nk, bs, causal,
+    check_token_rule(backend, torch.float32 if backend == "triton" else torch.float64, Nq, Nk, bs, causal,
            window, sinks, prepared=(sinks == 5))
 
 
@@ -67,7 +36,7 @@ def test_window_matches_oracle_cpu(backend, Nq, Nk, bs, causal, window, sinks):
     (1000, 1000, 128, True, (300, 0), 4), (1000, 1000, 64, False, (100, 100), 0),
     (256, 1000, 128, "bottom_right", (500, 0), 4), (1, 1000, 128, "bottom_right", (200, 0), 4)])
 def test_window_matches_oracle_gpu(backend, dtype, Nq, Nk, bs, causal, window, sinks):
-    _check(backend, dtype, Nq, Nk, bs, causal, window, sinks, H=8, Hkv=2, B=2,
+    check_token_rule(backend, dtype, Nq, Nk, bs, causal, window, sinks, H=8, Hkv=2, B=2,
            prepared=(Nq == 256))
 
 
