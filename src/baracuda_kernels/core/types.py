@@ -59,6 +59,12 @@ class ElementKind(enum.Enum):
         )
 
     @property
+    def math_precision(self) -> "MathPrecision":
+        """Precision of the products of a kernel that multiplies this element as it is (no
+        TF32 or other reduced mode)."""
+        return MathPrecision(self.value)
+
+    @property
     def accumulator(self) -> "ElementKind":
         """Accumulation type used by every kernel of the library for this element."""
         return ElementKind.F64 if self is ElementKind.F64 else ElementKind.F32

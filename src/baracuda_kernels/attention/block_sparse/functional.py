@@ -8,13 +8,14 @@ import torch
 
 from ...core import InvalidProblem
 from ..common.autograd_pieces import autocast_inputs
+from ..common.problem import check_qkv
 from ..flash_sdpa.library_autograd import library_attention
 from ..flash_sdpa.routing import all_blocks_active, dense_route
 from .autograd import (BlockSparseAttentionFunction, block_sparse_attention_op, causal_arg,
                        plan_for)
 from .descriptor import SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
-from .validation import canonical_pattern, check_qkv
+from .validation import canonical_pattern
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_pattern, *,
@@ -122,10 +123,13 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                                                backend or "", *desc.window_size,
                                                desc.sink_tokens)
         else:
-            if not backend and not return_lse and isinstance(block_pattern, PreparedPattern):
+            # The dense route is asked only for a fully active prepared pattern (a memoised
+            # answer), so sparse calls pay nothing here; plan.block_lists checks the
+            # pattern's geometry on the other path.
+            if not backend and not return_lse and isinstance(block_pattern, PreparedPattern) \
+                    and all_blocks_active(block_pattern):
                 block_pattern.check_matches(desc, device)
-                dense = dense_route(desc, device, all_blocks_active(block_pattern),
-                                    deterministic)
+                dense = dense_route(desc, device, True, deterministic)
                 if dense is not None:
                     return library_attention(dense, q, k, v)
             plan = plan_for(desc, device, backend or None)

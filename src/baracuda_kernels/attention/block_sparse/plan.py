@@ -11,16 +11,15 @@ from ...core import (ArchSku, BackendKind, BackendRegistry, ElementKind, Invalid
                      PrecisionGuarantee, check_no_overlap, check_tensor, resolve_device)
 from ..common.backends import triton_unavailable_reason
 from ..common.kinds import AttentionKind
+from ..common.problem import check_outputs, check_qkv
 from .block_lists import BlockLists
 from .descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
 from .reference import (block_sparse_attention_backward_reference,
                         block_sparse_attention_forward_reference)
 from .triton_fwd_configs import SHORT_ROW_BLOCKS
-from .validation import canonical_pattern, check_outputs, check_qkv
+from .validation import canonical_pattern
 
-_MATH = {ElementKind.F16: MathPrecision.F16, ElementKind.BF16: MathPrecision.BF16,
-         ElementKind.F32: MathPrecision.F32, ElementKind.F64: MathPrecision.F64}
 
 # Who can run block-sparse attention: our Triton kernels (CUDA; the CPU interpreter only when
 # asked for), else the pure-PyTorch reference, which runs anything anywhere.
@@ -135,7 +134,7 @@ class SdpaBlockSparsePlan(Plan):
     @property
     def precision_guarantee(self) -> PrecisionGuarantee:
         element = self._desc.element
-        math = _MATH[element]
+        math = element.math_precision
         if element is ElementKind.F32 and self._allow_tf32 and self._backend is BackendKind.TRITON:
             math = MathPrecision.TF32
         return PrecisionGuarantee(math_precision=math, accumulator=element.accumulator,
@@ -149,16 +148,11 @@ class SdpaBlockSparsePlan(Plan):
                          ArchSku.from_device(self._device),
                          self._backend, self.precision_guarantee, config)
 
-    def workspace_size(self) -> int:
-        """Bytes of caller-provided workspace needed by run(): always 0 (lists are cached)."""
-        return 0
-
     def __repr__(self) -> str:
         d = self._desc
+        window = f", window={d.window_size}, sinks={d.sink_tokens}" if d.window else ""
         return (f"SdpaBlockSparsePlan(backend={self._backend.value}, device={self._device}, "
-                f"B={d.batch_size}, H={d.num_heads}, Hkv={d.num_kv_heads}, Nq={d.query_len}, Nk={d.key_len}, "
-                f"d_k={d.d_k}, d_v={d.d_v}, block_size={d.block_size}, causal={d.is_causal}, "
-                f"element={d.element.value})")
+                f"{d.problem_text()}, block_size={d.block_size}{window})")
 
     # ---------------------------------------------------------------- patterns
     def prepare(self, block_pattern) -> PreparedPattern:

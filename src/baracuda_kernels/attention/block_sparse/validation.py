@@ -10,27 +10,8 @@ from typing import Optional
 
 import torch
 
-from ...core import InvalidProblem, check_tensor
+from ...core import InvalidProblem
 from .descriptor import SdpaBlockSparseDescriptor
-
-
-def check_qkv(desc: SdpaBlockSparseDescriptor, q, k, v) -> torch.device:
-    dtype = desc.element.torch_dtype
-    if not isinstance(q, torch.Tensor):
-        raise InvalidProblem(f"q is a {type(q).__name__}; expected a torch.Tensor.")
-    device = q.device
-    check_tensor("q", q, desc.query_shape(), dtype, device)
-    check_tensor("k", k, desc.key_shape(), dtype, device)
-    check_tensor("v", v, desc.value_shape(), dtype, device)
-    return device
-
-
-def check_outputs(desc: SdpaBlockSparseDescriptor, device, y, lse) -> None:
-    if y is not None:
-        check_tensor("y", y, desc.output_shape(), desc.element.torch_dtype, device)
-    if lse is not None:
-        check_tensor("lse", lse, desc.lse_shape(), desc.lse_dtype, device,
-                     fix_dtype=f"lse is always {desc.lse_dtype} for {desc.element.torch_dtype} inputs.")
 
 
 def canonical_pattern(desc: SdpaBlockSparseDescriptor, pattern, device: Optional[torch.device]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ...core import ElementKind, InvalidProblem
+from ...core import ElementKind, InvalidProblem, check_tensor
 
 _EXTENTS = ("batch_size", "num_heads", "query_len", "key_len", "d_k", "d_v", "num_kv_heads")
 
@@ -172,6 +172,12 @@ class AttentionProblem:
         not empty: y has no columns, but lse (and its gradient) still have values."""
         return 0 in (self.batch_size, self.num_heads, self.query_len, self.key_len)
 
+    def problem_text(self) -> str:
+        """The problem in one line, for reprs and messages."""
+        return (f"B={self.batch_size}, H={self.num_heads}, Hkv={self.num_kv_heads}, "
+                f"Nq={self.query_len}, Nk={self.key_len}, d_k={self.d_k}, d_v={self.d_v}, "
+                f"causal={self.is_causal}, element={self.element.value}")
+
     def query_shape(self):
         return (self.batch_size, self.num_heads, self.query_len, self.d_k)
 
@@ -186,3 +192,25 @@ class AttentionProblem:
 
     def lse_shape(self):
         return (self.batch_size, self.num_heads, self.query_len)
+
+
+def check_qkv(desc: "AttentionProblem", q, k, v) -> torch.device:
+    """InvalidProblem unless q, k, v match ``desc`` (shapes, dtype, one device, unit last
+    stride); returns their device."""
+    dtype = desc.element.torch_dtype
+    if not isinstance(q, torch.Tensor):
+        raise InvalidProblem(f"q is a {type(q).__name__}; expected a torch.Tensor.")
+    device = q.device
+    check_tensor("q", q, desc.query_shape(), dtype, device)
+    check_tensor("k", k, desc.key_shape(), dtype, device)
+    check_tensor("v", v, desc.value_shape(), dtype, device)
+    return device
+
+
+def check_outputs(desc: "AttentionProblem", device, y, lse) -> None:
+    """InvalidProblem unless the preallocated y / lse (None: allocated later) match ``desc``."""
+    if y is not None:
+        check_tensor("y", y, desc.output_shape(), desc.element.torch_dtype, device)
+    if lse is not None:
+        check_tensor("lse", lse, desc.lse_shape(), desc.lse_dtype, device,
+                     fix_dtype=f"lse is always {desc.lse_dtype} for {desc.element.torch_dtype} inputs.")

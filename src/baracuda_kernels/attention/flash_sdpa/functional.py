@@ -20,7 +20,8 @@ from ..block_sparse.functional import block_sparse_attention
 from ..common.autograd_pieces import autocast_inputs
 from .descriptor import FlashSdpaDescriptor
 from .library_autograd import library_attention
-from .plan import FlashSdpaPlan, check_inputs
+from ..common.problem import check_qkv
+from .plan import FlashSdpaPlan
 from .torch_sdpa import determinism_requested
 
 _PLANS = PlanCache()  # (descriptor, device, backend, deterministic, need_lse) -> plan
@@ -60,7 +61,7 @@ def flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal=F
     """
     q, k, v, no_autocast = autocast_inputs(q, k, v)
     desc = FlashSdpaDescriptor.from_tensors(q, k, v, scale=scale, is_causal=is_causal)
-    device = check_inputs(desc, q, k, v)
+    device = check_qkv(desc, q, k, v)
     kind = BackendKind.coerce(backend)
     with no_autocast:
         plan = plan_for(desc, device, kind, deterministic, bool(return_lse))

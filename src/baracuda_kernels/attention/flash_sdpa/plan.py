@@ -39,19 +39,18 @@ from typing import Optional
 import torch
 
 from ...core import (ArchSku, BackendKind, BackendRegistry, ElementKind, InvalidProblem,
-                     KernelSku, MathPrecision, OpCategory, Plan, PlanPreference,
+                     KernelSku, OpCategory, Plan, PlanPreference,
                      PrecisionGuarantee, check_no_overlap, check_tensor, resolve_device)
 from ..block_sparse.descriptor import SdpaBlockSparseArgs
 from ..block_sparse.plan import SdpaBlockSparsePlan
 from ..block_sparse.prepared import PreparedPattern, prepare_pattern
 from ..common.backends import triton_unavailable_reason
 from ..common.kinds import AttentionKind
+from ..common.problem import check_outputs, check_qkv
 from .descriptor import FlashSdpaArgs, FlashSdpaDescriptor
 from .torch_sdpa import LIBRARY, library_unavailable_reason, torch_sdpa
 
 ALL_ACTIVE_BLOCK_SIZE = 128  # block of the all-active pattern the triton/reference path runs
-_MATH = {ElementKind.F16: MathPrecision.F16, ElementKind.BF16: MathPrecision.BF16,
-         ElementKind.F32: MathPrecision.F32, ElementKind.F64: MathPrecision.F64}
 
 
 # Who can run dense attention, in the order automatic selection asks them.
@@ -66,17 +65,6 @@ BACKENDS.register(BackendKind.TRITON, lambda desc, device, options, explicit:
                   triton_unavailable_reason(desc.d_k, desc.d_v, device, explicit), priority=10)
 BACKENDS.register(BackendKind.REFERENCE, lambda desc, device, options, explicit: None,
                   priority=20)
-
-
-def check_inputs(desc: FlashSdpaDescriptor, q, k, v) -> torch.device:
-    """InvalidProblem unless q, k, v match ``desc``; returns their device."""
-    if not isinstance(q, torch.Tensor):
-        raise InvalidProblem(f"q is a {type(q).__name__}; expected a torch.Tensor.")
-    dtype = desc.element.torch_dtype
-    check_tensor("q", q, desc.query_shape(), dtype, q.device)
-    check_tensor("k", k, desc.key_shape(), dtype, q.device)
-    check_tensor("v", v, desc.value_shape(), dtype, q.device)
-    return q.device
 
 
 class FlashSdpaPlan(Plan):
@@ -158,7 +146,7 @@ class FlashSdpaPlan(Plan):
         # select a nondeterministic algorithm", torch refuses cuDNN SDPA under
         # use_deterministic_algorithms (check_cudnn_deterministic in sdp_utils.cpp), and
         # flash-attn documents only its forward pass as always deterministic.
-        return PrecisionGuarantee(math_precision=_MATH[self._desc.element],
+        return PrecisionGuarantee(math_precision=self._desc.element.math_precision,
                                   accumulator=ElementKind.F32,
                                   bit_stable_on_same_hardware=False, deterministic=False)
 
@@ -180,9 +168,7 @@ class FlashSdpaPlan(Plan):
     def __repr__(self) -> str:
         d = self._desc
         return (f"FlashSdpaPlan(backend={self._backend.value}, device={self._device}, "
-                f"B={d.batch_size}, H={d.num_heads}, Hkv={d.num_kv_heads}, Nq={d.query_len}, "
-                f"Nk={d.key_len}, d_k={d.d_k}, d_v={d.d_v}, causal={d.is_causal}, "
-                f"element={d.element.value})")
+                f"{d.problem_text()})")
 
     # ---------------------------------------------------------------- checks
     def can_implement(self, args: FlashSdpaArgs) -> bool:
@@ -194,20 +180,17 @@ class FlashSdpaPlan(Plan):
         if not isinstance(args, FlashSdpaArgs):
             raise InvalidProblem(f"args is a {type(args).__name__}; expected FlashSdpaArgs.")
         d = self._desc
-        device = check_inputs(d, args.q, args.k, args.v)
+        device = check_qkv(d, args.q, args.k, args.v)
         if device != self._device:
             raise InvalidProblem(f"q is on {device}; this plan was selected for {self._device}. "
                                  f"Select a plan with device={device}.")
-        if args.y is not None:
-            check_tensor("y", args.y, d.output_shape(), d.element.torch_dtype, device)
-        if args.lse is not None:
-            if not self.computes_lse:
-                raise InvalidProblem(
-                    f"lse was passed, but this plan runs on {self._backend.value}, which computes "
-                    f"no lse (torch SDPA's public API does not return it); expected lse=None. "
-                    f"Select the plan with need_lse=True to get lse (triton or reference).")
-            check_tensor("lse", args.lse, d.lse_shape(), d.lse_dtype, device,
-                         fix_dtype=f"lse is always {d.lse_dtype} for {d.element.torch_dtype} inputs.")
+        check_outputs(d, device, args.y, None)
+        if args.lse is not None and not self.computes_lse:
+            raise InvalidProblem(
+                f"lse was passed, but this plan runs on {self._backend.value}, which computes "
+                f"no lse (torch SDPA's public API does not return it); expected lse=None. "
+                f"Select the plan with need_lse=True to get lse (triton or reference).")
+        check_outputs(d, device, None, args.lse)
         check_no_overlap({"y": args.y, "lse": args.lse}, {"q": args.q, "k": args.k, "v": args.v})
 
     # ---------------------------------------------------------------- running
