@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import baracuda_kernels as bk
-from oracle import assert_matches_oracle, dense_attention
+from oracle import assert_matches_oracle, dense_attention, token_rule_mask
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -42,30 +42,46 @@ def random_pattern(Bp, Hp, Nq, Nk, block_size, density=0.6, *, seed=1, device=DE
 
 
 def check_token_rule(backend, dtype, Nq, Nk, bs, causal, window=(-1, -1), sinks=0, *, H=4, Hkv=2,
-                     B=1, seed=0, prepared=False):
-    """block_sparse_attention with a block pattern, a causal rule and a token window (GQA
-    H / Hkv) against the float64 oracle, forward, lse and gradients. -> (y, lse, grads)"""
+                     B=1, seed=0, prepared=False, tokens=None, density=0.85, nan_padding=False):
+    """block_sparse_attention with a block pattern, a causal rule, a token window and the
+    per-token rules of ``tokens`` (document_ids / query_range / key_range / prefix_lengths;
+    GQA H / Hkv) against the float64 oracle, forward, lse and gradients.
+    nan_padding: NaN in the padded q/k/v rows (negative ids, tokens outside the ranges) must
+    not reach any valid output. -> (y, lse, grads)"""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = (torch.randn(B, H, Nq, 16, generator=gen) * 2).to(DEVICE, dtype).requires_grad_()
-    k = torch.randn(B, Hkv, Nk, 16, generator=gen).to(DEVICE, dtype).requires_grad_()
-    v = torch.randn(B, Hkv, Nk, 24, generator=gen).to(DEVICE, dtype).requires_grad_()
-    p = (torch.rand(B, 1, nblocks(Nq, bs), nblocks(Nk, bs), generator=gen) < 0.85).to(DEVICE)
+    q = (torch.randn(B, H, Nq, 16, generator=gen) * 2).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, Nk, 16, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, Nk, 24, generator=gen).to(DEVICE, dtype)
+    p = (torch.rand(B, 1, nblocks(Nq, bs), nblocks(Nk, bs), generator=gen) < density).to(DEVICE)
+    tokens = {name: _to_device(t) for name, t in (tokens or {}).items()}
+    extra = token_rule_mask(B, Nq, Nk, causal, **tokens) if tokens else None
+    qx, kx, vx = q.clone(), k.clone(), v.clone()
+    if nan_padding:
+        q_pad = ~_valid_tokens(B, Nq, tokens, 0)  # [B, Nq]
+        k_pad = ~_valid_tokens(B, Nk, tokens, 1)  # [B, Nk]
+        qx[q_pad[:, None, :, None].expand_as(qx).to(DEVICE)] = float("nan")
+        kx[k_pad[:, None, :, None].expand_as(kx).to(DEVICE)] = float("nan")
+        vx[k_pad[:, None, :, None].expand_as(vx).to(DEVICE)] = float("nan")
+    qx, kx, vx = (t.requires_grad_() for t in (qx, kx, vx))
     rule = dict(is_causal=causal, window_size=window, sink_tokens=sinks)
     if prepared:
-        pattern = bk.prepare_pattern(p, query_len=Nq, key_len=Nk, block_size=bs, **rule)
-        y, lse = bk.block_sparse_attention(q, k, v, pattern, backend=backend, return_lse=True)
+        pattern = bk.prepare_pattern(p, query_len=Nq, key_len=Nk, block_size=bs, **rule,
+                                     **tokens)
+        y, lse = bk.block_sparse_attention(qx, kx, vx, pattern, backend=backend, return_lse=True)
     else:
-        y, lse = bk.block_sparse_attention(q, k, v, p, block_size=bs, backend=backend,
-                                           return_lse=True, **rule)
+        y, lse = bk.block_sparse_attention(qx, kx, vx, p, block_size=bs, backend=backend,
+                                           return_lse=True, **rule, **tokens)
     dy = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
-    grads = torch.autograd.grad(y, (q, k, v), dy)
+    grads = torch.autograd.grad(y, (qx, kx, vx), dy)
 
     def oracle(dt):
-        qx, kx, vx = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        qo, ko, vo = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
         G = H // Hkv
-        yo, lo = dense_attention(qx, kx.repeat_interleave(G, 1), vx.repeat_interleave(G, 1), p,
-                                 bs, causal, dtype=dt, window_size=window, sink_tokens=sinks)
-        return yo, lo, torch.autograd.grad(yo, (qx, kx, vx), dy.to(yo.dtype))
+        prefix = tokens.get("prefix_lengths") is not None
+        yo, lo = dense_attention(qo, ko.repeat_interleave(G, 1), vo.repeat_interleave(G, 1), p,
+                                 bs, False if prefix else causal, dtype=dt, window_size=window,
+                                 sink_tokens=sinks, extra_mask=extra)
+        return yo, lo, torch.autograd.grad(yo, (qo, ko, vo), dy.to(yo.dtype))
     y64, lse64, g64 = oracle(torch.float64)
     ys, lses, gs = oracle(dtype)
     assert_matches_oracle(y, y64, ys)
@@ -73,3 +89,28 @@ def check_token_rule(backend, dtype, Nq, Nk, bs, causal, window=(-1, -1), sinks=
     for name, g, r, s in zip(("dq", "dk", "dv"), grads, g64, gs):
         assert_matches_oracle(g, r, s, factor=3.0, what=name)
     return y, lse, grads
+
+
+def _to_device(t):
+    if isinstance(t, torch.Tensor):
+        return t.to(DEVICE)
+    if isinstance(t, (tuple, list)):
+        return type(t)(_to_device(x) for x in t)
+    return t
+
+
+def _valid_tokens(B, N, tokens, side) -> torch.Tensor:
+    """bool [B, N]: queries (side 0) or keys (side 1) that are not padding (a non-negative
+    document id, inside query_range / key_range)."""
+    ok = torch.ones(B, N, dtype=torch.bool)
+    docs = tokens.get("document_ids")
+    if docs is not None:
+        d = docs[side] if isinstance(docs, (tuple, list)) else docs
+        ok = ok & (d.cpu().reshape(-1, N) >= 0)
+    rng = tokens.get(("query_range", "key_range")[side])
+    if rng is not None:
+        j = torch.arange(N)[None]
+        for bound, keep in ((rng[0], lambda b: j >= b), (rng[1], lambda b: j < b)):
+            if bound is not None:
+                ok = ok & keep(torch.as_tensor(bound).cpu().reshape(-1, 1))
+    return ok

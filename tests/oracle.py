@@ -36,6 +36,38 @@ def token_mask(pattern4d: torch.Tensor, query_len: int, key_len: int, block_size
     return mask
 
 
+def token_rule_mask(batch: int, query_len: int, key_len: int, is_causal=False, *,
+                    document_ids=None, query_range=None, key_range=None,
+                    prefix_lengths=None) -> torch.Tensor:
+    """bool [B, 1, Nq, Nk] of the per-token rules, stated directly from their definitions:
+    equal non-negative document ids; query and key indices inside [start, end) of their batch
+    row; and the causal rule (j <= i + offset), which prefix_lengths P relaxes to
+    (j <= i + offset or j < P). Without is_causal the causal term is all True."""
+    i = torch.arange(query_len)[None, :, None]
+    j = torch.arange(key_len)[None, None, :]
+    ok = torch.ones(batch, query_len, key_len, dtype=torch.bool)
+    if document_ids is not None:
+        qd, kd = document_ids if isinstance(document_ids, (tuple, list)) else \
+            (document_ids, document_ids)
+        qd, kd = (d.cpu().long().reshape(-1, d.shape[-1]) for d in (qd, kd))
+        ok = ok & (qd[:, :, None] == kd[:, None, :]) & (qd[:, :, None] >= 0) & \
+            (kd[:, None, :] >= 0)
+
+    def per_batch(x, default):
+        x = default if x is None else x
+        return torch.as_tensor(x).cpu().long().reshape(-1)[:, None, None]
+    for rng, idx, n in ((query_range, i, query_len), (key_range, j, key_len)):
+        if rng is not None:
+            ok = ok & (idx >= per_batch(rng[0], 0)) & (idx < per_batch(rng[1], n))
+    if is_causal:
+        offset = key_len - query_len if is_causal == "bottom_right" else 0
+        causal = j <= i + offset
+        if prefix_lengths is not None:
+            causal = causal | (j < per_batch(prefix_lengths, 0))
+        ok = ok & causal
+    return ok[:, None]
+
+
 def as_4d(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int) -> torch.Tensor:
     nq = -(-query_len // block_size)
     nk = -(-key_len // block_size)
@@ -45,16 +77,19 @@ def as_4d(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int) 
 
 
 def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, dtype=None,
-                    window_size=(-1, -1), sink_tokens=0):
+                    window_size=(-1, -1), sink_tokens=0, extra_mask=None):
     """Returns (y, lse) computed densely in `dtype` (default float64).
 
-    Fully masked rows give y = 0 and lse = -inf. q/k/v are [B, H, N, D].
+    Fully masked rows give y = 0 and lse = -inf. q/k/v are [B, H, N, D]. extra_mask: bool
+    broadcastable to [B, H, Nq, Nk], ANDed with the pattern's token mask.
     """
     dtype = dtype or torch.float64
     Nq, Nk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask = token_mask(as_4d(pattern, Nq, Nk, block_size), Nq, Nk, block_size, is_causal,
                       window_size, sink_tokens)
+    if extra_mask is not None:  # more token rules, ANDed (e.g. token_rule_mask)
+        mask = mask & extra_mask.to(mask.device)
     qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
     s = (qd @ kd.transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))

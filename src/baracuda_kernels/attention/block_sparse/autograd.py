@@ -37,6 +37,7 @@ from ...core import PlanCache, PlanPreference, Unsupported, resolve_device
 from ..common.autograd_pieces import refuse_double_backward
 from ..common.numerics import accumulator_dtype
 from .descriptor import SdpaBlockSparseDescriptor
+from ..common.token_rules import TokenRules
 from .plan import SdpaBlockSparsePlan
 
 _PLANS = PlanCache()  # (descriptor, device, backend) -> plan of the functional API
@@ -119,17 +120,35 @@ def _plan(q, k, v, block_size, scale, causal: str, backend, window_left=-1, wind
 def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               pattern: torch.Tensor, block_size: int, scale: float,
                               is_causal: str, backend: str, window_left: int = -1,
-                              window_right: int = -1, sink_tokens: int = 0
+                              window_right: int = -1, sink_tokens: int = 0,
+                              q_ids: Optional[torch.Tensor] = None,
+                              k_ids: Optional[torch.Tensor] = None,
+                              q_pos: Optional[torch.Tensor] = None,
+                              k_pos: Optional[torch.Tensor] = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, lse) for a validated problem; pattern is a checked bool/uint8 [Bp, Hp, nq, nk]."""
+    """(y, lse) for a validated problem; pattern is a checked bool/uint8 [Bp, Hp, nq, nk];
+    q_ids .. k_pos: the tensors of a TokenRules (each None when absent)."""
     plan = _plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
                  sink_tokens)
-    return attention_forward(plan, q, k, v, plan.block_lists(pattern))
+    return attention_forward(plan, q, k, v,
+                             plan.block_lists(pattern, _token_rules(q_ids, k_ids, q_pos, k_pos)))
+
+
+def _token_rules(q_ids, k_ids, q_pos, k_pos) -> Optional[TokenRules]:
+    if q_ids is None and q_pos is None:
+        return None
+    return TokenRules(q_ids, k_ids, q_pos, k_pos)
+
+
+def token_args(tokens: Optional[TokenRules]) -> tuple:
+    """The custom op's four token tensors of a TokenRules (Nones without one)."""
+    return (None,) * 4 if tokens is None else \
+        (tokens.q_ids, tokens.k_ids, tokens.q_pos, tokens.k_pos)
 
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, pattern, block_size, scale, is_causal, backend, window_left=-1, window_right=-1,
-      sink_tokens=0):
+      sink_tokens=0, q_ids=None, k_ids=None, q_pos=None, k_pos=None):
     lse_dtype = accumulator_dtype(q.dtype)
     y = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     return y, q.new_empty(q.shape[:-1], dtype=lse_dtype)
@@ -141,18 +160,22 @@ def block_sparse_attention_backward_op(
         dy: Optional[torch.Tensor], dlse: Optional[torch.Tensor], pattern: torch.Tensor,
         block_size: int, scale: float, is_causal: str, backend: str, need_dq: bool,
         need_dkdv: bool, window_left: int = -1, window_right: int = -1,
-        sink_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sink_tokens: int = 0, q_ids: Optional[torch.Tensor] = None,
+        k_ids: Optional[torch.Tensor] = None, q_pos: Optional[torch.Tensor] = None,
+        k_pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient that is not needed comes back as an empty tensor."""
     plan = _plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
                  sink_tokens)
-    grads = attention_backward(plan, plan.block_lists(pattern), q, k, v, y, lse, dy, dlse,
+    lists = plan.block_lists(pattern, _token_rules(q_ids, k_ids, q_pos, k_pos))
+    grads = attention_backward(plan, lists, q, k, v, y, lse, dy, dlse,
                                (need_dq, need_dkdv, need_dkdv))
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @block_sparse_attention_backward_op.register_fake
 def _(q, k, v, y, lse, dy, dlse, pattern, block_size, scale, is_causal, backend, need_dq,
-      need_dkdv, window_left=-1, window_right=-1, sink_tokens=0):
+      need_dkdv, window_left=-1, window_right=-1, sink_tokens=0, q_ids=None, k_ids=None,
+      q_pos=None, k_pos=None):
     def grad(ref, needed):
         return torch.empty_like(ref, memory_format=torch.contiguous_format) if needed \
             else q.new_empty(0)
@@ -171,23 +194,26 @@ block_sparse_attention_backward_op.register_autograd(_refuse, setup_context=_kee
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pattern, block_size, scale, is_causal, backend, *window = inputs
+    q, k, v, pattern, block_size, scale, is_causal, backend, *rest = inputs
     y, lse = output
-    ctx.save_for_backward(q, k, v, y, lse, pattern)
+    tokens = tuple(rest[3:]) + (None,) * (7 - len(rest[3:]) - 3)
+    ctx.save_for_backward(q, k, v, y, lse, pattern, *tokens)
     ctx.static = (block_size, scale, is_causal, backend)
-    ctx.window = tuple(window)  # (window_left, window_right, sink_tokens) as given
+    ctx.window = tuple(rest[:3])  # (window_left, window_right, sink_tokens) as given
+    ctx.n_rest = len(rest)
 
 
 def _backward(ctx, dy, dlse):
-    q, k, v, y, lse, pattern = ctx.saved_tensors
+    q, k, v, y, lse, pattern, *tokens = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    window = ctx.window + (-1, -1, 0)[len(ctx.window):]
     dq, dk, dv = block_sparse_attention_backward_op(q, k, v, y, lse, dy, dlse, pattern,
                                                     *ctx.static, need_q, need_k or need_v,
-                                                    *ctx.window)
+                                                    *window, *tokens)
     # One gradient per op input: q, k, v, then none for the pattern, the four static
-    # arguments and the window arguments that were passed.
+    # arguments and the window / token arguments that were passed.
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-            None, None, None, None, None) + (None,) * len(ctx.window)
+            None, None, None, None, None) + (None,) * ctx.n_rest
 
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)

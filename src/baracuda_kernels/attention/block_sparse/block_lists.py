@@ -24,12 +24,14 @@ from typing import Optional
 import torch
 
 from ..common.problem import WindowRule, causal_offset
+from ..common.token_rules import TokenRules, block_ranges
 
 SKIP, FULL, PARTIAL = 0, 1, 2
 
 
 def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int,
-                    is_causal: bool, window: Optional[WindowRule] = None) -> torch.Tensor:
+                    is_causal: bool, window: Optional[WindowRule] = None,
+                    tokens: Optional[TokenRules] = None) -> torch.Tensor:
     """Class of every block cell, exact for the token rule: FULL when the rule allows every
     pair of the block, SKIP when it allows none (or the pattern is off), PARTIAL otherwise.
 
@@ -37,8 +39,13 @@ def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_s
         pattern: bool ``[Bp, Hp, nq, nk]`` (already canonical, see ``canonical_pattern``).
         is_causal: False, True (top-left) or "bottom_right" (see common.problem.causal_mode).
         window: a sliding window with sink tokens (common.problem.WindowRule) or None.
+        tokens: document ids / positions (common.token_rules.TokenRules) or None. Their
+            blocks are classified from per-block ranges of the ids and positions: exact for
+            blocks inside one document (contiguous positions), conservative (PARTIAL, which
+            the kernels mask per token) where a block straddles documents.
     Returns:
-        int8 ``[Bp, Hp, nq, nk]`` with values SKIP, FULL, PARTIAL.
+        int8 ``[max(Bp, Bt), Hp, nq, nk]`` with values SKIP, FULL, PARTIAL (Bt: the token
+        rules' batch, 1 without them).
     """
     nq, nk = pattern.shape[-2], pattern.shape[-1]
     dev = pattern.device
@@ -51,20 +58,68 @@ def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_s
     ragged_k = (k_last - k_first + 1) < block_size          # [nk]
     partial = ragged_q[:, None] | ragged_k[None, :]          # [nq, nk]
     alive = torch.ones(nq, nk, dtype=torch.bool, device=dev)
-    if is_causal:
-        # query i sees key j only when j <= i + off (off = 0 top-left, like torch SDPA;
-        # Nk - Nq bottom-right).
-        off = causal_offset(is_causal, query_len, key_len)
-        alive = k_first[None, :] <= q_last[:, None] + off          # some pair survives
-        fully_allowed = k_last[None, :] <= q_first[:, None] + off  # every pair survives
-        partial = partial | ~fully_allowed
-    if window is not None:
-        alive_w, full_w = _window_blocks(window, is_causal, query_len, key_len, block_size,
-                                         nq, k_first, k_last)
-        alive, partial = alive & alive_w, partial | ~full_w
+    if tokens is not None and tokens.has_positions:
+        # Positions replace indices in the causal rule and the window.
+        alive, full = _positioned_blocks(tokens, is_causal, window, query_len, key_len,
+                                         block_size)
+        partial = partial | ~full
+    else:
+        if is_causal:
+            # query i sees key j only when j <= i + off (off = 0 top-left, like torch SDPA;
+            # Nk - Nq bottom-right).
+            off = causal_offset(is_causal, query_len, key_len)
+            alive = k_first[None, :] <= q_last[:, None] + off          # some pair survives
+            fully_allowed = k_last[None, :] <= q_first[:, None] + off  # every pair survives
+            partial = partial | ~fully_allowed
+        if window is not None:
+            alive_w, full_w = _window_blocks(window, is_causal, query_len, key_len, block_size,
+                                             nq, k_first, k_last)
+            alive, partial = alive & alive_w, partial | ~full_w
+    if tokens is not None and tokens.has_ids:
+        alive_d, full_d = _document_blocks(tokens, query_len, key_len, block_size)
+        alive, partial = alive & alive_d, partial | ~full_d
+    if alive.dim() == 3:  # per token-batch row: [Bt, nq, nk] -> [Bt, 1, nq, nk]
+        alive, partial = alive[:, None], partial[:, None]
     cls = torch.where(partial, PARTIAL, FULL).to(torch.int8)
     cls = torch.where(alive, cls, torch.zeros_like(cls))
     return torch.where(pattern, cls, torch.zeros_like(cls))
+
+
+def _document_blocks(tokens: TokenRules, query_len: int, key_len: int, block_size: int):
+    """(some pair allowed, every pair allowed) [Bt, nq, nk] under the id rule: ranges of ids
+    that do not overlap never meet; a block pair all of one valid id always does."""
+    q_lo, q_hi = block_ranges(tokens.q_ids, query_len, block_size)
+    k_lo, k_hi = block_ranges(tokens.k_ids, key_len, block_size)
+    q_lo, q_hi, k_lo, k_hi = q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :]
+    some = (q_lo <= k_hi) & (k_lo <= q_hi) & (q_hi >= 0) & (k_hi >= 0)
+    every = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo) & (q_lo >= 0)
+    return some, every
+
+
+def _positioned_blocks(tokens: TokenRules, is_causal, window: Optional[WindowRule],
+                       query_len: int, key_len: int, block_size: int):
+    """(some pair allowed, every pair allowed) [Bt, nq, nk] of the causal rule and the window
+    on token positions, from each block's position range (key-minus-query offsets of a block
+    pair lie in [k_lo - q_hi, k_hi - q_lo], every value taken when positions are contiguous)."""
+    q_lo, q_hi = block_ranges(tokens.q_pos, query_len, block_size)
+    k_lo, k_hi = block_ranges(tokens.k_pos, key_len, block_size)
+    q_lo, q_hi, k_lo, k_hi = q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :]
+    d_lo, d_hi = k_lo - q_hi, k_hi - q_lo
+    big = 1 << 40
+    hi = torch.full_like(d_lo, big)
+    some = torch.ones_like(d_lo, dtype=torch.bool)
+    every = some.clone()
+    if is_causal:
+        off = causal_offset(is_causal, query_len, key_len)
+        hi = torch.full_like(d_lo, off)
+        some, every = d_lo <= off, d_hi <= off
+    if window is not None:
+        w_hi = torch.minimum(hi, torch.full_like(hi, window.hi))
+        in_some = (d_lo <= w_hi) & (d_hi >= window.lo)
+        in_every = (d_lo >= window.lo) & (d_hi <= w_hi)
+        some = in_some | (some & (k_lo < window.sinks))
+        every = in_every | (every & (k_hi < window.sinks))
+    return some, every
 
 
 def _window_blocks(window: WindowRule, is_causal, query_len: int, key_len: int,
@@ -129,6 +184,9 @@ class BlockLists:
     q_count_full: torch.Tensor
     q_count: torch.Tensor
     block_class: Optional[torch.Tensor] = None
+    # Document ids / positions the kernels apply in PARTIAL blocks (the lists were classified
+    # with them), or None.
+    tokens: Optional[TokenRules] = None
     # Mean active blocks per query-block row, measured once (a host sync) when the lists
     # are prepared for reuse; None for lists built per call. Prepared lists take the
     # short-row kernel tiles and the heavy-first backward launch order (both cost host
@@ -138,14 +196,17 @@ class BlockLists:
     @classmethod
     def build(cls, pattern: torch.Tensor, query_len: int, key_len: int, block_size: int,
               is_causal: bool, *, use_triton: bool = False,
-              window: Optional[WindowRule] = None) -> "BlockLists":
+              window: Optional[WindowRule] = None,
+              tokens: Optional[TokenRules] = None) -> "BlockLists":
         """Lists of a canonical pattern (bool or uint8 ``[Bp, Hp, nq, nk]``, any strides).
 
+        ``tokens``: document ids / positions (see ``classify_blocks``); the lists keep them
+        for the kernels.
         ``use_triton``: one Triton launch builds both directions (triton_lists.py; no host
         synchronisation, capturable in a CUDA graph). Otherwise a chain of torch ops that
         also keeps ``block_class`` (what the reference backend needs).
         """
-        if use_triton and window is None and causal_offset(is_causal, query_len, key_len) == 0:
+        if use_triton and window is None and tokens is None and causal_offset(is_causal, query_len, key_len) == 0:
             # (The Triton builder reasons in whole block indices, which holds for a diagonal
             # through block corners; a bottom-right diagonal with Nq != Nk or a window takes
             # the torch ops below, which are as exact and also free of host syncs.)
@@ -154,9 +215,10 @@ class BlockLists:
                                                  is_causal))
         if pattern.dtype != torch.bool:
             pattern = pattern != 0  # uint8: non-zero = active
-        block_class = classify_blocks(pattern, query_len, key_len, block_size, is_causal, window)
+        block_class = classify_blocks(pattern, query_len, key_len, block_size, is_causal, window,
+                                      tokens)
         return cls(*_compact(block_class), *_compact(block_class.transpose(-1, -2)),
-                   block_class=block_class)
+                   block_class=block_class, tokens=tokens)
 
     def measured(self) -> "BlockLists":
         """These lists with ``mean_row_blocks`` filled in (synchronises with the device)."""

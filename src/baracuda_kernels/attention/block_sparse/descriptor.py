@@ -106,6 +106,8 @@ class SdpaBlockSparseArgs:
     or a PreparedPattern (see ``block_sparse_attention`` for how pattern heads are read);
     y [B,H,Nq,Dv] and lse [B,H,Nq] (float32; float64 for f64) are outputs: pass
     preallocated tensors, or leave None and ``plan.run`` allocates them.
+    token_rules: per-token document ids / padding / prefix (``plan.token_rules(...)``) for a
+    raw pattern or BlockPattern; a PreparedPattern carries its own.
     """
 
     q: torch.Tensor
@@ -114,3 +116,4 @@ class SdpaBlockSparseArgs:
     block_pattern: Any
     y: Optional[torch.Tensor] = None
     lse: Optional[torch.Tensor] = None
+    token_rules: Any = None

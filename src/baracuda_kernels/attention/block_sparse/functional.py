@@ -11,8 +11,9 @@ from ..common.autograd_pieces import autocast_inputs
 from ..common.problem import check_qkv
 from ..flash_sdpa.library_autograd import library_attention
 from ..flash_sdpa.routing import all_blocks_active, dense_route
+from ..common.token_rules import token_rules_for
 from .autograd import (BlockSparseAttentionFunction, block_sparse_attention_op, causal_arg,
-                       plan_for)
+                       plan_for, token_args)
 from .descriptor import SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
 from .validation import canonical_pattern
@@ -23,7 +24,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            scale: Optional[float] = None, return_lse: bool = False,
                            backend: Optional[str] = None, deterministic: Optional[bool] = None,
                            window_size: Optional[tuple] = None,
-                           sink_tokens: Optional[int] = None):
+                           sink_tokens: Optional[int] = None, document_ids=None,
+                           query_range=None, key_range=None, prefix_lengths=None):
     """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
 
     y = softmax(scale * q @ k^T + mask) @ v, where mask is -inf outside the active blocks of
@@ -61,6 +63,20 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         sink_tokens: with a window, the first ``sink_tokens`` keys stay visible to every
             query (still subject to the causal rule; StreamingLLM's attention sinks).
             None: 0, or the PreparedPattern's.
+        document_ids: int tensor [B|1, N] (Nq == Nk; [N] for every row) or a pair
+            (q_ids [B|1, Nq], k_ids [B|1, Nk]): query i sees key j only when their ids are
+            equal (packed documents). A negative id marks a padding token.
+        query_range, key_range: (start, end), each an int, an int tensor [B] or None (0 /
+            the length): only tokens start <= index < end of each batch row are valid.
+            Keys outside are padding, seen by no query (left or right padding, a KV cache's
+            unused tail); queries outside get y = 0, lse = -inf and zero gradients. The
+            causal rule and the window keep counting in indices (as a padded batch does).
+        prefix_lengths: int or int tensor [B], with is_causal: prefix-LM: the keys [0, P) of
+            a row are visible to every query of it (bidirectional inside the prefix, causal
+            after it). Not with a window.
+            Document ids, ranges and a prefix are exact per token: blocks they cut are
+            masked, blocks they empty skipped; NaN in padding never reaches a valid output.
+            With a PreparedPattern pass them to prepare_pattern instead.
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.
@@ -93,9 +109,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         >>> q8, k2 = torch.randn(1, 8, 256, 64), torch.randn(1, 2, 256, 64)   # GQA 8 / 2
         >>> y = block_sparse_attention(q8, k2, k2, pattern, block_size=64)
     """
+    token_kwargs = dict(document_ids=document_ids, query_range=query_range,
+                        key_range=key_range, prefix_lengths=prefix_lengths)
+    has_tokens = any(v is not None for v in token_kwargs.values())
     if isinstance(block_pattern, PreparedPattern):
         block_size, is_causal, window_size, sink_tokens = _from_prepared(
             block_pattern, block_size, is_causal, window_size, sink_tokens)
+        if has_tokens:
+            raise InvalidProblem(
+                "document_ids / query_range / key_range / prefix_lengths were passed with a "
+                "PreparedPattern; expected them in prepare_pattern(...) (its lists are built "
+                "with them), or a raw pattern here.")
     if block_size is None:
         block_size = getattr(block_pattern, "block_size", None)
         if block_size is None:
@@ -109,19 +133,22 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         window_size=(-1, -1) if window_size is None else window_size,
         sink_tokens=sink_tokens or 0)
     device = check_qkv(desc, q, k, v)
+    tokens = token_rules_for(desc.batch_size, desc.query_len, desc.key_len, device,
+                             desc.is_causal, desc.window_size, **token_kwargs) \
+        if has_tokens else None
     if backend is not None and not isinstance(backend, str):
         backend = backend.value  # a BackendKind
     with no_autocast:
         if _tracing(q):
             if isinstance(block_pattern, PreparedPattern):
                 block_pattern.check_matches(desc, device)
-                pattern = block_pattern.mask
+                pattern, tokens = block_pattern.mask, block_pattern.token_rules
             else:
                 pattern = canonical_pattern(desc, block_pattern, device)
             y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size,
                                                desc.softmax_scale, causal_arg(desc.is_causal),
                                                backend or "", *desc.window_size,
-                                               desc.sink_tokens)
+                                               desc.sink_tokens, *token_args(tokens))
         else:
             # The dense route is asked only for a fully active prepared pattern (a memoised
             # answer), so sparse calls pay nothing here; plan.block_lists checks the
@@ -134,7 +161,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                     return library_attention(dense, q, k, v)
             plan = plan_for(desc, device, backend or None)
             y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan,
-                                                        plan.block_lists(block_pattern))
+                                                        plan.block_lists(block_pattern, tokens))
     return (y, lse) if return_lse else y
 
 

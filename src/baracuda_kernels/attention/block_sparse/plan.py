@@ -12,6 +12,7 @@ from ...core import (ArchSku, BackendKind, BackendRegistry, ElementKind, Invalid
 from ..common.backends import triton_unavailable_reason
 from ..common.kinds import AttentionKind
 from ..common.problem import check_outputs, check_qkv
+from ..common.token_rules import TokenRules, token_rules_for
 from .block_lists import BlockLists
 from .descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
@@ -155,10 +156,15 @@ class SdpaBlockSparsePlan(Plan):
                 f"{d.problem_text()}, block_size={d.block_size}{window})")
 
     # ---------------------------------------------------------------- patterns
-    def prepare(self, block_pattern) -> PreparedPattern:
+    def prepare(self, block_pattern, **token_rules) -> PreparedPattern:
         """Prepare a pattern (tensor or BlockPattern) once for this plan's problem: the
-        result, passed as ``SdpaBlockSparseArgs.block_pattern``, costs no pattern work per call."""
+        result, passed as ``SdpaBlockSparseArgs.block_pattern``, costs no pattern work per call.
+        ``token_rules``: document_ids / query_range / key_range / prefix_lengths, built into
+        the lists (see ``block_sparse_attention``)."""
         if isinstance(block_pattern, PreparedPattern):
+            if token_rules:
+                raise InvalidProblem("prepare() got token rules with a PreparedPattern; expected "
+                                     "a tensor or BlockPattern (prepared patterns keep theirs).")
             block_pattern.check_matches(self._desc, self._device)
             return block_pattern
         pattern = canonical_pattern(self._desc, block_pattern, None)
@@ -166,9 +172,19 @@ class SdpaBlockSparsePlan(Plan):
         return PreparedPattern.build(pattern, query_len=d.query_len, key_len=d.key_len,
                                      block_size=d.block_size, is_causal=d.is_causal,
                                      window_size=d.window_size, sink_tokens=d.sink_tokens,
-                                     device=self._device)
+                                     device=self._device, **token_rules)
 
-    def block_lists(self, block_pattern) -> BlockLists:
+    def token_rules(self, *, document_ids=None, query_range=None, key_range=None,
+                    prefix_lengths=None) -> Optional[TokenRules]:
+        """Per-token rules for ``SdpaBlockSparseArgs.token_rules`` (see
+        ``block_sparse_attention`` for each argument); None when none is given."""
+        d = self._desc
+        return token_rules_for(d.batch_size, d.query_len, d.key_len, self._device, d.is_causal,
+                               d.window_size, document_ids=document_ids,
+                               query_range=query_range, key_range=key_range,
+                               prefix_lengths=prefix_lengths)
+
+    def block_lists(self, block_pattern, tokens: Optional[TokenRules] = None) -> BlockLists:
         """The active-block lists of a pattern for this plan.
 
         A PreparedPattern hands over its lists after a geometry check. A raw tensor or a
@@ -176,14 +192,21 @@ class SdpaBlockSparsePlan(Plan):
         (one Triton launch on the triton backend; torch ops for the reference): never a
         cached copy that a write to the tensor could have made stale."""
         if isinstance(block_pattern, PreparedPattern):
+            if tokens is not None:
+                raise InvalidProblem(
+                    "token rules were given with a PreparedPattern; expected them in "
+                    "prepare_pattern(..., document_ids=..., ...) instead (its lists are built "
+                    "with them), or a raw pattern.")
             block_pattern.check_matches(self._desc, self._device)
             return block_pattern.lists
         pattern = canonical_pattern(self._desc, block_pattern, self._device)
         d = self._desc
+        if tokens is not None:
+            tokens.check_for(d.batch_size, d.query_len, d.key_len, self._device)
         with self.device_guard():
             return BlockLists.build(pattern, d.query_len, d.key_len, d.kernel_block_size,
                                     d.is_causal, use_triton=self._backend is BackendKind.TRITON,
-                                    window=d.window)
+                                    window=d.window, tokens=tokens)
 
     # ---------------------------------------------------------------- checks
     def can_implement(self, args: SdpaBlockSparseArgs) -> bool:
@@ -193,6 +216,12 @@ class SdpaBlockSparsePlan(Plan):
             args.block_pattern.check_matches(self._desc, self._device)
         else:
             canonical_pattern(self._desc, args.block_pattern, self._device)
+        if args.token_rules is not None:
+            if isinstance(args.block_pattern, PreparedPattern):
+                raise InvalidProblem("args.token_rules was given with a PreparedPattern; expected "
+                                     "None (prepared patterns carry their own token rules).")
+            d = self._desc
+            args.token_rules.check_for(d.batch_size, d.query_len, d.key_len, self._device)
         return True
 
     def _check_args(self, args: SdpaBlockSparseArgs) -> None:
@@ -218,7 +247,7 @@ class SdpaBlockSparsePlan(Plan):
         """Compute (y, lse); writes into args.y / args.lse when given, else allocates them.
         Every check (tensors, outputs, pattern) runs before anything is written."""
         self._check_args(args)
-        lists = self.block_lists(args.block_pattern)
+        lists = self.block_lists(args.block_pattern, args.token_rules)
         args.y, args.lse = self._forward(args.q, args.k, args.v, lists, args.y, args.lse)
         return args.y, args.lse
 
@@ -272,7 +301,8 @@ class SdpaBlockSparsePlan(Plan):
         inputs = dict(self._inputs_of(args), y=args.y, lse=args.lse, dy=dy, dlse=dlse)
         check_no_overlap({"dq": dq, "dk": dk, "dv": dv}, inputs)
         return self._backward(args.q, args.k, args.v, args.y, args.lse, dy,
-                              self.block_lists(args.block_pattern), dq, dk, dv, dlse=dlse)
+                              self.block_lists(args.block_pattern, args.token_rules), dq, dk,
+                              dv, dlse=dlse)
 
     def _backward(self, q, k, v, y, lse, dy, lists: BlockLists, dq=None, dk=None, dv=None, *,
                   dlse=None, need_dq: bool = True, need_dkdv: bool = True):

@@ -21,6 +21,7 @@ import torch
 
 from ...core import InvalidProblem, resolve_device
 from ..common.problem import causal_mode, check_window, window_rule
+from ..common.token_rules import TokenRules, token_rules_for
 from .block_lists import BlockLists
 from .descriptor import kernel_block_size
 from ..patterns.checks import check_int
@@ -55,11 +56,17 @@ class PreparedPattern:
         self.is_causal, self.device, self.description = is_causal, mask.device, description
         self.window_size, self.sink_tokens = window_size, sink_tokens
 
+    @property
+    def token_rules(self) -> Optional[TokenRules]:
+        """The document ids / padding / prefix the lists were built with (None: none)."""
+        return self.lists.tokens
+
     @classmethod
     def build(cls, pattern, *, query_len: Optional[int] = None, key_len: Optional[int] = None,
               block_size: Optional[int] = None, is_causal: Optional[bool] = None,
-              device=None, window_size: tuple = (-1, -1),
-              sink_tokens: int = 0) -> "PreparedPattern":
+              device=None, window_size: tuple = (-1, -1), sink_tokens: int = 0,
+              document_ids=None, query_range=None, key_range=None,
+              prefix_lengths=None) -> "PreparedPattern":
         """Prepare ``pattern`` (bool/uint8 ``[B|1, Hp, nq, nk]`` or ``[B|1, Hp, nq*nk]`` with Hp
         one per query head, one per K/V head or 1 (checked against q, k, v at use), or
         a BlockPattern, whose block_size / lengths / causality are used).
@@ -75,6 +82,8 @@ class PreparedPattern:
             window_size, sink_tokens: the token window of the attention calls (see
                 ``block_sparse_attention``); blocks it empties are skipped, blocks it cuts
                 are masked per token.
+            document_ids, query_range, key_range, prefix_lengths: the per-token rules of the
+                attention calls (see ``block_sparse_attention``), built into the lists once.
         Raises:
             InvalidProblem for a missing or inconsistent geometry or a malformed pattern.
         """
@@ -117,9 +126,12 @@ class PreparedPattern:
         mask = view.to(device=device, dtype=torch.bool, copy=True).contiguous()
         window_size, sink_tokens = check_window(window_size, sink_tokens)
         window = window_rule(window_size, sink_tokens, is_causal, query_len, key_len)
+        tokens = token_rules_for(None, query_len, key_len, device, is_causal, window_size,
+                                 document_ids=document_ids, query_range=query_range,
+                                 key_range=key_range, prefix_lengths=prefix_lengths)
         lists = BlockLists.build(mask, query_len, key_len,
                                  kernel_block_size(block_size, query_len, key_len),
-                                 is_causal, window=window).measured()
+                                 is_causal, window=window, tokens=tokens).measured()
         return cls(mask, lists, block_size=block_size, query_len=query_len, key_len=key_len,
                    is_causal=is_causal, description=description, window_size=window_size,
                    sink_tokens=sink_tokens)
@@ -141,6 +153,12 @@ class PreparedPattern:
             raise InvalidProblem(f"PreparedPattern is on {self.device}; expected {device} like q. "
                                  f"Prepare it with device={device}.")
         bp, hp = self.mask.shape[:2]
+        tokens = self.lists.tokens
+        if tokens is not None and tokens.batch not in (1, desc.batch_size):
+            raise InvalidProblem(
+                f"PreparedPattern's token rules (document ids / ranges / prefix) have batch "
+                f"{tokens.batch}; the problem has batch {desc.batch_size}. Prepare it with "
+                f"per-batch tensors of {desc.batch_size} rows (or 1 shared row).")
         heads = pattern_head_counts(desc.num_heads, desc.num_kv_heads)
         if bp not in (1, desc.batch_size) or hp not in heads:
             raise InvalidProblem(
@@ -166,8 +184,9 @@ class PreparedPattern:
 
 def prepare_pattern(pattern, *, query_len: Optional[int] = None, key_len: Optional[int] = None,
                     block_size: Optional[int] = None, is_causal: Optional[bool] = None,
-                    device=None, window_size: tuple = (-1, -1),
-                    sink_tokens: int = 0) -> PreparedPattern:
+                    device=None, window_size: tuple = (-1, -1), sink_tokens: int = 0,
+                    document_ids=None, query_range=None, key_range=None,
+                    prefix_lengths=None) -> PreparedPattern:
     """Prepare a block pattern once for many attention calls (see ``PreparedPattern.build``).
 
     >>> prep = prepare_pattern(mask, query_len=8192, block_size=128, is_causal=True,
@@ -176,4 +195,6 @@ def prepare_pattern(pattern, *, query_len: Optional[int] = None, key_len: Option
     """
     return PreparedPattern.build(pattern, query_len=query_len, key_len=key_len,
                                  block_size=block_size, is_causal=is_causal, device=device,
-                                 window_size=window_size, sink_tokens=sink_tokens)
+                                 window_size=window_size, sink_tokens=sink_tokens,
+                                 document_ids=document_ids, query_range=query_range,
+                                 key_range=key_range, prefix_lengths=prefix_lengths)

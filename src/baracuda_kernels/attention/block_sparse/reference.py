@@ -111,13 +111,22 @@ def _gather(t: torch.Tensor, tokens: torch.Tensor, acc) -> torch.Tensor:
 
 
 def _allowed(g: _Group, block_size: int, is_causal, rows_are_queries: bool,
-             offset: int, window: Optional[WindowRule]) -> torch.Tensor:
+             offset: int, window: Optional[WindowRule], tokens=None) -> torch.Tensor:
     """bool [G, bs, L]: which (row token, column token) pairs count; causal: key j <= query
-    i + offset (0 top-left, Nk - Nq bottom-right); window: ``WindowRule.allows``."""
+    i + offset (0 top-left, Nk - Nq bottom-right); window: ``WindowRule.allows``; tokens:
+    this batch row's (q_ids, k_ids, q_pos, k_pos) (``TokenRules.rows``) or None: ids must
+    match, and the causal rule and the window compare positions instead of indices."""
     rows = g.rows.view(g.cols.shape[0], block_size)
     ok = g.col_ok[:, None, :].expand(-1, block_size, -1)
-    q_tok, k_tok = (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
+    q_idx, k_idx = (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
         (g.cols[:, None, :], rows[:, :, None])
+    q_tok, k_tok = q_idx, k_idx
+    if tokens is not None:
+        q_ids, k_ids, q_pos, k_pos = tokens
+        if q_ids is not None:
+            ok = ok & (q_ids[q_idx] == k_ids[k_idx])
+        if q_pos is not None:
+            q_tok, k_tok = q_pos[q_idx].long(), k_pos[k_idx].long()
     if is_causal:
         ok = ok & (k_tok <= q_tok + offset)
     if window is not None:
@@ -148,6 +157,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
     y.zero_()
     lse.fill_(float("-inf"))
     active_all = _active_blocks(lists)
+    q, k, v = _without_padding(lists, q=q, k=k, v=v)
     q5, y5, lse5 = _grouped(q, Hkv), _grouped(y, Hkv), _grouped(lse, Hkv)
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
     for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
@@ -157,7 +167,9 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
             G = g.cols.shape[0]
             qt = _gather(qs, g.rows.view(G, block_size), acc)        # [b,hk,g,G,bs,Dk]
             s = torch.matmul(qt, _gather(ks, g.cols, acc).transpose(-1, -2)) * scale
-            s = s.masked_fill(~_allowed(g, block_size, is_causal, True, offset, window), float("-inf"))
+            allowed = _allowed(g, block_size, is_causal, True, offset, window,
+                               _token_rows(lists, bp))
+            s = s.masked_fill(~allowed, float("-inf"))
             row_lse = torch.logsumexp(s, dim=-1)                     # [b,hk,g,G,bs]
             p = _probs(s, row_lse[..., None])  # masked scores are -inf: exp gives 0
             out = torch.matmul(p, _gather(vs, g.cols, acc)).flatten(3, 4)
@@ -183,6 +195,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
         dq.zero_()
     # delta_i = sum_d dy_id * y_id = sum_j p_ij dp_ij: the softmax-Jacobian correction. The
     # lse gradient enters the same place: d lse_i / d s_ij = p_ij, so dS = P * (dP - delta + dlse).
+    q, k, v, dy = _without_padding(lists, q=q, k=k, v=v, dy=dy)
     delta = (dy.to(acc) * y.to(acc)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(acc)
@@ -205,7 +218,9 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             rows = g.rows.view(G, block_size)
             kt, vt = _gather(ks, g.cols, acc), _gather(vs, g.cols, acc)
             s = torch.matmul(_gather(qs, rows, acc), kt.transpose(-1, -2)) * scale
-            p = _probs(s, _gather_rows(ls, rows)[..., None], _allowed(g, block_size, is_causal, True, offset, window))
+            p = _probs(s, _gather_rows(ls, rows)[..., None],
+                       _allowed(g, block_size, is_causal, True, offset, window,
+                                _token_rows(lists, bp)))
             dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
             dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
             out = (torch.matmul(dsc, kt) * scale).flatten(3, 4)
@@ -219,7 +234,8 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             qt, dyt = _gather(qs, g.cols, acc), _gather(dys, g.cols, acc)
             s_t = torch.matmul(_gather(ks, rows, acc), qt.transpose(-1, -2)) * scale
             p_t = _probs(s_t, _gather_rows(ls, g.cols)[..., None, :],
-                         _allowed(g, block_size, is_causal, False, offset, window))
+                         _allowed(g, block_size, is_causal, False, offset, window,
+                                  _token_rows(lists, bp)))
             dv_out = torch.matmul(p_t, dyt).sum(2).flatten(2, 3)
             dp_t = torch.matmul(_gather(vs, rows, acc), dyt.transpose(-1, -2))
             ds_t = p_t * (dp_t - _gather_rows(ds_, g.cols)[..., None, :])
@@ -235,3 +251,23 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
 def _gather_rows(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """t [b, hk, g, N] -> [b, hk, g, *tokens.shape]."""
     return t.index_select(3, tokens.flatten()).unflatten(3, tokens.shape)
+
+
+def _token_rows(lists: BlockLists, bp: int):
+    """The token rules of list batch row bp (lists carry the token batch when it is > 1)."""
+    return None if lists.tokens is None else lists.tokens.rows(bp)
+
+
+def _without_padding(lists: BlockLists, **tensors):
+    """The tensors with padded rows (negative document ids) zeroed: padding takes part in
+    nothing, so NaN or garbage there must not reach valid outputs through 0 * NaN.
+    q / dy rows follow the query ids, k / v rows the key ids. -> tuple in the given order."""
+    tokens = lists.tokens
+    if tokens is None or not tokens.has_ids:
+        return tuple(tensors.values())
+    out = []
+    for name, t in tensors.items():
+        ids = tokens.q_ids if name in ("q", "dy") else tokens.k_ids
+        valid = (ids >= 0)[:, None, :, None]  # [Bt, 1, N, 1]
+        out.append(torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device)))
+    return tuple(out)

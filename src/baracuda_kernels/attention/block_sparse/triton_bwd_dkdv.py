@@ -20,11 +20,13 @@ from .triton_bwd_pieces import _list_step, _load_rows
 def _dkdv_inner(
     dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row, it_lo, it_hi,
     stride_qn, stride_gn, offs_n, Nq, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
+    k_id, k_pos, q_ids, q_poss,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
 
@@ -34,6 +36,9 @@ def _dkdv_inner(
     Only the causal diagonal needs an element mask (PARTIAL blocks only).
     q_src/dy_src: pointers to Q/dY of this (b, query head h), or (USE_TMA, tiles dividing the block)
     descriptors over the whole tensors, whose rows past Nq and columns past D read as 0.
+    Token rules (MASKED steps only): k_id / k_pos are this tile's key ids / positions, q_ids /
+    q_poss pointers to the batch row's query ids / positions; a padded query row counts as a
+    row past Nq (q = dy = 0, lse2 = +inf).
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -49,10 +54,16 @@ def _dkdv_inner(
         qb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_M, mask=it + 1 < it_hi, other=0)
         offs_m, row_ok, row0 = _list_step(qb, it, offs_m0, Nq, BS, BLOCK_M, SUBS_M, MASKED)
+        if MASKED and HAS_IDS:
+            q_id = tl.load(q_ids + offs_m, mask=row_ok, other=-1)
+            row_ok = row_ok & (q_id >= 0)
         q = _load_rows(q_src, b32, h32, row0, offs_m, row_ok, stride_qn, offs_dk, dk_ok,
                        CHECK_ROWS, BLOCK_DK != D_K, USE_TMA, BLOCK_M, BLOCK_DK)
         dy = _load_rows(dy_src, b32, h32, row0, offs_m, row_ok, stride_gn, offs_dv, dv_ok,
                         CHECK_ROWS, BLOCK_DV != D_V, USE_TMA, BLOCK_M, BLOCK_DV)
+        if USE_TMA and MASKED and HAS_IDS:  # TMA reads padding rows: zero them
+            q = tl.where(row_ok[:, None], q, 0.0)
+            dy = tl.where(row_ok[:, None], dy, 0.0)
         if CHECK_ROWS:
             lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -64,9 +75,15 @@ def _dkdv_inner(
         p_t = exp_base(qk_t * qk_scale - lse2[None, :], IS_F64)
         if MASKED:
             if IS_CAUSAL or HAS_WINDOW:
-                p_t = tl.where(token_allowed(offs_m[None, :], offs_n[:, None], causal_offset,
+                if HAS_POS:
+                    q_pos = tl.load(q_poss + offs_m, mask=row_ok, other=0)
+                else:
+                    q_pos = offs_m
+                p_t = tl.where(token_allowed(q_pos[None, :], k_pos[:, None], causal_offset,
                                              win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW),
                                p_t, 0.0)
+            if HAS_IDS:
+                p_t = tl.where(k_id[:, None] == q_id[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(dy.dtype), dy, dv, input_precision=PRECISION, out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -80,11 +97,13 @@ def _dkdv_one_head(
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
     b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, win_lo, win_hi, sinks, qk_scale,
+    k_id, k_pos, q_ids, q_poss,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     IS_F64: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     """Add query head h32's contribution to the dK, dV of one key tile: its FULL query
     blocks, then its PARTIAL ones, from its own list row (list head h32 // LIST_DIV)."""
@@ -100,24 +119,27 @@ def _dkdv_one_head(
     rows_base = (b32 * H + h32).to(tl.int64) * Nq
     lse_base = LSE2 + rows_base
     delta_base = DELTA + rows_base
+    # FULL blocks (no mask arithmetic), then PARTIAL ones.
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, causal_offset,
-                         win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK,
-                         BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64,
-                         PRECISION, MASKED=False, USE_TMA=USE_TMA)
+                         win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos, q_ids, q_poss,
+                         BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
+                         HAS_WINDOW, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA,
+                         HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
-                         causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V,
-                         BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW,
-                         IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA)
+                         causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos,
+                         q_ids, q_poss, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
+                         IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA,
+                         HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
-                                     "WIN_LO", "WIN_HI", "SINKS"])
+                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk"])
 def _bwd_dkdv_kernel(
     Q, K, V, DY, LSE2, DELTA, DK, DV,
-    Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER,
+    Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER, Q_IDS, K_IDS, Q_POS, K_POS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -125,7 +147,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_ib, stride_ih, stride_ir,
-    stride_cb, stride_ch,
+    stride_cb, stride_ch, stride_tq, stride_tk,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -133,6 +155,7 @@ def _bwd_dkdv_kernel(
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, TILES_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     """Grid (B*Hkv*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block
     of one K/V head.
@@ -177,6 +200,17 @@ def _bwd_dkdv_kernel(
             hl = ((hk32 * G + g) // LIST_DIV).to(tl.int64)
             n_any += tl.load(Q_COUNT + b * stride_cb + hl * stride_ch + kb)
     load_ok = key_ok & (offs_n < tl.where(n_any > 0, Nk, 0))  # vector & vector (interpreter)
+    q_ids = Q_IDS + b * stride_tq
+    q_poss = Q_POS + b * stride_tq
+    if HAS_IDS:
+        k_id = tl.load(K_IDS + b * stride_tk + offs_n, mask=key_ok, other=-2)
+        load_ok = load_ok & (k_id >= 0)  # a padded key: dk = dv = 0, never read
+    else:
+        k_id = offs_n
+    if HAS_POS:
+        k_pos = tl.load(K_POS + b * stride_tk + offs_n, mask=key_ok, other=0)
+    else:
+        k_pos = offs_n
     k = tl.load(K + b * stride_kb + hk * stride_kh + rows * stride_kn + offs_dk[None, :],
                 mask=load_ok[:, None] & dk_ok[None, :], other=0.0)
     v = tl.load(V + b * stride_vb + hk * stride_vh + rows * stride_vn + offs_dv[None, :],
@@ -194,20 +228,18 @@ def _bwd_dkdv_kernel(
                 stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                 stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
                 b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
-                SINKS, qk_scale,
+                SINKS, qk_scale, k_id, k_pos, q_ids, q_poss,
                 BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
-                HAS_WINDOW, IS_F64,
-                PRECISION, USE_TMA)
+                HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS)
     else:
         dk, dv = _dkdv_one_head(
             dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
             stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
             stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
             b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
-            qk_scale,
+            qk_scale, k_id, k_pos, q_ids, q_poss,
             BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
-            HAS_WINDOW, IS_F64,
-            PRECISION, USE_TMA)
+            HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_dk[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & dk_ok[None, :])

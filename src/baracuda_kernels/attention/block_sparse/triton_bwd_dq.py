@@ -20,12 +20,14 @@ from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 def _dq_inner(
     dq, q, dy, lse2, delta, k_src, v_src, list_row, it_lo, it_hi,
     stride_kn, stride_vn, offs_m, Nk, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
+    q_id, q_pos, k_ids, k_poss,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles it_lo..it_hi of the block list.
 
@@ -33,6 +35,8 @@ def _dq_inner(
     alone would still give P = exp(-lse), which may overflow for very negative lse).
     k_src/v_src: pointers to K/V of this (b, K/V head), or (USE_TMA) descriptors (see
     triton_bwd_dkdv._dkdv_inner); b32/h32 index the descriptors.
+    Token rules (MASKED steps only, see triton_fwd._attend_blocks): a padded key counts as a
+    key past the end (k = v = 0, P = 0).
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -46,18 +50,30 @@ def _dq_inner(
         kb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_N, mask=it + 1 < it_hi, other=0)
         offs_n, col_ok, col0 = _list_step(kb, it, offs_n0, Nk, BS, BLOCK_N, SUBS_N, MASKED)
+        if MASKED and HAS_IDS:
+            k_id = tl.load(k_ids + offs_n, mask=col_ok, other=-2)
+            col_ok = col_ok & (k_id >= 0)
         k = _load_rows(k_src, b32, h32, col0, offs_n, col_ok, stride_kn, offs_dk, dk_ok,
                        CHECK_COLS, BLOCK_DK != D_K, USE_TMA, BLOCK_N, BLOCK_DK)
         v = _load_rows(v_src, b32, h32, col0, offs_n, col_ok, stride_vn, offs_dv, dv_ok,
                        CHECK_COLS, BLOCK_DV != D_V, USE_TMA, BLOCK_N, BLOCK_DV)
+        if USE_TMA and MASKED and HAS_IDS:  # TMA reads padding rows: zero them
+            k = tl.where(col_ok[:, None], k, 0.0)
+            v = tl.where(col_ok[:, None], v, 0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=dq.dtype)
         p = exp_base(qk * qk_scale - lse2[:, None], IS_F64)
         if MASKED:
             allowed = col_ok[None, :]
             if IS_CAUSAL or HAS_WINDOW:
-                allowed = allowed & token_allowed(offs_m[:, None], offs_n[None, :],
+                if HAS_POS:
+                    k_pos = tl.load(k_poss + offs_n, mask=col_ok, other=0)
+                else:
+                    k_pos = offs_n
+                allowed = allowed & token_allowed(q_pos[:, None], k_pos[None, :],
                                                   causal_offset, win_lo, win_hi, sinks,
                                                   IS_CAUSAL, HAS_WINDOW)
+            if HAS_IDS:
+                allowed = allowed & (q_id[:, None] == k_id[None, :])
             p = tl.where(allowed, p, 0.0)
         elif not EVEN_N:
             p = tl.where(col_ok[None, :], p, 0.0)
@@ -68,10 +84,10 @@ def _dq_inner(
 
 
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
-                                     "WIN_LO", "WIN_HI", "SINKS"])
+                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk"])
 def _bwd_dq_kernel(
     Q, K, V, DY, LSE2, DELTA, DQ,
-    KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE,
+    KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE, Q_IDS, K_IDS, Q_POS, K_POS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -81,7 +97,7 @@ def _bwd_dq_kernel(
     stride_cb, stride_ch,
     stride_yb, stride_yh, stride_yn,
     stride_lb, stride_lh, stride_ln,
-    stride_db, stride_dh, stride_dn,
+    stride_db, stride_dh, stride_dn, stride_tq, stride_tk,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -90,6 +106,7 @@ def _bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
 
@@ -129,6 +146,17 @@ def _bwd_dq_kernel(
     # A query block with no active key block reads nothing (masked-off loads): dq = 0, and
     # its delta / lse2 are never read, since no key block's list holds it.
     load_ok = row_ok & (offs_m < tl.where(n_all > 0, Nq, 0))  # vector & vector (interpreter)
+    k_ids = K_IDS + b * stride_tk
+    k_poss = K_POS + b * stride_tk
+    if HAS_IDS:
+        q_id = tl.load(Q_IDS + b * stride_tq + offs_m, mask=row_ok, other=-1)
+        load_ok = load_ok & (q_id >= 0)  # a padded query row: dq = 0, never read
+    else:
+        q_id = offs_m
+    if HAS_POS:
+        q_pos = tl.load(Q_POS + b * stride_tq + offs_m, mask=row_ok, other=0)
+    else:
+        q_pos = offs_m
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qn + offs_dk[None, :],
                 mask=load_ok[:, None] & dk_ok[None, :], other=0.0)
     dy = tl.load(DY + b * stride_gb + h * stride_gh + rows * stride_gn
@@ -153,16 +181,17 @@ def _bwd_dq_kernel(
     k_src = head_source(K, b, hk32.to(tl.int64), stride_kb, stride_kh, USE_TMA)
     v_src = head_source(V, b, hk32.to(tl.int64), stride_vb, stride_vh, USE_TMA)
     b32 = bh // H
+    # FULL blocks (no mask arithmetic), then PARTIAL ones.
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
                    stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
-                   qk_scale, b32, hk32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N,
-                   EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=False,
-                   USE_TMA=USE_TMA)
+                   qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, BS, D_K, D_V, BLOCK_DK,
+                   BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION,
+                   MASKED=False, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, n_full * SUBS_N,
                    n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO,
-                   WIN_HI, SINKS, qk_scale, b32, hk32, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_N,
-                   SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True,
-                   USE_TMA=USE_TMA)
+                   WIN_HI, SINKS, qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, BS, D_K, D_V,
+                   BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64,
+                   PRECISION, MASKED=True, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])

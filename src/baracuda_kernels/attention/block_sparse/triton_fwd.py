@@ -34,14 +34,15 @@ __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_fo
 @triton.jit
 def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_lo, it_hi,
                    offs_m, stride_kn, stride_vn, Nk, causal_offset, win_lo, win_hi, sinks,
-                   qk_scale,
+                   qk_scale, q_id, q_pos, k_ids, k_poss,
                    D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
                    DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                    STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
                    DOT_PRECISION: tl.constexpr,
-                   USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr):
+                   USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr,
+                   HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr):
     """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
 
     One flat loop over (block, column step) pairs, so the software pipeliner sees a single
@@ -49,6 +50,9 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
     block (EVEN_N False) or the head dim is padded.
     k_src/v_src: pointers to K/V of this (b, K/V head h), or (USE_TMA) descriptors over the
     whole ``[B, Hkv, Nk, D]`` K/V whose out-of-bounds rows/columns read as zeros.
+    Token rules (PARTIAL blocks only): q_id / q_pos are the rows' document ids / positions,
+    k_ids / k_poss pointers to this batch row's key ids / positions (HAS_IDS / HAS_POS);
+    a padded key (id < 0) is treated like a key past the end: never read, never attended.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, DK_PAD)
@@ -85,6 +89,9 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                 col_ok = offs_n < tl.minimum(blk0 + BLOCK, Nk)
             else:
                 col_ok = offs_n < blk0 + BLOCK
+            if PARTIAL and HAS_IDS:
+                k_id = tl.load(k_ids + offs_n, mask=col_ok, other=-2)
+                col_ok = col_ok & (k_id >= 0)
         if USE_TMA:
             # Rows past Nk and columns past D_K arrive as zeros. Columns of a step that
             # overruns a generic block are real keys of the next block: scores mask them.
@@ -104,8 +111,14 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
         if MASK_COLS:
             keep = col_ok[None, :]
             if PARTIAL and (IS_CAUSAL or HAS_WINDOW):
-                keep = keep & token_allowed(offs_m[:, None], offs_n[None, :], causal_offset,
+                if HAS_POS:
+                    k_pos = tl.load(k_poss + offs_n, mask=col_ok, other=0)
+                else:
+                    k_pos = offs_n
+                keep = keep & token_allowed(q_pos[:, None], k_pos[None, :], causal_offset,
                                             win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW)
+            if PARTIAL and HAS_IDS:
+                keep = keep & (q_id[:, None] == k_id[None, :])
             # Scale before masking: -inf * 0 would be NaN for scale == 0.
             s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s_ij, 1))
@@ -128,8 +141,9 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 
         if USE_TMA:
             v = v_src.load([b, h, col0, 0]).reshape(BLOCK_N, DV_PAD)
-            if not EVEN_N:
-                # p is 0 on overrun columns, but 0 * (inf or NaN in a neighbour block) is not.
+            if (not EVEN_N) or (PARTIAL and HAS_IDS):
+                # p is 0 on overrun columns and padded keys, but 0 * (inf or NaN in a
+                # neighbour block or in padding) is not.
                 v = tl.where(col_ok[:, None], v, 0.0)
         elif MASK_COLS:
             v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
@@ -146,16 +160,16 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 # Lengths and counts are not specialised (alignment of them never helps here), so a new
 # sequence length does not trigger a recompile; strides are, for vectorised loads.
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET",
-                                     "WIN_LO", "WIN_HI", "SINKS"])
+                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk"])
 def _block_sparse_fwd_kernel(
-    Q, K, V, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT,
+    Q, K, V, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT, Q_IDS, K_IDS, Q_POS, K_POS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_yb, stride_yh, stride_ym, stride_yd,
     stride_lb, stride_lh, stride_lm,
     stride_ib, stride_ih, stride_iq, stride_ik,
-    stride_cb, stride_ch, stride_cq,
+    stride_cb, stride_ch, stride_cq, stride_tq, stride_tk,
     H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -163,7 +177,7 @@ def _block_sparse_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SCALE_NONNEG: tl.constexpr,
     IS_F64: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WIDE_TILE: tl.constexpr,
-    PACK_ROWS: tl.constexpr,
+    PACK_ROWS: tl.constexpr, HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
 
@@ -179,6 +193,8 @@ def _block_sparse_fwd_kernel(
     It pays where a pattern block has fewer query rows than a tile (short queries, decode).
     USE_TMA: K and V are tensor descriptors (block [1, 1, BLOCK_N, D*_PAD]), not pointers;
     their stride arguments are then unused.
+    HAS_IDS / HAS_POS: int32 document ids / positions per token (common.token_rules),
+    [Bt, Nq] and [Bt, Nk] with batch strides stride_tq / stride_tk (0 when shared).
     """
     pid = tl.program_id(0)
     bh = pid // n_tiles  # (b, h), or (b, K/V head) when packed
@@ -220,6 +236,17 @@ def _block_sparse_fwd_kernel(
     # (A row bound instead of `row_ok & (n_all > 0)`: the interpreter mistypes a
     # scalar-bool & vector-bool mask.)
     load_ok = row_ok & (offs_m < tl.where(n_all > 0, row_end, 0))
+    k_ids = K_IDS + b64 * stride_tk
+    k_poss = K_POS + b64 * stride_tk
+    if HAS_IDS:
+        q_id = tl.load(Q_IDS + b64 * stride_tq + offs_m, mask=row_ok, other=-1)
+        load_ok = load_ok & (q_id >= 0)  # a padded query row is never read
+    else:
+        q_id = offs_m
+    if HAS_POS:
+        q_pos = tl.load(Q_POS + b64 * stride_tq + offs_m, mask=row_ok, other=0)
+    else:
+        q_pos = offs_m
     q = tl.load(q_ptrs, mask=load_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
     k_src = head_source(K, b64, hk64, stride_kb, stride_kh, USE_TMA)
     v_src = head_source(V, b64, hk64, stride_vb, stride_vh, USE_TMA)
@@ -236,14 +263,16 @@ def _block_sparse_fwd_kernel(
 
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, q_id, q_pos, k_ids, k_poss,
+        D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW,
-        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE)
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, q_id, q_pos, k_ids, k_poss,
+        D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW,
-        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE)
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS)
 
     # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
     # or inf in q or k) make l NaN: such a row is not "empty", its NaN reaches y and lse.
@@ -275,7 +304,8 @@ def block_sparse_attention_forward_triton(
         q: ``[B, H, Nq, Dk]``; k: ``[B, Hkv, Nk, Dk]``; v: ``[B, Hkv, Nk, Dv]`` (same dtype,
             any strides with unit last stride; Dk, Dv <= 256; H a multiple of Hkv).
         lists: ``BlockLists`` built on q.device for (Nq, Nk, block_size, is_causal), with
-            1, Hkv or H pattern heads.
+            1, Hkv or H pattern heads; their ``tokens`` (document ids / positions) are
+            applied per token in PARTIAL blocks.
         block_size: pattern block size (any value >= 1; 16..256 multiples of the tile are fast).
         scale: softmax scale applied to q @ k^T.
         is_causal: False, True (key j visible to query i only if j <= i) or "bottom_right"
@@ -345,15 +375,17 @@ def block_sparse_attention_forward_triton(
         k_arg, v_arg = k, v
 
     grid = (B * heads_in_grid * n_tiles,)
+    tokens = lists.tokens
+    token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (cnt,) * 4 + (0, 0)
     _block_sparse_fwd_kernel[grid](
-        q, k_arg, v_arg, y, lse, idx, lists.kv_count_full, cnt,
+        q, k_arg, v_arg, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4],
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         sib, sih, idx.stride(2), idx.stride(3),
-        scb, sch, cnt.stride(2),
+        scb, sch, cnt.stride(2), *token_args[4:],
         H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
         causal_offset(is_causal, Nq, Nk), *window_args(window),
         D_K=d_k, D_V=d_v, DK_PAD=dk_pad, DV_PAD=dv_pad,
@@ -363,7 +395,8 @@ def block_sparse_attention_forward_triton(
         HAS_WINDOW=window is not None,
         SCALE_NONNEG=(scale >= 0), IS_F64=is_f64, DOT_PRECISION=precision, USE_TMA=use_tma,
         WIDE_TILE=wide_tile_offsets(bn, k.stride(2), v.stride(2), d_k, d_v),
-        PACK_ROWS=pack_rows, num_warps=warps, num_stages=config.num_stages,
+        PACK_ROWS=pack_rows, HAS_IDS=tokens is not None and tokens.has_ids,
+        HAS_POS=tokens is not None and tokens.has_positions, num_warps=warps, num_stages=config.num_stages,
     )
 
 

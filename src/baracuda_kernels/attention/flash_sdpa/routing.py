@@ -44,8 +44,8 @@ def _all_active(prepared: PreparedPattern) -> bool:
         return False
     if prepared.is_causal == "bottom_right" and nq_ != nk_:
         return False  # a shifted diagonal: not what the library's is_causal computes
-    if tuple(prepared.window_size) != (-1, -1):
-        return False  # a token window: not dense attention
+    if tuple(prepared.window_size) != (-1, -1) or prepared.token_rules is not None:
+        return False  # a token window, documents, padding or a prefix: not dense attention
     bs = kernel_block_size(prepared.block_size, nq_, nk_)  # what the lists were built with
     reachable = nq * nk
     if prepared.is_causal:  # key block kb reachable from query block qb iff kb*bs <= its last row
