@@ -1,12 +1,14 @@
 """baracuda_kernels: fast block-sparse attention for PyTorch behind a plan-based API.
 
 Functional:  y = baracuda_kernels.block_sparse_attention(q, k, v, pattern, block_size=128)
+Varlen:      y = baracuda_kernels.block_sparse_attention_varlen(q, k, v, cu_q, cu_k)
 Plan API:    plan = SdpaBlockSparsePlan.select(SdpaBlockSparseDescriptor(...)); plan.run(args)
 """
 
 from .attention import (AttentionKind, FlashSdpaArgs, FlashSdpaDescriptor, FlashSdpaPlan,
                         PreparedPattern, SdpaBlockSparseArgs, SdpaBlockSparseDescriptor,
-                        SdpaBlockSparsePlan, block_sparse_attention, flash_sdpa, prepare_pattern)
+                        SdpaBlockSparsePlan, TokenRules, block_sparse_attention,
+                        block_sparse_attention_varlen, flash_sdpa, prepare_pattern)
 from .core import (ArchSku, BackendKind, ElementKind, Error, InvalidProblem,
                    KernelSku, MathPrecision, OpCategory, PlanPreference, PrecisionGuarantee,
                    Unsupported)
@@ -18,6 +20,6 @@ __all__ = [
     "FlashSdpaDescriptor", "FlashSdpaPlan", "InvalidProblem", "KernelSku", "MathPrecision",
     "OpCategory", "PlanPreference", "PrecisionGuarantee",
     "PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor", "SdpaBlockSparsePlan",
-    "Unsupported",
-    "block_sparse_attention", "flash_sdpa", "prepare_pattern", "__version__",
+    "TokenRules", "Unsupported",
+    "block_sparse_attention", "block_sparse_attention_varlen", "flash_sdpa", "prepare_pattern", "__version__",
 ]

@@ -38,7 +38,7 @@ from ..common.autograd_pieces import refuse_double_backward
 from ..common.numerics import accumulator_dtype
 from .descriptor import SdpaBlockSparseDescriptor
 from ..common.token_rules import TokenRules
-from .plan import SdpaBlockSparsePlan
+from .plan import SdpaBlockSparsePlan, output_like
 
 _PLANS = PlanCache()  # (descriptor, device, backend) -> plan of the functional API
 
@@ -150,7 +150,7 @@ def token_args(tokens: Optional[TokenRules]) -> tuple:
 def _(q, k, v, pattern, block_size, scale, is_causal, backend, window_left=-1, window_right=-1,
       sink_tokens=0, q_ids=None, k_ids=None, q_pos=None, k_pos=None):
     lse_dtype = accumulator_dtype(q.dtype)
-    y = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    y = output_like(q, v.shape[-1])
     return y, q.new_empty(q.shape[:-1], dtype=lse_dtype)
 
 

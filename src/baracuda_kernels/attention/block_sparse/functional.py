@@ -11,7 +11,7 @@ from ..common.autograd_pieces import autocast_inputs
 from ..common.problem import check_qkv
 from ..flash_sdpa.library_autograd import library_attention
 from ..flash_sdpa.routing import all_blocks_active, dense_route
-from ..common.token_rules import token_rules_for
+from ..common.token_rules import TokenRules, token_rules_for
 from .autograd import (BlockSparseAttentionFunction, block_sparse_attention_op, causal_arg,
                        plan_for, token_args)
 from .descriptor import SdpaBlockSparseDescriptor
@@ -25,7 +25,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            backend: Optional[str] = None, deterministic: Optional[bool] = None,
                            window_size: Optional[tuple] = None,
                            sink_tokens: Optional[int] = None, document_ids=None,
-                           query_range=None, key_range=None, prefix_lengths=None):
+                           query_range=None, key_range=None, prefix_lengths=None,
+                           token_rules: Optional[TokenRules] = None):
     """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
 
     y = softmax(scale * q @ k^T + mask) @ v, where mask is -inf outside the active blocks of
@@ -77,6 +78,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             Document ids, ranges and a prefix are exact per token: blocks they cut are
             masked, blocks they empty skipped; NaN in padding never reaches a valid output.
             With a PreparedPattern pass them to prepare_pattern instead.
+        token_rules: ready TokenRules (``plan.token_rules(...)``, or a varlen pack's) instead
+            of the four arguments above.
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.
@@ -112,10 +115,13 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     token_kwargs = dict(document_ids=document_ids, query_range=query_range,
                         key_range=key_range, prefix_lengths=prefix_lengths)
     has_tokens = any(v is not None for v in token_kwargs.values())
+    if token_rules is not None and has_tokens:
+        raise InvalidProblem("token_rules was passed with document_ids / query_range / key_range "
+                             "/ prefix_lengths; expected one or the other.")
     if isinstance(block_pattern, PreparedPattern):
         block_size, is_causal, window_size, sink_tokens = _from_prepared(
             block_pattern, block_size, is_causal, window_size, sink_tokens)
-        if has_tokens:
+        if has_tokens or token_rules is not None:
             raise InvalidProblem(
                 "document_ids / query_range / key_range / prefix_lengths were passed with a "
                 "PreparedPattern; expected them in prepare_pattern(...) (its lists are built "
@@ -135,7 +141,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     device = check_qkv(desc, q, k, v)
     tokens = token_rules_for(desc.batch_size, desc.query_len, desc.key_len, device,
                              desc.is_causal, desc.window_size, **token_kwargs) \
-        if has_tokens else None
+        if has_tokens else token_rules
+    if token_rules is not None:
+        token_rules.check_for(desc.batch_size, desc.query_len, desc.key_len, device)
     if backend is not None and not isinstance(backend, str):
         backend = backend.value  # a BackendKind
     with no_autocast:

@@ -255,7 +255,7 @@ class SdpaBlockSparsePlan(Plan):
         """Launch the forward on checked tensors; allocates y / lse when None. -> (y, lse)"""
         d = self._desc
         if y is None:
-            y = torch.empty(d.output_shape(), dtype=d.element.torch_dtype, device=q.device)
+            y = output_like(q, d.d_v)
         if lse is None:
             lse = torch.empty(d.lse_shape(), dtype=d.lse_dtype, device=q.device)
         if d.is_empty:
@@ -346,3 +346,13 @@ class SdpaBlockSparsePlan(Plan):
                 block_sparse_attention_backward_reference(q, k, v_run, y_run, lse, dy_run, lists,
                                                           **kwargs)
         return dq, dk, dv
+
+
+def output_like(q: torch.Tensor, d_v: int) -> torch.Tensor:
+    """An empty y [B, H, Nq, d_v] in q's dtype, laid out like q: token-major ([B, Nq, H, D]
+    in memory, as a packed varlen batch or a transposed [B, N, H, D] tensor is) when q is,
+    so that the caller's transpose back costs no copy; else contiguous."""
+    B, H, Nq, _ = q.shape
+    if H > 1 and Nq > 1 and q.stride(1) < q.stride(2):
+        return torch.empty(B, Nq, H, d_v, dtype=q.dtype, device=q.device).transpose(1, 2)
+    return torch.empty(B, H, Nq, d_v, dtype=q.dtype, device=q.device)
