@@ -262,7 +262,8 @@ def test_block_pattern_and_plan_prepare():
     prepared = pattern.prepare()
     assert prepared.is_causal and prepared.block_size == BS
     assert torch.equal(bk.block_sparse_attention(q, k, v, prepared), y)
-    desc = bk.SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=BS, is_causal=True)
+    desc = bk.SdpaBlockSparseDescriptor.from_tensors(q, k, v, block_size=BS, is_causal=True,
+                                                     **pattern.kernel_rules)
     plan = bk.SdpaBlockSparsePlan.select(desc, device=DEVICE)
     from_plan = plan.prepare(pattern.mask)
     assert torch.equal(plan.run(bk.SdpaBlockSparseArgs(q, k, v, from_plan))[0], y)

@@ -18,6 +18,7 @@ import torch
 
 from baracuda_kernels.attention import patterns as P
 from baracuda_kernels.attention.patterns import BlockPattern
+from oracle import token_mask, token_rule_mask
 from baracuda_kernels.core import InvalidProblem, Unsupported
 
 
@@ -42,10 +43,19 @@ def blocks_any(tok, bs):
 
 
 def kernel_tokens(p):
-    """Token pairs the kernel computes, from the block mask by repetition."""
+    """Token pairs the kernel computes, from the block mask by repetition, and the kernel
+    rules the pattern hands to the attention call (stated by the test oracle)."""
     bs = p.block_size
     t = p.mask.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :p.query_len, :p.key_len]
-    if p.is_causal:
+    rules = p.kernel_rules or {}
+    if rules:
+        prefix = rules.get("prefix_lengths")
+        t = t & token_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), p.query_len, p.key_len,
+                           1 << 20, p.is_causal and prefix is None,
+                           rules.get("window_size", (-1, -1)), rules.get("sink_tokens", 0))
+        t = t & token_rule_mask(t.shape[0], p.query_len, p.key_len, p.is_causal,
+                                document_ids=rules.get("document_ids"), prefix_lengths=prefix)
+    elif p.is_causal:
         t = t & torch.ones(p.query_len, p.key_len, dtype=torch.bool).tril()
     return t
 
@@ -57,7 +67,8 @@ def check_pattern(p, rule, minimal=True):
     assert p.mask.dtype == torch.bool and p.mask.dim() == 4
     assert (p.num_blocks_q, p.num_blocks_k) == (math.ceil(lq / bs), math.ceil(lk / bs))
     rule = rule.expand(p.batch, p.num_heads, lq, lk)
-    if p.is_causal:
+    has_prefix = "prefix_lengths" in (p.kernel_rules or {})  # causal relaxed by the prefix
+    if p.is_causal and not has_prefix:
         rule = rule & torch.ones(lq, lk, dtype=torch.bool).tril()
     if minimal:
         assert torch.equal(p.mask, blocks_any(rule, bs)), "block mask is not the minimal cover"
@@ -83,10 +94,12 @@ def check_pattern(p, rule, minimal=True):
     assert torch.equal(p.exact_mask, p.mask & ~bad)
     rep = p.coarsening_report()
     assert rep.coarsened_blocks == int((p.mask & bad).sum())
-    # the generic (rule-evaluating) count agrees with the builder's closed form
-    generic = BlockPattern(p.mask, block_size=bs, query_len=lq, key_len=lk,
-                           is_causal=p.is_causal, token_rule=p.token_rule)
-    assert generic.extra_token_pairs == extra
+    # the generic (rule-evaluating) count agrees with the builder's closed form (without
+    # kernel rules, which the generic pattern does not have)
+    if p.kernel_rules is None:
+        generic = BlockPattern(p.mask, block_size=bs, query_len=lq, key_len=lk,
+                               is_causal=p.is_causal, token_rule=p.token_rule)
+        assert generic.extra_token_pairs == extra
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,9 +148,12 @@ def test_sliding_window_lengths(lq, lk, bs, is_causal):
 def test_sliding_window_exact_and_coarsened_cases():
     # a window covering everything in causal mode is exactly causal
     assert P.sliding_window(64, 64, block_size=16).exact
-    # a narrow window cuts blocks: coarsened, and the report says by how much
-    p = P.sliding_window(64, 5, block_size=16)
-    assert not p.exact and p.extra_token_pairs > 0
+    # a narrow window cuts blocks, and the kernels cut them per token: exact
+    p = P.sliding_window(64, 5, block_size=16, sinks=3)
+    assert p.exact and p.kernel_rules == dict(window_size=(4, 0), sink_tokens=3)
+    # a global token does not fill its block: coarsened, and the report says by how much
+    p = P.sliding_window(64, 5, block_size=16, global_tokens=[3])
+    assert p.kernel_rules is None and not p.exact and p.extra_token_pairs > 0
     assert "coarsened" in str(p.coarsening_report())
 
 
@@ -262,7 +278,7 @@ def test_prefix_lm(prefix, bs):
     n = 37
     pl = prefix if isinstance(prefix, list) else [prefix]
     p = P.prefix_lm(n, prefix, block_size=bs)
-    assert not p.is_causal and p.batch == len(pl)
+    assert p.is_causal and p.exact and p.batch == len(pl)
     check_pattern(p, dense(lambda b, h, i, j: j <= i or j < pl[b], n, n, b=len(pl)))
 
 
@@ -308,11 +324,12 @@ def test_per_head():
     check_pattern(p, dense(pred, n, n, h=3))
     # batch broadcasting: prefix_lm with per-batch prefixes next to a broadcast pattern
     q = P.per_head([P.prefix_lm(n, [4, 30], block_size=bs), P.random_blocks(n, block_size=bs,
-                                                                           density=0.2)])
+                                                                           density=0.2,
+                                                                           causal=True)])
     assert q.shape == (2, 2, 10, 10)
     assert torch.equal(q.mask[1, 1], q.mask[0, 1])
     with pytest.raises(InvalidProblem, match="is_causal"):
-        P.per_head([P.causal(n, block_size=bs), P.prefix_lm(n, 3, block_size=bs)])
+        P.per_head([P.causal(n, block_size=bs), P.random_blocks(n, block_size=bs, density=0.2)])
     with pytest.raises(InvalidProblem, match="heads"):
         P.per_head([p])
 
@@ -372,7 +389,9 @@ def test_from_mask_fn_long_sequence_chunked():
     p = P.from_mask_fn(sw, n, block_size=128, is_causal=True, chunk_pairs=1 << 20)   # 16 chunks
     ref = P.sliding_window(n, w, block_size=128)
     assert torch.equal(p.mask, ref.mask)
-    assert p.extra_token_pairs == ref.extra_token_pairs
+    coarse = BlockPattern(ref.mask, block_size=128, query_len=n, is_causal=True,
+                          token_rule=ref.token_rule)       # the window without kernel rules
+    assert p.extra_token_pairs == coarse.extra_token_pairs > 0
 
 
 def test_from_mask_fn_bad_shape():
@@ -514,12 +533,14 @@ def test_flex_round_trip(idx):
     bs = p.block_size
     for qb, kb in full[0, 0].nonzero().tolist():
         assert (qb + 1) * bs <= p.query_len and (kb + 1) * bs <= p.key_len
-        assert not p.is_causal or (kb + 1) * bs - 1 <= qb * bs
+        assert not p.is_causal or (kb + 1) * bs - 1 <= qb * bs or \
+            "prefix_lengths" in p.kernel_rules       # a prefix lifts the causal cut
     tok = create_mask(bm.mask_mod, p.batch, p.num_heads, p.query_len, p.key_len, device="cpu")
     assert torch.equal(tok, p.to_dense_token_mask())
     back = P.from_flex_block_mask(bm, is_causal=p.is_causal)
     assert back == p
-    assert back.extra_token_pairs == 0       # the mask_mod only restates the blocks
+    if p.kernel_rules is None:
+        assert back.extra_token_pairs == 0   # the mask_mod only restates the blocks
 
 
 @needs_flex
@@ -547,8 +568,11 @@ def test_from_flex_create_block_mask():
     p = P.from_flex_block_mask(bm, is_causal=True)
     ref = P.sliding_window(300, 50, block_size=32)
     assert torch.equal(p.mask, ref.mask)
-    # the mask_mod is the token rule: dropping it in partial blocks is the coarsening
-    assert p.extra_token_pairs == ref.extra_token_pairs
+    # the mask_mod is the token rule: dropping it in partial blocks is the coarsening (the
+    # sliding_window builder hands its rule to the kernels instead, and is exact)
+    coarse = BlockPattern(ref.mask, block_size=32, query_len=300, is_causal=True,
+                          token_rule=ref.token_rule)
+    assert p.extra_token_pairs == coarse.extra_token_pairs > 0 and ref.exact
     odd = BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, BLOCK_SIZE=(32, 64),
                                    seq_lengths=(300, 600))
     with pytest.raises(Unsupported, match="square"):

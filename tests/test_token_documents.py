@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import baracuda_kernels as bk
+from baracuda_kernels.attention import patterns as P
 from baracuda_kernels.attention.block_sparse.block_lists import FULL, PARTIAL, SKIP, classify_blocks
 from baracuda_kernels.attention.common.token_rules import TokenRules
 from cases import ALL_DTYPES, HAS_CUDA, check_token_rule, nblocks
@@ -174,3 +175,60 @@ def test_plan_api_token_rules():
     with pytest.raises(bk.InvalidProblem, match="token rules"):
         plan.run(bk.SdpaBlockSparseArgs(q, k, v, p, token_rules=TokenRules(
             torch.zeros(2, 39, dtype=torch.int32), torch.zeros(2, 40, dtype=torch.int32))))
+
+
+BUILDERS = [
+    ("sliding_window", lambda: P.sliding_window(70, 9, block_size=16, sinks=3)),
+    ("sliding_window-bidir", lambda: P.sliding_window(70, 9, block_size=16, causal=False)),
+    ("document_mask", lambda: P.document_mask([[13, 30, 27], [1, 40, 29]], block_size=16,
+                                              causal=True)),
+    ("prefix_lm", lambda: P.prefix_lm(70, [21, 0], block_size=16)),
+    ("window&blocks", lambda: P.sliding_window(70, 20, block_size=16)
+     & P.random_blocks(70, block_size=16, density=0.7, seed=2, causal=True)),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize("name,build", BUILDERS, ids=[b[0] for b in BUILDERS])
+def test_builders_are_exact_in_attention(backend, prepared, name, build):
+    """A builder's pattern passed as is: the call applies its kernel rules, and the result is
+    its token rule exactly (dense SDPA with the rule's token mask, in float64)."""
+    p = build()
+    assert p.exact and p.kernel_rules, p.coarsening_report()
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 70, 16, generator=gen, dtype=torch.float64) * s
+               for s in (2, 1, 1))
+    if backend == "triton" and HAS_CUDA:
+        q, k, v = (t.cuda() for t in (q, k, v))
+    pattern = p.to(q.device).prepare() if prepared else p.to(q.device)
+    y = bk.block_sparse_attention(q, k, v, pattern, backend=backend)
+    allowed = p.to_dense_token_mask(rule=True).expand(2, 2, 70, 70).to(q.device)
+    s = (q @ k.transpose(-1, -2)) / 4
+    ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
+    ref = torch.where(allowed.any(-1, keepdim=True), ref, 0.0)  # rows that see nothing: 0
+    torch.testing.assert_close(y, ref)
+    assert torch.equal(p.to_dense_token_mask(), p.to_dense_token_mask(rule=True))
+
+
+def test_builder_rules_must_agree_with_the_call():
+    q = k = v = torch.randn(1, 2, 70, 8, dtype=torch.float64)
+    p = P.sliding_window(70, 9, block_size=16, sinks=3)
+    with pytest.raises(bk.InvalidProblem, match="window_size"):
+        bk.block_sparse_attention(q, k, v, p, window_size=(20, 0))
+    y1 = bk.block_sparse_attention(q, k, v, p)
+    y2 = bk.block_sparse_attention(q, k, v, p, window_size=(8, 0), sink_tokens=3)
+    assert torch.equal(y1, y2)
+    d = P.document_mask([30, 40], block_size=16)
+    with pytest.raises(bk.InvalidProblem, match="document_ids"):
+        bk.block_sparse_attention(q, k, v, d, document_ids=torch.zeros(70, dtype=torch.int32))
+    desc = bk.SdpaBlockSparseDescriptor(1, 2, 70, 70, 8, 8, block_size=16, element="f64",
+                                        is_causal=True)
+    plan = bk.SdpaBlockSparsePlan.select(desc, device="cpu")
+    with pytest.raises(bk.InvalidProblem, match="window"):
+        plan.run(bk.SdpaBlockSparseArgs(q, k, v, p))
+    y3, _ = plan.run(bk.SdpaBlockSparseArgs(q, k, v, P.document_mask([30, 40], block_size=16,
+                                                                    causal=True)))
+    y4 = bk.block_sparse_attention(q, k, v, P.document_mask([30, 40], block_size=16,
+                                                             causal=True))
+    assert torch.equal(y3, y4)

@@ -190,7 +190,8 @@ def test_causal_block_pattern_needs_causal_call():
     with pytest.raises(InvalidProblem, match="is_causal"):
         bk.block_sparse_attention(q, q, q, p, is_causal=False)
     y_default = bk.block_sparse_attention(q, q, q, p)           # follows the pattern
-    y_causal = bk.block_sparse_attention(q, q, q, p.mask, block_size=16, is_causal=True)
+    y_causal = bk.block_sparse_attention(q, q, q, p.mask, block_size=16, is_causal=True,
+                                         window_size=(31, 0))  # the builder's window, exact
     assert torch.equal(y_default, y_causal)
     with pytest.raises(InvalidProblem, match="block_size"):
         bk.block_sparse_attention(q, q, q, p, block_size=32)

@@ -41,15 +41,15 @@ def _time(fn, device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _check_tail_rows(q, k, v, y, pattern, rows: int) -> float:
+def _check_tail_rows(q, k, v, y, window: int, sinks: int, rows: int) -> float:
     """Relative error of y's last `rows` query rows against dense float32 SDPA with the
-    pattern expanded to a token mask (an independent check that stays small at 16k)."""
-    N, bs = q.shape[2], pattern.block_size
+    token rule (causal, a window of ``window`` tokens and ``sinks`` sink tokens) as a token
+    mask: an independent check that stays small at 16k."""
+    N = q.shape[2]
     first = N - rows
-    q_blk = torch.arange(first, N, device=q.device) // bs
-    k_blk = torch.arange(N, device=q.device) // bs
-    allowed = pattern.mask[0, 0][q_blk][:, k_blk]
-    allowed &= torch.arange(N, device=q.device)[None, :] <= torch.arange(first, N, device=q.device)[:, None]
+    i = torch.arange(first, N, device=q.device)[:, None]
+    j = torch.arange(N, device=q.device)[None, :]
+    allowed = (j <= i) & ((i - j < window) | (j < sinks))
     ref = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, first:].float(), k.float(), v.float(), attn_mask=allowed)
     got = y[:, :, first:].float()
@@ -71,14 +71,16 @@ def run(args) -> int:
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
 
-    desc = SdpaBlockSparseDescriptor(B, H, N, N, D, D, block_size=bs, is_causal=True, element=dtype)
+    # The builder's window and sinks (pattern.kernel_rules) are cut per token by the kernels.
+    desc = SdpaBlockSparseDescriptor(B, H, N, N, D, D, block_size=bs, is_causal=True, element=dtype,
+                                     **pattern.kernel_rules)
     plan = SdpaBlockSparsePlan.select(desc, device=device)
     args_ = SdpaBlockSparseArgs(q, k, v, pattern)
     y, lse = plan.run(args_)
 
-    err = _check_tail_rows(q, k, v, y, pattern, rows=min(N, 1024))
+    err = _check_tail_rows(q, k, v, y, window, bs, rows=min(N, 1024))
 
-    lists = BlockLists.build(pattern.mask, N, N, bs, True)
+    lists = BlockLists.build(pattern.mask, N, N, bs, True, window=desc.window)
     active = int((lists.block_class != 0).sum())
     sparse_s = _time(lambda: plan.run(args_), device, repeats=3)
     dense_s = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),

@@ -13,7 +13,8 @@
   Its ``train`` differentiates the expanded K/V (``Prepared.train_inputs``); the check sums
   their gradients over each group (``Prepared.case_grads``) to compare with the case's.
 * ``flex``: FlexAttention with a ``BlockMask`` of the same pattern (``to_flex_block_mask``:
-  full blocks without mask_mod, ``kv_idx <= q_idx`` on the blocks the diagonal crosses),
+  full blocks without mask_mod, ``kv_idx <= q_idx`` on the blocks the diagonal crosses, and
+  a builder's window / documents / prefix as the mask_mod: the same exact rule as ours),
   compiled (``torch.compile(flex_attention, dynamic=False)``) on CUDA, eager on CPU, where a
   compile takes about a minute per shape. Compile time is excluded (first call = warm-up).
   With GQA it is called with ``enable_gqa=True`` (torch >= 2.5; Unavailable before).
@@ -128,9 +129,17 @@ def _sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------ ours
 def _descriptor(inputs: Inputs) -> SdpaBlockSparseDescriptor:
     g = inputs.geometry
+    window = _window_rules(inputs.pattern)  # a builder's window: the kernels cut it per token
     return SdpaBlockSparseDescriptor(g.batch, g.heads, g.seq_len, g.seq_len, g.head_dim, g.head_dim,
                                      block_size=g.block_size, is_causal=inputs.is_causal,
-                                     element=g.dtype, num_kv_heads=inputs.k.shape[1])
+                                     element=g.dtype, num_kv_heads=inputs.k.shape[1], **window)
+
+
+def _window_rules(pattern) -> dict:
+    """window_size / sink_tokens of a pattern's kernel rules (versions before kernel rules,
+    and patterns without a window: none)."""
+    rules = getattr(pattern, "kernel_rules", None) or {}
+    return {k: v for k, v in rules.items() if k in ("window_size", "sink_tokens")}
 
 
 def prepared_pattern(inputs: Inputs):
@@ -160,7 +169,8 @@ def _plan_based(inputs: Inputs, backend: Optional[str]) -> Prepared:
         # A fresh view (no copy) per call: a new pattern object, as when a model builds its
         # pattern inside forward, so nothing cached on the pattern can be reused.
         return block_sparse_attention(q, k, v, mask.view(mask.shape), block_size=g.block_size,
-                                      is_causal=inputs.is_causal, backend=chosen)
+                                      is_causal=inputs.is_causal, backend=chosen,
+                                      **(getattr(inputs.pattern, "kernel_rules", None) or {}))
 
     config = plan.sku.config
     detail = chosen if not config else f"{chosen} {config}"
@@ -243,7 +253,14 @@ def flex_block_mask(inputs: Inputs, compiled: bool = True):
     bm = inputs.pattern.to_flex_block_mask()
     if g.seq_len % g.block_size or not compiled:
         return bm
-    mask_mod = _causal_mask_mod if inputs.is_causal else None
+    rules = getattr(inputs.pattern, "kernel_rules", None)
+    if rules:
+        # The pattern's token rule (a window, documents, a prefix), which our kernels cut
+        # per token too: Flex gets the same rule as its mask_mod, for the same work.
+        from ..attention.patterns.kernel_rules import kernel_allows
+        mask_mod = kernel_allows(rules, inputs.is_causal, g.seq_len, g.seq_len)
+    else:
+        mask_mod = _causal_mask_mod if inputs.is_causal else None
 
     def full(t):  # [Bp, Hp, ...] -> [B, H, ...]
         return None if t is None else t.expand((g.batch, g.heads) + tuple(t.shape[2:])).contiguous()

@@ -247,9 +247,12 @@ class Sweep:
                 k_ref, v_ref = (baselines.expand_kv(t, group) for t in (k_ref, v_ref))
                 if mask.shape[1] == inputs.k.shape[1] > 1:     # a pattern per K/V head
                     mask = mask.repeat_interleave(group, dim=1)
+            # The pattern's kernel rules (a builder's window, documents, prefix) are part
+            # of the problem: every implementation computes them exactly.
             y_ref = block_sparse_attention(q_ref, k_ref, v_ref, mask,
                                            block_size=g.block_size, is_causal=inputs.is_causal,
-                                           backend="reference")
+                                           backend="reference",
+                                           **(getattr(inputs.pattern, "kernel_rules", None) or {}))
             g_ref = torch.autograd.grad(y_ref, leaves, inputs.dy.to(ref_dtype)) if need_bwd else None
         except Exception as exc:
             self.log(f"   {case.pattern.name}: reference failed, no check: {baselines._first_line(exc)}")

@@ -16,7 +16,7 @@ from .autograd import (BlockSparseAttentionFunction, block_sparse_attention_op, 
                        plan_for, token_args)
 from .descriptor import SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
-from .validation import canonical_pattern
+from .validation import canonical_pattern, with_pattern_rules
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_pattern, *,
@@ -45,7 +45,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             the query heads of its group; Hp = 1: one for all heads. (When H == Hkv, or
             Hkv == 1, two of these readings coincide and mean the same thing.)
             A BlockPattern (baracuda_kernels.patterns) is accepted too and carries
-            its block_size. Either is read afresh on every call (its lists are rebuilt: one
+            its block_size, and (``kernel_rules``) the window, documents or prefix of the
+            builder's token rule, which the call applies: such patterns are exact. Either is read afresh on every call (its lists are rebuilt: one
             Triton launch on CUDA). A PreparedPattern (``prepare_pattern`` or
             ``BlockPattern.prepare()``) carries lists built once: no pattern work per call.
         block_size: side of a pattern block in tokens (required unless block_pattern is a
@@ -115,9 +116,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     token_kwargs = dict(document_ids=document_ids, query_range=query_range,
                         key_range=key_range, prefix_lengths=prefix_lengths)
     has_tokens = any(v is not None for v in token_kwargs.values())
-    if token_rules is not None and has_tokens:
-        raise InvalidProblem("token_rules was passed with document_ids / query_range / key_range "
-                             "/ prefix_lengths; expected one or the other.")
     if isinstance(block_pattern, PreparedPattern):
         block_size, is_causal, window_size, sink_tokens = _from_prepared(
             block_pattern, block_size, is_causal, window_size, sink_tokens)
@@ -126,6 +124,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                 "document_ids / query_range / key_range / prefix_lengths were passed with a "
                 "PreparedPattern; expected them in prepare_pattern(...) (its lists are built "
                 "with them), or a raw pattern here.")
+    else:
+        window_size, sink_tokens, token_kwargs = with_pattern_rules(
+            block_pattern, window_size, sink_tokens, token_kwargs)
+        has_tokens = any(v is not None for v in token_kwargs.values())
+    if token_rules is not None and has_tokens:
+        raise InvalidProblem("token_rules was passed with document_ids / query_range / key_range "
+                             "/ prefix_lengths (or a pattern carrying documents / a prefix); "
+                             "expected one or the other.")
     if block_size is None:
         block_size = getattr(block_pattern, "block_size", None)
         if block_size is None:
@@ -168,6 +174,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                 if dense is not None:
                     return library_attention(dense, q, k, v)
             plan = plan_for(desc, device, backend or None)
+            if getattr(block_pattern, "kernel_rules", None):
+                # Its rules are merged into desc / tokens above: hand over the checked mask.
+                block_pattern = canonical_pattern(desc, block_pattern, device)
             y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan,
                                                         plan.block_lists(block_pattern, tokens))
     return (y, lse) if return_lse else y

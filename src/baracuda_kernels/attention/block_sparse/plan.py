@@ -19,7 +19,7 @@ from .prepared import PreparedPattern
 from .reference import (block_sparse_attention_backward_reference,
                         block_sparse_attention_forward_reference)
 from .triton_fwd_configs import SHORT_ROW_BLOCKS
-from .validation import canonical_pattern
+from .validation import canonical_pattern, with_pattern_rules
 
 
 # Who can run block-sparse attention: our Triton kernels (CUDA; the CPU interpreter only when
@@ -169,6 +169,11 @@ class SdpaBlockSparsePlan(Plan):
             return block_pattern
         pattern = canonical_pattern(self._desc, block_pattern, None)
         d = self._desc
+        if getattr(block_pattern, "kernel_rules", None):
+            window, sinks, token_rules = with_pattern_rules(block_pattern, d.window_size,
+                                                           d.sink_tokens, token_rules)
+            if (tuple(window), sinks) != (d.window_size, d.sink_tokens):
+                self._pattern_token_rules(block_pattern, None)  # raises the window mismatch
         return PreparedPattern.build(pattern, query_len=d.query_len, key_len=d.key_len,
                                      block_size=d.block_size, is_causal=d.is_causal,
                                      window_size=d.window_size, sink_tokens=d.sink_tokens,
@@ -183,6 +188,24 @@ class SdpaBlockSparsePlan(Plan):
                                d.window_size, document_ids=document_ids,
                                query_range=query_range, key_range=key_range,
                                prefix_lengths=prefix_lengths)
+
+    def _pattern_token_rules(self, pattern, tokens: Optional[TokenRules]) -> Optional[TokenRules]:
+        """The token rules of a BlockPattern that carries kernel rules; its window must be
+        the plan's (the descriptor fixes the window)."""
+        d = self._desc
+        window, sinks, kwargs = with_pattern_rules(pattern, d.window_size, d.sink_tokens,
+                                                   dict(document_ids=None, prefix_lengths=None))
+        if (tuple(window), sinks) != (d.window_size, d.sink_tokens):
+            raise InvalidProblem(
+                f"BlockPattern {pattern.description} applies window_size={window}, "
+                f"sink_tokens={sinks}; the plan's descriptor has {d.window_size}, "
+                f"{d.sink_tokens}. Select the plan with the pattern's window.")
+        if all(v is None for v in kwargs.values()):
+            return tokens
+        if tokens is not None:
+            raise InvalidProblem(f"token rules were given with BlockPattern {pattern.description}, "
+                                 f"which carries its own documents / prefix; expected one of them.")
+        return self.token_rules(**kwargs)
 
     def block_lists(self, block_pattern, tokens: Optional[TokenRules] = None) -> BlockLists:
         """The active-block lists of a pattern for this plan.
@@ -201,6 +224,8 @@ class SdpaBlockSparsePlan(Plan):
             return block_pattern.lists
         pattern = canonical_pattern(self._desc, block_pattern, self._device)
         d = self._desc
+        if getattr(block_pattern, "kernel_rules", None):
+            tokens = self._pattern_token_rules(block_pattern, tokens)
         if tokens is not None:
             tokens.check_for(d.batch_size, d.query_len, d.key_len, self._device)
         with self.device_guard():

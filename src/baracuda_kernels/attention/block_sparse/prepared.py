@@ -25,7 +25,7 @@ from ..common.token_rules import TokenRules, token_rules_for
 from .block_lists import BlockLists
 from .descriptor import kernel_block_size
 from ..patterns.checks import check_int
-from .validation import pattern_head_counts, pattern_view
+from .validation import pattern_head_counts, pattern_view, with_pattern_rules
 
 
 class PreparedPattern:
@@ -104,6 +104,13 @@ class PreparedPattern:
             block_size, query_len, key_len = pattern.block_size, pattern.query_len, pattern.key_len
             is_causal = pattern.is_causal if is_causal is None else is_causal
             description = getattr(pattern, "description", "") or ""
+            window_size, sink_tokens, rules = with_pattern_rules(
+                pattern, None if tuple(window_size) == (-1, -1) else window_size,
+                sink_tokens or None, dict(document_ids=document_ids,
+                                          prefix_lengths=prefix_lengths))
+            window_size = (-1, -1) if window_size is None else window_size
+            sink_tokens = sink_tokens or 0
+            document_ids, prefix_lengths = rules["document_ids"], rules["prefix_lengths"]
             pattern = pattern.mask
         if block_size is None or query_len is None:
             raise InvalidProblem(

@@ -95,3 +95,32 @@ def _check_pattern_geometry(desc: SdpaBlockSparseDescriptor, pattern) -> None:
             "BlockPattern is causal (its blocks assume the diagonal is masked) but is_causal is "
             "False; expected is_causal=True. Pass is_causal=True (or None to follow the pattern), "
             "or build the pattern with causal=False.")
+
+
+def with_pattern_rules(pattern, window_size, sink_tokens, token_kwargs: dict):
+    """Merge the ``kernel_rules`` a BlockPattern carries (builders whose token rule the
+    kernels apply: windows, documents, prefixes) into the call's arguments.
+
+    Returns (window_size, sink_tokens, token_kwargs). A rule the call passes too must agree
+    with the pattern's (window / sinks), or must not be passed twice (document ids, prefix)."""
+    rules = getattr(pattern, "kernel_rules", None)
+    if not rules:
+        return window_size, sink_tokens, token_kwargs
+    for name, given in (("window_size", window_size), ("sink_tokens", sink_tokens)):
+        own = rules.get(name)
+        if own is not None and given is not None and \
+                (tuple(given) if name == "window_size" else given) != own:
+            raise InvalidProblem(
+                f"{name}={given} was passed with a BlockPattern whose rule has {name}={own} "
+                f"({pattern.description}); expected them to agree. Leave {name} out.")
+    window_size = rules.get("window_size", window_size)
+    sink_tokens = rules.get("sink_tokens", sink_tokens)
+    token_kwargs = dict(token_kwargs)
+    for name in ("document_ids", "prefix_lengths"):
+        if name in rules:
+            if token_kwargs.get(name) is not None:
+                raise InvalidProblem(
+                    f"{name} was passed with a BlockPattern that carries its own "
+                    f"({pattern.description}); expected one of them. Leave {name} out.")
+            token_kwargs[name] = rules[name]
+    return window_size, sink_tokens, token_kwargs

@@ -11,29 +11,33 @@ Builders take token-level parameters::
     p = sliding_window(8192, window=1024, block_size=128, sinks=4)   # causal
     y = block_sparse_attention(q, k, v, p, block_size=128, is_causal=p.is_causal)
 
-The kernel knows only blocks, the causal flag and ragged tails: a token rule that cuts
-through a block is *coarsened* to the whole block. Which builders are exact:
+The kernels know blocks, the causal flag, ragged tails, and the token rules of the attention
+call (a window with sinks, document ids, a prefix). A builder whose rule is one of those
+hands it to the call through ``pattern.kernel_rules``: the kernels apply it per token in the
+blocks it cuts, so the pattern is *exact*. Any other token rule that cuts through a block
+is *coarsened* to the whole block. Which builders are exact:
 
 ================================  =========================================================
-builder                           exact at block granularity?
+builder                           exact?
 ================================  =========================================================
 causal                            yes (with ``is_causal=True`` in the attention call)
 random_blocks, BlockPattern(t),   yes, by definition (their rule is the block mask)
 from_bsr, ~p
-document_mask                     yes iff every document boundary is a block multiple
-sparse_transformer_fixed          chunk part iff stride is a block multiple; summary
-                                  columns narrower than a block coarsen
-sliding_window, longformer,       no: window edges cut blocks; sinks / global tokens not
-dilated_sliding_window            filling whole blocks coarsen their block rows/columns
-sparse_transformer_strided        no (the strided part touches every block if stride < bs)
-bigbird                           random part yes; window / global parts as sliding_window
-prefix_lm                         no: not causal, so diagonal blocks after the prefix are whole
+sliding_window                    yes (kernel rules: window_size, sink_tokens), except with
+                                  global tokens or a non-causal window with key_len != seq_len
+document_mask                     yes (kernel rules: document_ids)
+prefix_lm                         yes (causal; kernel rules: prefix_lengths)
+longformer, dilated_sliding_      no: global tokens / dilation cut blocks and coarsen
+window, sparse_transformer_*
+bigbird                           random part yes; window / global parts coarsen
 from_token_mask, from_mask_fn     iff every active block is fully allowed (``exact_mask``)
-p & q, p | q                      from their combined token rules
+p & q                             p's kernel rules survive when q is a plain block pattern
+p | q, per_head                   from their combined token rules (kernel rules dropped)
 ================================  =========================================================
 
 ``pattern.extra_token_pairs`` counts the pairs coarsening adds (0 = exact); causal
-builders return ``is_causal=True``, and the call must pass ``is_causal=True`` too.
+builders return ``is_causal=True``, and the call must pass ``is_causal=True`` too (None, the
+default, follows the pattern).
 
 This package imports only ``baracuda_kernels.core`` and torch, except ``BlockPattern.prepare()``,
 which lazily imports ``block_sparse.prepared`` (the one exception ``tests/test_layout.py``

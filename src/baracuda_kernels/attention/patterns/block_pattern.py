@@ -17,6 +17,7 @@ import torch
 from baracuda_kernels.core import InvalidProblem
 
 from . import counting, drawing, from_mask, interop
+from .kernel_rules import check_kernel_rules, kernel_allows, kernel_rules_to
 from .checks import broadcast_dim, canonical_mask, check_int
 from .counting import CoarseningReport, TokenRule
 
@@ -39,6 +40,8 @@ class BlockPattern:
             rule the pattern stands for (ANDed with causal when ``is_causal``). Patterns made
             from a raw block tensor use "the pair's block is active" (exact by definition).
         description: short text naming the builder and its parameters.
+        kernel_rules: None, or the token rule as attention-call arguments the kernels apply
+            per token (see patterns.kernel_rules): such a pattern is exact.
 
     Example (``sliding_window`` from this package)::
 
@@ -57,12 +60,13 @@ class BlockPattern:
     """
 
     __slots__ = ("_mask", "_block_size", "_query_len", "_key_len", "_is_causal", "_rule",
-                 "_rule_is_default", "_description", "_rule_pairs_fn", "_cache")
+                 "_rule_is_default", "_description", "_rule_pairs_fn", "_cache", "_kernel_rules")
 
     def __init__(self, mask: torch.Tensor, *, block_size: int, query_len: int,
                  key_len: Optional[int] = None, is_causal: bool = False,
                  token_rule: Optional[TokenRule] = None, description: Optional[str] = None,
-                 _rule_pairs: RulePairs = None, _exact_mask: Optional[torch.Tensor] = None):
+                 _rule_pairs: RulePairs = None, _exact_mask: Optional[torch.Tensor] = None,
+                 _kernel_rules: Optional[dict] = None):
         block_size = check_int("block_size", block_size, 1)
         query_len = check_int("query_len", query_len, 1)
         key_len = query_len if key_len is None else check_int("key_len", key_len, 1)
@@ -88,6 +92,9 @@ class BlockPattern:
             cache["exact_mask"] = _exact_mask.to(device=mask.device, dtype=torch.bool)
         set_(self, "_rule_pairs_fn", _rule_pairs)
         set_(self, "_cache", cache)
+        # Builders promise that these rules, applied by the kernels, equal token_rule.
+        set_(self, "_kernel_rules", kernel_rules_to(check_kernel_rules(_kernel_rules),
+                                                    mask.device))
 
     def __setattr__(self, name, value):
         raise AttributeError("BlockPattern is immutable; build a new one (builders, &, |, ~).")
@@ -140,6 +147,11 @@ class BlockPattern:
         return self._description
 
     @property
+    def kernel_rules(self) -> Optional[dict]:
+        """See the class docstring; None: the kernels apply only blocks and is_causal."""
+        return None if self._kernel_rules is None else dict(self._kernel_rules)
+
+    @property
     def device(self) -> torch.device:
         return self._mask.device
 
@@ -150,9 +162,10 @@ class BlockPattern:
 
     @property
     def token_rule(self) -> TokenRule:
-        """The token rule, ANDed with ``j <= i`` when the pattern is causal."""
+        """The token rule, ANDed with ``j <= i`` when the pattern is causal (unless a prefix
+        relaxes the causal rule: then the builder's rule states it in full)."""
         rule = self._rule
-        if not self._is_causal:
+        if not self._rule_is_causal:
             return rule
         return lambda b, h, q, kv: rule(b, h, q, kv) & (kv <= q)
 
@@ -176,6 +189,8 @@ class BlockPattern:
         """Token pairs the kernel keeps with ``is_causal=self.is_causal``: inside active
         blocks, inside the lengths, on/below the diagonal when causal. Summed over stored
         B and H slices (multiply by B/H where they broadcast)."""
+        if self._kernel_rules is not None:  # the kernels apply the token rule itself
+            return self.rule_token_pairs()
         if "computed" not in self._cache:
             self._cache["computed"] = counting.computed_pairs(
                 self._mask, self._query_len, self._key_len, self._block_size, self._is_causal)
@@ -195,7 +210,7 @@ class BlockPattern:
     def _evaluate_rule(self) -> None:
         rule_pairs, computed, exact_mask = counting.evaluate_rule_on_active_blocks(
             self._mask, self.token_rule, self._query_len, self._key_len, self._block_size,
-            self._is_causal)
+            self._rule_is_causal)
         self._cache.setdefault("rule_pairs", rule_pairs)
         self._cache.setdefault("computed", computed)
         self._cache["exact_mask"] = exact_mask
@@ -228,6 +243,8 @@ class BlockPattern:
         """bool ``[B, H, nq, nk]``: active blocks whose computed pairs are all allowed by the
         token rule. ``mask & ~exact_mask`` are the coarsened blocks. Evaluates the rule in
         every active block on first use (cost proportional to the computed pairs)."""
+        if self._kernel_rules is not None:
+            return self._mask.clone()
         if "exact_mask" not in self._cache:
             self._evaluate_rule()
         return self._cache["exact_mask"]
@@ -242,7 +259,8 @@ class BlockPattern:
                             max_elements: int = 1 << 28) -> torch.Tensor:
         """bool ``[B, H, query_len, key_len]`` token mask (for tests and small cases).
 
-        ``rule=False``: what the kernel computes (block expansion, causal diagonal).
+        ``rule=False``: what the kernel computes (block expansion, causal diagonal, and the
+        ``kernel_rules`` when the pattern has them).
         ``rule=True``: what the token rule allows.
         """
         b, h = self.batch, self.num_heads
@@ -259,18 +277,31 @@ class BlockPattern:
         ki = torch.arange(self._key_len, device=dev).view(1, 1, 1, -1)
         fn = self.token_rule if rule else counting.block_lookup_rule(self._mask, self._block_size)
         out = torch.as_tensor(fn(bi, hi, qi, ki), device=dev).to(torch.bool)
-        if self._is_causal:
+        if not rule and self._kernel_rules is not None:
+            allows = kernel_allows(self._kernel_rules, self._is_causal, self._query_len,
+                                   self._key_len)
+            return (out & allows(bi, hi, qi, ki)).expand(
+                b, h, self._query_len, self._key_len).contiguous()
+        if self._rule_is_causal:
             out = out & (ki <= qi)
         return out.expand(b, h, self._query_len, self._key_len).contiguous()
 
+    @property
+    def _rule_is_causal(self) -> bool:
+        """Whether the token rule is ANDed with j <= i: is_causal, unless a prefix (kernel
+        rule) relaxes the causal rule, which its token rule then states in full."""
+        return self._is_causal and "prefix_lengths" not in (self._kernel_rules or {})
+
     # ---- conversion -------------------------------------------------------------------
     def _rebuild(self, mask, *, is_causal=None, token_rule=None, description=None,
-                 rule_pairs: RulePairs = None, exact_mask=None) -> "BlockPattern":
+                 rule_pairs: RulePairs = None, exact_mask=None,
+                 kernel_rules=None) -> "BlockPattern":
         return BlockPattern(mask, block_size=self._block_size, query_len=self._query_len,
                             key_len=self._key_len,
                             is_causal=self._is_causal if is_causal is None else is_causal,
                             token_rule=token_rule, description=description or self._description,
-                            _rule_pairs=rule_pairs, _exact_mask=exact_mask)
+                            _rule_pairs=rule_pairs, _exact_mask=exact_mask,
+                            _kernel_rules=kernel_rules)
 
     def to(self, device) -> "BlockPattern":
         """The same pattern with its mask on ``device`` (token rules are device-agnostic)."""
@@ -283,7 +314,8 @@ class BlockPattern:
         if rule is None:
             rule_pairs = None
         out = self._rebuild(mask, token_rule=rule, rule_pairs=rule_pairs,
-                            exact_mask=self._cache.get("exact_mask"))
+                            exact_mask=self._cache.get("exact_mask"),
+                            kernel_rules=self._kernel_rules)
         if "computed" in self._cache:
             out._cache["computed"] = self._cache["computed"]
         return out
@@ -319,12 +351,19 @@ class BlockPattern:
                                  "Fix: p.to(device) first.")
 
     def __and__(self, other: "BlockPattern") -> "BlockPattern":
-        """Blocks active in both. Causal if either is causal; token rule = rule_a & rule_b."""
+        """Blocks active in both. Causal if either is causal; token rule = rule_a & rule_b.
+        Kernel rules survive when only one side has them and the other is a plain block
+        pattern (its rule is its blocks): the result stays exact."""
         self._check_compatible(other, "&")
         ra, rb = self.token_rule, other.token_rule
+        kernel_rules = None
+        for mine, theirs in ((self, other), (other, self)):
+            if mine._kernel_rules is not None and theirs._rule_is_default:
+                kernel_rules = mine._kernel_rules
         return self._rebuild(self._mask & other._mask, is_causal=self._is_causal or other._is_causal,
                              token_rule=lambda b, h, q, kv: ra(b, h, q, kv) & rb(b, h, q, kv),
-                             description=f"({self._description}) & ({other._description})")
+                             description=f"({self._description}) & ({other._description})",
+                             kernel_rules=kernel_rules)
 
     def __or__(self, other: "BlockPattern") -> "BlockPattern":
         """Blocks active in either. Causal only if both are; token rule = rule_a | rule_b

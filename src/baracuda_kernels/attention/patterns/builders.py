@@ -114,9 +114,11 @@ def sliding_window(seq_len: int, window: int, *, block_size: int, causal: bool =
       * global tokens ``g``: query ``g`` sees every key and key ``g`` is seen by every query;
     and, when ``causal``, ``j <= i`` on top (the pattern has ``is_causal=True``).
 
-    Coarsened: the window's edges cut blocks diagonally, and sinks / global tokens that do
-    not fill whole blocks make their block rows / columns active. Inspect
-    ``pattern.extra_token_pairs`` (closed form, cheap even at 1M tokens).
+    Exact (``kernel_rules`` carries ``window_size`` / ``sink_tokens``, which the attention
+    call applies per token inside the blocks) unless there are global tokens, or the window
+    is not causal with ``key_len != seq_len``: then the window's edges cut blocks diagonally,
+    and global tokens that do not fill whole blocks make their block rows / columns active:
+    coarsened, see ``pattern.extra_token_pairs`` (closed form, cheap even at 1M tokens).
     Cost: O(nq * nk) bool work and memory (8192 x 8192 blocks = 64 MiB at 1M tokens / 128).
 
     ``sliding_window(16, window=4, block_size=2, sinks=1)`` (causal)::
@@ -129,7 +131,7 @@ def sliding_window(seq_len: int, window: int, *, block_size: int, causal: bool =
         █··███··
         █···███·
         █····███
-        (coarsened: 26 extra token pairs)
+        (exact)
     """
     bs, lq, lk = check_geometry(block_size, seq_len, key_len, "seq_len")
     window = check_int("window", window, 1)
@@ -178,9 +180,14 @@ def sliding_window(seq_len: int, window: int, *, block_size: int, causal: bool =
         parts.append(f"sinks={sinks}")
     if glob.numel():
         parts.append(f"global_tokens={glob.numel()}")
+    kernel_rules = None
+    if not glob.numel() and (causal or lq == lk):
+        kernel_rules = dict(window_size=(window - 1, 0 if causal else window - 1),
+                            sink_tokens=sinks)
     return BlockPattern(mask, block_size=bs, query_len=lq, key_len=lk, is_causal=causal,
                         token_rule=rule, description=f"sliding_window({', '.join(parts)})",
-                        _rule_pairs=lambda: _window_rule_pairs(lq, lk, window, causal, sinks, glob))
+                        _rule_pairs=lambda: _window_rule_pairs(lq, lk, window, causal, sinks, glob),
+                        _kernel_rules=kernel_rules)
 
 
 def longformer(seq_len: int, window: int, global_tokens: Positions, *,
@@ -316,9 +323,8 @@ def document_mask(seq_lens, *, block_size: int, causal: bool = False) -> BlockPa
     ``seq_lens``: ``[L0, L1, ...]`` for one packed sequence (broadcast over the batch), or
     one such list per batch element (all with the same total). Token rule: ``i`` and ``j``
     are in the same document (and ``j <= i`` when ``causal``).
-    Exact when every document boundary is a multiple of ``block_size`` (and the blocks
-    crossing the diagonal are handled by ``is_causal``); otherwise the blocks that straddle
-    a boundary are coarsened (tokens of neighbouring documents see each other there).
+    Exact: ``kernel_rules`` carries the documents' ids, which the attention call compares
+    per token in the blocks a boundary cuts (blocks between documents are never active).
 
     ``document_mask([4, 6, 6], block_size=2)``::
 
@@ -364,17 +370,17 @@ def document_mask(seq_lens, *, block_size: int, causal: bool = False) -> BlockPa
                         description=f"document_mask({len(rows[0])} documents"
                                     f"{'' if len(rows) == 1 else f' x batch {len(rows)}'}, "
                                     f"causal={causal})",
-                        _rule_pairs=rule_pairs)
+                        _rule_pairs=rule_pairs,
+                        _kernel_rules=dict(document_ids=doc.to(torch.int32)))
 
 
 def prefix_lm(seq_len: int, prefix_len, *, block_size: int) -> BlockPattern:
     """Prefix-LM mask: bidirectional over the prefix, causal after it.
 
     ``prefix_len``: an int, or one int per batch element (then the pattern has B > 1).
-    Token rule: ``j <= i`` or ``j < prefix_len``. The pattern is **not** causal
-    (``is_causal=False``: the prefix must see later prefix tokens), so the blocks on the
-    diagonal after the prefix are computed whole: coarsened by about ``block_size / 2`` key
-    tokens per query after the prefix (see ``extra_token_pairs``).
+    Token rule: ``j <= i`` or ``j < prefix_len``. Exact: the pattern is causal and its
+    ``kernel_rules`` carry ``prefix_lengths``, with which the attention call keeps the
+    prefix keys visible to every query (bidirectional inside the prefix).
 
     ``prefix_lm(16, prefix_len=6, block_size=2)``::
 
@@ -386,7 +392,7 @@ def prefix_lm(seq_len: int, prefix_len, *, block_size: int) -> BlockPattern:
         ██████··
         ███████·
         ████████
-        (coarsened: 5 extra token pairs)
+        (exact)
     """
     bs = check_block_size(block_size)
     n = check_int("seq_len", seq_len, 1)
@@ -407,6 +413,6 @@ def prefix_lm(seq_len: int, prefix_len, *, block_size: int) -> BlockPattern:
         return (kv <= q) | (kv < _on(p, q)[b])
 
     rule_pairs = int((p * p + n * (n + 1) // 2 - p * (p + 1) // 2).sum())
-    return BlockPattern(mask, block_size=bs, query_len=n, is_causal=False, token_rule=rule,
+    return BlockPattern(mask, block_size=bs, query_len=n, is_causal=True, token_rule=rule,
                         description=f"prefix_lm(prefix_len={plist if len(plist) > 1 else plist[0]})",
-                        _rule_pairs=rule_pairs)
+                        _rule_pairs=rule_pairs, _kernel_rules=dict(prefix_lengths=p))

@@ -51,7 +51,7 @@ class CoarseningReport:
 
     def __str__(self) -> str:
         if self.exact:
-            return f"exact at block granularity ({self.computed_token_pairs} token pairs computed)"
+            return f"exact ({self.computed_token_pairs} token pairs computed)"
         frac = self.extra_token_pairs / max(1, self.computed_token_pairs)
         blocks = "" if self.coarsened_blocks is None else \
             f" in {self.coarsened_blocks}/{self.active_blocks} active blocks"

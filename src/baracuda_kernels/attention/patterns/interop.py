@@ -22,7 +22,9 @@ import torch
 from baracuda_kernels.core import InvalidProblem, Unsupported
 
 from .checks import check_geometry, check_int
-from .counting import block_lookup_rule, block_ranges, cdiv, count_true
+from .counting import (block_lookup_rule, block_ranges, cdiv, count_true,
+                       evaluate_rule_on_active_blocks)
+from .kernel_rules import kernel_allows
 
 
 def to_bsr(pattern) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +110,9 @@ def to_flex_block_mask(pattern):
     ``BLOCK_SIZE = (block_size, block_size)``, ``seq_lengths = (query_len, key_len)``.
     Fully computed blocks (no causal cut, not on a ragged tail) go to ``full_kv_*`` (no
     mask_mod applied by Flex); the others to ``kv_*``, where the mask_mod (block lookup, and
-    ``kv_idx <= q_idx`` when causal) applies. The mask_mod reads ``pattern.mask`` on its
-    device, so the BlockMask lives where the pattern lives.
+    ``kv_idx <= q_idx`` when causal, and the pattern's ``kernel_rules``) applies. The
+    mask_mod reads ``pattern.mask`` on its device, so the BlockMask lives where the pattern
+    lives.
     """
     fa = _flex()
     m = pattern.mask
@@ -118,6 +121,22 @@ def to_flex_block_mask(pattern):
     q0, q1 = block_ranges(nq, lq, bs, m.device)
     k0, k1 = block_ranges(nk, lk, bs, m.device)
     clean = ((q1 - q0 + 1) == bs)[:, None] & ((k1 - k0 + 1) == bs)[None, :]
+    lookup = block_lookup_rule(pattern.mask, bs)
+    rules = pattern.kernel_rules
+    if rules:
+        # The kernels apply these rules per token (with the causal rule): the mask_mod does
+        # too, and a block is full only where the rules allow every pair of it.
+        allows = kernel_allows(rules, pattern.is_causal, lq, lk)
+        _, _, every = evaluate_rule_on_active_blocks(m, allows, lq, lk, bs, False)
+        full = m & clean & every
+        kv_num, kv_idx = _ordered(m & ~full)
+        full_num, full_idx = _ordered(full)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return lookup(b, h, q_idx, kv_idx) & allows(b, h, q_idx, kv_idx)
+        return fa.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
+                                           BLOCK_SIZE=(bs, bs), mask_mod=mask_mod,
+                                           seq_lengths=(lq, lk))
     if pattern.is_causal:
         clean &= k1[None, :] <= q0[:, None]
         live = k0[None, :] <= q1[:, None]
@@ -126,7 +145,6 @@ def to_flex_block_mask(pattern):
     partial = m & ~clean
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    lookup = block_lookup_rule(pattern.mask, bs)
     if pattern.is_causal:
         def mask_mod(b, h, q_idx, kv_idx):
             return lookup(b, h, q_idx, kv_idx) & (kv_idx <= q_idx)
