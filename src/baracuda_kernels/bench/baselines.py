@@ -98,6 +98,7 @@ class Prepared:
     train_error: Optional[tuple] = None   # (status, reason) once backward failed
     train_inputs: Optional[tuple] = None  # (q, k, v) that train() takes, if not the case's
     kv_repeats: int = 1                   # train_inputs' K/V heads per case K/V head
+    unpack: Optional[Callable] = None     # train_inputs' layout -> the case's [B, H, N, D]
 
     def leaves(self, inputs: "Inputs") -> tuple:
         """The (q, k, v) to differentiate ``train`` at (no grad; the caller makes leaves)."""
@@ -106,6 +107,8 @@ class Prepared:
     def case_grads(self, grads):
         """Gradients for ``leaves`` -> gradients for the case's q, k, v: the gradient of a
         K/V head repeated r times is the sum of its copies' gradients."""
+        if self.unpack is not None:
+            return tuple(self.unpack(g) for g in grads)
         if self.kv_repeats == 1:
             return tuple(grads)
         dq, dk, dv = grads
@@ -215,6 +218,35 @@ def prepare_ours_expanded(inputs: Inputs, options) -> Prepared:
     p.train_inputs, p.kv_repeats = (inputs.q, k, v), r
     p.setup_s += expand_s
     return p
+
+
+def prepare_ours_varlen(inputs: Inputs, options) -> Prepared:
+    """A document pattern's batch as one packed varlen batch (block_sparse_attention_varlen,
+    a sequence per document per batch row): the packing copies are made here, untimed; y
+    comes back as a [B, H, N, D] view of the packed output (no copy)."""
+    docs = (getattr(inputs.pattern, "kernel_rules", None) or {}).get("document_ids")
+    if docs is None:
+        raise NotApplicable("ours-varlen runs document patterns (packed sequences) only")
+    from ..attention import block_sparse_attention_varlen
+    B, H, N, D = inputs.q.shape
+    t0 = time.perf_counter()
+    ids = docs.to(inputs.device).expand(B, N).to(torch.int64)
+    flat = (ids + torch.arange(B, device=inputs.device)[:, None] * (N + 1)).reshape(-1)
+    starts = torch.nonzero(flat[1:] != flat[:-1]).reshape(-1) + 1
+    zero = torch.zeros(1, dtype=torch.int64, device=inputs.device)
+    cu = torch.cat([zero, starts, zero + B * N]).to(torch.int32)
+    pack = lambda t: t.transpose(1, 2).reshape(B * N, t.shape[1], t.shape[3]).contiguous()  # noqa: E731
+    unpack = lambda t: t.view(B, N, t.shape[1], t.shape[2]).transpose(1, 2)  # noqa: E731
+    packed = tuple(pack(t) for t in (inputs.q, inputs.k, inputs.v))
+    bs, causal = inputs.geometry.block_size, inputs.is_causal
+
+    def run(q_, k_, v_):
+        return unpack(block_sparse_attention_varlen(q_, k_, v_, cu, cu, block_size=bs,
+                                                    is_causal=causal))
+    run(*packed)
+    _sync(inputs.device)
+    return Prepared(f"varlen {cu.numel() - 1} sequences", lambda: run(*packed), run,
+                    train_inputs=packed, unpack=unpack, setup_s=time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------ flex
@@ -408,8 +440,9 @@ def prepare_sdpa(inputs: Inputs, options) -> Prepared:
                     train_detail=name(choice_train), setup_s=time.perf_counter() - t0)
 
 
-PREPARE = {"ours": prepare_ours, "ours-expanded": prepare_ours_expanded, "flex": prepare_flex,
-           "sdpa": prepare_sdpa, "reference": prepare_reference}
+PREPARE = {"ours": prepare_ours, "ours-expanded": prepare_ours_expanded,
+           "ours-varlen": prepare_ours_varlen, "flex": prepare_flex, "sdpa": prepare_sdpa,
+           "reference": prepare_reference}
 
 
 def prepare(impl: str, inputs: Inputs, options) -> Prepared:

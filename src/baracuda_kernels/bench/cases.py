@@ -17,7 +17,10 @@ each time, as in a model that builds its pattern inside forward; ours only).
 Pattern names: ``dense``, ``causal``, ``sliding_window`` (8 blocks incl. the diagonal + 1
 sink block, causal), ``bigbird`` (3 window blocks, 2 global blocks, 3 random blocks per row),
 ``document`` (6 packed documents, causal), ``random<P>`` (P percent of the blocks of every
-head, seeded; ``random`` in a list expands over ``--densities``).
+head, seeded; ``random`` in a list expands over ``--densities``). Token rules (the ``tokens``
+preset): ``swa1000`` (causal 1000-token window + 4 sinks, exact per token), ``swa1000_coarse``
+(its blocks without the per-token cut), ``docs8`` (8 causal documents of random lengths,
+exact; also run through the varlen entry point by ``ours-varlen``).
 
 Grouped-query attention: a geometry (and a grid) with ``num_kv_heads`` = Hkv < H gives k and
 v Hkv heads (query head h reads K/V head h // (H // Hkv)); patterns stay per query head
@@ -49,8 +52,9 @@ MODE_ALIASES = {"forward": "fwd", "backward": "bwd", "fwd+bwd": "step", "fwdbwd"
                 "fwd_bwd": "step", "both": "step", "train": "step", "graph": "step-graph",
                 "step_graph": "step-graph", "stepgraph": "step-graph", "cudagraph": "step-graph",
                 "cuda-graph": "step-graph", "cuda_graph": "step-graph"}
-IMPLS = ("ours", "ours-expanded", "flex", "sdpa", "reference")
-PATTERN_KINDS = ("dense", "causal", "sliding_window", "bigbird", "document", "random")
+IMPLS = ("ours", "ours-expanded", "ours-varlen", "flex", "sdpa", "reference")
+PATTERN_KINDS = ("dense", "causal", "sliding_window", "bigbird", "document", "random",
+                 "swa1000", "swa1000_coarse", "docs8")
 DEFAULT_DENSITIES = (0.5, 0.25, 0.1, 0.05)
 
 SLIDING_WINDOW_BLOCKS = 8      # key blocks per query block row, diagonal included
@@ -59,6 +63,9 @@ BIGBIRD_WINDOW_BLOCKS = 3      # the block itself and one either side
 BIGBIRD_GLOBAL_BLOCKS = 2
 BIGBIRD_RANDOM_BLOCKS = 3
 DOCUMENT_FRACTIONS = (0.30, 0.10, 0.25, 0.05, 0.20, 0.10)   # packed documents, not block aligned
+# The token-rule issue's cases: a causal 1000-token window with 4 sinks, exact (the kernels
+# cut it per token) and coarsened (the same blocks, whole); 8 documents of random lengths.
+TOKEN_WINDOW, TOKEN_SINKS, TOKEN_DOCUMENTS = 1000, 4, 8
 
 
 @dataclass(frozen=True)
@@ -252,6 +259,8 @@ HOST_DENSITIES = (0.1, 0.05, 0.02)
 GQA_PATTERNS = ("dense", "causal", "sliding_window", "random25", "random10")
 GQA_HEADS, GQA_KV_HEADS = 32, 8
 GQA_IMPLS = ("ours", "ours-expanded", "flex", "sdpa")
+TOKEN_PATTERNS = ("swa1000", "swa1000_coarse", "docs8")
+TOKEN_IMPLS = ("ours", "ours-varlen", "flex")
 
 
 def preset_grids(name: str, on_gpu: bool) -> list[Grid]:
@@ -267,6 +276,9 @@ def preset_grids(name: str, on_gpu: bool) -> list[Grid]:
         if name == "gqa":     # the same patterns, modes and impls at H=8, Hkv=2
             return [Grid(1, 8, (512,), (32,), ("f32",), (32,), _specs(GQA_PATTERNS), MAIN_MODES,
                          GQA_IMPLS + ("reference",), num_kv_heads=2)]
+        if name == "tokens":
+            return [Grid(1, 2, (2048,), (32,), ("f32",), (64,), _specs(TOKEN_PATTERNS),
+                         MAIN_MODES, TOKEN_IMPLS + ("reference",))]
         if name not in PRESETS:
             raise InvalidProblem(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}.")
         return [Grid(1, 4, (1024, 2048), (64,), ("f32",), (64,),
@@ -296,10 +308,18 @@ def preset_grids(name: str, on_gpu: bool) -> list[Grid]:
         # outside the timed calls), FlexAttention and SDPA (dense, causal) with enable_gqa.
         return [Grid(2, GQA_HEADS, (8192,), (128,), ("bf16",), (128,), _specs(GQA_PATTERNS),
                      MAIN_MODES, GQA_IMPLS, num_kv_heads=GQA_KV_HEADS)]
+    if name == "tokens":
+        # The token-rule issue: bf16, H=16, D=128; the window also at 65536 tokens.
+        main = Grid(2, 16, (8192,), (128,), ("bf16",), (128,), _specs(TOKEN_PATTERNS),
+                    MAIN_MODES, TOKEN_IMPLS)
+        long = dataclasses.replace(main, batch=1, seq_lens=(65536,),
+                                   patterns=_specs(("swa1000", "swa1000_coarse")),
+                                   impls=("ours", "flex"))
+        return [main, long]
     raise InvalidProblem(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}.")
 
 
-PRESETS = ("quick", "kernels", "full", "gqa")
+PRESETS = ("quick", "kernels", "full", "gqa", "tokens")
 
 
 def apply_overrides(grids: list[Grid], **overrides) -> list[Grid]:
@@ -342,6 +362,17 @@ def build_pattern(spec: PatternSpec, geo: Geometry, seed: int = 0,
         p = document_mask(lens + [rest], block_size=bs, causal=True)
     elif spec.kind == "random":
         p = random_blocks(n, block_size=bs, density=spec.density, seed=seed, num_heads=h)
+    elif spec.kind in ("swa1000", "swa1000_coarse"):
+        p = sliding_window(n, window=TOKEN_WINDOW, block_size=bs, sinks=TOKEN_SINKS, causal=True)
+        if spec.kind == "swa1000_coarse":   # the same blocks, no rule handed to the kernels
+            p = BlockPattern(p.mask, block_size=bs, query_len=n, is_causal=True,
+                             token_rule=p.token_rule, description=p.description + " coarsened")
+    elif spec.kind == "docs8":
+        gen = torch.Generator().manual_seed(seed)
+        cuts = torch.randperm(n - 1, generator=gen)[:TOKEN_DOCUMENTS - 1].sort().values + 1
+        bounds = [0] + cuts.tolist() + [n]
+        p = document_mask([b - a for a, b in zip(bounds, bounds[1:])], block_size=bs,
+                          causal=True)
     else:
         raise InvalidProblem(f"unknown pattern kind {spec.kind!r}; expected one of {PATTERN_KINDS}.")
     return p if device is None else p.to(device)

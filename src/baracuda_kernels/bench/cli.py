@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..core import ElementKind, InvalidProblem
-from . import report, summaries
+from . import report, summaries, token_summary
 from .cases import (DEFAULT_DENSITIES, IMPLS, MODES, PRESETS, PatternSpec, apply_overrides,
                     canonical_mode, merge_cases, preset_grids)
 from .runner import Sweep
@@ -81,7 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "step-graph, unprepared); full (default): all patterns, N 4k-16k, "
                           "D 64/128, blocks 64/128; gqa: grouped-query attention (bf16, B=2, "
                           "H=32, Hkv=8, N=8192, D=128, block 128; dense, causal, sliding_window, "
-                          "random25, random10; ours vs ours-expanded, flex, sdpa)")
+                          "random25, random10; ours vs ours-expanded, flex, sdpa); tokens: token "
+                          "rules (bf16, B=2, H=16, N=8192, D=128: exact 1000-token window + 4 "
+                          "sinks vs its coarsened blocks, 8 documents, also through varlen; the "
+                          "window at N=65536; ours vs flex with the same rule)")
     sel.add_argument("--quick", dest="preset", action="store_const", const="quick",
                      help="same as --preset quick")
     sel.add_argument("--patterns", type=str, default=None,
@@ -103,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "only), unprepared (ours' forward with a new pattern object per call)")
     sel.add_argument("--impls", type=_list(str.lower, "--impls", IMPLS), default=None,
                      help="ours, ours-expanded (GQA only: ours on K/V repeated to H heads once), "
+                          "ours-varlen (document patterns only: the varlen entry point), "
                           "flex, sdpa, reference (our dense is the 'dense' pattern, always run)")
     how = parser.add_argument_group("how")
     how.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -223,7 +227,8 @@ def _run(args, device: torch.device, cases) -> int:
     rows = sweep.run()
     unavailable = report.unavailable_summary(rows)
     print(report.format_table(rows))
-    for extra in (summaries.format_gqa(rows), summaries.format_host_overhead(rows)):
+    for extra in (summaries.format_gqa(rows), summaries.format_host_overhead(rows),
+                  token_summary.format_tokens(rows)):
         if extra:
             print()
             print(extra)

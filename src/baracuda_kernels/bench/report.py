@@ -26,6 +26,7 @@ import torch
 from .runner import ROW_FIELDS, first, geometry_of
 from .text import fmt, tflops_text
 from .summaries import gqa_markdown, host_markdown
+from .token_summary import token_markdown
 
 META_FIELDS = ["card", "device", "torch", "triton", "cuda", "baracuda_kernels", "git_commit",
                "date", "command", "preset", "timer"]
@@ -229,7 +230,7 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
                 f"{r['pattern']} {r['mode']} {tflops_text(r['tflops']).strip()} TFLOP/s "
                 f"({r['impl_detail']})" for r in sdpa)]
         out.append("")
-    out += gqa_markdown(rows) + host_markdown(rows)
+    out += gqa_markdown(rows) + host_markdown(rows) + token_markdown(rows)
     entries = unavailable_summary(rows)
     if entries:
         out += ["Not measured: " + "; ".join(f"{e['impl']}: {e['reason']}" for e in entries), ""]
@@ -252,7 +253,8 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    colors = {"ours": "C0", "flex": "C1", "sdpa": "C2", "reference": "C3", "ours-expanded": "C4"}
+    colors = {"ours": "C0", "flex": "C1", "sdpa": "C2", "reference": "C3", "ours-expanded": "C4",
+              "ours-varlen": "C5"}
     ok = [r for r in rows if r.get("status") == "ok"]
     for geo in geometry_of(ok):
         g_rows = [r for r in ok if r["geometry"] == geo]

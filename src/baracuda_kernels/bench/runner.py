@@ -31,7 +31,7 @@ from .timing import PeakMemory, allocated_mib, median_ms, peak_memory_mib
 CHECK_TOLERANCE = {"bf16": 5e-2, "f16": 1e-2, "f32": 1e-3, "f64": 1e-8}
 # Implementations whose check verdict (ok / FAIL) fails the run: our kernels. The
 # baselines' errors are shown, not judged.
-CHECKED_IMPLS = ("ours", "ours-expanded")
+CHECKED_IMPLS = ("ours", "ours-expanded", "ours-varlen")
 
 ROW_FIELDS = ["geometry", "batch", "heads", "kv_heads", "seq_len", "head_dim", "dtype", "block_size",
               "pattern", "pattern_description", "causal", "block_density", "work_fraction",

@@ -1,0 +1,93 @@
+"""The token-rule target table of a sweep (the ``tokens`` preset): ours against FlexAttention
+given the same rule, the exact window against the coarsened one, and the varlen entry point
+against the mask-based call on the same documents."""
+
+from __future__ import annotations
+
+from .runner import geometry_of
+from .text import fmt
+
+# The token-rule issue's targets: ours >= 1.2x Flex forward and >= 1.1x backward on each
+# rule; the exact window at most 10% slower than the same blocks computed whole.
+TOKEN_TARGET_VS_FLEX = {"fwd": 1.2, "bwd": 1.1}
+TOKEN_TARGET_EXACT_COST = 1.10
+TOKEN_PATTERNS = ("swa1000", "docs8")
+
+
+def token_summary(rows: list[dict]) -> list[dict]:
+    """Per geometry, token pattern and mode where ours ran: ours / Flex / varlen times (ms),
+    vs_flex = Flex time / ours, exact_cost = ours on the exact window / ours on its coarsened
+    blocks, vs_varlen = mask-based time / varlen time, and the targets missed."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    out = []
+    for geo in geometry_of(ok):
+        g_rows = [r for r in ok if r["geometry"] == geo]
+
+        def time(pattern, impl, mode):
+            hit = [r["time_ms"] for r in g_rows
+                   if (r["pattern"], r["impl"], r["mode"]) == (pattern, impl, mode)]
+            return hit[0] if hit else None
+        for pat in TOKEN_PATTERNS:
+            for mode in dict.fromkeys(r["mode"] for r in g_rows if r["pattern"] == pat):
+                ours = time(pat, "ours", mode)
+                if ours is None or ours <= 0:
+                    continue
+                flex, varlen = time(pat, "flex", mode), time(pat, "ours-varlen", mode)
+                coarse = time(pat + "_coarse", "ours", mode)
+                e = dict(geometry=geo, pattern=pat, mode=mode, ours_ms=ours, flex_ms=flex,
+                         varlen_ms=varlen, vs_flex=flex / ours if flex else None,
+                         exact_cost=ours / coarse if coarse else None,
+                         vs_varlen=ours / varlen if varlen else None, misses=[])
+                target = TOKEN_TARGET_VS_FLEX.get(mode)
+                if target and e["vs_flex"] is not None and e["vs_flex"] < target:
+                    e["misses"].append(f"< {target:g}x flex")
+                if e["exact_cost"] is not None and e["exact_cost"] > TOKEN_TARGET_EXACT_COST:
+                    e["misses"].append(f"exact > {TOKEN_TARGET_EXACT_COST:g}x coarse")
+                out.append(e)
+    return out
+
+
+_COLUMNS = [("ours ms", "ours_ms", ".3f"), ("flex ms", "flex_ms", ".3f"),
+            ("varlen ms", "varlen_ms", ".3f"), ("vs flex", "vs_flex", ".2f"),
+            ("exact/coarse", "exact_cost", ".2f"), ("mask/varlen", "vs_varlen", ".2f")]
+_LEGEND = ("Token rules (the same exact rule for every implementation): vs flex = Flex time / "
+           "ours (targets >= 1.2x fwd, >= 1.1x bwd). exact/coarse = ours on the exact window "
+           "/ ours on the same blocks computed whole (target <= 1.10: the cost of the per-token "
+           "cut). mask/varlen = ours with document ids / ours through "
+           "block_sparse_attention_varlen on the same documents.")
+
+
+def _targets(e: dict) -> str:
+    return ", ".join(e["misses"]) if e["misses"] else "met"
+
+
+def format_tokens(rows: list[dict]) -> str:
+    """The token-rule summary of the terminal report; '' when no token case ran ours."""
+    entries = token_summary(rows)
+    if not entries:
+        return ""
+    head = f"{'pattern':<10}{'mode':<6}" + "".join(f"{t:>14}" for t, _, _ in _COLUMNS) + "  targets"
+    lines = ["Token-rule summary (ours vs FlexAttention, exact vs coarsened, varlen)"]
+    for geo in dict.fromkeys(e["geometry"] for e in entries):
+        lines += [f"== {geo}", head, "-" * len(head)]
+        for e in (x for x in entries if x["geometry"] == geo):
+            cells = "".join(f"{fmt(e[k], s, 'x' if k.startswith('vs') else ''):>14}"
+                            for _, k, s in _COLUMNS)
+            lines.append(f"{e['pattern']:<10}{e['mode']:<6}{cells}  {_targets(e)}")
+    lines.append(_LEGEND)
+    return "\n".join(lines)
+
+
+def token_markdown(rows: list[dict]) -> list[str]:
+    """The token-rule summary as markdown lines for summary.md (empty without token rows)."""
+    entries = token_summary(rows)
+    if not entries:
+        return []
+    out = ["**Token-rule summary**", "", _LEGEND, "",
+           "| geometry | pattern | mode | " + " | ".join(t for t, _, _ in _COLUMNS)
+           + " | targets |", "|---" * (4 + len(_COLUMNS)) + "|"]
+    for e in entries:
+        cells = [e["geometry"], e["pattern"], e["mode"]]
+        cells += [fmt(e[k], s, "x" if k.startswith("vs") else "") for _, k, s in _COLUMNS]
+        out.append("| " + " | ".join(cells + [_targets(e)]) + " |")
+    return out + [""]
