@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|gqa|probe|all] [extra pytest args...]
+#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|all] [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
 # Runs from the working tree (no install); the device image has torch and triton.
 set -uo pipefail
@@ -51,5 +51,36 @@ if [[ "$stage" == gqa || "$stage" == all ]]; then
   python3 -m baracuda_kernels bench --preset gqa --out "$OUT/gqa" 2> "$OUT/gqa/progress.log" > "$OUT/bench_gqa.log" || status=$?
   tail -n 60 "$OUT/bench_gqa.log"
   tar czf "$OUT/gqa.tgz" -C "$OUT" gqa && rm -rf "$OUT/gqa"
+fi
+if [[ "$stage" == tokens+ab || "$stage" == tokens ]]; then
+  # Token rules (exact window + sinks vs coarsened, documents, varlen; the window at 64k):
+  # ours vs Flex given the same rule. The progress log goes into the archive.
+  mkdir -p "$OUT/tokens"
+  python3 -m baracuda_kernels bench --preset tokens --out "$OUT/tokens" 2> "$OUT/tokens/progress.log" > "$OUT/bench_tokens.log" || status=$?
+  tail -n 40 "$OUT/bench_tokens.log"
+  tar czf "$OUT/tokens.tgz" -C "$OUT" tokens && rm -rf "$OUT/tokens"
+fi
+if [[ "$stage" == probe-tokens || "$stage" == probe-tokens+ab ]]; then
+  # Document ids: ids vs coarsened blocks, short-row vs default tiles, varlen; the window.
+  python3 scripts/probe_tokens.py > "$OUT/probe_tokens.log" 2>&1 || status=$?
+  cat "$OUT/probe_tokens.log"
+  python3 scripts/probe_window.py > "$OUT/probe_window.log" 2>&1 || status=$?
+  cat "$OUT/probe_window.log"
+fi
+if [[ "$stage" == ab || "$stage" == tokens+ab || "$stage" == probe-tokens+ab ]]; then
+  # Kernel A/B in one run: this tree against an older copy in .ab_old/ (when present, e.g.
+  # `git worktree`-free: git archive REV src | tar x -C .ab_old), ours only, patterns whose
+  # meaning did not change.
+  ab="--preset quick --impls ours --patterns dense,causal,random25,random10 --modes fwd,bwd,step --no-check"
+  python3 -m baracuda_kernels bench $ab --out "$OUT/ab_new" > "$OUT/ab_new.log" 2>&1 || status=$?
+  if [[ -d .ab_old/src ]]; then
+    PYTHONPATH="$PWD/.ab_old/src" python3 -m baracuda_kernels bench $ab --out "$OUT/ab_old" > "$OUT/ab_old.log" 2>&1 || status=$?
+    PYTHONPATH="$PWD/.ab_old/src" python3 -m baracuda_kernels bench $ab --out "$OUT/ab_old2" > "$OUT/ab_old2.log" 2>&1 || status=$?
+    python3 -m baracuda_kernels bench $ab --out "$OUT/ab_new2" > "$OUT/ab_new2.log" 2>&1 || status=$?
+  fi
+  for f in ab_new ab_old ab_old2 ab_new2; do
+    [[ -f "$OUT/$f.log" ]] && { echo "== $f"; grep -E "^(dense|causal|random| {20,})" "$OUT/$f.log" | head -30; }
+  done
+  rm -rf "$OUT"/ab_new "$OUT"/ab_old "$OUT"/ab_old2 "$OUT"/ab_new2
 fi
 exit $status

@@ -18,10 +18,10 @@ def main():
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     dy = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
-    coarse = sliding_window(N, window=1000, block_size=BS, sinks=4, causal=True).to("cuda")
-    exact = bk.prepare_pattern(coarse.mask, query_len=N, block_size=BS, is_causal=True,
-                               window_size=(999, 0), sink_tokens=4)
-    variants = {"coarsened blocks": coarse.prepare(), "exact window": exact}
+    window = sliding_window(N, window=1000, block_size=BS, sinks=4, causal=True).to("cuda")
+    # The builder hands its window to the kernels (exact); its raw mask alone is coarsened.
+    coarse = bk.prepare_pattern(window.mask, query_len=N, block_size=BS, is_causal=True)
+    variants = {"coarsened blocks": coarse, "exact window": window.prepare()}
     for name, prep in variants.items():
         blocks = int(prep.lists.kv_count.sum())
         full = int(prep.lists.kv_count_full.sum())

@@ -26,7 +26,7 @@ from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile
 from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
 # Re-exported so that callers find the configs next to the launcher.
-from .triton_fwd_configs import ForwardConfig, default_forward_config  # noqa: F401
+from .triton_fwd_configs import ForwardConfig, default_forward_config, fit_token_loads  # noqa: F401
 
 __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_forward_config"]
 
@@ -345,6 +345,11 @@ def block_sparse_attention_forward_triton(
         from ...core import ArchSku  # local: keeps module import light
         config = default_forward_config(d_k, d_v, dtype, block_size,
                                         ArchSku.from_device(q.device), allow_tf32)
+    tokens = lists.tokens
+    if tokens is not None:  # their vectors are staged with the K/V tiles: make room
+        from ...core import ArchSku  # local: keeps module import light
+        config = fit_token_loads(config, d_k, d_v, dtype, ArchSku.from_device(q.device),
+                                 int(tokens.has_ids) + int(tokens.has_positions))
     bm, bn, warps = config.block_m, config.block_n, config.num_warps
     G = H // Hkv
     # Query rows of one pattern block: block_size, or fewer when the whole query is shorter.
@@ -375,7 +380,6 @@ def block_sparse_attention_forward_triton(
         k_arg, v_arg = k, v
 
     grid = (B * heads_in_grid * n_tiles,)
-    tokens = lists.tokens
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (cnt,) * 4 + (0, 0)
     _block_sparse_fwd_kernel[grid](
         q, k_arg, v_arg, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4],

@@ -181,6 +181,19 @@ def _shrink_to_fit(cfg: ForwardConfig, d_k: int, d_v: int, elem_bytes: int,
             return cur  # smallest possible tile; let the compiler decide
 
 
+def fit_token_loads(cfg: ForwardConfig, d_k: int, d_v: int, dtype: torch.dtype, arch: ArchSku,
+                    vectors: int) -> ForwardConfig:
+    """``cfg`` shrunk (as ``_shrink_to_fit``) to leave room for ``vectors`` int32 token
+    vectors (document ids, positions: common.token_rules) that the pipeliner stages with
+    every K/V tile. The dense bf16 D=128 tile leaves 2 KiB of an H200's 227 KiB: ids and
+    positions together (3 KiB at 3 stages) did not fit (measured: OutOfResources by 48 bytes)."""
+    limit = _SHARED_LIMIT.get(arch)
+    if limit is None or not vectors:
+        return cfg
+    return _shrink_to_fit(cfg, d_k, d_v, dtype.itemsize,
+                          limit - cfg.num_stages * cfg.block_n * 4 * vectors, arch)
+
+
 def _table_block_key(block_size: int) -> int:
     """Table column for a block size: itself on the fast path, else the nearest power of two
     at or above it, clamped to 16..256 (a generic block is covered by masked tiles)."""
