@@ -150,9 +150,10 @@ def _compact(block_class: torch.Tensor):
     Returns (index int32 [..., n], count_full int32 [...], count int32 [...]).
     """
     n = block_class.shape[-1]
-    rank = torch.tensor([2, 0, 1], dtype=torch.int64, device=block_class.device)
+    # Rank FULL 0, PARTIAL 1, SKIP 2: (class + 2) % 3, arithmetic rather than a lookup table
+    # (a table would be a host-to-device copy, which a CUDA graph cannot capture).
     position = torch.arange(n, dtype=torch.int64, device=block_class.device)
-    key = rank[block_class.long()] * n + position
+    key = ((block_class.long() + 2) % 3) * n + position
     index = torch.argsort(key, dim=-1, stable=True).to(torch.int32).contiguous()
     count_full = (block_class == FULL).sum(-1, dtype=torch.int32).contiguous()
     count = (block_class != SKIP).sum(-1, dtype=torch.int32).contiguous()

@@ -212,7 +212,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
         k_arg, v_arg, tma = _looped_sources(cfg.use_tma and even_n, k, v, bn, block_dk, block_dv)
         order = _launch_order(lists, True, B, H, 1, tiles_m, cfg.launch_order)
         _bwd_dq_kernel[(B * H * n_tiles,)](
-            q, k_arg, v_arg, dy, lse2, delta, dq, lists.kv_index, lists.kv_count_full,
+            q, k_arg, v_arg, k, v, dy, lse2, delta, dq, lists.kv_index, lists.kv_count_full,
             lists.kv_count, order, y, lse, dlse_arg, *token_args[:4], *_bhn(q), *_bhn(k),
             *_bhn(v), *_bhn(dy), *_bhn(dq), *list_strides(lists.kv_index, lists.kv_count),
             *stats_args, *token_args[4:],
@@ -239,7 +239,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
                                              block_dv)
         order = _launch_order(lists, False, B, H, G, tiles_n, cfg.launch_order)
         _bwd_dkdv_kernel[(B * Hkv * n_tiles,)](
-            q_arg, k, v, dy_arg, lse2, delta, dk, dv, q_index, q_count_full, q_count,
+            q_arg, k, v, dy_arg, q, dy, lse2, delta, dk, dv, q_index, q_count_full, q_count,
             order, *token_args[:4], *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk),
             *_bhn(dv), *list_strides(q_index, q_count), *token_args[4:], H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo,
             G, list_div, offset, *window_args(window),

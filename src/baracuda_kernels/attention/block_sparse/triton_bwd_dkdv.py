@@ -38,7 +38,8 @@ def _dkdv_inner(
     descriptors over the whole tensors, whose rows past Nq and columns past D read as 0.
     Token rules (MASKED steps only): k_id / k_pos are this tile's key ids / positions, q_ids /
     q_poss pointers to the batch row's query ids / positions; a padded query row counts as a
-    row past Nq (q = dy = 0, lse2 = +inf).
+    row past Nq (q = dy = 0, lse2 = +inf). With ids the caller passes pointers (USE_TMA off)
+    for MASKED steps: masked loads zero padding (see triton_fwd).
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -61,9 +62,6 @@ def _dkdv_inner(
                        CHECK_ROWS, BLOCK_DK != D_K, USE_TMA, BLOCK_M, BLOCK_DK)
         dy = _load_rows(dy_src, b32, h32, row0, offs_m, row_ok, stride_gn, offs_dv, dv_ok,
                         CHECK_ROWS, BLOCK_DV != D_V, USE_TMA, BLOCK_M, BLOCK_DV)
-        if USE_TMA and MASKED and HAS_IDS:  # TMA reads padding rows: zero them
-            q = tl.where(row_ok[:, None], q, 0.0)
-            dy = tl.where(row_ok[:, None], dy, 0.0)
         if CHECK_ROWS:
             lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -93,7 +91,7 @@ def _dkdv_inner(
 
 @triton.jit
 def _dkdv_one_head(
-    dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
+    dk, dv, k, v, Q, DY, Q_RAW, DY_RAW, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
     b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, win_lo, win_hi, sinks, qk_scale,
@@ -116,6 +114,13 @@ def _dkdv_one_head(
     n_all = tl.load(Q_COUNT + count_off)
     q_src = head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
     dy_src = head_source(DY, b, h, stride_gb, stride_gh, USE_TMA)
+    PARTIAL_TMA: tl.constexpr = USE_TMA and not HAS_IDS
+    if PARTIAL_TMA:
+        q_part = q_src
+        dy_part = dy_src
+    else:
+        q_part = head_source(Q_RAW, b, h, stride_qb, stride_qh, False)
+        dy_part = head_source(DY_RAW, b, h, stride_gb, stride_gh, False)
     rows_base = (b32 * H + h32).to(tl.int64) * Nq
     lse_base = LSE2 + rows_base
     delta_base = DELTA + rows_base
@@ -126,19 +131,19 @@ def _dkdv_one_head(
                          BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
                          HAS_WINDOW, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA,
                          HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_part, dy_part, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
                          causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos,
                          q_ids, q_poss, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
-                         IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA,
-                         HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
+                         IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True,
+                         USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DY, LSE2, DELTA, DK, DV,
+    Q, K, V, DY, Q_RAW, DY_RAW, LSE2, DELTA, DK, DV,
     Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER, Q_IDS, K_IDS, Q_POS, K_POS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -224,7 +229,7 @@ def _bwd_dkdv_kernel(
     if GROUPED:
         for g in range(0, G):
             dk, dv = _dkdv_one_head(
-                dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
+                dk, dv, k, v, Q, DY, Q_RAW, DY_RAW, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
                 stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                 stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
                 b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
@@ -233,7 +238,7 @@ def _bwd_dkdv_kernel(
                 HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS)
     else:
         dk, dv = _dkdv_one_head(
-            dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
+            dk, dv, k, v, Q, DY, Q_RAW, DY_RAW, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
             stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
             stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
             b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,

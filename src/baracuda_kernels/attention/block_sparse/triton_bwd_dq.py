@@ -36,7 +36,7 @@ def _dq_inner(
     k_src/v_src: pointers to K/V of this (b, K/V head), or (USE_TMA) descriptors (see
     triton_bwd_dkdv._dkdv_inner); b32/h32 index the descriptors.
     Token rules (MASKED steps only, see triton_fwd._attend_blocks): a padded key counts as a
-    key past the end (k = v = 0, P = 0).
+    key past the end (k = v = 0, P = 0); with ids the kernel passes pointers (USE_TMA off).
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -57,9 +57,6 @@ def _dq_inner(
                        CHECK_COLS, BLOCK_DK != D_K, USE_TMA, BLOCK_N, BLOCK_DK)
         v = _load_rows(v_src, b32, h32, col0, offs_n, col_ok, stride_vn, offs_dv, dv_ok,
                        CHECK_COLS, BLOCK_DV != D_V, USE_TMA, BLOCK_N, BLOCK_DV)
-        if USE_TMA and MASKED and HAS_IDS:  # TMA reads padding rows: zero them
-            k = tl.where(col_ok[:, None], k, 0.0)
-            v = tl.where(col_ok[:, None], v, 0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=dq.dtype)
         p = exp_base(qk * qk_scale - lse2[:, None], IS_F64)
         if MASKED:
@@ -86,7 +83,7 @@ def _dq_inner(
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk"])
 def _bwd_dq_kernel(
-    Q, K, V, DY, LSE2, DELTA, DQ,
+    Q, K, V, K_RAW, V_RAW, DY, LSE2, DELTA, DQ,
     KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE, Q_IDS, K_IDS, Q_POS, K_POS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -180,6 +177,15 @@ def _bwd_dq_kernel(
 
     k_src = head_source(K, b, hk32.to(tl.int64), stride_kb, stride_kh, USE_TMA)
     v_src = head_source(V, b, hk32.to(tl.int64), stride_vb, stride_vh, USE_TMA)
+    # With ids, PARTIAL steps load K/V through pointers (masked loads zero padded keys; see
+    # triton_fwd): the same tensors as K, V.
+    PARTIAL_TMA: tl.constexpr = USE_TMA and not HAS_IDS
+    if PARTIAL_TMA:
+        k_part = k_src
+        v_part = v_src
+    else:
+        k_part = head_source(K_RAW, b, hk32.to(tl.int64), stride_kb, stride_kh, False)
+        v_part = head_source(V_RAW, b, hk32.to(tl.int64), stride_vb, stride_vh, False)
     b32 = bh // H
     # FULL blocks (no mask arithmetic), then PARTIAL ones.
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
@@ -187,11 +193,12 @@ def _bwd_dq_kernel(
                    qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, BS, D_K, D_V, BLOCK_DK,
                    BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION,
                    MASKED=False, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
-    dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, n_full * SUBS_N,
+    dq = _dq_inner(dq, q, dy, lse2, delta, k_part, v_part, list_row, n_full * SUBS_N,
                    n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO,
                    WIN_HI, SINKS, qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, BS, D_K, D_V,
                    BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64,
-                   PRECISION, MASKED=True, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
+                   PRECISION, MASKED=True, USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS,
+                   HAS_POS=HAS_POS)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])

@@ -141,9 +141,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 
         if USE_TMA:
             v = v_src.load([b, h, col0, 0]).reshape(BLOCK_N, DV_PAD)
-            if (not EVEN_N) or (PARTIAL and HAS_IDS):
-                # p is 0 on overrun columns and padded keys, but 0 * (inf or NaN in a
-                # neighbour block or in padding) is not.
+            if not EVEN_N:
+                # p is 0 on overrun columns, but 0 * (inf or NaN in a neighbour block) is not.
                 v = tl.where(col_ok[:, None], v, 0.0)
         elif MASK_COLS:
             v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
@@ -162,7 +161,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk"])
 def _block_sparse_fwd_kernel(
-    Q, K, V, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT, Q_IDS, K_IDS, Q_POS, K_POS,
+    Q, K, V, K_RAW, V_RAW, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT, Q_IDS, K_IDS, Q_POS, K_POS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -195,6 +194,9 @@ def _block_sparse_fwd_kernel(
     their stride arguments are then unused.
     HAS_IDS / HAS_POS: int32 document ids / positions per token (common.token_rules),
     [Bt, Nq] and [Bt, Nk] with batch strides stride_tq / stride_tk (0 when shared).
+    With ids, PARTIAL blocks load K/V through pointers (K_RAW, V_RAW; the same tensors as K,
+    V) even under USE_TMA: masked loads give padded keys zeros for free, where zeroing a TMA
+    tile in registers cost ~2 us per block (measured, H200).
     """
     pid = tl.program_id(0)
     bh = pid // n_tiles  # (b, h), or (b, K/V head) when packed
@@ -250,6 +252,13 @@ def _block_sparse_fwd_kernel(
     q = tl.load(q_ptrs, mask=load_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
     k_src = head_source(K, b64, hk64, stride_kb, stride_kh, USE_TMA)
     v_src = head_source(V, b64, hk64, stride_vb, stride_vh, USE_TMA)
+    PARTIAL_TMA: tl.constexpr = USE_TMA and not HAS_IDS
+    if PARTIAL_TMA:
+        k_part = k_src
+        v_part = v_src
+    else:
+        k_part = head_source(K_RAW, b64, hk64, stride_kb, stride_kh, False)
+        v_part = head_source(V_RAW, b64, hk64, stride_vb, stride_vh, False)
     idx_ptr = KV_INDEX + b64 * stride_ib + hl64 * stride_ih + qb64 * stride_iq
 
     qk_scale = kernel_scale(scale_hi, scale_lo, IS_F64)  # carries log2(e) below f64
@@ -268,11 +277,11 @@ def _block_sparse_fwd_kernel(
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW,
         SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS)
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
+        acc, m_i, l_i, q, k_part, v_part, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
         stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, q_id, q_pos, k_ids, k_poss,
         D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW,
-        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS)
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, PARTIAL_TMA, WIDE_TILE, HAS_IDS, HAS_POS)
 
     # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
     # or inf in q or k) make l NaN: such a row is not "empty", its NaN reaches y and lse.
@@ -382,7 +391,7 @@ def block_sparse_attention_forward_triton(
     grid = (B * heads_in_grid * n_tiles,)
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (cnt,) * 4 + (0, 0)
     _block_sparse_fwd_kernel[grid](
-        q, k_arg, v_arg, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4],
+        q, k_arg, v_arg, k, v, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4],
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

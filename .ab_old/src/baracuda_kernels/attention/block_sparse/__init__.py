@@ -1,0 +1,1 @@
+"""Block-sparse scaled-dot-product attention: plan, autograd, launchers, kernels."""

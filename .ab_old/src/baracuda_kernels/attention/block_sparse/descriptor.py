@@ -1,0 +1,116 @@
+"""What a block-sparse attention problem is: the frozen descriptor and the per-call tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ...core import ElementKind, InvalidProblem
+from ..common.problem import (AttentionProblem, WindowRule, check_window, qkv_dims,
+                              window_rule)
+
+
+def kernel_block_size(block_size: int, query_len: int, key_len: int) -> int:
+    """``block_size`` clipped to the longer sequence: what kernels and block lists work with.
+    A block longer than both sequences covers them in one block either way (nq = nk = 1), so
+    this changes nothing but keeps tiles and temporaries bounded for a huge ``block_size``."""
+    return max(1, min(block_size, max(query_len, key_len)))
+
+
+@dataclass(frozen=True)
+class SdpaBlockSparseDescriptor(AttentionProblem):
+    """A block-sparse scaled-dot-product attention problem, independent of any tensor.
+
+    y[b,h] = softmax(scale * q[b,h] @ k[b,g]^T + mask) @ v[b,g] with g = h // (H // Hkv),
+    where mask is -inf outside the active blocks of the pattern (and above the diagonal when
+    ``is_causal``).
+
+    Fields:
+        batch_size, num_heads: B, H (query heads).
+        query_len, key_len: Nq, Nk (any lengths; the last block may be partial).
+        d_k, d_v: head dims of q/k and of v/y.
+        block_size: side of a square pattern block, in tokens (>= 1).
+        scale: softmax scale; None means 1/sqrt(d_k).
+        is_causal: query i attends key j only when j <= i (top-left aligned).
+        element: dtype of q, k, v, y (an ElementKind, a torch.dtype or a name like 'bf16').
+        window_size: (left, right) sliding window in tokens, flash-attn's convention (-1 =
+            unbounded): query i sees keys j with -left <= j - i - off <= right, off = 0 when
+            is_causal is True (top-left) else Nk - Nq; exact per token.
+        sink_tokens: the first keys every query sees besides its window (with a window).
+        num_kv_heads: Hkv, heads of k and v (None: H). Grouped-query attention when
+            1 < H / Hkv (MQA when Hkv = 1): query head h reads K/V head h // (H // Hkv), as
+            in torch SDPA's ``enable_gqa=True`` and flash-attn. H must be a multiple of Hkv.
+    """
+
+    batch_size: int
+    num_heads: int
+    query_len: int
+    key_len: int
+    d_k: int
+    d_v: int
+    block_size: int
+    scale: Optional[float] = None
+    is_causal: bool = False
+    element: ElementKind = ElementKind.BF16
+    num_kv_heads: Optional[int] = None
+    window_size: tuple = (-1, -1)
+    sink_tokens: int = 0
+
+    def __post_init__(self):
+        self._validate(extra_extents=("block_size",))
+        window, sinks = check_window(self.window_size, self.sink_tokens)
+        object.__setattr__(self, "window_size", window)
+        object.__setattr__(self, "sink_tokens", sinks)
+        if self.block_size < 1:
+            raise InvalidProblem(
+                f"block_size is {self.block_size}; expected an int >= 1 (e.g. 64 or 128).")
+
+    @property
+    def num_blocks_q(self) -> int:
+        return -(-self.query_len // self.block_size)
+
+    @property
+    def num_blocks_k(self) -> int:
+        return -(-self.key_len // self.block_size)
+
+    @property
+    def window(self) -> Optional[WindowRule]:
+        """The token window the kernels apply (None: no window); see ``window_rule``."""
+        return window_rule(self.window_size, self.sink_tokens, self.is_causal,
+                           self.query_len, self.key_len)
+
+    @property
+    def kernel_block_size(self) -> int:
+        """The block size the kernels and lists work with (see ``kernel_block_size``)."""
+        return kernel_block_size(self.block_size, self.query_len, self.key_len)
+
+    @classmethod
+    def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
+                     scale: Optional[float] = None, is_causal: bool = False,
+                     window_size: tuple = (-1, -1), sink_tokens: int = 0):
+        """Descriptor for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv] (H % Hkv == 0)."""
+        B, H, Hkv, Nq, Nk, Dk, Dv = qkv_dims(q, k, v)
+        return cls(B, H, Nq, Nk, Dk, Dv, block_size, scale, is_causal,
+                   ElementKind.from_torch(q.dtype), num_kv_heads=Hkv,
+                   window_size=tuple(window_size), sink_tokens=sink_tokens)
+
+
+@dataclass
+class SdpaBlockSparseArgs:
+    """The tensors of one call.
+
+    q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv] of the descriptor's dtype;
+    block_pattern: bool/uint8 [B|1, H|Hkv|1, nq, nk] or [B|1, H|Hkv|1, nq*nk], a BlockPattern
+    or a PreparedPattern (see ``block_sparse_attention`` for how pattern heads are read);
+    y [B,H,Nq,Dv] and lse [B,H,Nq] (float32; float64 for f64) are outputs: pass
+    preallocated tensors, or leave None and ``plan.run`` allocates them.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    block_pattern: Any
+    y: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None

@@ -1,0 +1,159 @@
+"""The functional, autograd-aware entry point: block_sparse_attention(q, k, v, pattern, ...)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...core import InvalidProblem
+from ..common.autograd_pieces import autocast_inputs
+from ..common.problem import check_qkv
+from ..flash_sdpa.library_autograd import library_attention
+from ..flash_sdpa.routing import all_blocks_active, dense_route
+from .autograd import (BlockSparseAttentionFunction, block_sparse_attention_op, causal_arg,
+                       plan_for)
+from .descriptor import SdpaBlockSparseDescriptor
+from .prepared import PreparedPattern
+from .validation import canonical_pattern
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_pattern, *,
+                           block_size: Optional[int] = None, is_causal=None,
+                           scale: Optional[float] = None, return_lse: bool = False,
+                           backend: Optional[str] = None, deterministic: Optional[bool] = None,
+                           window_size: Optional[tuple] = None,
+                           sink_tokens: Optional[int] = None):
+    """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
+
+    y = softmax(scale * q @ k^T + mask) @ v, where mask is -inf outside the active blocks of
+    ``block_pattern`` (and where key > query when ``is_causal``). Inactive blocks are skipped.
+
+    Args:
+        q: [B, H, Nq, Dk] float16, bfloat16, float32 or float64.
+        k: [B, Hkv, Nk, Dk], same dtype and device. Hkv < H is grouped-query attention
+            (Hkv = 1: multi-query): H must be a multiple of Hkv, and query head h reads K/V
+            head h // (H // Hkv), as torch SDPA's ``enable_gqa=True`` and flash-attn do.
+            K/V are never expanded (no copy); dK/dV sum over each group deterministically.
+        v: [B, Hkv, Nk, Dv], same dtype and device. Any strides with a unit last stride.
+        block_pattern: bool or uint8 [B|1, Hp, nq, nk] (or flat [B|1, Hp, nq*nk]) with
+            nq = ceil(Nq / block_size), nk = ceil(Nk / block_size); non-zero = compute the
+            block. Hp = H: one pattern per query head; Hp = Hkv: one per K/V head, shared by
+            the query heads of its group; Hp = 1: one for all heads. (When H == Hkv, or
+            Hkv == 1, two of these readings coincide and mean the same thing.)
+            A BlockPattern (baracuda_kernels.patterns) is accepted too and carries
+            its block_size. Either is read afresh on every call (its lists are rebuilt: one
+            Triton launch on CUDA). A PreparedPattern (``prepare_pattern`` or
+            ``BlockPattern.prepare()``) carries lists built once: no pattern work per call.
+        block_size: side of a pattern block in tokens (required unless block_pattern is a
+            BlockPattern).
+        is_causal: True: query i attends key j only when j <= i (top-left, like torch SDPA).
+            "bottom_right": only when j <= i + Nk - Nq (queries aligned to the end of the
+            keys, flash-attn's convention: a KV cache, chunked prefill, decode with Nq = 1).
+            The two agree when Nq == Nk. None (default) takes the BlockPattern's
+            ``is_causal`` (False for raw tensors).
+        window_size: (left, right) sliding window in tokens, flash-attn's convention (-1 =
+            unbounded on that side): query i sees key j only when
+            -left <= j - i - off <= right, with off = 0 for is_causal=True (top-left) and
+            Nk - Nq otherwise (bottom-right, as flash-attn). Exact per token (blocks the
+            window cuts are masked, blocks it empties skipped); ANDed with the pattern and
+            the causal rule. None: (-1, -1), or the PreparedPattern's.
+        sink_tokens: with a window, the first ``sink_tokens`` keys stay visible to every
+            query (still subject to the causal rule; StreamingLLM's attention sinks).
+            None: 0, or the PreparedPattern's.
+        scale: softmax scale, default 1 / sqrt(Dk).
+        return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
+            scaled scores (float32; float64 for float64 inputs), differentiable.
+        backend: None (automatic: triton on CUDA, reference elsewhere, or a dense route as
+            below), "triton" or "reference".
+        deterministic: True forbids the dense route below (as does
+            torch.use_deterministic_algorithms(True)); None/False allow it.
+
+    Dense route: when ``backend`` is None, the pattern is a PreparedPattern with every
+    reachable block active (all blocks, or with is_causal every block on or below the
+    diagonal), ``return_lse`` is False, determinism was not asked for, and torch SDPA's cuDNN
+    or flash kernel can run the problem (CUDA, f16/bf16, d_k == d_v, square when causal),
+    the call runs there: the problem is dense attention, and those kernels are faster than
+    ours on it. Their backward is not promised bitwise reproducible; pass deterministic=True
+    to keep our kernels. Under torch.compile the block-sparse op always carries the call.
+
+    Returns:
+        y [B, H, Nq, Dv] in q's dtype (and lse when return_lse). A query row with no allowed
+        key gives y = 0 and lse = -inf, and zero gradients; NaN or inf in a row's scores
+        gives that row NaN (as torch SDPA does).
+
+    Autograd: gradients for q, k, v (only those that require them) from y's and lse's
+    gradients; differentiable once (double backward raises Unsupported). Under
+    torch.autocast, q/k/v are cast to the autocast dtype as for torch SDPA.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 256, 64)
+        >>> pattern = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+        >>> y = block_sparse_attention(q, k, v, pattern, block_size=64, is_causal=True)
+        >>> q8, k2 = torch.randn(1, 8, 256, 64), torch.randn(1, 2, 256, 64)   # GQA 8 / 2
+        >>> y = block_sparse_attention(q8, k2, k2, pattern, block_size=64)
+    """
+    if isinstance(block_pattern, PreparedPattern):
+        block_size, is_causal, window_size, sink_tokens = _from_prepared(
+            block_pattern, block_size, is_causal, window_size, sink_tokens)
+    if block_size is None:
+        block_size = getattr(block_pattern, "block_size", None)
+        if block_size is None:
+            raise InvalidProblem("block_size is None; expected an int >= 1 (or pass a BlockPattern "
+                                 "or PreparedPattern, which carry their block_size).")
+    if is_causal is None:
+        is_causal = bool(getattr(block_pattern, "is_causal", False))
+    q, k, v, no_autocast = autocast_inputs(q, k, v)
+    desc = SdpaBlockSparseDescriptor.from_tensors(
+        q, k, v, block_size=block_size, scale=scale, is_causal=is_causal,
+        window_size=(-1, -1) if window_size is None else window_size,
+        sink_tokens=sink_tokens or 0)
+    device = check_qkv(desc, q, k, v)
+    if backend is not None and not isinstance(backend, str):
+        backend = backend.value  # a BackendKind
+    with no_autocast:
+        if _tracing(q):
+            if isinstance(block_pattern, PreparedPattern):
+                block_pattern.check_matches(desc, device)
+                pattern = block_pattern.mask
+            else:
+                pattern = canonical_pattern(desc, block_pattern, device)
+            y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size,
+                                               desc.softmax_scale, causal_arg(desc.is_causal),
+                                               backend or "", *desc.window_size,
+                                               desc.sink_tokens)
+        else:
+            # The dense route is asked only for a fully active prepared pattern (a memoised
+            # answer), so sparse calls pay nothing here; plan.block_lists checks the
+            # pattern's geometry on the other path.
+            if not backend and not return_lse and isinstance(block_pattern, PreparedPattern) \
+                    and all_blocks_active(block_pattern):
+                block_pattern.check_matches(desc, device)
+                dense = dense_route(desc, device, True, deterministic)
+                if dense is not None:
+                    return library_attention(dense, q, k, v)
+            plan = plan_for(desc, device, backend or None)
+            y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan,
+                                                        plan.block_lists(block_pattern))
+    return (y, lse) if return_lse else y
+
+
+def _from_prepared(prepared: PreparedPattern, block_size, is_causal, window_size, sink_tokens):
+    """A PreparedPattern fixes block_size, is_causal and the window; explicit values must
+    agree."""
+    for name, given, own in (("block_size", block_size, prepared.block_size),
+                             ("is_causal", is_causal, prepared.is_causal),
+                             ("window_size", window_size, prepared.window_size),
+                             ("sink_tokens", sink_tokens, prepared.sink_tokens)):
+        if given is not None and (tuple(given) if name == "window_size" else given) != own:
+            raise InvalidProblem(
+                f"{name}={given} was passed with a PreparedPattern prepared for {name}={own}; "
+                f"expected them to agree. Leave {name} out, or prepare the pattern again.")
+    return prepared.block_size, prepared.is_causal, prepared.window_size, prepared.sink_tokens
+
+
+def _tracing(q: torch.Tensor) -> bool:
+    """True under torch.compile or on fake/meta tensors: then the custom op (which has a fake
+    implementation) must carry the call; eager calls take the cheaper autograd.Function."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return torch.compiler.is_compiling() or q.device.type == "meta" or isinstance(q, FakeTensor)

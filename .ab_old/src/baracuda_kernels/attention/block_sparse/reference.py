@@ -1,0 +1,237 @@
+"""Reference backend: block-sparse attention in plain PyTorch, on any device.
+
+This is the readable statement of the semantics and the CPU backend. It never builds a
+score matrix for the whole sequence: block rows are processed in groups, each row gathering
+only its own active blocks, so time and memory grow with the number of active blocks.
+
+* Forward and dQ walk query-block rows, gathering each row's active key blocks.
+* dK/dV walk key-block rows, gathering the query blocks that attend them (the transposed
+  pattern). Each gradient row gets one index_add_ per pattern slice, in a fixed order, with
+  unique indices within a call: deterministic on every device.
+* GQA: queries are viewed as [B, Hkv, G, N, D] and K/V as [B, Hkv, 1, N, D], so a group
+  reads its K/V by broadcasting (no copy); dK/dV sum over the group dimension.
+
+A group stacks G rows padded to the longest row of the group (padding is masked out); G is
+chosen so a group's score tile stays under ``_GROUP_BUDGET`` elements. Accumulation is
+float32 for f16/bf16/f32 inputs and float64 for f64 inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from ..common.numerics import accumulator_dtype
+from ..common.problem import WindowRule, causal_offset
+from .block_lists import SKIP, BlockLists
+
+_GROUP_BUDGET = 1 << 22  # score-tile elements per group (16 MiB in float32)
+
+
+@dataclass
+class _Group:
+    """G block rows of one direction with their gathered column tokens.
+
+    rows [G*bs] row token ids (clamped), row_ok [G*bs]; cols [G, L] column token ids
+    (clamped), col_ok [G, L]; L = (longest active count in the group) * bs.
+    """
+
+    rows: torch.Tensor
+    row_ok: torch.Tensor
+    cols: torch.Tensor
+    col_ok: torch.Tensor
+
+
+def _groups(active: torch.Tensor, block_size: int, row_len: int, col_len: int,
+            batch_heads: int, device) -> Iterator[_Group]:
+    """Group the block rows of ``active`` (bool [n_rows, n_cols], on CPU) that have work."""
+    counts = active.sum(1)
+    offsets = torch.arange(block_size)
+    rows = [r for r in range(active.shape[0]) if counts[r] > 0]
+    start = 0
+    while start < len(rows):
+        stop, widest = start, 0
+        while stop < len(rows):
+            w = max(widest, int(counts[rows[stop]]))
+            tile = (stop - start + 1) * w * block_size * block_size * batch_heads
+            if stop > start and tile > _GROUP_BUDGET:
+                break
+            widest, stop = w, stop + 1
+        chunk = rows[start:stop]
+        blocks = torch.full((len(chunk), widest), -1, dtype=torch.int64)
+        for i, r in enumerate(chunk):
+            ids = active[r].nonzero().flatten()
+            blocks[i, :ids.numel()] = ids
+        cols = (blocks.clamp(min=0)[:, :, None] * block_size + offsets).flatten(1)
+        col_ok = (blocks[:, :, None] >= 0).expand(-1, -1, block_size).flatten(1) & (cols < col_len)
+        row_tok = (torch.tensor(chunk)[:, None] * block_size + offsets).flatten()
+        yield _Group(row_tok.clamp(max=row_len - 1).to(device), (row_tok < row_len).to(device),
+                     cols.clamp(max=col_len - 1).to(device), col_ok.to(device))
+        start = stop
+
+
+def _active_blocks(lists: BlockLists) -> torch.Tensor:
+    """bool [Bp, Hp, nq, nk] on the CPU: the blocks the reference walks (on the host)."""
+    if lists.block_class is None:
+        raise RuntimeError("reference backend got block lists without block_class (built by "
+                           "the Triton builder); internal error: build them with use_triton=False")
+    return (lists.block_class != SKIP).cpu()
+
+
+def _slices(lists: BlockLists, H: int, Hkv: int):
+    """One entry per pattern slice: (batch slice, K/V-head slice, group slice, bp, hp).
+
+    Queries are read as [B, Hkv, G, N, D] (query head h = hk * G + g) and K/V as
+    [B, Hkv, 1, N, D], so that a group shares its K/V by broadcasting, never by a copy.
+    Pattern heads: Hp = H (per query head: one K/V head, one group member), Hp = Hkv (per
+    K/V head: the whole group), Hp = 1 (everything); size-1 dims cover all at once."""
+    Bp, Hp = lists.kv_index.shape[:2]
+    G = H // Hkv
+    for bp in range(Bp):
+        bsl = slice(None) if Bp == 1 else slice(bp, bp + 1)
+        for hp in range(Hp):
+            if Hp == 1:
+                yield bsl, slice(None), slice(None), bp, hp
+            elif Hp == H:
+                yield bsl, slice(hp // G, hp // G + 1), slice(hp % G, hp % G + 1), bp, hp
+            else:  # Hp == Hkv
+                yield bsl, slice(hp, hp + 1), slice(None), bp, hp
+
+
+def _grouped(t: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """[B, H, ...] -> the view [B, Hkv, H // Hkv, ...] (query head h = hk * G + g)."""
+    return t.unflatten(1, (Hkv, t.shape[1] // Hkv))
+
+
+def _gather(t: torch.Tensor, tokens: torch.Tensor, acc) -> torch.Tensor:
+    """t [b, hk, g, N, D] -> [b, hk, g, *tokens.shape, D] in the accumulator dtype."""
+    return t.index_select(3, tokens.flatten()).to(acc).unflatten(3, tokens.shape)
+
+
+def _allowed(g: _Group, block_size: int, is_causal, rows_are_queries: bool,
+             offset: int, window: Optional[WindowRule]) -> torch.Tensor:
+    """bool [G, bs, L]: which (row token, column token) pairs count; causal: key j <= query
+    i + offset (0 top-left, Nk - Nq bottom-right); window: ``WindowRule.allows``."""
+    rows = g.rows.view(g.cols.shape[0], block_size)
+    ok = g.col_ok[:, None, :].expand(-1, block_size, -1)
+    q_tok, k_tok = (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
+        (g.cols[:, None, :], rows[:, :, None])
+    if is_causal:
+        ok = ok & (k_tok <= q_tok + offset)
+    if window is not None:
+        ok = ok & window.allows(q_tok, k_tok)
+    return ok
+
+
+def _probs(scores, lse, allowed=None):
+    """exp(scores - lse), 0 where not allowed; lse = -inf (rows that see nothing) gives 0.
+
+    Only -inf means "nothing allowed": a NaN or +inf lse comes from NaN/inf in the inputs
+    and must reach the row's outputs and gradients (as in torch SDPA), so it is kept."""
+    seen = lse != float("-inf")
+    p = torch.exp(scores - torch.where(seen, lse, torch.zeros_like(lse)))
+    keep = seen if allowed is None else allowed & seen
+    return p.masked_fill(~keep, 0.0)
+
+
+def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, block_size: int,
+                                             scale: float, is_causal: bool, y, lse,
+                                             window: Optional[WindowRule] = None) -> None:
+    """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk],
+    v [B,Hkv,Nk,Dv] (query head h reads K/V head h // (H // Hkv))."""
+    acc = accumulator_dtype(q.dtype)
+    B, H, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    offset = causal_offset(is_causal, Nq, Nk)
+    y.zero_()
+    lse.fill_(float("-inf"))
+    active_all = _active_blocks(lists)
+    q5, y5, lse5 = _grouped(q, Hkv), _grouped(y, Hkv), _grouped(lse, Hkv)
+    k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
+    for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
+        qs, ks, vs = q5[bsl, ksl, gsl], k5[bsl, ksl], v5[bsl, ksl]
+        bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
+        for g in _groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device):
+            G = g.cols.shape[0]
+            qt = _gather(qs, g.rows.view(G, block_size), acc)        # [b,hk,g,G,bs,Dk]
+            s = torch.matmul(qt, _gather(ks, g.cols, acc).transpose(-1, -2)) * scale
+            s = s.masked_fill(~_allowed(g, block_size, is_causal, True, offset, window), float("-inf"))
+            row_lse = torch.logsumexp(s, dim=-1)                     # [b,hk,g,G,bs]
+            p = _probs(s, row_lse[..., None])  # masked scores are -inf: exp gives 0
+            out = torch.matmul(p, _gather(vs, g.cols, acc)).flatten(3, 4)
+            keep = g.row_ok.nonzero().flatten()
+            y5[bsl, ksl, gsl].index_copy_(3, g.rows[keep], out[:, :, :, keep].to(y.dtype))
+            lse5[bsl, ksl, gsl].index_copy_(
+                3, g.rows[keep], row_lse.flatten(3)[:, :, :, keep].to(lse.dtype))
+
+
+def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockLists, *,
+                                              block_size: int, scale: float, is_causal: bool,
+                                              dq, dk, dv, dlse=None,
+                                              window: Optional[WindowRule] = None) -> None:
+    """Writes dq, dk, dv (shaped like q, k, v; None = not wanted, dk and dv go together) from
+    the upstream gradients dy [B,H,Nq,Dv] and dlse [B,H,Nq] (None = 0), rebuilding
+    probabilities from the forward's lse. With GQA, dk/dv of a K/V head sum the
+    contributions of its query heads (in a fixed order, in the accumulator dtype)."""
+    acc = accumulator_dtype(q.dtype)
+    B, H, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    offset = causal_offset(is_causal, Nq, Nk)
+    if dq is not None:
+        dq.zero_()
+    # delta_i = sum_d dy_id * y_id = sum_j p_ij dp_ij: the softmax-Jacobian correction. The
+    # lse gradient enters the same place: d lse_i / d s_ij = p_ij, so dS = P * (dP - delta + dlse).
+    delta = (dy.to(acc) * y.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    lse5, delta5 = _grouped(lse.to(acc), Hkv), _grouped(delta, Hkv)
+    q5, dy5 = _grouped(q, Hkv), _grouped(dy, Hkv)
+    k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
+    dq5 = _grouped(dq, Hkv) if dq is not None else None
+    # dK/dV gather the group's contributions (several pattern slices may add to one K/V head).
+    dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device) if dk is not None else None
+    dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device) if dk is not None else None
+    active_all = _active_blocks(lists)
+    for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
+        qs, ks, vs, dys = q5[bsl, ksl, gsl], k5[bsl, ksl], v5[bsl, ksl], dy5[bsl, ksl, gsl]
+        ls, ds_ = lse5[bsl, ksl, gsl], delta5[bsl, ksl, gsl]
+        bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
+        # dQ: query-block rows.
+        for g in (_groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device)
+                  if dq is not None else ()):
+            G = g.cols.shape[0]
+            rows = g.rows.view(G, block_size)
+            kt, vt = _gather(ks, g.cols, acc), _gather(vs, g.cols, acc)
+            s = torch.matmul(_gather(qs, rows, acc), kt.transpose(-1, -2)) * scale
+            p = _probs(s, _gather_rows(ls, rows)[..., None], _allowed(g, block_size, is_causal, True, offset, window))
+            dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
+            dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
+            out = (torch.matmul(dsc, kt) * scale).flatten(3, 4)
+            keep = g.row_ok.nonzero().flatten()
+            dq5[bsl, ksl, gsl].index_copy_(3, g.rows[keep], out[:, :, :, keep].to(dq.dtype))
+        # dK, dV: key-block rows over the transposed pattern, summed over the group (dim 2).
+        for g in (_groups(active_all[bp, hp].T, block_size, Nk, Nq, bh, q.device)
+                  if dk is not None else ()):
+            G = g.cols.shape[0]
+            rows = g.rows.view(G, block_size)
+            qt, dyt = _gather(qs, g.cols, acc), _gather(dys, g.cols, acc)
+            s_t = torch.matmul(_gather(ks, rows, acc), qt.transpose(-1, -2)) * scale
+            p_t = _probs(s_t, _gather_rows(ls, g.cols)[..., None, :],
+                         _allowed(g, block_size, is_causal, False, offset, window))
+            dv_out = torch.matmul(p_t, dyt).sum(2).flatten(2, 3)
+            dp_t = torch.matmul(_gather(vs, rows, acc), dyt.transpose(-1, -2))
+            ds_t = p_t * (dp_t - _gather_rows(ds_, g.cols)[..., None, :])
+            dk_out = (torch.matmul(ds_t, qt) * scale).sum(2).flatten(2, 3)
+            keep = g.row_ok.nonzero().flatten()
+            dk_acc[bsl, ksl].index_add_(2, g.rows[keep], dk_out[:, :, keep])
+            dv_acc[bsl, ksl].index_add_(2, g.rows[keep], dv_out[:, :, keep])
+    if dk is not None:
+        dk.copy_(dk_acc)
+        dv.copy_(dv_acc)
+
+
+def _gather_rows(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """t [b, hk, g, N] -> [b, hk, g, *tokens.shape]."""
+    return t.index_select(3, tokens.flatten()).unflatten(3, tokens.shape)

@@ -1,0 +1,215 @@
+"""dK/dV kernel of the block-sparse attention backward (launched by triton_bwd.py).
+
+One program per (b, K/V head, key tile): it loads its K and V rows once, then walks, for each
+query head of its GQA group in turn, the query blocks that attend its key block (the
+transposed lists, FULL blocks first with no mask arithmetic, then PARTIAL ones), and writes
+dK, dV once: no atomics, the same summation order on every run.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
+from ..common.triton_tma import head_source
+from .triton_bwd_pieces import _list_step, _load_rows
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row, it_lo, it_hi,
+    stride_qn, stride_gn, offs_n, Nq, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
+    BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
+    PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
+
+    Query rows that must not count (past Nq, or past the block end when the tile does not
+    divide the block) load q = dy = 0 and lse2 = +inf, so their P is exactly 0 without any
+    per-element mask. Key rows of this tile past Nk only produce rows that are never stored.
+    Only the causal diagonal needs an element mask (PARTIAL blocks only).
+    q_src/dy_src: pointers to Q/dY of this (b, query head h), or (USE_TMA, tiles dividing the block)
+    descriptors over the whole tensors, whose rows past Nq and columns past D read as 0.
+    """
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < D_K
+    dv_ok = offs_dv < D_V
+    CHECK_ROWS: tl.constexpr = MASKED or not EVEN_M
+    # The query block of the next step is loaded one iteration ahead and carried, so tile
+    # addresses never wait on a load of the same iteration and the pipeliner can keep
+    # num_stages tiles in flight (as in the forward's _attend_blocks).
+    nxt = tl.load(list_row + it_lo // SUBS_M, mask=it_lo < it_hi, other=0)
+    for it in range(it_lo, it_hi):
+        qb = nxt
+        nxt = tl.load(list_row + (it + 1) // SUBS_M, mask=it + 1 < it_hi, other=0)
+        offs_m, row_ok, row0 = _list_step(qb, it, offs_m0, Nq, BS, BLOCK_M, SUBS_M, MASKED)
+        q = _load_rows(q_src, b32, h32, row0, offs_m, row_ok, stride_qn, offs_dk, dk_ok,
+                       CHECK_ROWS, BLOCK_DK != D_K, USE_TMA, BLOCK_M, BLOCK_DK)
+        dy = _load_rows(dy_src, b32, h32, row0, offs_m, row_ok, stride_gn, offs_dv, dv_ok,
+                        CHECK_ROWS, BLOCK_DV != D_V, USE_TMA, BLOCK_M, BLOCK_DV)
+        if CHECK_ROWS:
+            lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        # Transposed scores [BLOCK_N, BLOCK_M]: the results feed dV/dK without transposes.
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=dk.dtype)
+        p_t = exp_base(qk_t * qk_scale - lse2[None, :], IS_F64)
+        if MASKED:
+            if IS_CAUSAL or HAS_WINDOW:
+                p_t = tl.where(token_allowed(offs_m[None, :], offs_n[:, None], causal_offset,
+                                             win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW),
+                               p_t, 0.0)
+        dv = tl.dot(p_t.to(dy.dtype), dy, dv, input_precision=PRECISION, out_dtype=dv.dtype)
+        dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=dk.dtype)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_one_head(
+    dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
+    stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+    stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+    b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, win_lo, win_hi, sinks, qk_scale,
+    BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    IS_F64: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Add query head h32's contribution to the dK, dV of one key tile: its FULL query
+    blocks, then its PARTIAL ones, from its own list row (list head h32 // LIST_DIV)."""
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
+    hl = (h32 // LIST_DIV).to(tl.int64)
+    list_row = Q_INDEX + b * stride_ib + hl * stride_ih + kb.to(tl.int64) * stride_ir
+    count_off = b * stride_cb + hl * stride_ch + kb
+    n_full = tl.load(Q_COUNT_FULL + count_off)
+    n_all = tl.load(Q_COUNT + count_off)
+    q_src = head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
+    dy_src = head_source(DY, b, h, stride_gb, stride_gh, USE_TMA)
+    rows_base = (b32 * H + h32).to(tl.int64) * Nq
+    lse_base = LSE2 + rows_base
+    delta_base = DELTA + rows_base
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
+                         0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, causal_offset,
+                         win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V, BLOCK_DK,
+                         BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW, IS_F64,
+                         PRECISION, MASKED=False, USE_TMA=USE_TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
+                         n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
+                         causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, BS, D_K, D_V,
+                         BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL, HAS_WINDOW,
+                         IS_F64, PRECISION, MASKED=True, USE_TMA=USE_TMA)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
+                                     "WIN_LO", "WIN_HI", "SINKS"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DY, LSE2, DELTA, DK, DV,
+    Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch,
+    H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
+    BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, TILES_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
+):
+    """Grid (B*Hkv*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block
+    of one K/V head.
+
+    GQA: the program owns its K/V tile and loops over the G query heads h = hk*G + g of the
+    head's group in order, each with its own list row (list head h // LIST_DIV), summing their
+    contributions in registers: the group sum is deterministic and needs no atomics.
+    GROUPED (G > 1) is a compile-time switch so that plain attention keeps a single loop nest.
+
+    Program p does work item ORDER[p] = bhk * n_tiles + tile (see ``_launch_order``): by
+    default (b, K/V head)-major, so the tiles of one head run together and share its Q/dY in
+    L2, first key tiles first (under a causal mask they attend the most query blocks), with
+    unusually long items (a sink column) moved to the front of the whole launch.
+    """
+    item = tl.load(ORDER + tl.program_id(0))
+    Hkv = H // G
+    bhk = item // n_tiles
+    tile = item - bhk * n_tiles
+    b32 = bhk // Hkv
+    hk32 = bhk % Hkv
+    b = b32.to(tl.int64)
+    hk = hk32.to(tl.int64)
+    kb = tile // TILES_N
+    n_in_block = (tile % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = kb * BS + n_in_block  # int32 for the causal mask; int64 for addresses
+    rows = offs_n.to(tl.int64)[:, None]
+    key_ok = (n_in_block < BS) & (offs_n < Nk)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < D_K
+    dv_ok = offs_dv < D_V
+    qk_scale = kernel_scale(qk_hi, qk_lo, IS_F64)
+    if IS_F64:
+        scale = qk_scale
+
+    # Lists are [Bp, Hp, nk, nq] / [Bp, Hp, nk]; broadcast dims come with stride 0.
+    # A key block no query head of the group attends only stores zeros: its K/V loads are
+    # masked off.
+    n_any = tl.load(Q_COUNT + b * stride_cb + (hk32 * G // LIST_DIV).to(tl.int64) * stride_ch + kb)
+    if GROUPED:
+        for g in range(1, G):
+            hl = ((hk32 * G + g) // LIST_DIV).to(tl.int64)
+            n_any += tl.load(Q_COUNT + b * stride_cb + hl * stride_ch + kb)
+    load_ok = key_ok & (offs_n < tl.where(n_any > 0, Nk, 0))  # vector & vector (interpreter)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + rows * stride_kn + offs_dk[None, :],
+                mask=load_ok[:, None] & dk_ok[None, :], other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + rows * stride_vn + offs_dv[None, :],
+                mask=load_ok[:, None] & dv_ok[None, :], other=0.0)
+    if IS_F64:
+        dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float64)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float64)
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if GROUPED:
+        for g in range(0, G):
+            dk, dv = _dkdv_one_head(
+                dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
+                stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+                stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+                b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
+                SINKS, qk_scale,
+                BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
+                HAS_WINDOW, IS_F64,
+                PRECISION, USE_TMA)
+    else:
+        dk, dv = _dkdv_one_head(
+            dk, dv, k, v, Q, DY, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
+            stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
+            stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+            b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
+            qk_scale,
+            BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
+            HAS_WINDOW, IS_F64,
+            PRECISION, USE_TMA)
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_dk[None, :],
+             dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & dk_ok[None, :])
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + rows * stride_dvn + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_ok[:, None] & dv_ok[None, :])

@@ -1,0 +1,388 @@
+"""Triton forward kernel of block-sparse attention, and its launcher.
+
+Work happens only where the pattern is active. A program owns ``BLOCK_M`` query rows of one
+pattern query block, loads them once, then walks the compacted list of that block's active
+key blocks (``BlockLists.kv_index``): first the FULL blocks with an inner loop that does no
+mask arithmetic, then the PARTIAL ones (causal diagonal, ragged key tail) with the masked
+variant of the same loop. Online softmax in exp2 with log2(e) folded into the scale (f32
+running max / sum; f64 and natural ``exp`` for f64 inputs). Fully masked rows give y = 0 and
+lse = -inf. No atomics: every output element is written by exactly one program.
+
+Layout: q ``[B,H,Nq,Dk]``, k ``[B,H,Nk,Dk]``, v ``[B,H,Nk,Dv]`` with unit last stride; y
+``[B,H,Nq,Dv]``, lse ``[B,H,Nq]`` with any strides. Batch/head offsets are 64-bit.
+
+Experimental, opt-in (``ForwardConfig.use_tma``): K/V tiles loaded by Hopper's tensor memory
+accelerator through tensor descriptors (triton_tma.py); only the K/V loads differ.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
+from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
+from ..common.problem import WindowRule, causal_offset, window_args
+from ..common.triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
+# Re-exported so that callers find the configs next to the launcher.
+from .triton_fwd_configs import ForwardConfig, default_forward_config  # noqa: F401
+
+__all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_forward_config"]
+
+
+@triton.jit
+def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_lo, it_hi,
+                   offs_m, stride_kn, stride_vn, Nk, causal_offset, win_lo, win_hi, sinks,
+                   qk_scale,
+                   D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
+                   DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                   STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr):
+    """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
+
+    One flat loop over (block, column step) pairs, so the software pipeliner sees a single
+    loop. PARTIAL=False is the FULL-block loop: no masks unless a step overruns a generic
+    block (EVEN_N False) or the head dim is padded.
+    k_src/v_src: pointers to K/V of this (b, K/V head h), or (USE_TMA) descriptors over the
+    whole ``[B, Hkv, Nk, D]`` K/V whose out-of-bounds rows/columns read as zeros.
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    if not USE_TMA:
+        # In-tile offsets stay 32-bit (BLOCK_N rows) unless BLOCK_N rows of K or V span 2^31
+        # elements or more (WIDE_TILE, decided by the launcher); the block start is added in
+        # 64-bit either way.
+        if WIDE_TILE:
+            rows_in_tile = offs_n0.to(tl.int64)[:, None]
+        else:
+            rows_in_tile = offs_n0[:, None]
+        k_tile = rows_in_tile * stride_kn + offs_dk[None, :]
+        v_tile = rows_in_tile * stride_vn + offs_dv[None, :]
+    MASK_COLS: tl.constexpr = PARTIAL or (not EVEN_N)
+    n_steps = (it_hi - it_lo) * STEPS
+    # The key block of the next step is loaded one iteration ahead and carried: K/V
+    # addresses then never wait on a load of the same iteration, and Triton's pipeliner
+    # keeps num_stages K/V tiles in flight (with the index loaded in-iteration it fell back
+    # to a double buffer with a full wait every step).
+    nxt = tl.load(idx_ptr + it_lo * stride_ik, mask=n_steps > 0, other=0)
+    for s in range(0, n_steps):
+        blk0 = nxt * BLOCK
+        if STEPS == 1:
+            col0 = blk0
+            nxt = tl.load(idx_ptr + (it_lo + s + 1) * stride_ik, mask=s + 1 < n_steps, other=0)
+        else:
+            col0 = blk0 + (s % STEPS) * BLOCK_N
+            nxt = tl.load(idx_ptr + (it_lo + (s + 1) // STEPS) * stride_ik,
+                          mask=s + 1 < n_steps, other=0)
+        offs_n = col0 + offs_n0
+        if MASK_COLS:
+            if PARTIAL:
+                col_ok = offs_n < tl.minimum(blk0 + BLOCK, Nk)
+            else:
+                col_ok = offs_n < blk0 + BLOCK
+        if USE_TMA:
+            # Rows past Nk and columns past D_K arrive as zeros. Columns of a step that
+            # overruns a generic block are real keys of the next block: scores mask them.
+            k = k_src.load([b, h, col0, 0]).reshape(BLOCK_N, DK_PAD)
+        else:
+            col64 = col0.to(tl.int64)
+            k_ptrs = k_src + col64 * stride_kn + k_tile
+            v_ptrs = v_src + col64 * stride_vn + v_tile
+            if MASK_COLS:
+                k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+            elif DK_PAD != D_K:
+                k = tl.load(k_ptrs, mask=offs_dk[None, :] < D_K, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+
+        if MASK_COLS:
+            keep = col_ok[None, :]
+            if PARTIAL and (IS_CAUSAL or HAS_WINDOW):
+                keep = keep & token_allowed(offs_m[:, None], offs_n[None, :], causal_offset,
+                                            win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW)
+            # Scale before masking: -inf * 0 would be NaN for scale == 0.
+            s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s_ij, 1))
+            # A row with nothing allowed so far keeps m = -inf; subtract 0 instead so that
+            # exp(-inf - (-inf)) never makes a NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = exp_base(s_ij - m_use[:, None], IS_F64)
+        else:
+            # No mask: every score is finite, so m_new is finite. max(qk) * scale keeps the
+            # scale in a fused multiply-add with the subtraction below.
+            if SCALE_NONNEG:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            m_use = m_new
+            p = exp_base(qk * qk_scale - m_use[:, None], IS_F64)
+        alpha = exp_base(m_i - m_use, IS_F64)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+
+        if USE_TMA:
+            v = v_src.load([b, h, col0, 0]).reshape(BLOCK_N, DV_PAD)
+            if not EVEN_N:
+                # p is 0 on overrun columns, but 0 * (inf or NaN in a neighbour block) is not.
+                v = tl.where(col_ok[:, None], v, 0.0)
+        elif MASK_COLS:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
+        elif DV_PAD != D_V:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < D_V, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        # Half inputs: P rounded to the input dtype for the tensor-core dot, as flash kernels do.
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# Lengths and counts are not specialised (alignment of them never helps here), so a new
+# sequence length does not trigger a recompile; strides are, for vectorised loads.
+@triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET",
+                                     "WIN_LO", "WIN_HI", "SINKS"])
+def _block_sparse_fwd_kernel(
+    Q, K, V, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_yb, stride_yh, stride_ym, stride_yd,
+    stride_lb, stride_lh, stride_lm,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
+    D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SCALE_NONNEG: tl.constexpr,
+    IS_F64: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    WIDE_TILE: tl.constexpr,
+    PACK_ROWS: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one pattern query block of one (b, h).
+
+    Grid: (B*H*n_tiles,), (b, h)-major so the query tiles of one head run together and
+    share its K/V in L2; within a head the last query tiles (most work under causal) go first.
+    Pattern dims of size 1 arrive with stride 0 (stride_ib/ih, stride_cb/ch).
+    GQA: query head h reads K/V head h // G and list head h // LIST_DIV (LIST_DIV: 1 for a
+    per-query-head pattern, G per K/V head, H broadcast). The G query heads of a group are
+    adjacent in the launch, so a K/V tile they share is read from L2 after the first.
+    PACK_ROWS > 0 (pack-GQA, when the group shares its pattern): a program instead owns
+    PACK_ROWS query positions of each of the G heads of one (b, K/V head), rows ordered
+    head-major, so every K/V tile it loads serves the whole group. Grid (B*Hkv*n_tiles,).
+    It pays where a pattern block has fewer query rows than a tile (short queries, decode).
+    USE_TMA: K and V are tensor descriptors (block [1, 1, BLOCK_N, D*_PAD]), not pointers;
+    their stride arguments are then unused.
+    """
+    pid = tl.program_id(0)
+    bh = pid // n_tiles  # (b, h), or (b, K/V head) when packed
+    tile = n_tiles - 1 - (pid - bh * n_tiles)
+    qb = tile // TILES_PER_BLOCK
+    row_end = tl.minimum(qb * BLOCK + BLOCK, Nq)
+    r = tl.arange(0, BLOCK_M)
+    if PACK_ROWS > 0:
+        Hkv = H // G
+        b = bh // Hkv
+        hk = bh - b * Hkv
+        g_row = r // PACK_ROWS
+        offs_m = qb * BLOCK + (tile - qb * TILES_PER_BLOCK) * PACK_ROWS + (r - g_row * PACK_ROWS)
+        row_ok = (offs_m < row_end) & (g_row < G)
+        head_rows = (hk * G + g_row).to(tl.int64)  # the query head of every row
+        hl64 = (hk * G // LIST_DIV).to(tl.int64)
+    else:
+        b = bh // H
+        h = bh - b * H
+        hk = h // G
+        offs_m = qb * BLOCK + (tile - qb * TILES_PER_BLOCK) * BLOCK_M + r
+        row_ok = offs_m < row_end
+        head_rows = h.to(tl.int64)  # one query head for all rows
+        hl64 = (h // LIST_DIV).to(tl.int64)
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    rows64 = offs_m.to(tl.int64)
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    qb64 = qb.to(tl.int64)
+
+    cnt_off = b64 * stride_cb + hl64 * stride_ch + qb64 * stride_cq
+    n_full = tl.load(KV_COUNT_FULL + cnt_off)
+    n_all = tl.load(KV_COUNT + cnt_off)
+    # A query block with no active key block (common at low density) reads nothing: its
+    # masked-off Q load moves no memory, and its rows get y = 0, lse = -inf below.
+    q_ptrs = Q + b64 * stride_qb + (head_rows * stride_qh + rows64 * stride_qm)[:, None] \
+        + offs_dk[None, :]
+    # (A row bound instead of `row_ok & (n_all > 0)`: the interpreter mistypes a
+    # scalar-bool & vector-bool mask.)
+    load_ok = row_ok & (offs_m < tl.where(n_all > 0, row_end, 0))
+    q = tl.load(q_ptrs, mask=load_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
+    k_src = head_source(K, b64, hk64, stride_kb, stride_kh, USE_TMA)
+    v_src = head_source(V, b64, hk64, stride_vb, stride_vh, USE_TMA)
+    idx_ptr = KV_INDEX + b64 * stride_ib + hl64 * stride_ih + qb64 * stride_iq
+
+    qk_scale = kernel_scale(scale_hi, scale_lo, IS_F64)  # carries log2(e) below f64
+    if IS_F64:
+        acc_ty = tl.float64
+    else:
+        acc_ty = tl.float32
+    m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)
+    l_i = tl.zeros([BLOCK_M], acc_ty)
+    acc = tl.zeros([BLOCK_M, DV_PAD], acc_ty)
+
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V,
+        DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW,
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, D_K, D_V,
+        DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW,
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE)
+
+    # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
+    # or inf in q or k) make l NaN: such a row is not "empty", its NaN reaches y and lse.
+    has_key = l_i != 0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    y = acc / l_safe[:, None]
+    if IS_F64:
+        lse = m_i + tl.log(l_safe)
+    else:
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # log2 units -> natural log
+    lse = tl.where(has_key, lse, float("-inf"))
+
+    y_ptrs = (Y + b64 * stride_yb + (head_rows * stride_yh + rows64 * stride_ym)[:, None]
+              + offs_dv[None, :] * stride_yd)
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
+    lse_ptrs = LSE + b64 * stride_lb + head_rows * stride_lh + rows64 * stride_lm
+    tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=row_ok)
+
+
+def block_sparse_attention_forward_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists, *, block_size: int,
+    scale: float, is_causal: bool, y: torch.Tensor, lse: torch.Tensor,
+    config: ForwardConfig | None = None, allow_tf32: bool = False,
+    pack_gqa: bool | None = None, window: WindowRule | None = None,
+) -> None:
+    """Launch the forward kernel; writes ``y`` and ``lse`` in place. No host synchronisation.
+
+    Args:
+        q: ``[B, H, Nq, Dk]``; k: ``[B, Hkv, Nk, Dk]``; v: ``[B, Hkv, Nk, Dv]`` (same dtype,
+            any strides with unit last stride; Dk, Dv <= 256; H a multiple of Hkv).
+        lists: ``BlockLists`` built on q.device for (Nq, Nk, block_size, is_causal), with
+            1, Hkv or H pattern heads.
+        block_size: pattern block size (any value >= 1; 16..256 multiples of the tile are fast).
+        scale: softmax scale applied to q @ k^T.
+        is_causal: False, True (key j visible to query i only if j <= i) or "bottom_right"
+            (only if j <= i + Nk - Nq).
+        y: preallocated ``[B, H, Nq, Dv]`` in q.dtype, any strides.
+        lse: preallocated ``[B, H, Nq]`` (float32; float64 for f64 inputs), any strides.
+        config: tile config; None takes the default table entry. ``config.use_tma`` takes
+            the TMA K/V path where ``triton_tma.tma_fallback_reason`` allows it, else the
+            pointer path.
+        allow_tf32: f32 inputs may use TF32 products (default: true f32).
+        window: a sliding window with sink tokens (common.problem.WindowRule) applied per
+            token in PARTIAL blocks (the lists must have been built with the same window).
+        pack_gqa: pack the query heads of a GQA group into one tile (see ``pack_gqa_tiles``);
+            None decides automatically, True packs wherever allowed, False never.
+    """
+    B, H, Nq, d_k = q.shape
+    Hkv, Nk, d_v = k.shape[1], k.shape[2], v.shape[3]
+    Hp = lists.kv_index.shape[1]
+    dtype = q.dtype
+    nq, nk = -(-Nq // block_size), -(-Nk // block_size)
+    idx, cnt = lists.kv_index, lists.kv_count
+    # Internal invariants only: the plan validated user input before calling the launcher.
+    broken = [what for ok, what in (
+        (k.dtype == dtype and v.dtype == dtype and y.dtype == dtype, "q/k/v/y dtypes differ"),
+        (q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1, "q/k/v last stride != 1"),
+        (d_k <= 256 and d_v <= 256, "head dim over 256"),
+        (Hkv > 0 and H % Hkv == 0 and Hp in (1, Hkv, H), f"heads H={H}, Hkv={Hkv}, lists {Hp}"),
+        (tuple(idx.shape[2:]) == (nq, nk), f"lists {tuple(idx.shape)} for nq={nq}, nk={nk}"),
+        (cnt.shape == lists.kv_count_full.shape and cnt.stride() == lists.kv_count_full.stride(),
+         "kv_count and kv_count_full differ in layout"),
+    ) if not ok]
+    if broken:
+        raise RuntimeError(f"block_sparse_attention_forward_triton: internal invariant broken: {broken}")
+    if B * H * Nq == 0:
+        return
+    if config is None:
+        from ...core import ArchSku  # local: keeps module import light
+        config = default_forward_config(d_k, d_v, dtype, block_size,
+                                        ArchSku.from_device(q.device), allow_tf32)
+    bm, bn, warps = config.block_m, config.block_n, config.num_warps
+    G = H // Hkv
+    # Query rows of one pattern block: block_size, or fewer when the whole query is shorter.
+    rows_in_block = min(block_size, Nq)
+    packing = pack_gqa_tiles(G, H // Hp, rows_in_block, bm, pack_gqa)
+    if packing is None:
+        pack_rows, heads_in_grid = 0, H
+        tiles_per_block = -(-rows_in_block // bm)
+    else:
+        bm, pack_rows = packing
+        heads_in_grid = Hkv
+        tiles_per_block = -(-rows_in_block // pack_rows)
+        warps = min(warps, max(4, bm // 16))
+    n_tiles = nq * tiles_per_block
+    if B * heads_in_grid * n_tiles >= 2**31:
+        raise RuntimeError("block_sparse_attention_forward_triton: grid over 2^31 programs")
+
+    is_f64 = dtype == torch.float64
+    scale_hi, scale_lo = scale_args(scale, dtype)
+    # Broadcast pattern dims index with stride 0.
+    sib, sih, _, scb, sch = list_strides(idx, cnt)
+    precision = "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
+    dk_pad, dv_pad = head_dim_tile(d_k), head_dim_tile(d_v)
+    use_tma = config.use_tma and tma_fallback_reason(dtype, q.device, k, v) is None
+    if use_tma:
+        k_arg, v_arg = row_tile_descriptor(k, bn, dk_pad), row_tile_descriptor(v, bn, dv_pad)
+    else:
+        k_arg, v_arg = k, v
+
+    grid = (B * heads_in_grid * n_tiles,)
+    _block_sparse_fwd_kernel[grid](
+        q, k_arg, v_arg, y, lse, idx, lists.kv_count_full, cnt,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        sib, sih, idx.stride(2), idx.stride(3),
+        scb, sch, cnt.stride(2),
+        H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
+        causal_offset(is_causal, Nq, Nk), *window_args(window),
+        D_K=d_k, D_V=d_v, DK_PAD=dk_pad, DV_PAD=dv_pad,
+        BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn,
+        TILES_PER_BLOCK=tiles_per_block, STEPS=-(-block_size // bn),
+        EVEN_N=(block_size % bn == 0), IS_CAUSAL=bool(is_causal),
+        HAS_WINDOW=window is not None,
+        SCALE_NONNEG=(scale >= 0), IS_F64=is_f64, DOT_PRECISION=precision, USE_TMA=use_tma,
+        WIDE_TILE=wide_tile_offsets(bn, k.stride(2), v.stride(2), d_k, d_v),
+        PACK_ROWS=pack_rows, num_warps=warps, num_stages=config.num_stages,
+    )
+
+
+def pack_gqa_tiles(group: int, list_div: int, rows_in_block: int, block_m: int,
+                   requested: bool | None) -> tuple[int, int] | None:
+    """(tile rows, query positions per head) of a pack-GQA launch, or None for the plain one.
+
+    Packing needs a group (G > 1) that shares its pattern (list head = query head // a
+    multiple of G: per-K/V-head or broadcast patterns) and G <= block_m. Automatically
+    (``requested`` None) it is used only where a pattern block has at most a quarter of a
+    tile's query rows: then the plain launch leaves most tile rows idle and reads every K/V
+    tile once per query head, while the packed tile holds G heads' rows and reads it once per
+    group. Measured on an H200 (H=32, Hkv=8, D=128, bf16, Nk=8192, block 128, 128-row tiles;
+    bench/results/h200-2026-12-01-gqa/probe_gqa.log): packed / plain GPU time 0.51 at Nq=1,
+    0.64 at Nq=16, but 1.01 at Nq=64 and 1.04 at Nq=128 (full blocks: both launches read K/V
+    once per block row of each head, and the packed tile's mixed heads cost a little)."""
+    if group <= 1 or list_div % group or group > block_m or requested is False:
+        return None
+    if requested is None and rows_in_block * 4 > block_m:
+        return None
+    tile = min(block_m, max(16, 1 << (rows_in_block * group - 1).bit_length()))
+    return tile, max(1, tile // group)

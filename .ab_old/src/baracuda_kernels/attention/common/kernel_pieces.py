@@ -1,0 +1,44 @@
+"""@triton.jit pieces every attention kernel shares: the exponential in the kernels' base,
+and the softmax scale rebuilt from the two arguments of ``numerics.scale_args``."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kernel_scale(scale_hi, scale_lo, IS_F64: tl.constexpr):
+    """The scale of ``scale_args`` inside a kernel: f64 hi + lo, or the f32 hi."""
+    if IS_F64:
+        s = tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
+    else:
+        s = tl.cast(scale_hi, tl.float32)
+    return s
+
+
+@triton.jit
+def exp_base(x, IS_F64: tl.constexpr):
+    """The kernels' exponential: exp2 (one MUFU op; scores carry log2(e)) for f16/bf16/f32,
+    the accurate natural exp for f64 (exp2 of an f64 is not guaranteed full precision)."""
+    if IS_F64:
+        r = tl.exp(x)
+    else:
+        r = tl.exp2(x)
+    return r
+
+
+@triton.jit
+def token_allowed(q_pos, k_pos, causal_offset, win_lo, win_hi, sinks,
+                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The token rule of a PARTIAL block, for broadcastable query / key positions: causal
+    (k - q <= causal_offset) AND window (win_lo <= k - q <= win_hi, or k < sinks). Call it
+    only when IS_CAUSAL or HAS_WINDOW (FULL blocks need no rule at all)."""
+    d = k_pos - q_pos
+    if IS_CAUSAL:
+        ok = d <= causal_offset
+        if HAS_WINDOW:
+            ok = ok & (((d >= win_lo) & (d <= win_hi)) | (k_pos < sinks))
+    else:
+        ok = ((d >= win_lo) & (d <= win_hi)) | (k_pos < sinks)
+    return ok
