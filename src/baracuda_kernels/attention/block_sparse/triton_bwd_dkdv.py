@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale, step_ids, token_allowed
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
 from ..common.triton_tma import head_source
 from .triton_bwd_pieces import _list_step, _load_rows
 
@@ -51,19 +51,13 @@ def _dkdv_inner(
     # addresses never wait on a load of the same iteration and the pipeliner can keep
     # num_stages tiles in flight (as in the forward's _attend_blocks).
     nxt = tl.load(list_row + it_lo // SUBS_M, mask=it_lo < it_hi, other=0)
-    if MASKED and HAS_IDS:  # carried one step ahead (see kernel_pieces.step_ids)
-        qid_nxt = step_ids(q_ids, nxt * BS + (it_lo % SUBS_M) * BLOCK_M, offs_m0,
-                           nxt * BS + BS, Nq, it_lo < it_hi)
     for it in range(it_lo, it_hi):
         qb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_M, mask=it + 1 < it_hi, other=0)
         offs_m, row_ok, row0 = _list_step(qb, it, offs_m0, Nq, BS, BLOCK_M, SUBS_M, MASKED)
-        row_pos_ok = row_ok  # the index bound alone (positions are read with it)
         if MASKED and HAS_IDS:
-            q_id = qid_nxt  # -1 padding, -2 past the block or Nq: never >= 0
+            q_id = tl.load(q_ids + offs_m, mask=row_ok, other=-1)
             row_ok = row_ok & (q_id >= 0)
-            qid_nxt = step_ids(q_ids, nxt * BS + ((it + 1) % SUBS_M) * BLOCK_M, offs_m0,
-                               nxt * BS + BS, Nq, it + 1 < it_hi)
         q = _load_rows(q_src, b32, h32, row0, offs_m, row_ok, stride_qn, offs_dk, dk_ok,
                        CHECK_ROWS, BLOCK_DK != D_K, USE_TMA, BLOCK_M, BLOCK_DK)
         dy = _load_rows(dy_src, b32, h32, row0, offs_m, row_ok, stride_gn, offs_dv, dv_ok,
@@ -80,7 +74,7 @@ def _dkdv_inner(
         if MASKED:
             if IS_CAUSAL or HAS_WINDOW:
                 if HAS_POS:
-                    q_pos = tl.load(q_poss + offs_m, mask=row_pos_ok, other=0)
+                    q_pos = tl.load(q_poss + offs_m, mask=row_ok, other=0)
                 else:
                     q_pos = offs_m
                 p_t = tl.where(token_allowed(q_pos[None, :], k_pos[:, None], causal_offset,

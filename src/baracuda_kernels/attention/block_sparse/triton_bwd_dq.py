@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale, step_ids, token_allowed
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
 from ..common.triton_tma import head_source
 from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 
@@ -46,19 +46,13 @@ def _dq_inner(
     CHECK_COLS: tl.constexpr = MASKED or not EVEN_N
     # Next key block loaded one iteration ahead (see _dkdv_inner).
     nxt = tl.load(list_row + it_lo // SUBS_N, mask=it_lo < it_hi, other=0)
-    if MASKED and HAS_IDS:  # carried one step ahead (see kernel_pieces.step_ids)
-        kid_nxt = step_ids(k_ids, nxt * BS + (it_lo % SUBS_N) * BLOCK_N, offs_n0,
-                           nxt * BS + BS, Nk, it_lo < it_hi)
     for it in range(it_lo, it_hi):
         kb = nxt
         nxt = tl.load(list_row + (it + 1) // SUBS_N, mask=it + 1 < it_hi, other=0)
         offs_n, col_ok, col0 = _list_step(kb, it, offs_n0, Nk, BS, BLOCK_N, SUBS_N, MASKED)
-        col_pos_ok = col_ok  # the index bound alone (positions are read with it)
         if MASKED and HAS_IDS:
-            k_id = kid_nxt
+            k_id = tl.load(k_ids + offs_n, mask=col_ok, other=-2)
             col_ok = col_ok & (k_id >= 0)
-            kid_nxt = step_ids(k_ids, nxt * BS + ((it + 1) % SUBS_N) * BLOCK_N, offs_n0,
-                               nxt * BS + BS, Nk, it + 1 < it_hi)
         k = _load_rows(k_src, b32, h32, col0, offs_n, col_ok, stride_kn, offs_dk, dk_ok,
                        CHECK_COLS, BLOCK_DK != D_K, USE_TMA, BLOCK_N, BLOCK_DK)
         v = _load_rows(v_src, b32, h32, col0, offs_n, col_ok, stride_vn, offs_dv, dv_ok,
@@ -69,7 +63,7 @@ def _dq_inner(
             allowed = col_ok[None, :]
             if IS_CAUSAL or HAS_WINDOW:
                 if HAS_POS:
-                    k_pos = tl.load(k_poss + offs_n, mask=col_pos_ok, other=0)
+                    k_pos = tl.load(k_poss + offs_n, mask=col_ok, other=0)
                 else:
                     k_pos = offs_n
                 allowed = allowed & token_allowed(q_pos[:, None], k_pos[None, :],

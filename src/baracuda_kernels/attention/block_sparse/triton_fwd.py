@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale, step_ids, token_allowed
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
 from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
@@ -74,10 +74,6 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
     # keeps num_stages K/V tiles in flight (with the index loaded in-iteration it fell back
     # to a double buffer with a full wait every step).
     nxt = tl.load(idx_ptr + it_lo * stride_ik, mask=n_steps > 0, other=0)
-    if PARTIAL and HAS_IDS:
-        # Key ids are carried one step ahead too: K/V load masks include them, and a mask
-        # loaded in the same iteration would serialise the pipeline the same way.
-        kid_nxt = step_ids(k_ids, nxt * BLOCK, offs_n0, nxt * BLOCK + BLOCK, Nk, n_steps > 0)
     for s in range(0, n_steps):
         blk0 = nxt * BLOCK
         if STEPS == 1:
@@ -94,15 +90,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
             else:
                 col_ok = offs_n < blk0 + BLOCK
             if PARTIAL and HAS_IDS:
-                k_id = kid_nxt
-                col_pos_ok = col_ok  # the index bound alone (positions are read with it)
+                k_id = tl.load(k_ids + offs_n, mask=col_ok, other=-2)
                 col_ok = col_ok & (k_id >= 0)
-                if STEPS == 1:
-                    col0_nxt = nxt * BLOCK
-                else:
-                    col0_nxt = nxt * BLOCK + ((s + 1) % STEPS) * BLOCK_N
-                kid_nxt = step_ids(k_ids, col0_nxt, offs_n0, nxt * BLOCK + BLOCK, Nk,
-                                    s + 1 < n_steps)
         if USE_TMA:
             # Rows past Nk and columns past D_K arrive as zeros. Columns of a step that
             # overruns a generic block are real keys of the next block: scores mask them.
@@ -123,10 +112,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
             keep = col_ok[None, :]
             if PARTIAL and (IS_CAUSAL or HAS_WINDOW):
                 if HAS_POS:
-                    if HAS_IDS:
-                        k_pos = tl.load(k_poss + offs_n, mask=col_pos_ok, other=0)
-                    else:
-                        k_pos = tl.load(k_poss + offs_n, mask=col_ok, other=0)
+                    k_pos = tl.load(k_poss + offs_n, mask=col_ok, other=0)
                 else:
                     k_pos = offs_n
                 keep = keep & token_allowed(q_pos[:, None], k_pos[None, :], causal_offset,

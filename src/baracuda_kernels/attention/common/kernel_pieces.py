@@ -42,16 +42,3 @@ def token_allowed(q_pos, k_pos, causal_offset, win_lo, win_hi, sinks,
     else:
         ok = ((d >= win_lo) & (d <= win_hi)) | (k_pos < sinks)
     return ok
-
-
-@triton.jit
-def step_ids(ids, col0, offs0, block_end, n_tokens, live):
-    """Token ids (common.token_rules) of tokens ``col0 + offs0`` of one step of a block-list
-    walk: those before ``block_end`` and ``n_tokens``; -2 (padding) elsewhere, and everywhere
-    when the step does not exist (``live`` False). The walks load the next step's ids one
-    iteration ahead, as they do the block index: tile load masks include the ids, and a mask
-    loaded in the same iteration would make the pipeliner wait on it every step."""
-    cols = col0 + offs0
-    # (A bound instead of `live & ...`: the interpreter mistypes scalar-bool & vector-bool.)
-    bound = tl.where(live, tl.minimum(block_end, n_tokens), 0)
-    return tl.load(ids + cols, mask=cols < bound, other=-2)
