@@ -1,1 +1,0 @@
-"""Block-sparse scaled-dot-product attention: plan, autograd, launchers, kernels."""
