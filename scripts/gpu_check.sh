@@ -70,7 +70,7 @@ fi
 if [[ "$stage" == ab || "$stage" == tokens+ab || "$stage" == probe-tokens+ab ]]; then
   # Kernel A/B in one run: this tree against an older copy in .ab_old/ (when present, e.g.
   # `git worktree`-free: git archive REV src | tar x -C .ab_old), ours only, patterns whose
-  # meaning did not change.
+  # meaning did not change. .ab_old/ is git-ignored: give it to the device call in `carry`.
   ab="--preset quick --impls ours --patterns dense,causal,random25,random10 --modes fwd,bwd,step --no-check"
   python3 -m baracuda_kernels bench $ab --out "$OUT/ab_new" > "$OUT/ab_new.log" 2>&1 || status=$?
   if [[ -d .ab_old/src ]]; then
