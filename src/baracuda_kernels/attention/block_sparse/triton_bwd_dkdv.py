@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
-from ..common.triton_tma import head_source
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed, token_values
+from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows
 
 
@@ -114,13 +114,9 @@ def _dkdv_one_head(
     n_all = tl.load(Q_COUNT + count_off)
     q_src = head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
     dy_src = head_source(DY, b, h, stride_gb, stride_gh, USE_TMA)
-    PARTIAL_TMA: tl.constexpr = USE_TMA and not HAS_IDS
-    if PARTIAL_TMA:
-        q_part = q_src
-        dy_part = dy_src
-    else:
-        q_part = head_source(Q_RAW, b, h, stride_qb, stride_qh, False)
-        dy_part = head_source(DY_RAW, b, h, stride_gb, stride_gh, False)
+    PARTIAL_TMA: tl.constexpr = USE_TMA and not HAS_IDS  # ids: masked pointer loads
+    q_part = masked_step_source(q_src, Q_RAW, b, h, stride_qb, stride_qh, PARTIAL_TMA)
+    dy_part = masked_step_source(dy_src, DY_RAW, b, h, stride_gb, stride_gh, PARTIAL_TMA)
     rows_base = (b32 * H + h32).to(tl.int64) * Nq
     lse_base = LSE2 + rows_base
     delta_base = DELTA + rows_base
@@ -207,15 +203,10 @@ def _bwd_dkdv_kernel(
     load_ok = key_ok & (offs_n < tl.where(n_any > 0, Nk, 0))  # vector & vector (interpreter)
     q_ids = Q_IDS + b * stride_tq
     q_poss = Q_POS + b * stride_tq
+    k_id, k_pos = token_values(K_IDS + b * stride_tk, K_POS + b * stride_tk, offs_n, key_ok, -2,
+                               HAS_IDS, HAS_POS)
     if HAS_IDS:
-        k_id = tl.load(K_IDS + b * stride_tk + offs_n, mask=key_ok, other=-2)
         load_ok = load_ok & (k_id >= 0)  # a padded key: dk = dv = 0, never read
-    else:
-        k_id = offs_n
-    if HAS_POS:
-        k_pos = tl.load(K_POS + b * stride_tk + offs_n, mask=key_ok, other=0)
-    else:
-        k_pos = offs_n
     k = tl.load(K + b * stride_kb + hk * stride_kh + rows * stride_kn + offs_dk[None, :],
                 mask=load_ok[:, None] & dk_ok[None, :], other=0.0)
     v = tl.load(V + b * stride_vb + hk * stride_vh + rows * stride_vn + offs_dv[None, :],

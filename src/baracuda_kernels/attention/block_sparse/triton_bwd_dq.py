@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
-from ..common.triton_tma import head_source
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed, token_values
+from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 
 
@@ -145,15 +145,10 @@ def _bwd_dq_kernel(
     load_ok = row_ok & (offs_m < tl.where(n_all > 0, Nq, 0))  # vector & vector (interpreter)
     k_ids = K_IDS + b * stride_tk
     k_poss = K_POS + b * stride_tk
+    q_id, q_pos = token_values(Q_IDS + b * stride_tq, Q_POS + b * stride_tq, offs_m, row_ok, -1,
+                               HAS_IDS, HAS_POS)
     if HAS_IDS:
-        q_id = tl.load(Q_IDS + b * stride_tq + offs_m, mask=row_ok, other=-1)
         load_ok = load_ok & (q_id >= 0)  # a padded query row: dq = 0, never read
-    else:
-        q_id = offs_m
-    if HAS_POS:
-        q_pos = tl.load(Q_POS + b * stride_tq + offs_m, mask=row_ok, other=0)
-    else:
-        q_pos = offs_m
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qn + offs_dk[None, :],
                 mask=load_ok[:, None] & dk_ok[None, :], other=0.0)
     dy = tl.load(DY + b * stride_gb + h * stride_gh + rows * stride_gn
@@ -177,15 +172,11 @@ def _bwd_dq_kernel(
 
     k_src = head_source(K, b, hk32.to(tl.int64), stride_kb, stride_kh, USE_TMA)
     v_src = head_source(V, b, hk32.to(tl.int64), stride_vb, stride_vh, USE_TMA)
-    # With ids, PARTIAL steps load K/V through pointers (masked loads zero padded keys; see
-    # triton_fwd): the same tensors as K, V.
-    PARTIAL_TMA: tl.constexpr = USE_TMA and not HAS_IDS
-    if PARTIAL_TMA:
-        k_part = k_src
-        v_part = v_src
-    else:
-        k_part = head_source(K_RAW, b, hk32.to(tl.int64), stride_kb, stride_kh, False)
-        v_part = head_source(V_RAW, b, hk32.to(tl.int64), stride_vb, stride_vh, False)
+    PARTIAL_TMA: tl.constexpr = USE_TMA and not HAS_IDS  # ids: masked pointer loads
+    k_part = masked_step_source(k_src, K_RAW, b, hk32.to(tl.int64), stride_kb, stride_kh,
+                                PARTIAL_TMA)
+    v_part = masked_step_source(v_src, V_RAW, b, hk32.to(tl.int64), stride_vb, stride_vh,
+                                PARTIAL_TMA)
     b32 = bh // H
     # FULL blocks (no mask arithmetic), then PARTIAL ones.
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,

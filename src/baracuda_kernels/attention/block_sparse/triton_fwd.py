@@ -21,10 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed
+from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed, token_values
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
 from ..common.problem import WindowRule, causal_offset, window_args
-from ..common.triton_tma import head_source, row_tile_descriptor, tma_fallback_reason
+from ..common.triton_tma import (head_source, masked_step_source, row_tile_descriptor,
+                                 tma_fallback_reason)
 # Re-exported so that callers find the configs next to the launcher.
 from .triton_fwd_configs import ForwardConfig, default_forward_config, fit_token_loads  # noqa: F401
 
@@ -240,25 +241,16 @@ def _block_sparse_fwd_kernel(
     load_ok = row_ok & (offs_m < tl.where(n_all > 0, row_end, 0))
     k_ids = K_IDS + b64 * stride_tk
     k_poss = K_POS + b64 * stride_tk
+    q_id, q_pos = token_values(Q_IDS + b64 * stride_tq, Q_POS + b64 * stride_tq, offs_m, row_ok,
+                               -1, HAS_IDS, HAS_POS)
     if HAS_IDS:
-        q_id = tl.load(Q_IDS + b64 * stride_tq + offs_m, mask=row_ok, other=-1)
         load_ok = load_ok & (q_id >= 0)  # a padded query row is never read
-    else:
-        q_id = offs_m
-    if HAS_POS:
-        q_pos = tl.load(Q_POS + b64 * stride_tq + offs_m, mask=row_ok, other=0)
-    else:
-        q_pos = offs_m
     q = tl.load(q_ptrs, mask=load_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
     k_src = head_source(K, b64, hk64, stride_kb, stride_kh, USE_TMA)
     v_src = head_source(V, b64, hk64, stride_vb, stride_vh, USE_TMA)
     PARTIAL_TMA: tl.constexpr = USE_TMA and not HAS_IDS
-    if PARTIAL_TMA:
-        k_part = k_src
-        v_part = v_src
-    else:
-        k_part = head_source(K_RAW, b64, hk64, stride_kb, stride_kh, False)
-        v_part = head_source(V_RAW, b64, hk64, stride_vb, stride_vh, False)
+    k_part = masked_step_source(k_src, K_RAW, b64, hk64, stride_kb, stride_kh, PARTIAL_TMA)
+    v_part = masked_step_source(v_src, V_RAW, b64, hk64, stride_vb, stride_vh, PARTIAL_TMA)
     idx_ptr = KV_INDEX + b64 * stride_ib + hl64 * stride_ih + qb64 * stride_iq
 
     qk_scale = kernel_scale(scale_hi, scale_lo, IS_F64)  # carries log2(e) below f64

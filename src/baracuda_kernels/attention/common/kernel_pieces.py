@@ -42,3 +42,19 @@ def token_allowed(q_pos, k_pos, causal_offset, win_lo, win_hi, sinks,
     else:
         ok = ((d >= win_lo) & (d <= win_hi)) | (k_pos < sinks)
     return ok
+
+
+@triton.jit
+def token_values(IDS, POS, offs, ok, pad, HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr):
+    """(ids, positions) of tokens ``offs`` of one batch row (IDS / POS point at the row;
+    common.token_rules): loaded where the rules have them (``pad`` for ids outside ``ok``),
+    else the indices themselves."""
+    if HAS_IDS:
+        ids = tl.load(IDS + offs, mask=ok, other=pad)
+    else:
+        ids = offs
+    if HAS_POS:
+        pos = tl.load(POS + offs, mask=ok, other=0)
+    else:
+        pos = offs
+    return ids, pos
