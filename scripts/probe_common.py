@@ -32,3 +32,20 @@ def graph_ms(fn, repeats_inside=1):
         for _ in range(repeats_inside):
             fn()
     return triton.testing.do_bench(graph.replay, warmup=25, rep=200) / repeats_inside
+
+
+def prepared_fwd_step_ms(q, k, v, dy, prepared):
+    """(forward ms, training-step ms) of block_sparse_attention on a prepared pattern (triton
+    backend), GPU time of graph replays; also (blocks, FULL blocks) of its lists."""
+    import baracuda_kernels as bk
+
+    def fwd():
+        with torch.no_grad():
+            bk.block_sparse_attention(q, k, v, prepared, backend="triton")
+
+    def step():
+        y = bk.block_sparse_attention(q, k, v, prepared, backend="triton")
+        torch.autograd.grad(y, (q, k, v), dy)
+    lists = prepared.lists
+    blocks = (int(lists.kv_count.sum()), int(lists.kv_count_full.sum()))
+    return graph_ms(fwd), graph_ms(step), blocks

@@ -13,7 +13,7 @@ import torch
 import baracuda_kernels as bk
 from baracuda_kernels.attention.block_sparse.prepared import PreparedPattern
 from baracuda_kernels.bench.cases import Geometry, PatternSpec, build_pattern
-from probe_common import graph_ms
+from probe_common import graph_ms, prepared_fwd_step_ms
 
 B, H, N, D, BS = 2, 16, 8192, 128, 128
 
@@ -39,17 +39,7 @@ def main():
     variants = {"ids, short-row tiles": exact, "ids, default tiles": default_tiles(exact),
                 "coarse, short-row tiles": coarse, "coarse, default tiles": default_tiles(coarse)}
     for name, prep in variants.items():
-        lists = prep.lists
-        blocks, full = int(lists.kv_count.sum()), int(lists.kv_count_full.sum())
-
-        def fwd(prep=prep):
-            with torch.no_grad():
-                bk.block_sparse_attention(q, k, v, prep, backend="triton")
-
-        def step(prep=prep):
-            y = bk.block_sparse_attention(q, k, v, prep, backend="triton")
-            torch.autograd.grad(y, (q, k, v), dy)
-        f, s = graph_ms(fwd), graph_ms(step)
+        f, s, (blocks, full) = prepared_fwd_step_ms(q, k, v, dy, prep)
         print(f"{name:<24} blocks {blocks:5d} (FULL {full:5d})  fwd {f:.3f} ms  step {s:.3f} ms",
               flush=True)
     # The varlen entry point on the same documents (packed once, outside the timing).

@@ -8,7 +8,7 @@ import torch
 
 import baracuda_kernels as bk
 from baracuda_kernels.patterns import sliding_window
-from probe_common import graph_ms
+from probe_common import prepared_fwd_step_ms
 
 B, H, N, D, BS = 2, 16, 8192, 128, 128
 
@@ -23,21 +23,10 @@ def main():
     coarse = bk.prepare_pattern(window.mask, query_len=N, block_size=BS, is_causal=True)
     variants = {"coarsened blocks": coarse, "exact window": window.prepare()}
     for name, prep in variants.items():
-        blocks = int(prep.lists.kv_count.sum())
-        full = int(prep.lists.kv_count_full.sum())
-
-        def fwd(prep=prep):
-            with torch.no_grad():
-                bk.block_sparse_attention(q, k, v, prep, backend="triton")
-
-        def step(prep=prep):
-            y = bk.block_sparse_attention(q, k, v, prep, backend="triton")
-            torch.autograd.grad(y, (q, k, v), dy)
-        f, s = graph_ms(fwd), graph_ms(step)
+        f, s, (blocks, full) = prepared_fwd_step_ms(q, k, v, dy, prep)
         print(f"{name:<18} blocks {blocks:5d} (FULL {full:5d})  fwd {f:.3f} ms "
               f"({f / blocks * 1e3:.3f} us/block)  step {s:.3f} ms ({s / blocks * 1e3:.3f} us/block)",
               flush=True)
-
 
 if __name__ == "__main__":
     main()
