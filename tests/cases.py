@@ -15,6 +15,8 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # (the interpreter covers triton on CPU in test_triton_fwd.py / test_triton_bwd.py).
 BACKENDS = [
     pytest.param("reference", id="reference"),
+    # The fused CPU backend runs CPU tensors: covered where the tests' device is the CPU.
+    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="CPU tensors only")),
     pytest.param("triton", id="triton", marks=pytest.mark.gpu),
 ]
 

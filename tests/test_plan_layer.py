@@ -75,8 +75,9 @@ def test_block_sparse_and_dense_plans_share_the_protocol():
         assert p.sku.category is bk.OpCategory.ATTENTION
     assert plan.sku.op is bk.AttentionKind.BLOCK_SPARSE_ATTENTION
     assert dense.sku.op is bk.AttentionKind.FLASH_SDPA
-    # On a CPU the Triton interpreter is never picked automatically, and the plan says why.
-    assert plan.backend is BackendKind.REFERENCE
+    # On a CPU the Triton interpreter is never picked automatically, and the plan says why;
+    # the fused CPU backend is.
+    assert plan.backend is BackendKind.CPU
     if BackendKind.TRITON in plan.declined:
         assert "CUDA" in plan.declined[BackendKind.TRITON] or \
             "asked for" in plan.declined[BackendKind.TRITON]

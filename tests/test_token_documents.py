@@ -48,7 +48,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_token_rules_match_oracle_cpu(backend, case):
     if HAS_CUDA:

@@ -20,7 +20,7 @@ CASES = [(70, 70, 16, True, (20, 0), 0), (70, 70, 16, True, (37, 0), 5),
          (75, 30, 16, False, (-1, 4), 0), (1, 90, 32, "bottom_right", (40, 0), 4)]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("Nq,Nk,bs,causal,window,sinks", CASES)
 def test_window_matches_oracle_cpu(backend, Nq, Nk, bs, causal, window, sinks):
     if HAS_CUDA:

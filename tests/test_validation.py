@@ -172,8 +172,8 @@ def test_head_dim_over_triton_limit_is_unsupported_for_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors may use triton only when interpreting
     with pytest.raises(Unsupported, match="head dims up to 256"):
         SdpaBlockSparsePlan.select(desc(d_k=320, d_v=320), device="cpu", backend="triton")
-    # ...but the reference backend runs it.
-    assert SdpaBlockSparsePlan.select(desc(d_k=320, d_v=320), device="cpu").backend.value == "reference"
+    # ...but the CPU backends run it.
+    assert SdpaBlockSparsePlan.select(desc(d_k=320, d_v=320), device="cpu").backend.value == "cpu"
 
 
 def test_run_backward_needs_forward_outputs():

@@ -92,6 +92,7 @@ class BackendKind(enum.Enum):
 
     TRITON = "triton"
     REFERENCE = "reference"
+    CPU = "cpu"            # PyTorch's fused CPU flash kernel on gathered blocks
     TORCH_CUDNN = "torch_cudnn"
     TORCH_FLASH = "torch_flash"
 

@@ -14,6 +14,8 @@ from ..common.kinds import AttentionKind
 from ..common.problem import check_outputs, check_qkv
 from ..common.token_rules import TokenRules, token_rules_for
 from .block_lists import BlockLists
+from .cpu_fused import (block_sparse_attention_backward_cpu, block_sparse_attention_forward_cpu,
+                        fused_cpu_unavailable_reason)
 from .descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
 from .reference import (block_sparse_attention_backward_reference,
@@ -27,8 +29,17 @@ from .validation import canonical_pattern, with_pattern_rules
 BACKENDS = BackendRegistry("block-sparse attention")
 BACKENDS.register(BackendKind.TRITON, lambda desc, device, options, explicit:
                   triton_unavailable_reason(desc.d_k, desc.d_v, device, explicit), priority=0)
+BACKENDS.register(BackendKind.CPU, lambda desc, device, options, explicit:
+                  cpu_unavailable_reason(desc, device), priority=5)
 BACKENDS.register(BackendKind.REFERENCE, lambda desc, device, options, explicit: None,
                   priority=10)
+
+
+def cpu_unavailable_reason(desc, device) -> Optional[str]:
+    """Why the fused CPU backend cannot run this problem (None when it can)."""
+    if device.type != "cpu":
+        return f"the cpu backend runs CPU tensors; the problem is on {device}"
+    return fused_cpu_unavailable_reason()
 
 
 class SdpaBlockSparsePlan(Plan):
@@ -65,8 +76,9 @@ class SdpaBlockSparsePlan(Plan):
             preference: DEFAULT uses the per-(head_dim, dtype, block_size, arch) table;
                 FASTEST autotunes the triton kernel once here (on random data) and keeps it.
             device: where the tensors will live (default: the current CUDA device, else CPU).
-            backend: None (automatic: triton on CUDA when it can run the problem, else
-                reference), "triton" or "reference" (or a BackendKind) to force one.
+            backend: None (automatic: triton on CUDA when it can run the problem, the fused
+                "cpu" backend on the CPU, else reference), "triton", "cpu" or "reference"
+                (or a BackendKind) to force one.
             allow_tf32: let float32 problems use TF32 matrix math on the triton backend
                 (about 1e-3 relative error instead of ~1e-6). Off by default.
         Raises:
@@ -298,6 +310,8 @@ class SdpaBlockSparsePlan(Plan):
                 block_sparse_attention_forward_triton(q, k, v, lists,
                                                       config=self._configs_for(lists)[0],
                                                       allow_tf32=self._allow_tf32, **kwargs)
+            elif self._backend is BackendKind.CPU:
+                block_sparse_attention_forward_cpu(q, k, v, lists, **kwargs)
             else:
                 block_sparse_attention_forward_reference(q, k, v, lists, **kwargs)
         return (y_out if d.d_v == 0 else y), lse
@@ -367,6 +381,9 @@ class SdpaBlockSparsePlan(Plan):
                 block_sparse_attention_backward_triton(q, k, v_run, y_run, lse, dy_run, lists,
                                                        config=self._configs_for(lists)[1],
                                                        allow_tf32=self._allow_tf32, **kwargs)
+            elif self._backend is BackendKind.CPU:
+                block_sparse_attention_backward_cpu(q, k, v_run, y_run, lse, dy_run, lists,
+                                                    **kwargs)
             else:
                 block_sparse_attention_backward_reference(q, k, v_run, y_run, lse, dy_run, lists,
                                                           **kwargs)

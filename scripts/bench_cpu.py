@@ -1,0 +1,97 @@
+"""CPU benchmark of issue 15: the fused ``cpu`` backend against PyTorch's dense CPU attention.
+
+Problems (f32, D=64, block 64, causal sliding window of 512 tokens + 64 sink tokens, ~7.5%
+of the causal pairs at N=8192): B=1, H=8 at N=8192 and N=32768; and a decode step (Nq=1
+against 2048 keys, bottom-right). Implementations: ours (``cpu`` backend, prepared pattern),
+ours (``reference`` backend), SDPA causal (dense: 13x more pairs at 8k), SDPA with the
+equivalent boolean mask (8k only: the mask alone is 1 GiB at 32k). Threads 1 and 2. Each
+measurement runs in its own process: forward and backward (median of the repeats after a
+warm-up), and the process's peak RSS above its inputs.
+
+    PYTHONPATH=src python scripts/bench_cpu.py [--quick]
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+CHILD = r"""
+import json, resource, sys, time, torch
+import baracuda_kernels as bk
+from baracuda_kernels.patterns import sliding_window
+N, Nq, impl, threads, repeats = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+H, D, bs, W, S = 8, 64, 64, 512, 64
+q = torch.randn(1, H, Nq, D, requires_grad=True)
+k, v = (torch.randn(1, H, N, D, requires_grad=True) for _ in range(2))
+dy = torch.randn(1, H, Nq, D)
+decode = Nq != N
+if impl.startswith("ours"):
+    backend = impl.split("-")[1]
+    if decode:
+        prep = bk.prepare_pattern(torch.ones(1, 1, 1, -(-N // bs), dtype=torch.bool), query_len=Nq,
+                                  key_len=N, block_size=bs, is_causal="bottom_right")
+    else:
+        prep = sliding_window(N, window=W, block_size=bs, sinks=S).prepare()
+    call = lambda: bk.block_sparse_attention(q, k, v, prep, backend=backend)
+elif impl == "sdpa-causal":
+    call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=not decode)
+else:  # sdpa-mask: the window's boolean token mask
+    i = torch.arange(Nq)[:, None] + (N - Nq)
+    j = torch.arange(N)[None, :]
+    mask = (j <= i) & ((i - j < W) | (j < S))
+    call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fwd, bwd = [], []
+for it in range(repeats + 1):
+    t0 = time.perf_counter()
+    y = call()
+    t1 = time.perf_counter()
+    torch.autograd.grad(y, (q, k, v), dy)
+    t2 = time.perf_counter()
+    if it:  # the first round is the warm-up
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+med = lambda x: sorted(x)[len(x) // 2]
+print(json.dumps(dict(fwd=med(fwd), bwd=med(bwd), peak_mib=peak)))
+"""
+
+
+def measure(n, nq, impl, threads, repeats):
+    out = subprocess.run([sys.executable, "-c", CHILD, str(n), str(nq), impl, str(threads),
+                          str(repeats)], capture_output=True, text=True,
+                         env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1][:120]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    quick = "--quick" in sys.argv
+    problems = [(8192, 8192, 3), (1, 2048, 20)] if quick else \
+        [(8192, 8192, 3), (32768, 32768, 1), (2048, 1, 20)]
+    print("impl            threads  problem        fwd s    bwd s   peak MiB   vs sdpa-causal fwd / bwd")
+    for n, nq, repeats in problems:
+        n, nq = (n, nq) if nq <= n else (nq, n)
+        label = f"N={n}" if nq == n else f"decode 1x{n}"
+        impls = ["ours-cpu", "ours-reference", "sdpa-causal"] + (["sdpa-mask"] if nq == n <= 8192 else [])
+        for threads in (1, 2):
+            rows = {impl: measure(n, nq, impl, threads, repeats) for impl in impls}
+            ref = rows["sdpa-causal"]
+            for impl, r in rows.items():
+                if "error" in r:
+                    print(f"{impl:<16}{threads:>7}  {label:<12}  failed: {r['error']}")
+                    continue
+                ratio = ""
+                if "error" not in ref and impl != "sdpa-causal":
+                    ratio = f"{ref['fwd'] / r['fwd']:.2f}x / {ref['bwd'] / r['bwd']:.2f}x"
+                print(f"{impl:<16}{threads:>7}  {label:<12}{r['fwd']:>8.3f} {r['bwd']:>8.3f} "
+                      f"{r['peak_mib']:>10.0f}   {ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""The ``cpu`` backend: block-sparse attention on the CPU through PyTorch's fused flash kernel.
+
+The reference backend states the semantics in plain tensor ops (scores, masked_fill,
+logsumexp, exp, matmul: several passes over every score tile). This backend keeps the
+reference's walk (block rows in groups, each row gathering only its own active key blocks,
+reference.py) but hands each group to ``aten._scaled_dot_product_flash_attention_for_cpu``:
+one tiled, multi-threaded pass that returns the output and the log-sum-exp, and its
+backward twin. Every active key block of a query block row is in the same call, so the
+call's output and lse are the row's final ones: nothing is merged across calls.
+
+* A group of G block rows becomes a batch of G problems; the K/V head's query heads (GQA)
+  and the batch slice ride along as "heads" ([G, b*Hkv, g*bs, D] queries against
+  [G, b*Hkv, L, D] gathered keys), so K/V are gathered once per group.
+* Only groups with a cut (the causal diagonal, a window, token rules, ragged tails or
+  padding to the group's widest row) pass an additive mask, and the token rule is evaluated
+  in their PARTIAL blocks only; the others run mask-free. Groups are consecutive block rows
+  (the argsort that lists each row's active blocks runs once per pattern slice).
+* Rows with no allowed key come back as y = 0, lse = -inf (the kernel gives 0 / 0 there).
+* dK/dV of the gathered copies are added back with index_add_ (a fixed order on the CPU:
+  deterministic). An lse gradient (``dlse``) is not an input of PyTorch's backward kernel:
+  such calls take the reference backward.
+
+Memory is bounded by the reference's group budget (score tiles of at most 4M elements).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..common.numerics import accumulator_dtype
+from ..common.problem import WindowRule, causal_offset
+from .block_lists import PARTIAL, SKIP, BlockLists
+from .reference import (_GROUP_BUDGET, _allowed, _Group, _grouped, _slices, _token_rows,
+                        _without_padding, block_sparse_attention_backward_reference)
+
+
+def fused_cpu_unavailable_reason() -> Optional[str]:
+    """Why this torch has no fused CPU flash kernel (None when it has one)."""
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu")
+            and hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward")):
+        return (f"torch {torch.__version__} has no aten._scaled_dot_product_flash_attention_for_cpu "
+                f"(torch >= 2.2)")
+    return None
+
+
+def _as_problems(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows ``tokens`` [G, n] of t [b, hk, g, N, D] as [G, b*hk, g*n, D]: one gather, then a
+    strided view when g == 1 (the fused kernel reads strides), else one more copy."""
+    b, hk, g, _, d = t.shape
+    G, n = tokens.shape
+    x = t.index_select(3, tokens.flatten()).view(b * hk, g, G, n, d)
+    if g == 1:
+        return x[:, 0].permute(1, 0, 2, 3)
+    return x.permute(2, 0, 1, 3, 4).reshape(G, b * hk, g * n, d)
+
+
+def _from_problems(x: torch.Tensor, b: int, hk: int, g: int) -> torch.Tensor:
+    """[G, b*hk, g*n, ...] -> [b, hk, g, G*n, ...] (the inverse layout of _as_problems)."""
+    G, _, gn = x.shape[:3]
+    n = gn // g
+    x = x.reshape(G, b, hk, g, n, *x.shape[3:])
+    return x.permute(1, 2, 3, 0, 4, *range(5, x.dim())).reshape(b, hk, g, G * n, *x.shape[5:])
+
+
+def _row_groups(classes: torch.Tensor, block_size: int, Nq: int, Nk: int, heads: int):
+    """Block rows of ``classes`` (int8 [nq, nk], CPU) with work, in groups of consecutive rows
+    whose score tiles stay under the reference's budget. Yields (_Group, partial cells
+    (group row index, slot) or None, needs_mask): slots hold each row's active key blocks,
+    padded to the group's widest row with masked-out slots."""
+    active = classes != SKIP
+    counts = active.sum(1)
+    # Active blocks first, ascending (a stable sort of "inactive" flags), once for all rows.
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
+    offsets = torch.arange(block_size)
+    live = torch.nonzero(counts > 0).flatten().tolist()
+    per_row = block_size * block_size * heads
+    start = 0
+    while start < len(live):
+        stop, widest = start, 0
+        while stop < len(live):
+            w = max(widest, int(counts[live[stop]]))
+            if stop > start and (stop - start + 1) * w * per_row > _GROUP_BUDGET:
+                break
+            widest, stop = w, stop + 1
+        chunk = torch.tensor(live[start:stop])
+        blocks = order[chunk, :widest]
+        valid = torch.arange(widest)[None, :] < counts[chunk][:, None]
+        partial = (classes[chunk[:, None], blocks] == PARTIAL) & valid
+        cols = (blocks[:, :, None] * block_size + offsets).flatten(1)
+        col_ok = valid[:, :, None].expand(-1, -1, block_size).flatten(1) & (cols < Nk)
+        row_tok = (chunk[:, None] * block_size + offsets).flatten()
+        grp = _Group(row_tok.clamp(max=Nq - 1), row_tok < Nq, cols.clamp(max=Nk - 1), col_ok)
+        cells = torch.nonzero(partial, as_tuple=True) if bool(partial.any()) else None
+        yield grp, cells, cells is not None or not bool(col_ok.all())
+        start = stop
+
+
+def _group_allowed(grp: _Group, cells, block_size: int, rule) -> torch.Tensor:
+    """bool [G, bs, L]: the padding / tail bounds everywhere, and the token rule (``rule``:
+    reference._allowed's arguments after the group) in the PARTIAL cells only: FULL cells
+    allow every pair, so the rule is evaluated on a fraction of the tile."""
+    G, L = grp.cols.shape
+    allowed = grp.col_ok[:, None, :].expand(G, block_size, L).clone()
+    if cells is not None:
+        gi, wi = cells
+        rows = grp.rows.view(G, block_size)[gi]                                  # [P, bs]
+        cols = grp.cols.view(G, -1, block_size)[gi, wi]                           # [P, bs]
+        ok = grp.col_ok.view(G, -1, block_size)[gi, wi]
+        sub = _allowed(_Group(rows.flatten(), rows.flatten() >= 0, cols, ok), block_size, *rule)
+        allowed.view(G, block_size, -1, block_size)[gi, :, wi, :] = sub
+    return allowed
+
+
+def _mask(allowed: Optional[torch.Tensor], g: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Additive mask [G, 1, g*bs, L] of allowed [G, bs, L] (None: nothing is cut)."""
+    if allowed is None:
+        return None
+    add = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    add.masked_fill_(~allowed, float("-inf"))
+    return add.unsqueeze(1).repeat(1, 1, g, 1) if g > 1 else add.unsqueeze(1)
+
+
+def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, window, Nq: int,
+                    Nk: int):
+    """Per pattern slice and group: (slice indices, the slice's queries, group, query tokens
+    [G, bs], allowed [G, bs, L] or None (nothing cut), gathered K, V [G, b*Hkv, L, D])."""
+    H, Hkv = q.shape[1], k.shape[1]
+    offset = causal_offset(is_causal, Nq, Nk)
+    q5 = _grouped(q, Hkv)
+    k4, v4 = k.unsqueeze(2), v.unsqueeze(2)
+    classes = lists.block_class.cpu()
+    for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
+        qs = q5[bsl, ksl, gsl]
+        bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
+        rule = (is_causal, True, offset, window, _token_rows(lists, bp))
+        for grp, cells, needs_mask in _row_groups(classes[bp, hp], block_size, Nq, Nk, bh):
+            rows = grp.rows.view(-1, block_size)
+            allowed = _group_allowed(grp, cells, block_size, rule) if needs_mask else None
+            kt = _as_problems(k4[bsl, ksl], grp.cols)
+            vt = _as_problems(v4[bsl, ksl], grp.cols)
+            yield (bsl, ksl, gsl), qs, grp, rows, allowed, kt, vt
+
+
+def _padded(t: torch.Tensor, d: int) -> torch.Tensor:
+    """t with its last dim zero-padded to d (itself when it is d already)."""
+    return t if t.shape[-1] == d else torch.nn.functional.pad(t, (0, d - t.shape[-1]))
+
+
+def block_sparse_attention_forward_cpu(q, k, v, lists: BlockLists, *, block_size: int,
+                                       scale: float, is_causal, y, lse,
+                                       window: Optional[WindowRule] = None) -> None:
+    """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] (see the reference forward: same contract).
+    The fused kernel wants one head dim: d_k != d_v runs zero-padded to the larger (zero
+    columns change neither q.k nor the kept columns of y)."""
+    d = max(q.shape[-1], v.shape[-1])
+    if q.shape[-1] != v.shape[-1]:
+        y_pad = y.new_empty(y.shape[:-1] + (d,))
+        _forward(_padded(q, d), _padded(k, d), _padded(v, d), lists, block_size, scale,
+                 is_causal, y_pad, lse, window)
+        y.copy_(y_pad[..., :v.shape[-1]])
+    else:
+        _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window)
+
+
+def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window) -> None:
+    Nq, Nk = q.shape[2], k.shape[2]
+    Hkv = k.shape[1]
+    y.zero_()
+    lse.fill_(float("-inf"))
+    q, k, v = _without_padding(lists, q=q, k=k, v=v)
+    y5, lse5 = _grouped(y, Hkv), _grouped(lse, Hkv)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    for sl, qs, grp, rows, allowed, kt, vt in _group_problems(q, k, v, lists, block_size,
+                                                              is_causal, window, Nq, Nk):
+        b, hk, g = qs.shape[:3]
+        qt = _as_problems(qs, rows)
+        out, row_lse = flash(qt, kt, vt, 0.0, False, attn_mask=_mask(allowed, g, q.dtype),
+                             scale=scale)
+        if allowed is not None:  # rows that see nothing: lse = -inf (the kernel gives 0)
+            seen = allowed.any(-1).repeat(1, g).unsqueeze(1)      # [G, 1, g*bs]
+            row_lse = torch.where(seen, row_lse, torch.full_like(row_lse, float("-inf")))
+        keep = grp.row_ok.nonzero().flatten()
+        y5[sl].index_copy_(3, grp.rows[keep], _from_problems(out, b, hk, g)[:, :, :, keep].to(y.dtype))
+        lse5[sl].index_copy_(3, grp.rows[keep],
+                             _from_problems(row_lse, b, hk, g)[:, :, :, keep].to(lse.dtype))
+
+
+def block_sparse_attention_backward_cpu(q, k, v, y, lse, dy, lists: BlockLists, *,
+                                        block_size: int, scale: float, is_causal, dq, dk, dv,
+                                        dlse=None, window: Optional[WindowRule] = None) -> None:
+    """Writes dq, dk, dv (see the reference backward: same contract; d_k != d_v runs
+    zero-padded as in the forward)."""
+    if dlse is not None:  # PyTorch's backward kernel has no lse-gradient input
+        block_sparse_attention_backward_reference(
+            q, k, v, y, lse, dy, lists, block_size=block_size, scale=scale,
+            is_causal=is_causal, dq=dq, dk=dk, dv=dv, dlse=dlse, window=window)
+        return
+    dk_, dv_ = q.shape[-1], v.shape[-1]
+    if dk_ == dv_:
+        _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, window)
+        return
+    d = max(dk_, dv_)
+    grads = [None if g is None else g.new_empty(g.shape[:-1] + (d,)) for g in (dq, dk, dv)]
+    _backward(_padded(q, d), _padded(k, d), _padded(v, d), _padded(y, d), lse, _padded(dy, d),
+              lists, block_size, scale, is_causal, *grads, window)
+    for out, g in zip((dq, dk, dv), grads):
+        if out is not None:
+            out.copy_(g[..., :out.shape[-1]])
+
+
+def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv,
+              window) -> None:
+    Nq, Nk = q.shape[2], k.shape[2]
+    Hkv = k.shape[1]
+    acc = accumulator_dtype(q.dtype)
+    if dq is not None:
+        dq.zero_()
+    q, k, v, dy = _without_padding(lists, q=q, k=k, v=v, dy=dy)
+    y5, dy5, lse5 = _grouped(y, Hkv), _grouped(dy, Hkv), _grouped(lse, Hkv)
+    dq5 = _grouped(dq, Hkv) if dq is not None else None
+    dk_acc = torch.zeros(k.shape, dtype=acc) if dk is not None else None
+    dv_acc = torch.zeros(v.shape, dtype=acc) if dk is not None else None
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    for sl, qs, grp, rows, allowed, kt, vt in _group_problems(q, k, v, lists, block_size,
+                                                              is_causal, window, Nq, Nk):
+        b, hk, g = qs.shape[:3]
+        bsl, ksl, gsl = sl
+        qt = _as_problems(qs, rows)
+        ot = _as_problems(y5[sl], rows)
+        dot = _as_problems(dy5[sl], rows)
+        # Rows past Nq are clamped copies of the last row: their upstream gradient is 0, so
+        # they add nothing to dK / dV.
+        dot = dot * grp.row_ok.view(-1, 1, block_size).repeat(1, 1, g)[..., None].to(dot.dtype)
+        lt = _as_problems(lse5[sl].unsqueeze(-1), rows).squeeze(-1)
+        # A row that sees nothing has lse = -inf; the kernel's convention there is 0 (its
+        # masked P is exactly 0 either way). NaN stays NaN.
+        lt = torch.where(lt == float("-inf"), torch.zeros_like(lt), lt)
+        gq, gk, gv = flash_bwd(dot, qt, kt, vt, ot, lt, 0.0, False,
+                               attn_mask=_mask(allowed, g, q.dtype), scale=scale)
+        keep = grp.row_ok.nonzero().flatten()
+        if dq5 is not None:
+            dq5[sl].index_copy_(3, grp.rows[keep],
+                                _from_problems(gq, b, hk, g)[:, :, :, keep].to(dq.dtype))
+        if dk_acc is not None:
+            cols = grp.cols.flatten()
+            ok = grp.col_ok.flatten().nonzero().flatten()
+            for acc_t, grad in ((dk_acc, gk), (dv_acc, gv)):
+                flat = _from_problems(grad, b, hk, 1)[:, :, 0]     # [b, hk, G*L, D]
+                acc_t[bsl, ksl].index_add_(2, cols[ok], flat[:, :, ok].to(acc))
+    if dk is not None:
+        dk.copy_(dk_acc)
+        dv.copy_(dv_acc)

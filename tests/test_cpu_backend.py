@@ -1,0 +1,87 @@
+"""The fused ``cpu`` backend (PyTorch's flash CPU kernel on gathered blocks): chosen
+automatically for CPU tensors, declining with a reason where it cannot run; low-precision
+inputs against the float64 oracle; and work proportional to the active blocks (a time
+ratio, not an absolute time). The float64 grids of test_forward / test_backward and the token
+rule tests run it too (cases.BACKENDS)."""
+
+import time
+
+import pytest
+import torch
+
+import baracuda_kernels as bk
+from cases import HAS_CUDA, nblocks
+from oracle import assert_matches_oracle, dense_attention
+
+pytestmark = pytest.mark.skipif(HAS_CUDA, reason="the cpu backend runs CPU tensors")
+
+
+def test_selected_automatically_on_cpu_and_declines_elsewhere():
+    desc = bk.SdpaBlockSparseDescriptor(1, 2, 64, 64, 16, 16, block_size=16, element="f32")
+    plan = bk.SdpaBlockSparsePlan.select(desc, device="cpu")
+    assert plan.backend is bk.BackendKind.CPU
+    assert plan.sku.backend is bk.BackendKind.CPU and plan.precision_guarantee.deterministic
+    with pytest.raises(bk.Unsupported, match="CPU tensors"):
+        bk.SdpaBlockSparsePlan.select(desc, device="meta", backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_low_precision_matches_oracle(dtype, causal):
+    gen = torch.Generator().manual_seed(4)
+    B, H, Hkv, N, bs = 2, 4, 2, 100, 32
+    q = (torch.randn(B, H, N, 32, generator=gen) * 2).to(dtype).requires_grad_()
+    k, v = (torch.randn(B, Hkv, N, 32, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+    p = torch.rand(1, Hkv, nblocks(N, bs), nblocks(N, bs), generator=gen) < 0.7
+    y, lse = bk.block_sparse_attention(q, k, v, p, block_size=bs, is_causal=causal,
+                                       backend="cpu", return_lse=True)
+    dy = torch.randn(y.shape, generator=gen).to(dtype)
+    grads = torch.autograd.grad(y, (q, k, v), dy)
+
+    def oracle(dt):
+        qx, kx, vx = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        pe = p.repeat_interleave(H // Hkv, 1)
+        yo, lo = dense_attention(qx, kx.repeat_interleave(2, 1), vx.repeat_interleave(2, 1),
+                                 pe, bs, causal, dtype=dt)
+        return yo, lo, torch.autograd.grad(yo, (qx, kx, vx), dy.to(yo.dtype))
+    y64, l64, g64 = oracle(torch.float64)
+    ys, ls, gs = oracle(dtype)
+    assert_matches_oracle(y, y64, ys)
+    assert_matches_oracle(lse, l64, ls, what="lse")
+    for name, g, r, s in zip(("dq", "dk", "dv"), grads, g64, gs):
+        assert_matches_oracle(g, r, s, factor=3.0, what=name)
+
+
+def test_lse_gradient_takes_the_reference_backward():
+    q, k, v = (torch.randn(1, 2, 48, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    p = torch.rand(1, 1, 3, 3) < 0.8
+    outs = []
+    for backend in ("cpu", "reference"):
+        y, lse = bk.block_sparse_attention(q, k, v, p, block_size=16, backend=backend,
+                                           return_lse=True)
+        outs.append(torch.autograd.grad(y.sum() + lse.clamp(min=-1e9).sum(), (q, k, v)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
+def test_time_grows_with_active_blocks():
+    """Forward time at 1/8 of the blocks is well under the time at all of them (a ratio on
+    the same machine; work is proportional to the active blocks)."""
+    N, bs = 4096, 64
+    q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
+    nb = N // bs
+    dense = torch.ones(1, 1, nb, nb, dtype=torch.bool)
+    sparse = torch.zeros(1, 1, nb, nb, dtype=torch.bool)
+    sparse[..., ::8] = True
+
+    def best(pattern):
+        prep = bk.prepare_pattern(pattern, query_len=N, block_size=bs)
+        bk.block_sparse_attention(q, k, v, prep, backend="cpu")
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            bk.block_sparse_attention(q, k, v, prep, backend="cpu")
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    ratio = best(sparse) / best(dense)
+    assert ratio < 0.5, f"1/8 of the blocks took {ratio:.2f} of the dense time"
