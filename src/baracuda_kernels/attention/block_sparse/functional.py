@@ -84,8 +84,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.
-        backend: None (automatic: triton on CUDA, reference elsewhere, or a dense route as
-            below), "triton" or "reference".
+        backend: None (automatic: triton on CUDA, the fused "cpu" backend on the CPU,
+            reference elsewhere, or a dense route as below), "triton", "cpu" or "reference".
         deterministic: True forbids the dense route below (as does
             torch.use_deterministic_algorithms(True)); None/False allow it.
 

@@ -57,7 +57,7 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [H, Tq] (flash-attn's varlen layout; float32, float64
             for f64), differentiable.
-        backend: None (automatic), "triton" or "reference".
+        backend: None (automatic), "triton", "cpu" or "reference".
 
     Returns:
         y [Tq, H, Dv] (and lse [H, Tq] when return_lse).
