@@ -37,9 +37,10 @@ from .reference import (_allowed, _Group, _grouped, _slices, _token_rows, _witho
 
 # Score-tile elements per group of block rows (one fused call). Gathered K/V, masks and
 # gradients of a group scale with it. Measured on the CPU benchmark's N=8192 problem (2
-# cores, fwd / bwd s, peak MiB above the inputs): 4M 0.27 / 0.86, 285; 1M 0.31 / 0.95, 180;
-# 512K 0.40 / 0.98, 141 (SDPA causal: 1.02 / 2.65, 136). Speed first: 4M.
-GROUP_BUDGET = 1 << 22
+# cores, two runs, fwd / bwd s, peak MiB above the inputs; group_budget.log): 4M 0.27 /
+# 0.86-0.87, 285; 1M 0.28-0.31 / 0.78-0.95, 176-180; 512K 0.40 / 0.96-0.98, 138-141 (SDPA
+# causal: 1.02 / 2.65, 136). 1M: within the noise of 4M's speed, 100 MiB less.
+GROUP_BUDGET = 1 << 20
 
 
 def fused_cpu_unavailable_reason() -> Optional[str]:
