@@ -8,7 +8,7 @@ also ours on K/V expanded to all query heads).
     baracuda-kernels bench --patterns random --densities 0.05 --modes step,step-graph  # host overhead
     baracuda-kernels bench --preset gqa --out bench/results/h100-gqa   # GQA (H=32, Hkv=8) table
 
-Without a CUDA GPU it runs on CPU with small sizes (reference backend) and says so.
+Without a CUDA GPU it runs on CPU with small sizes (the cpu backend) and says so.
 """
 
 from __future__ import annotations
@@ -221,8 +221,9 @@ def _run(args, device: torch.device, cases) -> int:
           f"triton {meta['triton']}; {len(cases)} cases; timer: {meta['timer']}")
     if not on_gpu:
         flex = "compiled" if args.flex_mode == "compiled" else "eager (unfused)"
-        print("No CUDA GPU: running on CPU with small sizes. 'ours' is the reference backend "
-              f"(pure PyTorch) here and FlexAttention runs {flex}; these are not GPU numbers.")
+        print("No CUDA GPU: running on CPU with small sizes. 'ours' is the cpu backend "
+              f"(PyTorch's fused CPU kernel on the active blocks) here and FlexAttention runs "
+              f"{flex}; these are not GPU numbers.")
     sweep = Sweep(cases, device, args, progress=args.progress)
     rows = sweep.run()
     unavailable = report.unavailable_summary(rows)
