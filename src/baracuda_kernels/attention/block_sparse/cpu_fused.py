@@ -72,6 +72,12 @@ def _from_problems(x: torch.Tensor, b: int, hk: int, g: int) -> torch.Tensor:
     return x.permute(1, 2, 3, 0, 4, *range(5, x.dim())).reshape(b, hk, g, G * n, *x.shape[5:])
 
 
+def _row_block(block_size: int, Nq: int) -> int:
+    """Query rows per block row: the block, or Nq when the whole query is shorter (a decode
+    step computes its 1 row, not a block of clamped copies)."""
+    return min(block_size, Nq)
+
+
 def _row_groups(classes: torch.Tensor, block_size: int, Nq: int, Nk: int, heads: int):
     """Block rows of ``classes`` (int8 [nq, nk], CPU) with work, in groups of consecutive rows
     whose score tiles stay under GROUP_BUDGET. Yields (_Group, partial cells
@@ -82,8 +88,9 @@ def _row_groups(classes: torch.Tensor, block_size: int, Nq: int, Nk: int, heads:
     # Active blocks first, ascending (a stable sort of "inactive" flags), once for all rows.
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
     offsets = torch.arange(block_size)
+    rb = _row_block(block_size, Nq)
     live = torch.nonzero(counts > 0).flatten().tolist()
-    per_row = block_size * block_size * heads
+    per_row = rb * block_size * heads
     start = 0
     while start < len(live):
         stop, widest = start, 0
@@ -98,27 +105,40 @@ def _row_groups(classes: torch.Tensor, block_size: int, Nq: int, Nk: int, heads:
         partial = (classes[chunk[:, None], blocks] == PARTIAL) & valid
         cols = (blocks[:, :, None] * block_size + offsets).flatten(1)
         col_ok = valid[:, :, None].expand(-1, -1, block_size).flatten(1) & (cols < Nk)
-        row_tok = (chunk[:, None] * block_size + offsets).flatten()
+        row_tok = (chunk[:, None] * block_size + offsets[:rb]).flatten()
         grp = _Group(row_tok.clamp(max=Nq - 1), row_tok < Nq, cols.clamp(max=Nk - 1), col_ok)
         cells = torch.nonzero(partial, as_tuple=True) if bool(partial.any()) else None
         yield grp, cells, cells is not None or not bool(col_ok.all())
         start = stop
 
 
-def _group_allowed(grp: _Group, cells, block_size: int, rule) -> torch.Tensor:
+def _group_allowed(grp: _Group, cells, block_size: int, rb: int, rule) -> torch.Tensor:
     """bool [G, bs, L]: the padding / tail bounds everywhere, and the token rule (``rule``:
     reference._allowed's arguments after the group) in the PARTIAL cells only: FULL cells
     allow every pair, so the rule is evaluated on a fraction of the tile."""
     G, L = grp.cols.shape
-    allowed = grp.col_ok[:, None, :].expand(G, block_size, L).clone()
+    allowed = grp.col_ok[:, None, :].expand(G, rb, L).clone()
     if cells is not None:
         gi, wi = cells
-        rows = grp.rows.view(G, block_size)[gi]                                  # [P, bs]
+        rows = grp.rows.view(G, rb)[gi]                                          # [P, rb]
         cols = grp.cols.view(G, -1, block_size)[gi, wi]                           # [P, bs]
         ok = grp.col_ok.view(G, -1, block_size)[gi, wi]
-        sub = _allowed(_Group(rows.flatten(), rows.flatten() >= 0, cols, ok), block_size, *rule)
-        allowed.view(G, block_size, -1, block_size)[gi, :, wi, :] = sub
+        sub = _allowed(_Group(rows.flatten(), rows.flatten() >= 0, cols, ok), rb, *rule)
+        allowed.view(G, rb, -1, block_size)[gi, :, wi, :] = sub
     return allowed
+
+
+def _keys_of(t: torch.Tensor, grp: _Group) -> torch.Tensor:
+    """The group's key rows of t [b, hk, 1, N, D] as [G, b*hk, L, D]: a view when the group
+    is one row whose keys are one contiguous, fully valid range (a decode step, a dense row),
+    else a gather."""
+    cols = grp.cols
+    if cols.shape[0] == 1 and bool(grp.col_ok.all()):
+        c0, L = int(cols[0, 0]), cols.shape[1]
+        if int(cols[0, -1]) - c0 == L - 1 and bool((cols[0, 1:] - cols[0, :-1] == 1).all()):
+            b, hk = t.shape[:2]
+            return t[:, :, 0, c0:c0 + L].reshape(1, b * hk, L, t.shape[-1])
+    return _as_problems(t, cols)
 
 
 def _mask(allowed: Optional[torch.Tensor], g: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -143,11 +163,16 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
         qs = q5[bsl, ksl, gsl]
         bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
         rule = (is_causal, True, offset, window, _token_rows(lists, bp))
-        for grp, cells, needs_mask in _row_groups(classes[bp, hp], block_size, Nq, Nk, bh):
-            rows = grp.rows.view(-1, block_size)
-            allowed = _group_allowed(grp, cells, block_size, rule) if needs_mask else None
-            kt = _as_problems(k4[bsl, ksl], grp.cols)
-            vt = _as_problems(v4[bsl, ksl], grp.cols)
+        rb = _row_block(block_size, Nq)
+        groups = _row_groups(classes[bp, hp], block_size, Nq, Nk, bh)
+        if lists.mean_row_blocks is not None:  # prepared lists: group them once (a decode
+            # step spends a fifth of its call there), keep the index tensors on the lists
+            groups = lists.memo(("cpu-row-groups", bp, hp, block_size, Nq, Nk, bh),
+                                lambda groups=groups: list(groups))
+        for grp, cells, needs_mask in groups:
+            rows = grp.rows.view(-1, rb)
+            allowed = _group_allowed(grp, cells, block_size, rb, rule) if needs_mask else None
+            kt, vt = _keys_of(k4[bsl, ksl], grp), _keys_of(v4[bsl, ksl], grp)
             yield (bsl, ksl, gsl), qs, grp, rows, allowed, kt, vt
 
 
@@ -240,7 +265,7 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
         dot = _as_problems(dy5[sl], rows)
         # Rows past Nq are clamped copies of the last row: their upstream gradient is 0, so
         # they add nothing to dK / dV.
-        dot = dot * grp.row_ok.view(-1, 1, block_size).repeat(1, 1, g)[..., None].to(dot.dtype)
+        dot = dot * grp.row_ok.view(-1, 1, rows.shape[1]).repeat(1, 1, g)[..., None].to(dot.dtype)
         lt = _as_problems(lse5[sl].unsqueeze(-1), rows).squeeze(-1)
         # A row that sees nothing has lse = -inf; the kernel's convention there is 0 (its
         # masked P is exactly 0 either way). NaN stays NaN.
