@@ -182,10 +182,7 @@ class SdpaBlockSparsePlan(Plan):
         pattern = canonical_pattern(self._desc, block_pattern, None)
         d = self._desc
         if getattr(block_pattern, "kernel_rules", None):
-            window, sinks, token_rules = with_pattern_rules(block_pattern, d.window_size,
-                                                           d.sink_tokens, token_rules)
-            if (tuple(window), sinks) != (d.window_size, d.sink_tokens):
-                self._pattern_token_rules(block_pattern, None)  # raises the window mismatch
+            token_rules = self._with_pattern_rules(block_pattern, token_rules)
         return PreparedPattern.build(pattern, query_len=d.query_len, key_len=d.key_len,
                                      block_size=d.block_size, is_causal=d.is_causal,
                                      window_size=d.window_size, sink_tokens=d.sink_tokens,
@@ -201,23 +198,19 @@ class SdpaBlockSparsePlan(Plan):
                                query_range=query_range, key_range=key_range,
                                prefix_lengths=prefix_lengths)
 
-    def _pattern_token_rules(self, pattern, tokens: Optional[TokenRules]) -> Optional[TokenRules]:
-        """The token rules of a BlockPattern that carries kernel rules; its window must be
-        the plan's (the descriptor fixes the window)."""
+    def _with_pattern_rules(self, pattern, token_kwargs: dict) -> dict:
+        """``token_kwargs`` with the documents / prefix a BlockPattern's kernel rules carry
+        (``with_pattern_rules``); InvalidProblem unless the pattern's window is the plan's
+        (the descriptor fixes the window)."""
         d = self._desc
-        window, sinks, kwargs = with_pattern_rules(pattern, d.window_size, d.sink_tokens,
-                                                   dict(document_ids=None, prefix_lengths=None))
-        if (tuple(window), sinks) != (d.window_size, d.sink_tokens):
+        window, sinks, merged = with_pattern_rules(pattern, None, None, token_kwargs)
+        window, sinks = (-1, -1) if window is None else tuple(window), sinks or 0
+        if (window, sinks) != (d.window_size, d.sink_tokens):
             raise InvalidProblem(
                 f"BlockPattern {pattern.description} applies window_size={window}, "
                 f"sink_tokens={sinks}; the plan's descriptor has {d.window_size}, "
                 f"{d.sink_tokens}. Select the plan with the pattern's window.")
-        if all(v is None for v in kwargs.values()):
-            return tokens
-        if tokens is not None:
-            raise InvalidProblem(f"token rules were given with BlockPattern {pattern.description}, "
-                                 f"which carries its own documents / prefix; expected one of them.")
-        return self.token_rules(**kwargs)
+        return merged
 
     def block_lists(self, block_pattern, tokens: Optional[TokenRules] = None) -> BlockLists:
         """The active-block lists of a pattern for this plan.
@@ -237,7 +230,13 @@ class SdpaBlockSparsePlan(Plan):
         pattern = canonical_pattern(self._desc, block_pattern, self._device)
         d = self._desc
         if getattr(block_pattern, "kernel_rules", None):
-            tokens = self._pattern_token_rules(block_pattern, tokens)
+            kwargs = {k: v for k, v in self._with_pattern_rules(block_pattern, {}).items()
+                      if v is not None}
+            if kwargs and tokens is not None:
+                raise InvalidProblem(
+                    f"token rules were given with BlockPattern {block_pattern.description}, "
+                    f"which carries its own documents / prefix; expected one of them.")
+            tokens = self.token_rules(**kwargs) if kwargs else tokens
         if tokens is not None:
             tokens.check_for(d.batch_size, d.query_len, d.key_len, self._device)
         with self.device_guard():

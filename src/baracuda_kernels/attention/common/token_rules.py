@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from ...core import InvalidProblem
+from .problem import causal_offset
 
 Q_PAD, K_PAD = -1, -2  # ids of padding: never equal, so a padded pair is never allowed
 
@@ -131,7 +132,6 @@ def token_rules_for(batch: Optional[int], query_len: int, key_len: int, device, 
     """``TokenRules.build`` for an attention problem, after checking that the rules fit its
     causal rule and window. batch None (a pattern prepared before the batch is known): the
     batch the tensors give (rows of 1 are shared)."""
-    from .problem import causal_offset  # local: problem.py is the heavier module
     if prefix_lengths is not None:
         if not is_causal:
             raise InvalidProblem(
