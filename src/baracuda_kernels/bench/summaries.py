@@ -4,7 +4,7 @@ target table (ours vs ours on expanded K/V and Flex, peak memory)."""
 from __future__ import annotations
 
 from .runner import geometry_of
-from .text import fmt, tflops_text
+from .text import fmt, geometry_blocks, markdown_block, tflops_text
 
 
 def host_overhead(rows: list[dict], impl: str = "ours") -> list[dict]:
@@ -44,21 +44,19 @@ _HOST_LEGEND = ("ours' host overhead: host = step - step-graph (Python, autograd
 
 def format_host_overhead(rows: list[dict]) -> str:
     """The host-overhead summary of the terminal report; '' when no case has the modes."""
-    entries = host_overhead(rows)
-    if not entries:
-        return ""
     widths = [max(10, len(title) + 2) for title, _, _ in _HOST_COLUMNS]
     head = f"{'pattern':<15}{'density':>8}" + "".join(
         f"{title:>{w}}" for (title, _, _), w in zip(_HOST_COLUMNS, widths))
-    lines = ["Host overhead (ours)"]
-    for geo in dict.fromkeys(e["geometry"] for e in entries):
-        lines += [f"== {geo}", head, "-" * len(head)]
-        for e in (x for x in entries if x["geometry"] == geo):
+
+    def lines_of(entries):
+        out = []
+        for e in entries:
             cells = "".join(f"{fmt(e[key], spec, 'x' if 'flex' in key else ''):>{w}}"
                             for (_, key, spec), w in zip(_HOST_COLUMNS, widths))
-            lines.append(f"{e['pattern']:<15}{(e['work_fraction'] or 0) * 100:>7.1f}%{cells}".rstrip())
-    lines.append(_HOST_LEGEND)
-    return "\n".join(lines)
+            out.append(f"{e['pattern']:<15}{(e['work_fraction'] or 0) * 100:>7.1f}%{cells}".rstrip())
+        return out
+    return geometry_blocks("Host overhead (ours)", host_overhead(rows), head, lines_of,
+                           _HOST_LEGEND)
 
 
 # The GQA issue's targets: ours' GQA at least the throughput of ours on expanded K/V, and
@@ -138,54 +136,39 @@ def _gqa_targets(e: dict) -> str:
 
 def format_gqa(rows: list[dict]) -> str:
     """The GQA summary of the terminal report; '' when no GQA case ran ours."""
-    entries = gqa_summary(rows)
-    if not entries:
-        return ""
     widths = [max(10, len(title) + 2) for title, _, _ in _GQA_COLUMNS]
     head = f"{'pattern':<15}{'density':>8}  {'mode':<6}" + "".join(
         f"{title:>{w}}" for (title, _, _), w in zip(_GQA_COLUMNS, widths)) + "  targets"
-    lines = ["GQA summary (ours vs ours on expanded K/V, vs FlexAttention)"]
-    for geo in dict.fromkeys(e["geometry"] for e in entries):
-        lines += [f"== {geo}", head, "-" * len(head)]
-        shown = None
-        for e in (x for x in entries if x["geometry"] == geo):
+
+    def lines_of(entries):
+        out, shown = [], None
+        for e in entries:
             cells = "".join(f"{_gqa_cell(e, key, spec):>{w}}"
                             for (_, key, spec), w in zip(_GQA_COLUMNS, widths))
             lead = (f"{e['pattern']:<15}{e['work_fraction'] * 100:>7.1f}%" if e["pattern"] != shown
                     else " " * 23)
             shown = e["pattern"]
-            lines.append(f"{lead}  {e['mode']:<6}{cells}  {_gqa_targets(e)}")
-    lines.append(_GQA_LEGEND)
-    return "\n".join(lines)
+            out.append(f"{lead}  {e['mode']:<6}{cells}  {_gqa_targets(e)}")
+        return out
+    return geometry_blocks("GQA summary (ours vs ours on expanded K/V, vs FlexAttention)",
+                           gqa_summary(rows), head, lines_of, _GQA_LEGEND)
 
 
 def gqa_markdown(rows: list[dict]) -> list[str]:
     """The GQA summary as markdown lines for summary.md (empty without GQA rows)."""
-    out: list[str] = []
-    gqa = gqa_summary(rows)
-    if gqa:
-        out += ["**GQA summary (ours vs ours on expanded K/V, vs FlexAttention)**", "", _GQA_LEGEND, "",
-                "| geometry | pattern | density | mode | " + " | ".join(t for t, _, _ in _GQA_COLUMNS)
-                + " | targets |", "|---" * (5 + len(_GQA_COLUMNS)) + "|"]
-        for e in gqa:
-            cells = [e["geometry"], e["pattern"], fmt(e["work_fraction"] * 100, ".1f", "%"), e["mode"]]
-            cells += [_gqa_cell(e, key, spec) for _, key, spec in _GQA_COLUMNS]
-            out.append("| " + " | ".join(cells + [_gqa_targets(e)]) + " |")
-        out.append("")
-    return out
+    cells = [[e["geometry"], e["pattern"], fmt(e["work_fraction"] * 100, ".1f", "%"), e["mode"]]
+             + [_gqa_cell(e, key, spec) for _, key, spec in _GQA_COLUMNS] + [_gqa_targets(e)]
+             for e in gqa_summary(rows)]
+    return markdown_block("GQA summary (ours vs ours on expanded K/V, vs FlexAttention)",
+                          _GQA_LEGEND, ["geometry", "pattern", "density", "mode"]
+                          + [t for t, _, _ in _GQA_COLUMNS] + ["targets"], cells)
 
 
 def host_markdown(rows: list[dict]) -> list[str]:
     """ours' host overhead as markdown lines for summary.md (empty without step-graph rows)."""
-    out: list[str] = []
-    host = host_overhead(rows)
-    if host:
-        out += ["**Host overhead (ours)**", "", _HOST_LEGEND, "",
-                "| geometry | pattern | density | " + " | ".join(t for t, _, _ in _HOST_COLUMNS) + " |",
-                "|---" * (3 + len(_HOST_COLUMNS)) + "|"]
-        for e in host:
-            cells = [e["geometry"], e["pattern"], fmt((e["work_fraction"] or 0) * 100, ".1f", "%")]
-            cells += [fmt(e[key], spec, "x" if "flex" in key else "") for _, key, spec in _HOST_COLUMNS]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
-    return out
+    cells = [[e["geometry"], e["pattern"], fmt((e["work_fraction"] or 0) * 100, ".1f", "%")]
+             + [fmt(e[key], spec, "x" if "flex" in key else "") for _, key, spec in _HOST_COLUMNS]
+             for e in host_overhead(rows)]
+    return markdown_block("Host overhead (ours)", _HOST_LEGEND,
+                          ["geometry", "pattern", "density"] + [t for t, _, _ in _HOST_COLUMNS],
+                          cells)

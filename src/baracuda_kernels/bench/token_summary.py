@@ -5,7 +5,7 @@ against the mask-based call on the same documents."""
 from __future__ import annotations
 
 from .runner import geometry_of
-from .text import fmt
+from .text import fmt, geometry_blocks, markdown_block
 
 # The token-rule issue's targets: ours >= 1.2x Flex forward and >= 1.1x backward on each
 # rule; the exact window at most 10% slower than the same blocks computed whole.
@@ -63,31 +63,20 @@ def _targets(e: dict) -> str:
 
 def format_tokens(rows: list[dict]) -> str:
     """The token-rule summary of the terminal report; '' when no token case ran ours."""
-    entries = token_summary(rows)
-    if not entries:
-        return ""
     head = f"{'pattern':<10}{'mode':<6}" + "".join(f"{t:>14}" for t, _, _ in _COLUMNS) + "  targets"
-    lines = ["Token-rule summary (ours vs FlexAttention, exact vs coarsened, varlen)"]
-    for geo in dict.fromkeys(e["geometry"] for e in entries):
-        lines += [f"== {geo}", head, "-" * len(head)]
-        for e in (x for x in entries if x["geometry"] == geo):
-            cells = "".join(f"{fmt(e[k], s, 'x' if k.startswith('vs') else ''):>14}"
-                            for _, k, s in _COLUMNS)
-            lines.append(f"{e['pattern']:<10}{e['mode']:<6}{cells}  {_targets(e)}")
-    lines.append(_LEGEND)
-    return "\n".join(lines)
+
+    def lines_of(entries):
+        return [f"{e['pattern']:<10}{e['mode']:<6}"
+                + "".join(f"{fmt(e[k], s, 'x' if k.startswith('vs') else ''):>14}"
+                          for _, k, s in _COLUMNS) + f"  {_targets(e)}" for e in entries]
+    return geometry_blocks("Token-rule summary (ours vs FlexAttention, exact vs coarsened, varlen)",
+                           token_summary(rows), head, lines_of, _LEGEND)
 
 
 def token_markdown(rows: list[dict]) -> list[str]:
     """The token-rule summary as markdown lines for summary.md (empty without token rows)."""
-    entries = token_summary(rows)
-    if not entries:
-        return []
-    out = ["**Token-rule summary**", "", _LEGEND, "",
-           "| geometry | pattern | mode | " + " | ".join(t for t, _, _ in _COLUMNS)
-           + " | targets |", "|---" * (4 + len(_COLUMNS)) + "|"]
-    for e in entries:
-        cells = [e["geometry"], e["pattern"], e["mode"]]
-        cells += [fmt(e[k], s, "x" if k.startswith("vs") else "") for _, k, s in _COLUMNS]
-        out.append("| " + " | ".join(cells + [_targets(e)]) + " |")
-    return out + [""]
+    cells = [[e["geometry"], e["pattern"], e["mode"]]
+             + [fmt(e[k], s, "x" if k.startswith("vs") else "") for _, k, s in _COLUMNS]
+             + [_targets(e)] for e in token_summary(rows)]
+    return markdown_block("Token-rule summary", _LEGEND, ["geometry", "pattern", "mode"]
+                          + [t for t, _, _ in _COLUMNS] + ["targets"], cells)
