@@ -5,10 +5,11 @@ import torch
 import triton
 
 
-def host_us(fn, n=100):
+def host_us(fn, n=100, warmup=1):
     """Mean host time (us) to submit ``fn`` once, synchronised before and after the loop
     (the GPU runs behind, so this is what Python, autograd and launches cost)."""
-    fn()
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):

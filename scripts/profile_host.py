@@ -5,25 +5,24 @@ call with a new pattern object), with a cProfile of the plan.run path.
 """
 import cProfile
 import pstats
-import time
 
 import torch
 
 import baracuda_kernels as bk
+from probe_common import host_us
 
 B, H, N, D, BS = 2, 16, 8192, 128, 128
 
 
-def per_call_us(fn, n=300):
-    for _ in range(20):
+def print_profile(fn, calls: int, rows: int) -> None:
+    """cProfile of ``calls`` calls of fn, the ``rows`` costliest functions by own time."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
         fn()
+    prof.disable()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return host
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 
 
 def main():
@@ -38,22 +37,10 @@ def main():
     run = lambda: plan.run(args)  # noqa: E731
     unprepared = lambda: bk.block_sparse_attention(q, k, v, mask.view(mask.shape), block_size=BS)  # noqa: E731
     print(f"{bk.__file__}", flush=True)
-    print(f"plan.run prepared 2%: {per_call_us(run):8.1f} us host per call", flush=True)
-    print(f"functional unprepared 2%: {per_call_us(unprepared):8.1f} us host per call", flush=True)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        run()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        unprepared()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    for name, fn in (("plan.run prepared 2%", run), ("functional unprepared 2%", unprepared)):
+        print(f"{name}: {host_us(fn, 300, warmup=20):8.1f} us host per call", flush=True)
+    print_profile(run, 200, 18)
+    print_profile(unprepared, 200, 14)
 
 
 if __name__ == "__main__":
