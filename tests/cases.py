@@ -76,13 +76,23 @@ def check_token_rule(backend, dtype, Nq, Nk, bs, causal, window=(-1, -1), sinks=
     dy = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
     grads = torch.autograd.grad(y, (qx, kx, vx), dy)
 
+    prefix = tokens.get("prefix_lengths") is not None  # the oracle's mask states it in full
+    assert_gqa_matches_oracle(y, lse, grads, (q, k, v), dy, p, bs, False if prefix else causal,
+                              dtype, window_size=window, sink_tokens=sinks, extra_mask=extra)
+    return y, lse, grads
+
+
+def assert_gqa_matches_oracle(y, lse, grads, qkv, dy, pattern, bs, causal, dtype, **mask):
+    """y, lse and the (dq, dk, dv) of upstream ``dy`` against the dense oracle in float64,
+    K/V expanded to q's heads in the oracle only; the oracle run in ``dtype`` sets the
+    tolerance. ``mask``: dense_attention's window_size / sink_tokens / extra_mask."""
+    q, k, v = qkv
+    G = q.shape[1] // k.shape[1]
+
     def oracle(dt):
         qo, ko, vo = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
-        G = H // Hkv
-        prefix = tokens.get("prefix_lengths") is not None
-        yo, lo = dense_attention(qo, ko.repeat_interleave(G, 1), vo.repeat_interleave(G, 1), p,
-                                 bs, False if prefix else causal, dtype=dt, window_size=window,
-                                 sink_tokens=sinks, extra_mask=extra)
+        yo, lo = dense_attention(qo, ko.repeat_interleave(G, 1), vo.repeat_interleave(G, 1),
+                                 pattern, bs, causal, dtype=dt, **mask)
         return yo, lo, torch.autograd.grad(yo, (qo, ko, vo), dy.to(yo.dtype))
     y64, lse64, g64 = oracle(torch.float64)
     ys, lses, gs = oracle(dtype)
@@ -90,7 +100,6 @@ def check_token_rule(backend, dtype, Nq, Nk, bs, causal, window=(-1, -1), sinks=
     assert_matches_oracle(lse, lse64, lses, what="lse")
     for name, g, r, s in zip(("dq", "dk", "dv"), grads, g64, gs):
         assert_matches_oracle(g, r, s, factor=3.0, what=name)
-    return y, lse, grads
 
 
 def _to_device(t):

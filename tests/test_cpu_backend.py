@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import baracuda_kernels as bk
-from cases import HAS_CUDA, nblocks
-from oracle import assert_matches_oracle, dense_attention
+from cases import HAS_CUDA, assert_gqa_matches_oracle, nblocks
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="the cpu backend runs CPU tensors")
 
@@ -38,18 +37,8 @@ def test_low_precision_matches_oracle(dtype, causal):
     dy = torch.randn(y.shape, generator=gen).to(dtype)
     grads = torch.autograd.grad(y, (q, k, v), dy)
 
-    def oracle(dt):
-        qx, kx, vx = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
-        pe = p.repeat_interleave(H // Hkv, 1)
-        yo, lo = dense_attention(qx, kx.repeat_interleave(2, 1), vx.repeat_interleave(2, 1),
-                                 pe, bs, causal, dtype=dt)
-        return yo, lo, torch.autograd.grad(yo, (qx, kx, vx), dy.to(yo.dtype))
-    y64, l64, g64 = oracle(torch.float64)
-    ys, ls, gs = oracle(dtype)
-    assert_matches_oracle(y, y64, ys)
-    assert_matches_oracle(lse, l64, ls, what="lse")
-    for name, g, r, s in zip(("dq", "dk", "dv"), grads, g64, gs):
-        assert_matches_oracle(g, r, s, factor=3.0, what=name)
+    assert_gqa_matches_oracle(y, lse, grads, (q, k, v), dy, p.repeat_interleave(H // Hkv, 1),
+                              bs, causal, dtype)
 
 
 def test_lse_gradient_takes_the_reference_backward():
