@@ -37,6 +37,7 @@ from ...core import PlanCache, PlanPreference, Unsupported, resolve_device
 from ..common.autograd_pieces import refuse_double_backward
 from ..common.numerics import accumulator_dtype
 from .descriptor import SdpaBlockSparseDescriptor
+from ..common.block_bits import BlockBits
 from ..common.token_rules import TokenRules
 from .plan import SdpaBlockSparsePlan, output_like
 
@@ -124,31 +125,37 @@ def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               q_ids: Optional[torch.Tensor] = None,
                               k_ids: Optional[torch.Tensor] = None,
                               q_pos: Optional[torch.Tensor] = None,
-                              k_pos: Optional[torch.Tensor] = None
+                              k_pos: Optional[torch.Tensor] = None,
+                              bits_slots: Optional[torch.Tensor] = None,
+                              bits_words: Optional[torch.Tensor] = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, lse) for a validated problem; pattern is a checked bool/uint8 [Bp, Hp, nq, nk];
-    q_ids .. k_pos: the tensors of a TokenRules (each None when absent)."""
+    q_ids .. bits_words: the tensors of a TokenRules (each None when absent)."""
     plan = _plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
                  sink_tokens)
-    return attention_forward(plan, q, k, v,
-                             plan.block_lists(pattern, _token_rules(q_ids, k_ids, q_pos, k_pos)))
+    return attention_forward(plan, q, k, v, plan.block_lists(
+        pattern, _token_rules(q_ids, k_ids, q_pos, k_pos, bits_slots, bits_words)))
 
 
-def _token_rules(q_ids, k_ids, q_pos, k_pos) -> Optional[TokenRules]:
-    if q_ids is None and q_pos is None:
+def _token_rules(q_ids, k_ids, q_pos, k_pos, bits_slots, bits_words) -> Optional[TokenRules]:
+    bits = None if bits_slots is None else BlockBits(bits_slots, bits_words)
+    if q_ids is None and q_pos is None and bits is None:
         return None
-    return TokenRules(q_ids, k_ids, q_pos, k_pos)
+    return TokenRules(q_ids, k_ids, q_pos, k_pos, bits)
 
 
 def token_args(tokens: Optional[TokenRules]) -> tuple:
-    """The custom op's four token tensors of a TokenRules (Nones without one)."""
-    return (None,) * 4 if tokens is None else \
-        (tokens.q_ids, tokens.k_ids, tokens.q_pos, tokens.k_pos)
+    """The custom op's six token tensors of a TokenRules (Nones where absent)."""
+    if tokens is None:
+        return (None,) * 6
+    bits = (None, None) if tokens.bits is None else (tokens.bits.slots, tokens.bits.words)
+    return (tokens.q_ids, tokens.k_ids, tokens.q_pos, tokens.k_pos) + bits
 
 
 @block_sparse_attention_op.register_fake
 def _(q, k, v, pattern, block_size, scale, is_causal, backend, window_left=-1, window_right=-1,
-      sink_tokens=0, q_ids=None, k_ids=None, q_pos=None, k_pos=None):
+      sink_tokens=0, q_ids=None, k_ids=None, q_pos=None, k_pos=None, bits_slots=None,
+      bits_words=None):
     lse_dtype = accumulator_dtype(q.dtype)
     y = output_like(q, v.shape[-1])
     return y, q.new_empty(q.shape[:-1], dtype=lse_dtype)
@@ -162,11 +169,14 @@ def block_sparse_attention_backward_op(
         need_dkdv: bool, window_left: int = -1, window_right: int = -1,
         sink_tokens: int = 0, q_ids: Optional[torch.Tensor] = None,
         k_ids: Optional[torch.Tensor] = None, q_pos: Optional[torch.Tensor] = None,
-        k_pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k_pos: Optional[torch.Tensor] = None, bits_slots: Optional[torch.Tensor] = None,
+        bits_words: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient that is not needed comes back as an empty tensor."""
     plan = _plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
                  sink_tokens)
-    lists = plan.block_lists(pattern, _token_rules(q_ids, k_ids, q_pos, k_pos))
+    lists = plan.block_lists(pattern, _token_rules(q_ids, k_ids, q_pos, k_pos, bits_slots,
+                                                   bits_words))
     grads = attention_backward(plan, lists, q, k, v, y, lse, dy, dlse,
                                (need_dq, need_dkdv, need_dkdv))
     return tuple(q.new_empty(0) if g is None else g for g in grads)
@@ -175,7 +185,7 @@ def block_sparse_attention_backward_op(
 @block_sparse_attention_backward_op.register_fake
 def _(q, k, v, y, lse, dy, dlse, pattern, block_size, scale, is_causal, backend, need_dq,
       need_dkdv, window_left=-1, window_right=-1, sink_tokens=0, q_ids=None, k_ids=None,
-      q_pos=None, k_pos=None):
+      q_pos=None, k_pos=None, bits_slots=None, bits_words=None):
     def grad(ref, needed):
         return torch.empty_like(ref, memory_format=torch.contiguous_format) if needed \
             else q.new_empty(0)
@@ -196,7 +206,7 @@ block_sparse_attention_backward_op.register_autograd(_refuse, setup_context=_kee
 def _setup_context(ctx, inputs, output):
     q, k, v, pattern, block_size, scale, is_causal, backend, *rest = inputs
     y, lse = output
-    tokens = tuple(rest[3:]) + (None,) * (7 - len(rest[3:]) - 3)
+    tokens = tuple(rest[3:]) + (None,) * (6 - len(rest[3:]))  # the six token tensors
     ctx.save_for_backward(q, k, v, y, lse, pattern, *tokens)
     ctx.static = (block_size, scale, is_causal, backend)
     ctx.window = tuple(rest[:3])  # (window_left, window_right, sink_tokens) as given

@@ -39,10 +39,11 @@ def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_s
         pattern: bool ``[Bp, Hp, nq, nk]`` (already canonical, see ``canonical_pattern``).
         is_causal: False, True (top-left) or "bottom_right" (see common.problem.causal_mode).
         window: a sliding window with sink tokens (common.problem.WindowRule) or None.
-        tokens: document ids / positions (common.token_rules.TokenRules) or None. Their
-            blocks are classified from per-block ranges of the ids and positions: exact for
-            blocks inside one document (contiguous positions), conservative (PARTIAL, which
-            the kernels mask per token) where a block straddles documents.
+        tokens: document ids / positions / block bits (common.token_rules.TokenRules) or
+            None. Their blocks are classified from per-block ranges of the ids and positions:
+            exact for blocks inside one document (contiguous positions), conservative
+            (PARTIAL, which the kernels mask per token) where a block straddles documents.
+            Every block with bits is PARTIAL.
     Returns:
         int8 ``[max(Bp, Bt), Hp, nq, nk]`` with values SKIP, FULL, PARTIAL (Bt: the token
         rules' batch, 1 without them).
@@ -80,6 +81,8 @@ def classify_blocks(pattern: torch.Tensor, query_len: int, key_len: int, block_s
         alive, partial = alive & alive_d, partial | ~full_d
     if alive.dim() == 3:  # per token-batch row: [Bt, nq, nk] -> [Bt, 1, nq, nk]
         alive, partial = alive[:, None], partial[:, None]
+    if tokens is not None and tokens.has_bits:  # blocks with bits are cut: [Bs, Hs, nq, nk]
+        partial = partial | (tokens.bits.slots != 0)
     cls = torch.where(partial, PARTIAL, FULL).to(torch.int8)
     cls = torch.where(alive, cls, torch.zeros_like(cls))
     return torch.where(pattern, cls, torch.zeros_like(cls))
@@ -237,3 +240,19 @@ class BlockLists:
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q_index [Bp,Hp,nk,nq], q_count_full [Bp,Hp,nk], q_count [Bp,Hp,nk])."""
         return self.q_index, self.q_count_full, self.q_count
+
+
+def bits_kernel_args(lists: BlockLists, placeholder: torch.Tensor) -> tuple:
+    """(BITS_SLOTS, BITS_WORDS, stride_sb, stride_sh, stride_sq) of the block bits the lists
+    carry (common.block_bits): slots are indexed like the lists (batch b, list head, query
+    block, key block), broadcast dims with stride 0. Without bits: placeholders, never read
+    (HAS_BITS off)."""
+    bits = None if lists.tokens is None else lists.tokens.bits
+    if bits is None:
+        return placeholder, placeholder, 0, 0, 0
+    slots = bits.slots
+    if slots.shape[1] not in (1, lists.kv_index.shape[1]) or slots.stride(3) != 1:
+        raise RuntimeError(f"block bits with slots {tuple(slots.shape)} do not fit lists "
+                           f"{tuple(lists.kv_index.shape)}: internal error")
+    return (slots, bits.words, slots.stride(0) if slots.shape[0] > 1 else 0,
+            slots.stride(1) if slots.shape[1] > 1 else 0, slots.stride(2))

@@ -32,8 +32,8 @@ import torch
 from ..common.numerics import accumulator_dtype
 from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
-from .reference import (_allowed, _Group, _grouped, _slices, _token_rows, _without_padding,
-                        block_sparse_attention_backward_reference)
+from .reference import (_allowed, _Group, _grouped, _slice_bits, _slices, _token_rows,
+                        _without_padding, block_sparse_attention_backward_reference)
 
 # Score-tile elements per group of block rows (one fused call). Gathered K/V, masks and
 # gradients of a group scale with it. Measured on the CPU benchmark's N=8192 problem (2
@@ -162,7 +162,8 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
     for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
         qs = q5[bsl, ksl, gsl]
         bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
-        rule = (is_causal, True, offset, window, _token_rows(lists, bp))
+        rule = (is_causal, True, offset, window, _token_rows(lists, bp),
+                _slice_bits(lists, bp, hp))
         rb = _row_block(block_size, Nq)
         groups = _row_groups(classes[bp, hp], block_size, Nq, Nk, bh)
         if lists.mean_row_blocks is not None:  # prepared lists: group them once (a decode

@@ -146,7 +146,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         sink_tokens=sink_tokens or 0)
     device = check_qkv(desc, q, k, v)
     tokens = token_rules_for(desc.batch_size, desc.query_len, desc.key_len, device,
-                             desc.is_causal, desc.window_size, **token_kwargs) \
+                             desc.is_causal, desc.window_size,
+                             block_size=desc.kernel_block_size, **token_kwargs) \
         if has_tokens else token_rules
     if token_rules is not None:
         token_rules.check_for(desc.batch_size, desc.query_len, desc.key_len, device)

@@ -189,14 +189,17 @@ class SdpaBlockSparsePlan(Plan):
                                      device=self._device, **token_rules)
 
     def token_rules(self, *, document_ids=None, query_range=None, key_range=None,
-                    prefix_lengths=None) -> Optional[TokenRules]:
+                    prefix_lengths=None, block_bits=None) -> Optional[TokenRules]:
         """Per-token rules for ``SdpaBlockSparseArgs.token_rules`` (see
-        ``block_sparse_attention`` for each argument); None when none is given."""
+        ``block_sparse_attention`` for each argument; ``block_bits``: the bits a
+        ``from_mask_fn`` / ``from_token_mask`` pattern carries in ``kernel_rules``); None
+        when none is given."""
         d = self._desc
         return token_rules_for(d.batch_size, d.query_len, d.key_len, self._device, d.is_causal,
                                d.window_size, document_ids=document_ids,
                                query_range=query_range, key_range=key_range,
-                               prefix_lengths=prefix_lengths)
+                               prefix_lengths=prefix_lengths, block_bits=block_bits,
+                               block_size=d.kernel_block_size)
 
     def _with_pattern_rules(self, pattern, token_kwargs: dict) -> dict:
         """``token_kwargs`` with the documents / prefix a BlockPattern's kernel rules carry

@@ -66,7 +66,7 @@ class PreparedPattern:
               block_size: Optional[int] = None, is_causal: Optional[bool] = None,
               device=None, window_size: tuple = (-1, -1), sink_tokens: int = 0,
               document_ids=None, query_range=None, key_range=None,
-              prefix_lengths=None) -> "PreparedPattern":
+              prefix_lengths=None, block_bits=None) -> "PreparedPattern":
         """Prepare ``pattern`` (bool/uint8 ``[B|1, Hp, nq, nk]`` or ``[B|1, Hp, nq*nk]`` with Hp
         one per query head, one per K/V head or 1 (checked against q, k, v at use), or
         a BlockPattern, whose block_size / lengths / causality are used).
@@ -84,6 +84,8 @@ class PreparedPattern:
                 are masked per token.
             document_ids, query_range, key_range, prefix_lengths: the per-token rules of the
                 attention calls (see ``block_sparse_attention``), built into the lists once.
+            block_bits: the bits of cut blocks (``common.block_bits``) for a raw mask; a
+                BlockPattern from ``from_mask_fn`` / ``from_token_mask`` brings its own.
         Raises:
             InvalidProblem for a missing or inconsistent geometry or a malformed pattern.
         """
@@ -107,10 +109,12 @@ class PreparedPattern:
             window_size, sink_tokens, rules = with_pattern_rules(
                 pattern, None if tuple(window_size) == (-1, -1) else window_size,
                 sink_tokens or None, dict(document_ids=document_ids,
-                                          prefix_lengths=prefix_lengths))
+                                          prefix_lengths=prefix_lengths,
+                                          block_bits=block_bits))
             window_size = (-1, -1) if window_size is None else window_size
             sink_tokens = sink_tokens or 0
             document_ids, prefix_lengths = rules["document_ids"], rules["prefix_lengths"]
+            block_bits = rules["block_bits"]
             pattern = pattern.mask
         if block_size is None or query_len is None:
             raise InvalidProblem(
@@ -133,12 +137,13 @@ class PreparedPattern:
         mask = view.to(device=device, dtype=torch.bool, copy=True).contiguous()
         window_size, sink_tokens = check_window(window_size, sink_tokens)
         window = window_rule(window_size, sink_tokens, is_causal, query_len, key_len)
+        kernel_block = kernel_block_size(block_size, query_len, key_len)
         tokens = token_rules_for(None, query_len, key_len, device, is_causal, window_size,
                                  document_ids=document_ids, query_range=query_range,
-                                 key_range=key_range, prefix_lengths=prefix_lengths)
-        lists = BlockLists.build(mask, query_len, key_len,
-                                 kernel_block_size(block_size, query_len, key_len),
-                                 is_causal, window=window, tokens=tokens).measured()
+                                 key_range=key_range, prefix_lengths=prefix_lengths,
+                                 block_bits=block_bits, block_size=kernel_block)
+        lists = BlockLists.build(mask, query_len, key_len, kernel_block, is_causal,
+                                 window=window, tokens=tokens).measured()
         return cls(mask, lists, block_size=block_size, query_len=query_len, key_len=key_len,
                    is_causal=is_causal, description=description, window_size=window_size,
                    sink_tokens=sink_tokens)

@@ -111,11 +111,12 @@ def _gather(t: torch.Tensor, tokens: torch.Tensor, acc) -> torch.Tensor:
 
 
 def _allowed(g: _Group, block_size: int, is_causal, rows_are_queries: bool,
-             offset: int, window: Optional[WindowRule], tokens=None) -> torch.Tensor:
+             offset: int, window: Optional[WindowRule], tokens=None, bits=None) -> torch.Tensor:
     """bool [G, bs, L]: which (row token, column token) pairs count; causal: key j <= query
     i + offset (0 top-left, Nk - Nq bottom-right); window: ``WindowRule.allows``; tokens:
     this batch row's (q_ids, k_ids, q_pos, k_pos) (``TokenRules.rows``) or None: ids must
-    match, and the causal rule and the window compare positions instead of indices."""
+    match, and the causal rule and the window compare positions instead of indices; bits:
+    (BlockBits, bp, hp) of this pattern slice (``_slice_bits``) or None."""
     rows = g.rows.view(g.cols.shape[0], block_size)
     ok = g.col_ok[:, None, :].expand(-1, block_size, -1)
     q_idx, k_idx = (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
@@ -131,6 +132,10 @@ def _allowed(g: _Group, block_size: int, is_causal, rows_are_queries: bool,
         ok = ok & (k_tok <= q_tok + offset)
     if window is not None:
         ok = ok & window.allows(q_tok, k_tok)
+    if bits is not None:
+        block_bits, bp, hp = bits
+        b, h = (torch.tensor(i, device=q_idx.device) for i in (bp, hp))
+        ok = ok & block_bits.allows(b, h, q_idx, k_idx)
     return ok
 
 
@@ -168,7 +173,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
             qt = _gather(qs, g.rows.view(G, block_size), acc)        # [b,hk,g,G,bs,Dk]
             s = torch.matmul(qt, _gather(ks, g.cols, acc).transpose(-1, -2)) * scale
             allowed = _allowed(g, block_size, is_causal, True, offset, window,
-                               _token_rows(lists, bp))
+                               _token_rows(lists, bp), _slice_bits(lists, bp, hp))
             s = s.masked_fill(~allowed, float("-inf"))
             row_lse = torch.logsumexp(s, dim=-1)                     # [b,hk,g,G,bs]
             p = _probs(s, row_lse[..., None])  # masked scores are -inf: exp gives 0
@@ -220,7 +225,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             s = torch.matmul(_gather(qs, rows, acc), kt.transpose(-1, -2)) * scale
             p = _probs(s, _gather_rows(ls, rows)[..., None],
                        _allowed(g, block_size, is_causal, True, offset, window,
-                                _token_rows(lists, bp)))
+                                _token_rows(lists, bp), _slice_bits(lists, bp, hp)))
             dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
             dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
             out = (torch.matmul(dsc, kt) * scale).flatten(3, 4)
@@ -235,7 +240,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             s_t = torch.matmul(_gather(ks, rows, acc), qt.transpose(-1, -2)) * scale
             p_t = _probs(s_t, _gather_rows(ls, g.cols)[..., None, :],
                          _allowed(g, block_size, is_causal, False, offset, window,
-                                  _token_rows(lists, bp)))
+                                  _token_rows(lists, bp), _slice_bits(lists, bp, hp)))
             dv_out = torch.matmul(p_t, dyt).sum(2).flatten(2, 3)
             dp_t = torch.matmul(_gather(vs, rows, acc), dyt.transpose(-1, -2))
             ds_t = p_t * (dp_t - _gather_rows(ds_, g.cols)[..., None, :])
@@ -256,6 +261,12 @@ def _gather_rows(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def _token_rows(lists: BlockLists, bp: int):
     """The token rules of list batch row bp (lists carry the token batch when it is > 1)."""
     return None if lists.tokens is None else lists.tokens.rows(bp)
+
+
+def _slice_bits(lists: BlockLists, bp: int, hp: int):
+    """(BlockBits, bp, hp) of list slice (bp, hp) when the lists carry bits, else None."""
+    tokens = lists.tokens
+    return None if tokens is None or tokens.bits is None else (tokens.bits, bp, hp)
 
 
 def _without_padding(lists: BlockLists, **tensors):

@@ -49,6 +49,7 @@ from baracuda_kernels.core import Unsupported
 from ..common.numerics import accumulator_dtype, head_dim_tile, list_strides, scale_args
 from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import row_tile_descriptor, tma_fallback_reason
+from .block_lists import bits_kernel_args
 from .triton_bwd_configs import (BackwardConfig, _tile, _warps, default_backward_config,
                                  short_row_backward_config)
 from .triton_bwd_dkdv import _bwd_dkdv_kernel
@@ -202,8 +203,10 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
     nq, nk = -(-Nq // block_size), -(-Nk // block_size)
     tokens = lists.tokens  # document ids / positions of PARTIAL blocks, or None
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (delta,) * 4 + (0, 0)
+    bits = bits_kernel_args(lists, delta)  # block bits of cut blocks (placeholders without)
     common.update(HAS_IDS=tokens is not None and tokens.has_ids,
-                  HAS_POS=tokens is not None and tokens.has_positions)
+                  HAS_POS=tokens is not None and tokens.has_positions,
+                  HAS_BITS=tokens is not None and tokens.has_bits)
 
     if dq is not None:  # dQ (which also writes delta and lse2) only when q needs a gradient
         bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
@@ -213,9 +216,9 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
         order = _launch_order(lists, True, B, H, 1, tiles_m, cfg.launch_order)
         _bwd_dq_kernel[(B * H * n_tiles,)](
             q, k_arg, v_arg, k, v, dy, lse2, delta, dq, lists.kv_index, lists.kv_count_full,
-            lists.kv_count, order, y, lse, dlse_arg, *token_args[:4], *_bhn(q), *_bhn(k),
-            *_bhn(v), *_bhn(dy), *_bhn(dq), *list_strides(lists.kv_index, lists.kv_count),
-            *stats_args, *token_args[4:],
+            lists.kv_count, order, y, lse, dlse_arg, *token_args[:4], *bits[:2], *_bhn(q),
+            *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq), *list_strides(lists.kv_index, lists.kv_count),
+            *stats_args, *token_args[4:], *bits[2:],
             H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo, G, list_div, offset,
             *window_args(window), BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n,
             TILES_M=tiles_m, USE_TMA=tma,
@@ -240,8 +243,9 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
         order = _launch_order(lists, False, B, H, G, tiles_n, cfg.launch_order)
         _bwd_dkdv_kernel[(B * Hkv * n_tiles,)](
             q_arg, k, v, dy_arg, q, dy, lse2, delta, dk, dv, q_index, q_count_full, q_count,
-            order, *token_args[:4], *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dk),
-            *_bhn(dv), *list_strides(q_index, q_count), *token_args[4:], H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo,
+            order, *token_args[:4], *bits[:2], *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy),
+            *_bhn(dk), *_bhn(dv), *list_strides(q_index, q_count), *token_args[4:], *bits[2:],
+            H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo,
             G, list_div, offset, *window_args(window),
             BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, USE_TMA=tma,
             GROUPED=G > 1, **common,

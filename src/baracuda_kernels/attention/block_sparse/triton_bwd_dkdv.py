@@ -11,7 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed, token_values
+from ..common.kernel_pieces import (block_bit, exp_base, kernel_scale, token_allowed,
+                                    token_values)
 from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows
 
@@ -20,13 +21,13 @@ from .triton_bwd_pieces import _list_step, _load_rows
 def _dkdv_inner(
     dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row, it_lo, it_hi,
     stride_qn, stride_gn, offs_n, Nq, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
-    k_id, k_pos, q_ids, q_poss,
+    k_id, k_pos, q_ids, q_poss, slot_col, stride_sq, bits_words, n_in_block,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
 
@@ -40,6 +41,8 @@ def _dkdv_inner(
     q_poss pointers to the batch row's query ids / positions; a padded query row counts as a
     row past Nq (q = dy = 0, lse2 = +inf). With ids the caller passes pointers (USE_TMA off)
     for MASKED steps: masked loads zero padding (see triton_fwd).
+    HAS_BITS: the bits of block (query block, this key block) (slot ``slot_col[qb * stride_sq]``)
+    at key rows ``n_in_block`` also decide.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -82,6 +85,12 @@ def _dkdv_inner(
                                p_t, 0.0)
             if HAS_IDS:
                 p_t = tl.where(k_id[:, None] == q_id[None, :], p_t, 0.0)
+            if HAS_BITS:
+                slot = tl.load(slot_col + qb * stride_sq)
+                p_t = tl.where(block_bit(bits_words, slot, (offs_m - qb * BS)[None, :],
+                                         n_in_block[:, None],
+                                         row_ok[None, :] & (n_in_block < BS)[:, None], BS),
+                               p_t, 0.0)
         dv = tl.dot(p_t.to(dy.dtype), dy, dv, input_precision=PRECISION, out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -95,13 +104,14 @@ def _dkdv_one_head(
     stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
     b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, win_lo, win_hi, sinks, qk_scale,
-    k_id, k_pos, q_ids, q_poss,
+    k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb, stride_sh, stride_sq,
+    n_in_block,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     IS_F64: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
 ):
     """Add query head h32's contribution to the dK, dV of one key tile: its FULL query
     blocks, then its PARTIAL ones, from its own list row (list head h32 // LIST_DIV)."""
@@ -110,6 +120,7 @@ def _dkdv_one_head(
     hl = (h32 // LIST_DIV).to(tl.int64)
     list_row = Q_INDEX + b * stride_ib + hl * stride_ih + kb.to(tl.int64) * stride_ir
     count_off = b * stride_cb + hl * stride_ch + kb
+    slot_col = BITS_SLOTS + b * stride_sb + hl * stride_sh + kb
     n_full = tl.load(Q_COUNT_FULL + count_off)
     n_all = tl.load(Q_COUNT + count_off)
     q_src = head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
@@ -124,23 +135,27 @@ def _dkdv_one_head(
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, causal_offset,
                          win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos, q_ids, q_poss,
+                         slot_col, stride_sq, BITS_WORDS, n_in_block,
                          BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
                          HAS_WINDOW, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA,
-                         HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
+                         HAS_IDS=HAS_IDS, HAS_POS=HAS_POS, HAS_BITS=HAS_BITS)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_part, dy_part, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
                          causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos,
-                         q_ids, q_poss, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
+                         q_ids, q_poss, slot_col, stride_sq, BITS_WORDS, n_in_block,
+                         BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
                          IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True,
-                         USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
+                         USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS,
+                         HAS_BITS=HAS_BITS)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
-                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk"])
+                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
+                                     "stride_sb", "stride_sh", "stride_sq"])
 def _bwd_dkdv_kernel(
     Q, K, V, DY, Q_RAW, DY_RAW, LSE2, DELTA, DK, DV,
-    Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER, Q_IDS, K_IDS, Q_POS, K_POS,
+    Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER, Q_IDS, K_IDS, Q_POS, K_POS, BITS_SLOTS, BITS_WORDS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -148,7 +163,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_ib, stride_ih, stride_ir,
-    stride_cb, stride_ch, stride_tq, stride_tk,
+    stride_cb, stride_ch, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -156,7 +171,7 @@ def _bwd_dkdv_kernel(
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, TILES_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
 ):
     """Grid (B*Hkv*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block
     of one K/V head.
@@ -224,18 +239,20 @@ def _bwd_dkdv_kernel(
                 stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
                 stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
                 b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
-                SINKS, qk_scale, k_id, k_pos, q_ids, q_poss,
+                SINKS, qk_scale, k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb,
+                stride_sh, stride_sq, n_in_block,
                 BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
-                HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS)
+                HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS)
     else:
         dk, dv = _dkdv_one_head(
             dk, dv, k, v, Q, DY, Q_RAW, DY_RAW, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
             stride_qb, stride_qh, stride_qn, stride_gb, stride_gh, stride_gn,
             stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
             b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
-            qk_scale, k_id, k_pos, q_ids, q_poss,
+            qk_scale, k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb, stride_sh,
+            stride_sq, n_in_block,
             BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
-            HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS)
+            HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_dk[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & dk_ok[None, :])

@@ -11,7 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed, token_values
+from ..common.kernel_pieces import (block_bit, exp_base, kernel_scale, token_allowed,
+                                    token_values)
 from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 
@@ -20,14 +21,14 @@ from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 def _dq_inner(
     dq, q, dy, lse2, delta, k_src, v_src, list_row, it_lo, it_hi,
     stride_kn, stride_vn, offs_m, Nk, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
-    q_id, q_pos, k_ids, k_poss,
+    q_id, q_pos, k_ids, k_poss, slot_row, bits_words, m_in_block, row_ok,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles it_lo..it_hi of the block list.
 
@@ -37,6 +38,7 @@ def _dq_inner(
     triton_bwd_dkdv._dkdv_inner); b32/h32 index the descriptors.
     Token rules (MASKED steps only, see triton_fwd._attend_blocks): a padded key counts as a
     key past the end (k = v = 0, P = 0); with ids the kernel passes pointers (USE_TMA off).
+    HAS_BITS: the block's bits (slot ``slot_row[kb]``) at rows ``m_in_block`` also decide.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -71,6 +73,11 @@ def _dq_inner(
                                                   IS_CAUSAL, HAS_WINDOW)
             if HAS_IDS:
                 allowed = allowed & (q_id[:, None] == k_id[None, :])
+            if HAS_BITS:
+                slot = tl.load(slot_row + kb)
+                allowed = allowed & block_bit(bits_words, slot, m_in_block[:, None],
+                                              (offs_n - kb * BS)[None, :],
+                                              row_ok[:, None] & col_ok[None, :], BS)
             p = tl.where(allowed, p, 0.0)
         elif not EVEN_N:
             p = tl.where(col_ok[None, :], p, 0.0)
@@ -81,10 +88,12 @@ def _dq_inner(
 
 
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
-                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk"])
+                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
+                                     "stride_sb", "stride_sh", "stride_sq"])
 def _bwd_dq_kernel(
     Q, K, V, K_RAW, V_RAW, DY, LSE2, DELTA, DQ,
     KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE, Q_IDS, K_IDS, Q_POS, K_POS,
+    BITS_SLOTS, BITS_WORDS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -94,7 +103,7 @@ def _bwd_dq_kernel(
     stride_cb, stride_ch,
     stride_yb, stride_yh, stride_yn,
     stride_lb, stride_lh, stride_ln,
-    stride_db, stride_dh, stride_dn, stride_tq, stride_tk,
+    stride_db, stride_dh, stride_dn, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -103,7 +112,7 @@ def _bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_DLSE: tl.constexpr,
-    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
 
@@ -138,6 +147,7 @@ def _bwd_dq_kernel(
     hl = ((bh % H) // LIST_DIV).to(tl.int64)
     list_row = KV_INDEX + b * stride_ib + hl * stride_ih + qb.to(tl.int64) * stride_ir
     count_off = b * stride_cb + hl * stride_ch + qb
+    slot_row = BITS_SLOTS + b * stride_sb + hl * stride_sh + qb.to(tl.int64) * stride_sq
     n_full = tl.load(KV_COUNT_FULL + count_off)
     n_all = tl.load(KV_COUNT + count_off)
     # A query block with no active key block reads nothing (masked-off loads): dq = 0, and
@@ -181,15 +191,18 @@ def _bwd_dq_kernel(
     # FULL blocks (no mask arithmetic), then PARTIAL ones.
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
                    stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
-                   qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, BS, D_K, D_V, BLOCK_DK,
+                   qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, slot_row, BITS_WORDS,
+                   m_in_block, row_ok, BS, D_K, D_V, BLOCK_DK,
                    BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION,
-                   MASKED=False, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS)
+                   MASKED=False, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS,
+                   HAS_BITS=HAS_BITS)
     dq = _dq_inner(dq, q, dy, lse2, delta, k_part, v_part, list_row, n_full * SUBS_N,
                    n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO,
-                   WIN_HI, SINKS, qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, BS, D_K, D_V,
+                   WIN_HI, SINKS, qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, slot_row,
+                   BITS_WORDS, m_in_block, row_ok, BS, D_K, D_V,
                    BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64,
                    PRECISION, MASKED=True, USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS,
-                   HAS_POS=HAS_POS)
+                   HAS_POS=HAS_POS, HAS_BITS=HAS_BITS)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])

@@ -21,12 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import exp_base, kernel_scale, token_allowed, token_values
+from ..common.kernel_pieces import (block_bit, exp_base, kernel_scale, token_allowed,
+                                    token_values)
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
 from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import (head_source, masked_step_source, row_tile_descriptor,
                                  tma_fallback_reason)
 # Re-exported so that callers find the configs next to the launcher.
+from .block_lists import bits_kernel_args
 from .triton_fwd_configs import ForwardConfig, default_forward_config, fit_token_loads  # noqa: F401
 
 __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_forward_config"]
@@ -35,7 +37,8 @@ __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_fo
 @triton.jit
 def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_lo, it_hi,
                    offs_m, stride_kn, stride_vn, Nk, causal_offset, win_lo, win_hi, sinks,
-                   qk_scale, q_id, q_pos, k_ids, k_poss,
+                   qk_scale, q_id, q_pos, k_ids, k_poss, slot_row, bits_words, rows_in_block,
+                   row_ok,
                    D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
                    DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                    STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
@@ -43,7 +46,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                    SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
                    DOT_PRECISION: tl.constexpr,
                    USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr,
-                   HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr):
+                   HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr):
     """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
 
     One flat loop over (block, column step) pairs, so the software pipeliner sees a single
@@ -54,6 +57,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
     Token rules (PARTIAL blocks only): q_id / q_pos are the rows' document ids / positions,
     k_ids / k_poss pointers to this batch row's key ids / positions (HAS_IDS / HAS_POS);
     a padded key (id < 0) is treated like a key past the end: never read, never attended.
+    HAS_BITS: the block's bits (slot ``slot_row[kb]`` of ``bits_words``, kernel_pieces.block_bit)
+    at rows ``rows_in_block`` (valid where ``row_ok``) also decide.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, DK_PAD)
@@ -76,7 +81,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
     # to a double buffer with a full wait every step).
     nxt = tl.load(idx_ptr + it_lo * stride_ik, mask=n_steps > 0, other=0)
     for s in range(0, n_steps):
-        blk0 = nxt * BLOCK
+        kb = nxt
+        blk0 = kb * BLOCK
         if STEPS == 1:
             col0 = blk0
             nxt = tl.load(idx_ptr + (it_lo + s + 1) * stride_ik, mask=s + 1 < n_steps, other=0)
@@ -120,6 +126,11 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                                             win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW)
             if PARTIAL and HAS_IDS:
                 keep = keep & (q_id[:, None] == k_id[None, :])
+            if PARTIAL and HAS_BITS:
+                slot = tl.load(slot_row + kb)
+                keep = keep & block_bit(bits_words, slot, rows_in_block[:, None],
+                                        (offs_n - blk0)[None, :],
+                                        row_ok[:, None] & col_ok[None, :], BLOCK)
             # Scale before masking: -inf * 0 would be NaN for scale == 0.
             s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s_ij, 1))
@@ -160,16 +171,18 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 # Lengths and counts are not specialised (alignment of them never helps here), so a new
 # sequence length does not trigger a recompile; strides are, for vectorised loads.
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET",
-                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk"])
+                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
+                                     "stride_sb", "stride_sh", "stride_sq"])
 def _block_sparse_fwd_kernel(
     Q, K, V, K_RAW, V_RAW, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT, Q_IDS, K_IDS, Q_POS, K_POS,
+    BITS_SLOTS, BITS_WORDS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_yb, stride_yh, stride_ym, stride_yd,
     stride_lb, stride_lh, stride_lm,
     stride_ib, stride_ih, stride_iq, stride_ik,
-    stride_cb, stride_ch, stride_cq, stride_tq, stride_tk,
+    stride_cb, stride_ch, stride_cq, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
     H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -178,6 +191,7 @@ def _block_sparse_fwd_kernel(
     IS_F64: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WIDE_TILE: tl.constexpr,
     PACK_ROWS: tl.constexpr, HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_BITS: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
 
@@ -198,6 +212,8 @@ def _block_sparse_fwd_kernel(
     With ids, PARTIAL blocks load K/V through pointers (K_RAW, V_RAW; the same tensors as K,
     V) even under USE_TMA: masked loads give padded keys zeros for free, where zeroing a TMA
     tile in registers cost ~2 us per block (measured, H200).
+    HAS_BITS: int32 slots [Bs, Hs, nq, nk] (strides stride_sb / stride_sh, 0 when broadcast,
+    and stride_sq per query block) into the words of cut blocks (common.block_bits).
     """
     pid = tl.program_id(0)
     bh = pid // n_tiles  # (b, h), or (b, K/V head) when packed
@@ -252,6 +268,8 @@ def _block_sparse_fwd_kernel(
     k_part = masked_step_source(k_src, K_RAW, b64, hk64, stride_kb, stride_kh, PARTIAL_TMA)
     v_part = masked_step_source(v_src, V_RAW, b64, hk64, stride_vb, stride_vh, PARTIAL_TMA)
     idx_ptr = KV_INDEX + b64 * stride_ib + hl64 * stride_ih + qb64 * stride_iq
+    slot_row = BITS_SLOTS + b64 * stride_sb + hl64 * stride_sh + qb64 * stride_sq
+    rows_in_block = offs_m - qb * BLOCK
 
     qk_scale = kernel_scale(scale_hi, scale_lo, IS_F64)  # carries log2(e) below f64
     if IS_F64:
@@ -264,16 +282,16 @@ def _block_sparse_fwd_kernel(
 
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, q_id, q_pos, k_ids, k_poss,
-        D_K, D_V,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, q_id, q_pos,
+        k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW,
-        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS)
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_part, v_part, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, q_id, q_pos, k_ids, k_poss,
-        D_K, D_V,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, q_id, q_pos,
+        k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW,
-        SCALE_NONNEG, IS_F64, DOT_PRECISION, PARTIAL_TMA, WIDE_TILE, HAS_IDS, HAS_POS)
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, PARTIAL_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS)
 
     # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
     # or inf in q or k) make l NaN: such a row is not "empty", its NaN reaches y and lse.
@@ -382,15 +400,16 @@ def block_sparse_attention_forward_triton(
 
     grid = (B * heads_in_grid * n_tiles,)
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (cnt,) * 4 + (0, 0)
+    bits = bits_kernel_args(lists, cnt)
     _block_sparse_fwd_kernel[grid](
-        q, k_arg, v_arg, k, v, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4],
+        q, k_arg, v_arg, k, v, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4], *bits[:2],
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         sib, sih, idx.stride(2), idx.stride(3),
-        scb, sch, cnt.stride(2), *token_args[4:],
+        scb, sch, cnt.stride(2), *token_args[4:], *bits[2:],
         H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
         causal_offset(is_causal, Nq, Nk), *window_args(window),
         D_K=d_k, D_V=d_v, DK_PAD=dk_pad, DV_PAD=dv_pad,
@@ -401,7 +420,9 @@ def block_sparse_attention_forward_triton(
         SCALE_NONNEG=(scale >= 0), IS_F64=is_f64, DOT_PRECISION=precision, USE_TMA=use_tma,
         WIDE_TILE=wide_tile_offsets(bn, k.stride(2), v.stride(2), d_k, d_v),
         PACK_ROWS=pack_rows, HAS_IDS=tokens is not None and tokens.has_ids,
-        HAS_POS=tokens is not None and tokens.has_positions, num_warps=warps, num_stages=config.num_stages,
+        HAS_POS=tokens is not None and tokens.has_positions,
+        HAS_BITS=tokens is not None and tokens.has_bits, num_warps=warps,
+        num_stages=config.num_stages,
     )
 
 

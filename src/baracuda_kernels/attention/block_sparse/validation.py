@@ -99,7 +99,7 @@ def _check_pattern_geometry(desc: SdpaBlockSparseDescriptor, pattern) -> None:
 
 def with_pattern_rules(pattern, window_size, sink_tokens, token_kwargs: dict):
     """Merge the ``kernel_rules`` a BlockPattern carries (builders whose token rule the
-    kernels apply: windows, documents, prefixes) into the call's arguments.
+    kernels apply: windows, documents, prefixes, block bits) into the call's arguments.
 
     Returns (window_size, sink_tokens, token_kwargs). A rule the call passes too must agree
     with the pattern's (window / sinks), or must not be passed twice (document ids, prefix)."""
@@ -116,7 +116,7 @@ def with_pattern_rules(pattern, window_size, sink_tokens, token_kwargs: dict):
     window_size = rules.get("window_size", window_size)
     sink_tokens = rules.get("sink_tokens", sink_tokens)
     token_kwargs = dict(token_kwargs)
-    for name in ("document_ids", "prefix_lengths"):
+    for name in ("document_ids", "prefix_lengths", "block_bits"):
         if name in rules:
             if token_kwargs.get(name) is not None:
                 raise InvalidProblem(

@@ -58,3 +58,15 @@ def token_values(IDS, POS, offs, ok, pad, HAS_IDS: tl.constexpr, HAS_POS: tl.con
     else:
         pos = offs
     return ids, pos
+
+
+@triton.jit
+def block_bit(WORDS, slot, rows, cols, ok, BLOCK: tl.constexpr):
+    """The bits (common.block_bits) of one PARTIAL block at in-block query rows ``rows`` and
+    key columns ``cols`` (broadcastable int32 tensors): True where the pair is allowed, False
+    outside ``ok``. ``slot`` 0 (a block cut only by the causal rule, a window or a ragged
+    tail) reads the all-ones words, so no branch is needed."""
+    WPR: tl.constexpr = (BLOCK + 31) // 32
+    base = WORDS + slot.to(tl.int64) * (BLOCK * WPR)
+    word = tl.load(base + rows * WPR + (cols >> 5), mask=ok, other=0)
+    return ((word >> (cols & 31)) & 1) != 0

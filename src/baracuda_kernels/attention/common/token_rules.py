@@ -13,6 +13,9 @@ Two optional pairs of int32 tensors, ``[Bt, Nq]`` for queries and ``[Bt, Nk]`` f
   window likewise). Without positions, position = index. Prefix-LM and the per-sequence
   alignment of a varlen pack are positions.
 
+* bits (``block_bits.BlockBits``): the pairs of the blocks a token mask cuts, any rule
+  (``patterns.from_mask_fn`` / ``from_token_mask``); per pattern block, not per token row.
+
 ``TokenRules.build`` turns the user-level arguments (document ids, query/key ranges, prefix
 lengths) into these tensors with torch ops only (no host synchronisation); the block lists
 then classify blocks from per-block ranges of them (``block_ranges``).
@@ -26,6 +29,7 @@ from typing import Optional
 import torch
 
 from ...core import InvalidProblem
+from .block_bits import BlockBits, check_block_bits
 from .problem import causal_offset
 
 Q_PAD, K_PAD = -1, -2  # ids of padding: never equal, so a padded pair is never allowed
@@ -34,17 +38,22 @@ Q_PAD, K_PAD = -1, -2  # ids of padding: never equal, so a padded pair is never 
 @dataclass(frozen=True)
 class TokenRules:
     """int32 ``[Bt, Nq]`` / ``[Bt, Nk]`` tensors on the attention's device (Bt in {1, B});
-    either pair may be None (no documents or padding / position = index)."""
+    either pair may be None (no documents or padding / position = index); ``bits``: the
+    bits of cut blocks, or None."""
 
     q_ids: Optional[torch.Tensor] = None
     k_ids: Optional[torch.Tensor] = None
     q_pos: Optional[torch.Tensor] = None
     k_pos: Optional[torch.Tensor] = None
+    bits: Optional[BlockBits] = None
 
     @property
     def batch(self) -> int:
         """Bt: 1 (shared by the batch) or B."""
-        return max(t.shape[0] for t in self.tensors())
+        sizes = [t.shape[0] for t in self.tensors()]
+        if self.bits is not None:
+            sizes.append(self.bits.slots.shape[0])
+        return max(sizes)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in (self.q_ids, self.k_ids, self.q_pos, self.k_pos) if t is not None)
@@ -57,15 +66,19 @@ class TokenRules:
     def has_positions(self) -> bool:
         return self.q_pos is not None
 
+    @property
+    def has_bits(self) -> bool:
+        return self.bits is not None
+
     def kernel_args(self, query_len: int, key_len: int) -> tuple:
         """(Q_IDS, K_IDS, Q_POS, K_POS, stride of a query batch row, of a key batch row):
         absent tensors are passed as any int32 tensor, never read (HAS_IDS / HAS_POS off)."""
-        some = self.tensors()[0]
+        some = (self.tensors() or (self.bits.slots,))[0]
+        shared = max([1] + [t.shape[0] for t in self.tensors()]) == 1
         q_ids = self.q_ids if self.q_ids is not None else some
         k_ids = self.k_ids if self.k_ids is not None else some
         q_pos = self.q_pos if self.q_pos is not None else some
         k_pos = self.k_pos if self.k_pos is not None else some
-        shared = self.batch == 1
         return (q_ids, k_ids, q_pos, k_pos, 0 if shared else query_len, 0 if shared else key_len)
 
     def rows(self, b: int):
@@ -85,10 +98,13 @@ class TokenRules:
                     f"token rules: {name} is {t.dtype} {tuple(t.shape)} on {t.device}; expected "
                     f"a contiguous int32 [1 or {batch}, {n}] tensor on {device}. Build the "
                     f"rules for this problem (TokenRules.build with its batch and lengths).")
+        if self.bits is not None:
+            self.bits.check_for(batch, query_len, key_len, device)
 
     @classmethod
     def build(cls, batch: int, query_len: int, key_len: int, device, *, document_ids=None,
-              query_range=None, key_range=None, prefix_lengths=None,
+              query_range=None, key_range=None, prefix_lengths=None, block_bits=None,
+              block_size: Optional[int] = None,
               causal_offset: int = 0) -> Optional["TokenRules"]:
         """The rules of the user-level arguments, or None when none is given.
 
@@ -102,11 +118,17 @@ class TokenRules:
                 lse = -inf and zero gradients.
             prefix_lengths: int or int tensor ``[B]``: prefix-LM (causal only): every query
                 also sees the keys [0, P) of its batch row (bidirectional inside the prefix).
+            block_bits: a BlockBits (from a from_mask_fn / from_token_mask pattern), kept as
+                the bits of the blocks of ``block_size`` tokens the kernels work with.
             causal_offset: the causal diagonal (query i sees j <= i + offset).
         """
         if document_ids is None and query_range is None and key_range is None \
-                and prefix_lengths is None:
+                and prefix_lengths is None and block_bits is None:
             return None
+        bits = None
+        if block_bits is not None:
+            bits = check_block_bits(block_bits).to(device)
+            bits = bits.for_block_size(block_size or bits.block_size)
         q_ids = k_ids = q_pos = k_pos = None
         if document_ids is not None or query_range is not None or key_range is not None:
             q_doc, k_doc = _documents(document_ids, batch, query_len, key_len, device)
@@ -121,14 +143,15 @@ class TokenRules:
             q_pos = torch.maximum(i[None, :], prefix[:, None] - 1 - causal_offset)
             q_pos = q_pos.clamp(max=2**30).to(torch.int32)
             k_pos = torch.arange(key_len, device=device, dtype=torch.int32)[None, :]
-        bt = max(t.shape[0] for t in (q_ids, k_ids, q_pos, k_pos) if t is not None)
+        bt = max([1] + [t.shape[0] for t in (q_ids, k_ids, q_pos, k_pos) if t is not None])
         rows = lambda t: None if t is None else t.expand(bt, -1).contiguous()  # noqa: E731
-        return cls(rows(q_ids), rows(k_ids), rows(q_pos), rows(k_pos))
+        return cls(rows(q_ids), rows(k_ids), rows(q_pos), rows(k_pos), bits)
 
 
 def token_rules_for(batch: Optional[int], query_len: int, key_len: int, device, is_causal,
                     window_size, *, document_ids=None, query_range=None, key_range=None,
-                    prefix_lengths=None) -> Optional[TokenRules]:
+                    prefix_lengths=None, block_bits=None,
+                    block_size: Optional[int] = None) -> Optional[TokenRules]:
     """``TokenRules.build`` for an attention problem, after checking that the rules fit its
     causal rule and window. batch None (a pattern prepared before the batch is known): the
     batch the tensors give (rows of 1 are shared)."""
@@ -145,7 +168,8 @@ def token_rules_for(batch: Optional[int], query_len: int, key_len: int, device, 
         batch = _given_batch(document_ids, query_range, key_range, prefix_lengths)
     return TokenRules.build(batch, query_len, key_len, device, document_ids=document_ids,
                             query_range=query_range, key_range=key_range,
-                            prefix_lengths=prefix_lengths,
+                            prefix_lengths=prefix_lengths, block_bits=block_bits,
+                            block_size=block_size,
                             causal_offset=causal_offset(is_causal, query_len, key_len))
 
 

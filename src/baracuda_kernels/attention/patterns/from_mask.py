@@ -1,9 +1,10 @@
 """Block patterns from token-level masks and from vectorised mask functions.
 
 A block is active when any of its (in-range, and causal when ``is_causal``) token pairs is
-allowed. Both builders also record which active blocks are *fully* allowed
-(``pattern.exact_mask``) and the exact number of pairs coarsening adds
-(``pattern.extra_token_pairs``), since they see every token pair anyway.
+allowed. Both builders see every token pair anyway, so they also keep the bits of every
+active block the mask cuts (``common.block_bits.BlockBits``, as the pattern's kernel rule
+``block_bits``): the kernels apply them per token inside those blocks, and the pattern is
+exact for any mask, with no dense Nq x Nk tensor kept and no compile step.
 
 This module sits below ``block_pattern`` and does not import it: it returns the
 ``BlockPattern`` constructor arguments, and ``BlockPattern.from_token_mask`` /
@@ -19,6 +20,7 @@ import torch
 
 from baracuda_kernels.core import InvalidProblem
 
+from ..common.block_bits import BlockBits, all_ones_words, pack_rows
 from .checks import check_block_size, check_geometry, check_int
 from .counting import TokenRule, cdiv
 
@@ -29,7 +31,9 @@ def _reduce_rows(allowed: torch.Tensor, row0: int, query_len: int, key_len: int,
 
     ``allowed``: bool ``[B, H, rows, key_len]`` for token rows ``row0 .. row0 + rows - 1``
     (``row0`` a multiple of ``block_size``). Returns (active, fully_allowed) bool
-    ``[B, H, ceil(rows / bs), nk]`` and the number of allowed in-range pairs.
+    ``[B, H, ceil(rows / bs), nk]``, the number of allowed in-range pairs, and the packed
+    bits (int32 ``[P, bs, ceil(bs / 32)]``, ``pack_rows``) of the P active blocks that are not
+    fully allowed, in ``(active & ~fully_allowed).nonzero()`` order.
     """
     bsz, heads, rows, _ = allowed.shape
     bs = block_size
@@ -46,7 +50,9 @@ def _reduce_rows(allowed: torch.Tensor, row0: int, query_len: int, key_len: int,
     shape = (bsz, heads, nr, bs, nk, bs)
     active = hit.view(shape).any(-1).any(-2)
     full = (padded | ~valid).view(shape).all(-1).all(-2) & active
-    return active, full, count
+    cut = active & ~full
+    cell_bits = hit.view(shape).permute(0, 1, 2, 4, 3, 5)[cut]            # [P, bs, bs]
+    return active, full, count, pack_rows(cell_bits)
 
 
 def _rows_per_chunk(bsz: int, heads: int, key_len: int, block_size: int, chunk_pairs: int) -> int:
@@ -54,10 +60,34 @@ def _rows_per_chunk(bsz: int, heads: int, key_len: int, block_size: int, chunk_p
     return max(1, chunk_pairs // per_block_row) * block_size
 
 
-def _finish(active, full, count, *, block_size, query_len, key_len, is_causal, rule, description):
-    return dict(mask=active, block_size=block_size, query_len=query_len, key_len=key_len,
-                is_causal=is_causal, token_rule=rule, description=description,
-                _rule_pairs=count, _exact_mask=full)
+class _Chunks:
+    """Per-chunk reductions of ``_reduce_rows`` joined along the query blocks."""
+
+    def __init__(self):
+        self.active, self.full, self.slots, self.words, self.count, self.cut_blocks = \
+            [], [], [], [], 0, 0
+
+    def add(self, active, full, count, words) -> None:
+        cut = active & ~full
+        slots = torch.zeros(cut.shape, dtype=torch.int32, device=cut.device)
+        slots[cut] = torch.arange(self.cut_blocks + 1, self.cut_blocks + 1 + words.shape[0],
+                                  dtype=torch.int32, device=cut.device)
+        self.cut_blocks += words.shape[0]
+        self.active.append(active)
+        self.full.append(full)
+        self.slots.append(slots)
+        self.words.append(words)
+        self.count += count
+
+    def finish(self, *, block_size, query_len, key_len, is_causal, rule, description) -> dict:
+        active, full = torch.cat(self.active, 2), torch.cat(self.full, 2)
+        kernel_rules = None
+        if self.cut_blocks:
+            words = torch.cat([all_ones_words(block_size, active.device), *self.words])
+            kernel_rules = {"block_bits": BlockBits(torch.cat(self.slots, 2).contiguous(), words)}
+        return dict(mask=active, block_size=block_size, query_len=query_len, key_len=key_len,
+                    is_causal=is_causal, token_rule=rule, description=description,
+                    _rule_pairs=self.count, _exact_mask=full, _kernel_rules=kernel_rules)
 
 
 def token_mask_parts(token_mask: torch.Tensor, *, block_size: int, is_causal: bool = False,
@@ -79,12 +109,9 @@ def token_mask_parts(token_mask: torch.Tensor, *, block_size: int, is_causal: bo
     if lq == 0 or lk == 0:
         raise InvalidProblem(f"token_mask has an empty sequence dim: shape {tuple(tm.shape)}.")
     step = _rows_per_chunk(bsz, heads, lk, bs, chunk_pairs)
-    actives, fulls, count = [], [], 0
+    chunks = _Chunks()
     for r0 in range(0, lq, step):
-        a, f, c = _reduce_rows(tm[:, :, r0:r0 + step] != 0, r0, lq, lk, bs, is_causal)
-        actives.append(a)
-        fulls.append(f)
-        count += c
+        chunks.add(*_reduce_rows(tm[:, :, r0:r0 + step] != 0, r0, lq, lk, bs, is_causal))
 
     def rule(b, h, q, kv):
         m = tm if tm.device == q.device else tm.to(q.device)
@@ -92,9 +119,8 @@ def token_mask_parts(token_mask: torch.Tensor, *, block_size: int, is_causal: bo
         hi = torch.zeros_like(h) if heads == 1 else h
         return m[bi, hi, q, kv] != 0
 
-    return _finish(torch.cat(actives, 2), torch.cat(fulls, 2), count, block_size=bs,
-                   query_len=lq, key_len=lk, is_causal=is_causal, rule=rule,
-                   description=f"from_token_mask(is_causal={is_causal})")
+    return chunks.finish(block_size=bs, query_len=lq, key_len=lk, is_causal=is_causal,
+                         rule=rule, description=f"from_token_mask(is_causal={is_causal})")
 
 
 def mask_fn_parts(fn: TokenRule, query_len: int, key_len: Optional[int] = None, *,
@@ -112,7 +138,7 @@ def mask_fn_parts(fn: TokenRule, query_len: int, key_len: Optional[int] = None, 
     h = torch.arange(num_heads, device=dev).view(1, num_heads, 1, 1)
     kv = torch.arange(lk, device=dev).view(1, 1, 1, lk)
     step = _rows_per_chunk(batch, num_heads, lk, bs, chunk_pairs)
-    actives, fulls, count = [], [], 0
+    chunks = _Chunks()
     for r0 in range(0, lq, step):
         rows = min(step, lq - r0)
         q = torch.arange(r0, r0 + rows, device=dev).view(1, 1, rows, 1)
@@ -125,11 +151,7 @@ def mask_fn_parts(fn: TokenRule, query_len: int, key_len: Optional[int] = None, 
                 f"[{batch}, {num_heads}, {rows}, {lk}] = [batch, num_heads, rows, key_len]. Fix: "
                 "write fn with broadcasting tensor ops, and pass batch/num_heads matching the "
                 "b/h it depends on.") from exc
-        a, f, c = _reduce_rows(out.to(torch.bool), r0, lq, lk, bs, is_causal)
-        actives.append(a)
-        fulls.append(f)
-        count += c
+        chunks.add(*_reduce_rows(out.to(torch.bool), r0, lq, lk, bs, is_causal))
     name = getattr(fn, "__name__", type(fn).__name__)
-    return _finish(torch.cat(actives, 2), torch.cat(fulls, 2), count, block_size=bs,
-                   query_len=lq, key_len=lk, is_causal=is_causal, rule=fn,
-                   description=f"from_mask_fn({name}, is_causal={is_causal})")
+    return chunks.finish(block_size=bs, query_len=lq, key_len=lk, is_causal=is_causal, rule=fn,
+                         description=f"from_mask_fn({name}, is_causal={is_causal})")

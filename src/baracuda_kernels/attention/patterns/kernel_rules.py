@@ -1,9 +1,10 @@
 """Token rules a builder hands to the kernels, in the attention call's own arguments.
 
 A builder whose token rule the kernels can evaluate per token (a sliding window with sinks,
-document ids, a prefix) attaches it to its BlockPattern as ``kernel_rules``: a dict with some
-of ``window_size``, ``sink_tokens``, ``document_ids``, ``prefix_lengths`` (see
-``block_sparse_attention`` for their meaning). The attention call applies them inside the
+document ids, a prefix, the bits of the blocks a token mask cuts) attaches it to its
+BlockPattern as ``kernel_rules``: a dict with some of ``window_size``, ``sink_tokens``,
+``document_ids``, ``prefix_lengths`` (see ``block_sparse_attention`` for their meaning) and
+``block_bits`` (``common.block_bits.BlockBits``, from ``from_mask_fn`` / ``from_token_mask``). The attention call applies them inside the
 blocks the pattern activates, so such a pattern is exact: what the kernels compute is what
 the token rule allows.
 
@@ -20,7 +21,10 @@ import torch
 
 from baracuda_kernels.core import InvalidProblem
 
-KERNEL_RULE_NAMES = ("window_size", "sink_tokens", "document_ids", "prefix_lengths")
+from ..common.block_bits import BlockBits, check_block_bits
+
+KERNEL_RULE_NAMES = ("window_size", "sink_tokens", "document_ids", "prefix_lengths",
+                     "block_bits")
 
 
 def check_kernel_rules(rules: Optional[dict]) -> Optional[dict]:
@@ -32,6 +36,8 @@ def check_kernel_rules(rules: Optional[dict]) -> Optional[dict]:
         raise InvalidProblem(f"kernel_rules has {sorted(unknown)}; expected names among "
                              f"{KERNEL_RULE_NAMES}.")
     rules = {k: v for k, v in rules.items() if v is not None}
+    if "block_bits" in rules:
+        check_block_bits(rules["block_bits"])
     return rules or None
 
 
@@ -39,7 +45,8 @@ def kernel_rules_to(rules: Optional[dict], device) -> Optional[dict]:
     """``rules`` with their tensors on ``device``."""
     if rules is None:
         return None
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in rules.items()}
+    return {k: v.to(device) if isinstance(v, (torch.Tensor, BlockBits)) else v
+            for k, v in rules.items()}
 
 
 def kernel_allows(rules: dict, is_causal: bool, query_len: int,
@@ -47,11 +54,13 @@ def kernel_allows(rules: dict, is_causal: bool, query_len: int,
     """f(b, h, q, kv) -> bool: the pairs the kernels keep under ``rules`` and the causal rule
     (top-left: j <= i; a prefix P also keeps j < P). Windows: flash-attn's (left, right),
     centred on the top-left diagonal when causal, on the bottom-right one otherwise; sinks
-    (the first keys) stay visible inside the causal rule."""
+    (the first keys) stay visible inside the causal rule; block bits: the bits of the
+    blocks they cut."""
     left, right = rules.get("window_size", (-1, -1))
     sinks = rules.get("sink_tokens", 0)
     docs = rules.get("document_ids")
     prefix = rules.get("prefix_lengths")
+    bits = rules.get("block_bits")
     off = 0 if is_causal else key_len - query_len
 
     prefix = None if prefix is None else torch.as_tensor(prefix).reshape(-1)
@@ -75,6 +84,8 @@ def kernel_allows(rules: dict, is_causal: bool, query_len: int,
             d = docs.to(q.device)
             bb = b if d.shape[0] > 1 else torch.zeros_like(b)
             ok = ok & (d[bb, q] == d[bb, kv]) & (d[bb, q] >= 0)
+        if bits is not None:
+            ok = ok & bits.to(q.device).allows(b, h, q, kv)
         return ok
 
     return allows
