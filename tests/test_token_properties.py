@@ -1,7 +1,8 @@
 """Property test of the token rules: random combinations of causal alignment, windows,
 sinks, documents with random boundaries, query / key ranges and prefixes, with random block
 patterns and GQA, against the float64 oracle (forward, lse, gradients) on both backends,
-with NaN in the padding. Builders with kernel rules report exact and equal their rule."""
+with NaN in the padding. Builders with kernel rules (and the token-mask builders, whose bits the kernels apply)
+report exact and equal their rule."""
 
 import random
 
@@ -67,7 +68,11 @@ def test_random_builders_are_exact(seed):
     built = [P.sliding_window(n, rnd.randrange(1, n), block_size=bs, sinks=rnd.choice([0, 3]),
                               causal=rnd.random() < 0.5),
              P.document_mask(lens, block_size=bs, causal=rnd.random() < 0.5),
-             P.prefix_lm(n, rnd.randrange(0, n + 1), block_size=bs)]
+             P.prefix_lm(n, rnd.randrange(0, n + 1), block_size=bs),
+             P.from_token_mask(torch.rand(n, n) < rnd.random(), block_size=bs,
+                               is_causal=rnd.random() < 0.5),
+             P.from_mask_fn(lambda b, h, q, kv, m=rnd.randrange(2, 7): (q * 3 + kv) % m == 0,
+                            n, block_size=bs)]
     for p in built:
         assert p.kernel_rules and p.exact and p.extra_token_pairs == 0, p.coarsening_report()
         assert torch.equal(p.to_dense_token_mask(), p.to_dense_token_mask(rule=True))

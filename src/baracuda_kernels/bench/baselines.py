@@ -138,6 +138,17 @@ def _descriptor(inputs: Inputs) -> SdpaBlockSparseDescriptor:
                                      element=g.dtype, num_kv_heads=inputs.k.shape[1], **window)
 
 
+def pattern_call(pattern, mask, block_size: int, is_causal) -> tuple:
+    """(pattern argument, keyword arguments) of a block_sparse_attention call on ``mask``
+    computing what ``pattern`` states: its kernel rules (window, documents, prefix) as the
+    call's arguments; a pattern with block bits (from_mask_fn), which no argument states,
+    is passed itself (its lists are still built per call)."""
+    rules = getattr(pattern, "kernel_rules", None) or {}
+    if "block_bits" in rules:
+        return pattern, dict(is_causal=is_causal)
+    return mask, dict(block_size=block_size, is_causal=is_causal, **rules)
+
+
 def _window_rules(pattern) -> dict:
     """window_size / sink_tokens of a pattern's kernel rules (versions before kernel rules,
     and patterns without a window: none)."""
@@ -171,9 +182,9 @@ def _plan_based(inputs: Inputs, backend: Optional[str]) -> Prepared:
     def unprepared():
         # A fresh view (no copy) per call: a new pattern object, as when a model builds its
         # pattern inside forward, so nothing cached on the pattern can be reused.
-        return block_sparse_attention(q, k, v, mask.view(mask.shape), block_size=g.block_size,
-                                      is_causal=inputs.is_causal, backend=chosen,
-                                      **(getattr(inputs.pattern, "kernel_rules", None) or {}))
+        pattern, kwargs = pattern_call(inputs.pattern, mask.view(mask.shape), g.block_size,
+                                       inputs.is_causal)
+        return block_sparse_attention(q, k, v, pattern, backend=chosen, **kwargs)
 
     config = plan.sku.config
     detail = chosen if not config else f"{chosen} {config}"
@@ -290,7 +301,8 @@ def flex_block_mask(inputs: Inputs, compiled: bool = True):
         # The pattern's token rule (a window, documents, a prefix), which our kernels cut
         # per token too: Flex gets the same rule as its mask_mod, for the same work.
         from ..attention.patterns.kernel_rules import kernel_allows
-        mask_mod = kernel_allows(rules, inputs.is_causal, g.seq_len, g.seq_len)
+        mask_mod = kernel_allows(rules, inputs.is_causal, g.seq_len, g.seq_len,
+                                 inputs.pattern.token_rule)
     else:
         mask_mod = _causal_mask_mod if inputs.is_causal else None
 

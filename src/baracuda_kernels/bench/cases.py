@@ -19,8 +19,10 @@ sink block, causal), ``bigbird`` (3 window blocks, 2 global blocks, 3 random blo
 ``document`` (6 packed documents, causal), ``random<P>`` (P percent of the blocks of every
 head, seeded; ``random`` in a list expands over ``--densities``). Token rules (the ``tokens``
 preset): ``swa1000`` (causal 1000-token window + 4 sinks, exact per token), ``swa1000_coarse``
-(its blocks without the per-token cut), ``docs8`` (8 causal documents of random lengths,
-exact; also run through the varlen entry point by ``ours-varlen``).
+(its blocks without the per-token cut), ``swa1000_fn`` (the same window written as a mask
+function for ``from_mask_fn``: exact through the bits of the blocks it cuts, no closed form;
+Flex gets the same function as its mask_mod), ``docs8`` (8 causal documents of random
+lengths, exact; also run through the varlen entry point by ``ours-varlen``).
 
 Grouped-query attention: a geometry (and a grid) with ``num_kv_heads`` = Hkv < H gives k and
 v Hkv heads (query head h reads K/V head h // (H // Hkv)); patterns stay per query head
@@ -38,8 +40,8 @@ from typing import Optional
 
 import torch
 
-from ..attention.patterns import (BlockPattern, bigbird, causal, document_mask, random_blocks,
-                                  sliding_window)
+from ..attention.patterns import (BlockPattern, bigbird, causal, document_mask, from_mask_fn,
+                                  random_blocks, sliding_window)
 from ..core import ElementKind, InvalidProblem
 
 MODES = ("fwd", "bwd", "step", "step-graph", "unprepared")
@@ -54,7 +56,7 @@ MODE_ALIASES = {"forward": "fwd", "backward": "bwd", "fwd+bwd": "step", "fwdbwd"
                 "cuda-graph": "step-graph", "cuda_graph": "step-graph"}
 IMPLS = ("ours", "ours-expanded", "ours-varlen", "flex", "sdpa", "reference")
 PATTERN_KINDS = ("dense", "causal", "sliding_window", "bigbird", "document", "random",
-                 "swa1000", "swa1000_coarse", "docs8")
+                 "swa1000", "swa1000_coarse", "swa1000_fn", "docs8")
 DEFAULT_DENSITIES = (0.5, 0.25, 0.1, 0.05)
 
 SLIDING_WINDOW_BLOCKS = 8      # key blocks per query block row, diagonal included
@@ -259,7 +261,7 @@ HOST_DENSITIES = (0.1, 0.05, 0.02)
 GQA_PATTERNS = ("dense", "causal", "sliding_window", "random25", "random10")
 GQA_HEADS, GQA_KV_HEADS = 32, 8
 GQA_IMPLS = ("ours", "ours-expanded", "flex", "sdpa")
-TOKEN_PATTERNS = ("swa1000", "swa1000_coarse", "docs8")
+TOKEN_PATTERNS = ("swa1000", "swa1000_coarse", "swa1000_fn", "docs8")
 TOKEN_IMPLS = ("ours", "ours-varlen", "flex")
 
 
@@ -367,6 +369,9 @@ def build_pattern(spec: PatternSpec, geo: Geometry, seed: int = 0,
         if spec.kind == "swa1000_coarse":   # the same blocks, no rule handed to the kernels
             p = BlockPattern(p.mask, block_size=bs, query_len=n, is_causal=True,
                              token_rule=p.token_rule, description=p.description + " coarsened")
+    elif spec.kind == "swa1000_fn":
+        p = from_mask_fn(_window_fn(TOKEN_WINDOW, TOKEN_SINKS), n, block_size=bs, is_causal=True,
+                         device=device)
     elif spec.kind == "docs8":
         gen = torch.Generator().manual_seed(seed)
         cuts = torch.randperm(n - 1, generator=gen)[:TOKEN_DOCUMENTS - 1].sort().values + 1
@@ -376,3 +381,12 @@ def build_pattern(spec: PatternSpec, geo: Geometry, seed: int = 0,
     else:
         raise InvalidProblem(f"unknown pattern kind {spec.kind!r}; expected one of {PATTERN_KINDS}.")
     return p if device is None else p.to(device)
+
+
+def _window_fn(window: int, sinks: int):
+    """The causal ``window``-token window with ``sinks`` sink keys as a mask function (query
+    i sees keys i - window + 1 .. i, and keys 0 .. sinks - 1): what ``sliding_window`` states
+    in closed form, here for ``from_mask_fn`` (and Flex's mask_mod)."""
+    def window_with_sinks(b, h, q_idx, kv_idx):
+        return ((q_idx - kv_idx < window) & (kv_idx <= q_idx)) | (kv_idx < sinks)
+    return window_with_sinks

@@ -249,10 +249,10 @@ class Sweep:
                     mask = mask.repeat_interleave(group, dim=1)
             # The pattern's kernel rules (a builder's window, documents, prefix) are part
             # of the problem: every implementation computes them exactly.
-            y_ref = block_sparse_attention(q_ref, k_ref, v_ref, mask,
-                                           block_size=g.block_size, is_causal=inputs.is_causal,
-                                           backend="reference",
-                                           **(getattr(inputs.pattern, "kernel_rules", None) or {}))
+            pattern, kwargs = baselines.pattern_call(inputs.pattern, mask, g.block_size,
+                                                     inputs.is_causal)
+            y_ref = block_sparse_attention(q_ref, k_ref, v_ref, pattern, backend="reference",
+                                           **kwargs)
             g_ref = torch.autograd.grad(y_ref, leaves, inputs.dy.to(ref_dtype)) if need_bwd else None
         except Exception as exc:
             self.log(f"   {case.pattern.name}: reference failed, no check: {baselines._first_line(exc)}")

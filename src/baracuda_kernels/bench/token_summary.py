@@ -11,7 +11,9 @@ from .text import fmt, geometry_blocks, markdown_block
 # rule; the exact window at most 10% slower than the same blocks computed whole.
 TOKEN_TARGET_VS_FLEX = {"fwd": 1.2, "bwd": 1.1}
 TOKEN_TARGET_EXACT_COST = 1.10
-TOKEN_PATTERNS = ("swa1000", "docs8")
+TOKEN_PATTERNS = ("swa1000", "swa1000_fn", "docs8")
+# The same blocks computed whole: the exact window (closed form, or bits of cut blocks).
+COARSE_OF = {"swa1000": "swa1000_coarse", "swa1000_fn": "swa1000_coarse"}
 
 
 def token_summary(rows: list[dict]) -> list[dict]:
@@ -33,7 +35,7 @@ def token_summary(rows: list[dict]) -> list[dict]:
                 if ours is None or ours <= 0:
                     continue
                 flex, varlen = time(pat, "flex", mode), time(pat, "ours-varlen", mode)
-                coarse = time(pat + "_coarse", "ours", mode)
+                coarse = time(COARSE_OF[pat], "ours", mode) if pat in COARSE_OF else None
                 e = dict(geometry=geo, pattern=pat, mode=mode, ours_ms=ours, flex_ms=flex,
                          varlen_ms=varlen, vs_flex=flex / ours if flex else None,
                          exact_cost=ours / coarse if coarse else None,
@@ -53,7 +55,7 @@ _COLUMNS = [("ours ms", "ours_ms", ".3f"), ("flex ms", "flex_ms", ".3f"),
 _LEGEND = ("Token rules (the same exact rule for every implementation): vs flex = Flex time / "
            "ours (targets >= 1.2x fwd, >= 1.1x bwd). exact/coarse = ours on the exact window "
            "/ ours on the same blocks computed whole (target <= 1.10: the cost of the per-token "
-           "cut). mask/varlen = ours with document ids / ours through "
+           "cut; swa1000_fn: the window as a from_mask_fn function, cut by block bits). mask/varlen = ours with document ids / ours through "
            "block_sparse_attention_varlen on the same documents.")
 
 
@@ -63,10 +65,10 @@ def _targets(e: dict) -> str:
 
 def format_tokens(rows: list[dict]) -> str:
     """The token-rule summary of the terminal report; '' when no token case ran ours."""
-    head = f"{'pattern':<10}{'mode':<6}" + "".join(f"{t:>14}" for t, _, _ in _COLUMNS) + "  targets"
+    head = f"{'pattern':<12}{'mode':<6}" + "".join(f"{t:>14}" for t, _, _ in _COLUMNS) + "  targets"
 
     def lines_of(entries):
-        return [f"{e['pattern']:<10}{e['mode']:<6}"
+        return [f"{e['pattern']:<12}{e['mode']:<6}"
                 + "".join(f"{fmt(e[k], s, 'x' if k.startswith('vs') else ''):>14}"
                           for _, k, s in _COLUMNS) + f"  {_targets(e)}" for e in entries]
     return geometry_blocks("Token-rule summary (ours vs FlexAttention, exact vs coarsened, varlen)",

@@ -126,7 +126,7 @@ def to_flex_block_mask(pattern):
     if rules:
         # The kernels apply these rules per token (with the causal rule): the mask_mod does
         # too, and a block is full only where the rules allow every pair of it.
-        allows = kernel_allows(rules, pattern.is_causal, lq, lk)
+        allows = kernel_allows(rules, pattern.is_causal, lq, lk, pattern.token_rule)
         _, _, every = evaluate_rule_on_active_blocks(m, allows, lq, lk, bs, False)
         full = m & clean & every
         kv_num, kv_idx = _ordered(m & ~full)

@@ -49,13 +49,14 @@ def kernel_rules_to(rules: Optional[dict], device) -> Optional[dict]:
             for k, v in rules.items()}
 
 
-def kernel_allows(rules: dict, is_causal: bool, query_len: int,
-                  key_len: int) -> Callable[..., torch.Tensor]:
+def kernel_allows(rules: dict, is_causal: bool, query_len: int, key_len: int,
+                  token_rule=None) -> Callable[..., torch.Tensor]:
     """f(b, h, q, kv) -> bool: the pairs the kernels keep under ``rules`` and the causal rule
     (top-left: j <= i; a prefix P also keeps j < P). Windows: flash-attn's (left, right),
     centred on the top-left diagonal when causal, on the bottom-right one otherwise; sinks
     (the first keys) stay visible inside the causal rule; block bits: the bits of the
-    blocks they cut."""
+    blocks they cut, or ``token_rule`` (the mask function the bits were built from, for a
+    FlexAttention mask_mod that states the rule rather than looks it up) when given."""
     left, right = rules.get("window_size", (-1, -1))
     sinks = rules.get("sink_tokens", 0)
     docs = rules.get("document_ids")
@@ -84,7 +85,9 @@ def kernel_allows(rules: dict, is_causal: bool, query_len: int,
             d = docs.to(q.device)
             bb = b if d.shape[0] > 1 else torch.zeros_like(b)
             ok = ok & (d[bb, q] == d[bb, kv]) & (d[bb, q] >= 0)
-        if bits is not None:
+        if bits is not None and token_rule is not None:
+            ok = ok & token_rule(b, h, q, kv)
+        elif bits is not None:
             ok = ok & bits.to(q.device).allows(b, h, q, kv)
         return ok
 
