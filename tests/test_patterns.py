@@ -48,7 +48,9 @@ def kernel_tokens(p):
     bs = p.block_size
     t = p.mask.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :p.query_len, :p.key_len]
     rules = p.kernel_rules or {}
-    if rules:
+    if "block_bits" in rules:  # the bits of cut blocks state the pattern's own rule exactly
+        t = t & p.to_dense_token_mask(rule=True)
+    elif rules:
         prefix = rules.get("prefix_lengths")
         t = t & token_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), p.query_len, p.key_len,
                            1 << 20, p.is_causal and prefix is None,
@@ -377,7 +379,10 @@ def test_from_mask_fn_matches_token_mask_and_builder():
     f = lambda b, h, q, kv: (q - kv >= 0) & (q - kv < 4 * (h + 1))          # noqa: E731
     ph = P.from_mask_fn(f, 40, block_size=4, num_heads=2, is_causal=True)
     sw = P.per_head([P.sliding_window(40, 4, block_size=4), P.sliding_window(40, 8, block_size=4)])
-    assert torch.equal(ph.mask, sw.mask) and ph.extra_token_pairs == sw.extra_token_pairs
+    assert torch.equal(ph.mask, sw.mask) and ph.rule_token_pairs() == sw.rule_token_pairs()
+    assert ph.exact and ph.extra_token_pairs == 0 < sw.extra_token_pairs  # bits vs blocks
+    # many chunks: slots of every chunk point at that chunk's bits
+    assert torch.equal(p.kernel_rules["block_bits"].words, ref.kernel_rules["block_bits"].words)
 
 
 def test_from_mask_fn_long_sequence_chunked():
@@ -391,7 +396,10 @@ def test_from_mask_fn_long_sequence_chunked():
     assert torch.equal(p.mask, ref.mask)
     coarse = BlockPattern(ref.mask, block_size=128, query_len=n, is_causal=True,
                           token_rule=ref.token_rule)       # the window without kernel rules
-    assert p.extra_token_pairs == coarse.extra_token_pairs > 0
+    # The same rule, exact through the bits of the blocks the window cuts.
+    assert p.exact and coarse.extra_token_pairs > 0
+    assert p.computed_token_pairs() == coarse.rule_token_pairs() == p.rule_token_pairs()
+    assert p.kernel_rules["block_bits"].num_cut_blocks == int((p.mask & ~coarse.exact_mask).sum())
 
 
 def test_from_mask_fn_bad_shape():

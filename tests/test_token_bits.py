@@ -1,5 +1,5 @@
 """Any token mask, exact: from_mask_fn / from_token_mask patterns keep the bits of the blocks
-they cut (common.block_bits), and every backend applies them per token in PARTIAL blocks.
+they cut (patterns.block_bits), and every backend applies them per token in PARTIAL blocks.
 
 Checked against the float64 oracle (dense SDPA with the rule's token mask), forward, lse and
 gradients, with rules none of the builders knows (token parity checkerboards, random token
@@ -18,7 +18,7 @@ import torch
 import baracuda_kernels as bk
 from baracuda_kernels.attention import patterns as P
 from baracuda_kernels.attention.block_sparse.block_lists import FULL, PARTIAL, SKIP
-from baracuda_kernels.attention.common.block_bits import BlockBits, pack_rows
+from baracuda_kernels.attention.patterns.block_bits import BlockBits, pack_rows
 from cases import ALL_DTYPES, DEVICE, HAS_CUDA, assert_gqa_matches_oracle
 
 

@@ -37,7 +37,7 @@ from ...core import PlanCache, PlanPreference, Unsupported, resolve_device
 from ..common.autograd_pieces import refuse_double_backward
 from ..common.numerics import accumulator_dtype
 from .descriptor import SdpaBlockSparseDescriptor
-from ..common.block_bits import BlockBits
+from ..patterns.block_bits import BlockBits
 from ..common.token_rules import TokenRules
 from .plan import SdpaBlockSparsePlan, output_like
 

@@ -244,7 +244,7 @@ class BlockLists:
 
 def bits_kernel_args(lists: BlockLists, placeholder: torch.Tensor) -> tuple:
     """(BITS_SLOTS, BITS_WORDS, stride_sb, stride_sh, stride_sq) of the block bits the lists
-    carry (common.block_bits): slots are indexed like the lists (batch b, list head, query
+    carry (patterns.block_bits): slots are indexed like the lists (batch b, list head, query
     block, key block), broadcast dims with stride 0. Without bits: placeholders, never read
     (HAS_BITS off)."""
     bits = None if lists.tokens is None else lists.tokens.bits

@@ -84,7 +84,7 @@ class PreparedPattern:
                 are masked per token.
             document_ids, query_range, key_range, prefix_lengths: the per-token rules of the
                 attention calls (see ``block_sparse_attention``), built into the lists once.
-            block_bits: the bits of cut blocks (``common.block_bits``) for a raw mask; a
+            block_bits: the bits of cut blocks (``patterns.block_bits``) for a raw mask; a
                 BlockPattern from ``from_mask_fn`` / ``from_token_mask`` brings its own.
         Raises:
             InvalidProblem for a missing or inconsistent geometry or a malformed pattern.

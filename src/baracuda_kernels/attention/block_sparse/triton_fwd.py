@@ -213,7 +213,7 @@ def _block_sparse_fwd_kernel(
     V) even under USE_TMA: masked loads give padded keys zeros for free, where zeroing a TMA
     tile in registers cost ~2 us per block (measured, H200).
     HAS_BITS: int32 slots [Bs, Hs, nq, nk] (strides stride_sb / stride_sh, 0 when broadcast,
-    and stride_sq per query block) into the words of cut blocks (common.block_bits).
+    and stride_sq per query block) into the words of cut blocks (patterns.block_bits).
     """
     pid = tl.program_id(0)
     bh = pid // n_tiles  # (b, h), or (b, K/V head) when packed

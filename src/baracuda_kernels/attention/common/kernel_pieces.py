@@ -62,7 +62,7 @@ def token_values(IDS, POS, offs, ok, pad, HAS_IDS: tl.constexpr, HAS_POS: tl.con
 
 @triton.jit
 def block_bit(WORDS, slot, rows, cols, ok, BLOCK: tl.constexpr):
-    """The bits (common.block_bits) of one PARTIAL block at in-block query rows ``rows`` and
+    """The bits (patterns.block_bits) of one PARTIAL block at in-block query rows ``rows`` and
     key columns ``cols`` (broadcastable int32 tensors): True where the pair is allowed, False
     outside ``ok``. ``slot`` 0 (a block cut only by the causal rule, a window or a ragged
     tail) reads the all-ones words, so no branch is needed."""

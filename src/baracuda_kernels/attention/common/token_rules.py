@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from ...core import InvalidProblem
-from .block_bits import BlockBits, check_block_bits
+from ..patterns.block_bits import BlockBits, check_block_bits
 from .problem import causal_offset
 
 Q_PAD, K_PAD = -1, -2  # ids of padding: never equal, so a padded pair is never allowed

@@ -2,7 +2,7 @@
 
 A block is active when any of its (in-range, and causal when ``is_causal``) token pairs is
 allowed. Both builders see every token pair anyway, so they also keep the bits of every
-active block the mask cuts (``common.block_bits.BlockBits``, as the pattern's kernel rule
+active block the mask cuts (``patterns.block_bits.BlockBits``, as the pattern's kernel rule
 ``block_bits``): the kernels apply them per token inside those blocks, and the pattern is
 exact for any mask, with no dense Nq x Nk tensor kept and no compile step.
 
@@ -20,7 +20,7 @@ import torch
 
 from baracuda_kernels.core import InvalidProblem
 
-from ..common.block_bits import BlockBits, all_ones_words, pack_rows
+from .block_bits import BlockBits, all_ones_words, pack_rows
 from .checks import check_block_size, check_geometry, check_int
 from .counting import TokenRule, cdiv
 

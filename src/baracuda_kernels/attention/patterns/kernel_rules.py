@@ -4,7 +4,7 @@ A builder whose token rule the kernels can evaluate per token (a sliding window 
 document ids, a prefix, the bits of the blocks a token mask cuts) attaches it to its
 BlockPattern as ``kernel_rules``: a dict with some of ``window_size``, ``sink_tokens``,
 ``document_ids``, ``prefix_lengths`` (see ``block_sparse_attention`` for their meaning) and
-``block_bits`` (``common.block_bits.BlockBits``, from ``from_mask_fn`` / ``from_token_mask``). The attention call applies them inside the
+``block_bits`` (``patterns.block_bits.BlockBits``, from ``from_mask_fn`` / ``from_token_mask``). The attention call applies them inside the
 blocks the pattern activates, so such a pattern is exact: what the kernels compute is what
 the token rule allows.
 
@@ -21,7 +21,7 @@ import torch
 
 from baracuda_kernels.core import InvalidProblem
 
-from ..common.block_bits import BlockBits, check_block_bits
+from .block_bits import BlockBits, check_block_bits
 
 KERNEL_RULE_NAMES = ("window_size", "sink_tokens", "document_ids", "prefix_lengths",
                      "block_bits")
