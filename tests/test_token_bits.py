@@ -65,7 +65,7 @@ def check_bits_pattern(backend, dtype, pattern, *, B=2, H=4, Hkv=2, causal=None,
                                        **(call_kw or {}))
     dy = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
     grads = torch.autograd.grad(y, (qx, kx, vx), dy)
-    ones = torch.ones(1, 1, p.num_blocks_q, p.num_blocks_k, dtype=torch.bool)
+    ones = torch.ones(1, 1, p.num_blocks_q, p.num_blocks_k, dtype=torch.bool, device=DEVICE)
     if allowed.shape[1] not in (1, H):  # a pattern per K/V head: query head h reads h // G
         allowed = allowed.repeat_interleave(H // allowed.shape[1], 1)
     extra_mask = allowed.expand(B, H, Nq, Nk)
@@ -175,7 +175,7 @@ def test_bits_compose_with_token_rules(backend):
     j = torch.arange(Nk)[None, :]
     allowed = checkerboard(0, 0, torch.arange(Nq)[:, None], j) & (j <= i) & (j >= i - 30)
     allowed &= docs[0][0][:, None] == docs[1][0][None, :]
-    ones = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    ones = torch.ones(1, 1, 3, 5, dtype=torch.bool, device=DEVICE)
     assert_gqa_matches_oracle(y, lse, grads, (q.detach(), k.detach(), v.detach()), dy, ones, bs,
                               False, dtype, extra_mask=allowed[None, None])
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bit, exp_base, kernel_scale, token_allowed,
+from ..common.kernel_pieces import (block_bits_tile, exp_base, kernel_scale, token_allowed,
                                     token_values)
 from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows
@@ -50,6 +50,7 @@ def _dkdv_inner(
     dk_ok = offs_dk < D_K
     dv_ok = offs_dv < D_V
     CHECK_ROWS: tl.constexpr = MASKED or not EVEN_M
+    n_first = tl.min(n_in_block, 0)  # the key tile's first in-block column (block bits)
     # The query block of the next step is loaded one iteration ahead and carried, so tile
     # addresses never wait on a load of the same iteration and the pipeliner can keep
     # num_stages tiles in flight (as in the forward's _attend_blocks).
@@ -87,10 +88,8 @@ def _dkdv_inner(
                 p_t = tl.where(k_id[:, None] == q_id[None, :], p_t, 0.0)
             if HAS_BITS:
                 slot = tl.load(slot_col + qb * stride_sq)
-                p_t = tl.where(block_bit(bits_words, slot, (offs_m - qb * BS)[None, :],
-                                         n_in_block[:, None],
-                                         row_ok[None, :] & (n_in_block < BS)[:, None], BS),
-                               p_t, 0.0)
+                p_t = tl.where(block_bits_tile(bits_words, slot, offs_m - qb * BS, row_ok,
+                                               n_in_block, n_first, BS, True), p_t, 0.0)
         dv = tl.dot(p_t.to(dy.dtype), dy, dv, input_precision=PRECISION, out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
         ds_t = p_t * (dp_t - delta[None, :])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bit, exp_base, kernel_scale, token_allowed,
+from ..common.kernel_pieces import (block_bits_tile, exp_base, kernel_scale, token_allowed,
                                     token_values)
 from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
@@ -75,9 +75,9 @@ def _dq_inner(
                 allowed = allowed & (q_id[:, None] == k_id[None, :])
             if HAS_BITS:
                 slot = tl.load(slot_row + kb)
-                allowed = allowed & block_bit(bits_words, slot, m_in_block[:, None],
-                                              (offs_n - kb * BS)[None, :],
-                                              row_ok[:, None] & col_ok[None, :], BS)
+                allowed = allowed & block_bits_tile(bits_words, slot, m_in_block, row_ok,
+                                                    offs_n - kb * BS, col0 - kb * BS, BS,
+                                                    False)
             p = tl.where(allowed, p, 0.0)
         elif not EVEN_N:
             p = tl.where(col_ok[None, :], p, 0.0)

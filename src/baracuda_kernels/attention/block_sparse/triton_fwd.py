@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bit, exp_base, kernel_scale, token_allowed,
+from ..common.kernel_pieces import (block_bits_tile, exp_base, kernel_scale, token_allowed,
                                     token_values)
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
 from ..common.problem import WindowRule, causal_offset, window_args
@@ -57,7 +57,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
     Token rules (PARTIAL blocks only): q_id / q_pos are the rows' document ids / positions,
     k_ids / k_poss pointers to this batch row's key ids / positions (HAS_IDS / HAS_POS);
     a padded key (id < 0) is treated like a key past the end: never read, never attended.
-    HAS_BITS: the block's bits (slot ``slot_row[kb]`` of ``bits_words``, kernel_pieces.block_bit)
+    HAS_BITS: the block's bits (slot ``slot_row[kb]`` of ``bits_words``, block_bits_tile)
     at rows ``rows_in_block`` (valid where ``row_ok``) also decide.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -128,9 +128,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                 keep = keep & (q_id[:, None] == k_id[None, :])
             if PARTIAL and HAS_BITS:
                 slot = tl.load(slot_row + kb)
-                keep = keep & block_bit(bits_words, slot, rows_in_block[:, None],
-                                        (offs_n - blk0)[None, :],
-                                        row_ok[:, None] & col_ok[None, :], BLOCK)
+                keep = keep & block_bits_tile(bits_words, slot, rows_in_block, row_ok,
+                                              offs_n - blk0, col0 - blk0, BLOCK, False)
             # Scale before masking: -inf * 0 would be NaN for scale == 0.
             s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s_ij, 1))
