@@ -6,7 +6,8 @@ The pack is one long sequence of Tq queries and Tk keys. It runs as a batch of o
 across two sequences is never computed (blocks that lie across sequences are SKIPped, blocks
 a sequence boundary cuts are masked per token), and, when a causal rule or a window applies,
 its position inside its sequence, so that each sequence gets its own diagonal. Nothing is
-padded to the longest sequence and no Tq x Tk mask exists.
+padded to the longest sequence and no Tq x Tk mask exists. Per-sequence block patterns
+become a pack pattern plus the bits of the pack blocks they cut (varlen_pattern.py).
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ import torch
 from ...core import InvalidProblem
 from ..common.problem import causal_mode
 from ..common.token_rules import TokenRules
+from .descriptor import kernel_block_size
 from .functional import block_sparse_attention
+from .validation import pattern_head_counts
+from .varlen_pattern import check_sequence_pattern, sequence_pattern_rules
 
 
 def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *,
                                   max_seqlen_q: Optional[int] = None,
                                   max_seqlen_k: Optional[int] = None,
-                                  block_pattern=None, block_size: int = 128, is_causal=False,
+                                  block_pattern=None, sequence_pattern=None,
+                                  block_size: int = 128, is_causal=False,
                                   window_size: Optional[tuple] = None, sink_tokens: int = 0,
                                   scale: Optional[float] = None, return_lse: bool = False,
                                   backend: Optional[str] = None):
@@ -47,7 +52,15 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         block_pattern: None (every block of the pack) or a bool pattern over the pack,
             ``[1, H|Hkv|1, ceil(Tq / block_size), ceil(Tk / block_size)]`` in pack
             coordinates, ANDed with the sequences (e.g. to drop far blocks).
-        block_size: tile of the pack's block lists (default 128).
+        sequence_pattern: None or a bool pattern per sequence in the sequence's own
+            coordinates, ``[S, H|Hkv|1, a, b]`` with a >= ceil(longest query sequence /
+            block_size), b likewise for keys: query i and key j of sequence s meet only when
+            block (i // block_size, j // block_size) of its pattern is active (i, j counted
+            from the sequence's start). Exact per token whatever the sequence offsets (pack
+            blocks a sequence block cuts carry bits); ANDed with block_pattern, the causal
+            rule and the window. Building it synchronises with the device once per call.
+        block_size: tile of the pack's block lists, and the block of sequence_pattern
+            (default 128).
         is_causal: False, True (top-left inside each sequence: query i of a sequence sees its
             keys j <= i) or "bottom_right" (flash-attn's alignment when a sequence has fewer
             queries than keys: query i sees keys j <= i + Lk - Lq of its sequence).
@@ -83,8 +96,15 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     window = (-1, -1) if window_size is None else tuple(window_size)
     positioned = bool(is_causal) or window != (-1, -1)
     tokens = pack_token_rules(cu_q, cu_k, Tq, Tk, is_causal if positioned else False)
+    nq, nk = -(-Tq // block_size), -(-Tk // block_size)
+    if sequence_pattern is not None:
+        seq_pattern, bits = _sequence_pattern(sequence_pattern, cu_q, cu_k, Tq, Tk, block_size,
+                                              q.shape[1], k.shape[1])
+        tokens = TokenRules(tokens.q_ids, tokens.k_ids, tokens.q_pos, tokens.k_pos,
+                            bits.for_block_size(kernel_block_size(block_size, Tq, Tk)))
+        block_pattern = seq_pattern if block_pattern is None else \
+            _and_patterns(block_pattern, seq_pattern, nq, nk)
     if block_pattern is None:
-        nq, nk = -(-Tq // block_size), -(-Tk // block_size)
         block_pattern = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device)
     q4, k4, v4 = (t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))
     out = block_sparse_attention(
@@ -105,22 +125,57 @@ def pack_token_rules(cu_q: torch.Tensor, cu_k: torch.Tensor, Tq: int, Tk: int,
     Tk - Tq: what the kernels add) query t of sequence s sits at t - cu_q[s] + A_s - G and
     key t at t - cu_k[s], with A_s = Lk_s - Lq_s for bottom-right alignment, 0 top-left."""
     n_seq = cu_q.numel() - 1
-    tq = torch.arange(Tq, device=cu_q.device, dtype=torch.int64)
-    tk = torch.arange(Tk, device=cu_q.device, dtype=torch.int64)
-    seq_q = torch.searchsorted(cu_q[1:], tq, right=True)  # the sequence of every token
-    seq_k = torch.searchsorted(cu_k[1:], tk, right=True)
+    seq_q, idx_q = _sequence_positions(cu_q, Tq)
+    seq_k, idx_k = _sequence_positions(cu_k, Tk)
     q_ids = torch.where(seq_q < n_seq, seq_q, -1).to(torch.int32)[None].contiguous()
     k_ids = torch.where(seq_k < n_seq, seq_k, -2).to(torch.int32)[None].contiguous()
     if is_causal is False:
         return TokenRules(q_ids, k_ids)
-    sq, sk = seq_q.clamp(max=max(n_seq - 1, 0)), seq_k.clamp(max=max(n_seq - 1, 0))
+    sq = seq_q.clamp(max=max(n_seq - 1, 0))
     lq, lk = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     align = (lk - lq) if is_causal != True else torch.zeros_like(lq)  # noqa: E712
     G = 0 if is_causal is True else Tk - Tq
-    q_pos = tq - cu_q[sq] + align[sq] - G if n_seq else tq
-    k_pos = tk - cu_k[sk] if n_seq else tk
+    q_pos = idx_q + align[sq] - G if n_seq else idx_q
+    k_pos = idx_k
     return TokenRules(q_ids, k_ids, q_pos.to(torch.int32)[None].contiguous(),
                       k_pos.to(torch.int32)[None].contiguous())
+
+
+def _sequence_pattern(pattern, cu_q, cu_k, Tq: int, Tk: int, block_size: int, H: int,
+                      Hkv: int):
+    """(pack pattern [1, Hp, nq, nk], BlockBits) of a per-sequence pattern (one host sync)."""
+    n_seq = cu_q.numel() - 1
+    seq_q, pos_q = _sequence_positions(cu_q, Tq)
+    seq_k, pos_k = _sequence_positions(cu_k, Tk)
+    longest_q = int((cu_q[1:] - cu_q[:-1]).max()) if n_seq else 0
+    longest_k = int((cu_k[1:] - cu_k[:-1]).max()) if n_seq else 0
+    pattern = check_sequence_pattern(pattern, n_seq, pattern_head_counts(H, Hkv),
+                                     -(-longest_q // block_size), -(-longest_k // block_size),
+                                     cu_q.device)
+    return sequence_pattern_rules(pattern, seq_q, seq_k, pos_q, pos_k, block_size)
+
+
+def _sequence_positions(cu: torch.Tensor, total: int):
+    """(sequence of every token (S past the last sequence), index inside it), int64."""
+    t = torch.arange(total, device=cu.device, dtype=torch.int64)
+    seq = torch.searchsorted(cu[1:], t, right=True)
+    start = cu[seq.clamp(max=max(cu.numel() - 2, 0))] if cu.numel() > 1 else torch.zeros_like(t)
+    return seq, t - start
+
+
+def _and_patterns(block_pattern, seq_pattern: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    """The pack-level block pattern AND the sequences' pack pattern (heads broadcast)."""
+    if not isinstance(block_pattern, torch.Tensor) or block_pattern.dim() != 4 \
+            or tuple(block_pattern.shape[2:]) != (nq, nk) or block_pattern.shape[0] != 1:
+        raise InvalidProblem(
+            f"block_pattern has shape {tuple(getattr(block_pattern, 'shape', ()))}; expected "
+            f"[1, heads, {nq}, {nk}] (pack blocks) with a sequence_pattern.")
+    hb, hs = block_pattern.shape[1], seq_pattern.shape[1]
+    if hb != hs and 1 not in (hb, hs):
+        raise InvalidProblem(
+            f"block_pattern has {hb} heads and sequence_pattern {hs}; expected equal head "
+            f"counts, or 1 for either (broadcast).")
+    return block_pattern.to(device=seq_pattern.device, dtype=torch.bool) & seq_pattern
 
 
 def _cu_seqlens(cu, name: str, total: int, device) -> torch.Tensor:
