@@ -9,7 +9,8 @@ which hold the whole contract:
 * lse is differentiable: its gradient enters the backward as a per-row term (no kernel of
   its own);
 * ``needs_input_grad`` is respected: the dQ kernel runs only when q needs a gradient, the
-  dK/dV kernel only when k or v does;
+  dK/dV kernel only when k or v does; learnable sinks get their gradient from the forward's
+  y and lse (``score_mods.sinks_grad``, torch ops) when they require one;
 * outputs never alias inputs (fresh tensors);
 * the backward is differentiable once: differentiating it again (double backward, e.g. a
   gradient penalty) raises ``Unsupported`` naming the limitation instead of a silent zero.
@@ -36,6 +37,7 @@ import torch
 from ...core import PlanCache, PlanPreference, Unsupported, resolve_device
 from ..common.autograd_pieces import refuse_double_backward
 from ..common.numerics import accumulator_dtype
+from ..common.score_mods import sinks_grad
 from .descriptor import SdpaBlockSparseDescriptor
 from ..patterns.block_bits import BlockBits
 from ..common.token_rules import TokenRules
@@ -57,28 +59,36 @@ def plan_for(desc: SdpaBlockSparseDescriptor, device, backend: Optional[str]) ->
 
 
 # ------------------------------------------------------------------------------ the contract
-def attention_forward(plan: SdpaBlockSparsePlan, q, k, v, lists):
-    """(y, lse) in fresh tensors, launched on the plan's device."""
-    return plan._forward(q, k, v, lists)
+def attention_forward(plan: SdpaBlockSparsePlan, q, k, v, lists, mods=None):
+    """(y, lse) in fresh tensors, launched on the plan's device; mods: the checked
+    ScoreMods of the call (``plan.score_mods``) or None."""
+    return plan._forward(q, k, v, lists, mods=mods)
 
 
 def attention_backward(plan: SdpaBlockSparsePlan, lists, q, k, v, y, lse, dy, dlse,
-                       needs_input_grad) -> tuple:
-    """(dq, dk, dv), None where ``needs_input_grad`` (for q, k, v) says no gradient is wanted.
+                       needs_input_grad, mods=None, sinks=None) -> tuple:
+    """(dq, dk, dv, dsinks), None where ``needs_input_grad`` (for q, k, v, sinks) says no
+    gradient is wanted (dsinks also None without sinks).
 
-    dy / dlse: the upstream gradients of y and lse, either may be None (unused output)."""
+    dy / dlse: the upstream gradients of y and lse, either may be None (unused output).
+    sinks: the caller's sink tensor (the one that may require grad), mods its checked copy."""
     need_q, need_k, need_v = needs_input_grad[:3]
-    if not (need_q or need_k or need_v) or (dy is None and dlse is None):
-        return None, None, None
+    need_s = sinks is not None and len(needs_input_grad) > 3 and needs_input_grad[3]
+    if not (need_q or need_k or need_v or need_s) or (dy is None and dlse is None):
+        return None, None, None, None
     if not torch.is_grad_enabled():
-        dq, dk, dv = plan._backward(q, k, v, y, lse, dy, lists, dlse=dlse, need_dq=need_q,
-                                    need_dkdv=need_k or need_v)
-        return dq, (dk if need_k else None), (dv if need_v else None)
+        dq = dk = dv = None
+        if need_q or need_k or need_v:
+            dq, dk, dv = plan._backward(q, k, v, y, lse, dy, lists, dlse=dlse, need_dq=need_q,
+                                        need_dkdv=need_k or need_v, mods=mods)
+        ds = sinks_grad(sinks, lse, y, dy, dlse) if need_s else None
+        return dq, (dk if need_k else None), (dv if need_v else None), ds
     # create_graph=True: compute the gradients without history, then tie them to the inputs
     # through a node that refuses to be differentiated (no silent zero second derivative).
     with torch.no_grad():
-        grads = attention_backward(plan, lists, q, k, v, y, lse, dy, dlse, needs_input_grad)
-    return refuse_double_backward(grads, (q, k, v, dy, dlse), DOUBLE_BACKWARD_MESSAGE)
+        grads = attention_backward(plan, lists, q, k, v, y, lse, dy, dlse, needs_input_grad,
+                                   mods, sinks)
+    return refuse_double_backward(grads, (q, k, v, dy, dlse, sinks), DOUBLE_BACKWARD_MESSAGE)
 
 
 # ------------------------------------------------------------------------------ eager door
@@ -86,20 +96,21 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
     """Eager (y, lse) = f(q, k, v) for a selected plan and its block lists."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: SdpaBlockSparsePlan, lists):
-        y, lse = attention_forward(plan, q, k, v, lists)
-        ctx.save_for_backward(q, k, v, y, lse)
-        ctx.plan, ctx.lists = plan, lists
+    def forward(ctx, q, k, v, sinks, plan: SdpaBlockSparsePlan, lists, mods):
+        y, lse = attention_forward(plan, q, k, v, lists, mods)
+        ctx.save_for_backward(q, k, v, y, lse, sinks)
+        ctx.plan, ctx.lists, ctx.mods = plan, lists, mods
         ctx.set_materialize_grads(False)  # an unused y or lse arrives as None: no zeros made
         return y, lse
 
     @staticmethod
     def backward(ctx, dy, dlse):
-        q, k, v, y, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(ctx.plan, ctx.lists, q, k, v, y, lse, dy, dlse,
-                                        ctx.needs_input_grad)
-        # One gradient per forward input: q, k, v, then none for the plan and the lists.
-        return dq, dk, dv, None, None
+        q, k, v, y, lse, sinks = ctx.saved_tensors
+        dq, dk, dv, dsinks = attention_backward(ctx.plan, ctx.lists, q, k, v, y, lse, dy, dlse,
+                                                ctx.needs_input_grad, ctx.mods, sinks)
+        # One gradient per forward input: q, k, v, sinks, then none for the plan, the lists
+        # and the modifiers.
+        return dq, dk, dv, dsinks, None, None, None
 
 
 # ------------------------------------------------------------------------------ compiled door
@@ -108,13 +119,30 @@ def causal_arg(is_causal) -> str:
     return {False: "none", True: "top_left"}.get(is_causal, is_causal)
 
 
+# The optional trailing arguments of the forward op, in order, with their defaults: the
+# window, the six token-rule tensors, the score modifiers.
+_OPTIONAL = (("window_left", -1), ("window_right", -1), ("sink_tokens", 0),
+             ("q_ids", None), ("k_ids", None), ("q_pos", None), ("k_pos", None),
+             ("bits_slots", None), ("bits_words", None),
+             ("softcap", 0.0), ("alibi_slopes", None), ("sinks", None))
+
+
 def _plan(q, k, v, block_size, scale, causal: str, backend, window_left=-1, window_right=-1,
-          sink_tokens=0) -> SdpaBlockSparsePlan:
+          sink_tokens=0, softcap=0.0, alibi=False, sinks=False) -> SdpaBlockSparsePlan:
     is_causal = False if causal == "none" else causal
     desc = SdpaBlockSparseDescriptor.from_tensors(
         q, k, v, block_size=block_size, scale=scale, is_causal=is_causal,
-        window_size=(window_left, window_right), sink_tokens=sink_tokens)
+        window_size=(window_left, window_right), sink_tokens=sink_tokens, softcap=softcap,
+        alibi=alibi, sinks=sinks)
     return plan_for(desc, q.device, backend or None)
+
+
+def _op_plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
+             sink_tokens, softcap, alibi_slopes, sinks):
+    """(plan, checked ScoreMods or None) of a custom op call."""
+    plan = _plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
+                 sink_tokens, softcap, alibi_slopes is not None, sinks is not None)
+    return plan, plan.score_mods(alibi_slopes, sinks)
 
 
 @torch.library.custom_op("baracuda::block_sparse_attention", mutates_args=())
@@ -127,14 +155,18 @@ def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               q_pos: Optional[torch.Tensor] = None,
                               k_pos: Optional[torch.Tensor] = None,
                               bits_slots: Optional[torch.Tensor] = None,
-                              bits_words: Optional[torch.Tensor] = None
+                              bits_words: Optional[torch.Tensor] = None,
+                              softcap: float = 0.0,
+                              alibi_slopes: Optional[torch.Tensor] = None,
+                              sinks: Optional[torch.Tensor] = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, lse) for a validated problem; pattern is a checked bool/uint8 [Bp, Hp, nq, nk];
-    q_ids .. bits_words: the tensors of a TokenRules (each None when absent)."""
-    plan = _plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
-                 sink_tokens)
+    q_ids .. bits_words: the tensors of a TokenRules (each None when absent); softcap,
+    alibi_slopes, sinks: the score modifiers (common.score_mods)."""
+    plan, mods = _op_plan(q, k, v, block_size, scale, is_causal, backend, window_left,
+                          window_right, sink_tokens, softcap, alibi_slopes, sinks)
     return attention_forward(plan, q, k, v, plan.block_lists(
-        pattern, _token_rules(q_ids, k_ids, q_pos, k_pos, bits_slots, bits_words)))
+        pattern, _token_rules(q_ids, k_ids, q_pos, k_pos, bits_slots, bits_words)), mods)
 
 
 def _token_rules(q_ids, k_ids, q_pos, k_pos, bits_slots, bits_words) -> Optional[TokenRules]:
@@ -153,9 +185,7 @@ def token_args(tokens: Optional[TokenRules]) -> tuple:
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, pattern, block_size, scale, is_causal, backend, window_left=-1, window_right=-1,
-      sink_tokens=0, q_ids=None, k_ids=None, q_pos=None, k_pos=None, bits_slots=None,
-      bits_words=None):
+def _(q, k, v, pattern, block_size, scale, is_causal, backend, *rest):
     lse_dtype = accumulator_dtype(q.dtype)
     y = output_like(q, v.shape[-1])
     return y, q.new_empty(q.shape[:-1], dtype=lse_dtype)
@@ -166,30 +196,31 @@ def block_sparse_attention_backward_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor, lse: torch.Tensor,
         dy: Optional[torch.Tensor], dlse: Optional[torch.Tensor], pattern: torch.Tensor,
         block_size: int, scale: float, is_causal: str, backend: str, need_dq: bool,
-        need_dkdv: bool, window_left: int = -1, window_right: int = -1,
-        sink_tokens: int = 0, q_ids: Optional[torch.Tensor] = None,
-        k_ids: Optional[torch.Tensor] = None, q_pos: Optional[torch.Tensor] = None,
-        k_pos: Optional[torch.Tensor] = None, bits_slots: Optional[torch.Tensor] = None,
-        bits_words: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv); a gradient that is not needed comes back as an empty tensor."""
-    plan = _plan(q, k, v, block_size, scale, is_causal, backend, window_left, window_right,
-                 sink_tokens)
+        need_dkdv: bool, need_dsinks: bool, window_left: int, window_right: int,
+        sink_tokens: int, q_ids: Optional[torch.Tensor], k_ids: Optional[torch.Tensor],
+        q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor],
+        bits_slots: Optional[torch.Tensor], bits_words: Optional[torch.Tensor], softcap: float,
+        alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks); a gradient that is not needed comes back as an empty tensor."""
+    plan, mods = _op_plan(q, k, v, block_size, scale, is_causal, backend, window_left,
+                          window_right, sink_tokens, softcap, alibi_slopes, sinks)
     lists = plan.block_lists(pattern, _token_rules(q_ids, k_ids, q_pos, k_pos, bits_slots,
                                                    bits_words))
     grads = attention_backward(plan, lists, q, k, v, y, lse, dy, dlse,
-                               (need_dq, need_dkdv, need_dkdv))
+                               (need_dq, need_dkdv, need_dkdv, need_dsinks), mods, sinks)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 @block_sparse_attention_backward_op.register_fake
 def _(q, k, v, y, lse, dy, dlse, pattern, block_size, scale, is_causal, backend, need_dq,
-      need_dkdv, window_left=-1, window_right=-1, sink_tokens=0, q_ids=None, k_ids=None,
-      q_pos=None, k_pos=None, bits_slots=None, bits_words=None):
+      need_dkdv, need_dsinks, *rest):
     def grad(ref, needed):
         return torch.empty_like(ref, memory_format=torch.contiguous_format) if needed \
             else q.new_empty(0)
-    return grad(q, need_dq), grad(k, need_dkdv), grad(v, need_dkdv)
+    sinks = rest[-1]
+    return (grad(q, need_dq), grad(k, need_dkdv), grad(v, need_dkdv),
+            grad(sinks, need_dsinks) if sinks is not None else q.new_empty(0))
 
 
 def _refuse(ctx, *grads):
@@ -206,24 +237,29 @@ block_sparse_attention_backward_op.register_autograd(_refuse, setup_context=_kee
 def _setup_context(ctx, inputs, output):
     q, k, v, pattern, block_size, scale, is_causal, backend, *rest = inputs
     y, lse = output
-    tokens = tuple(rest[3:]) + (None,) * (6 - len(rest[3:]))  # the six token tensors
-    ctx.save_for_backward(q, k, v, y, lse, pattern, *tokens)
+    optional = list(rest) + [d for _, d in _OPTIONAL[len(rest):]]  # defaults for the rest
+    window, tokens = optional[:3], optional[3:9]
+    softcap, alibi_slopes, sinks = optional[9:]
+    ctx.save_for_backward(q, k, v, y, lse, pattern, *tokens, alibi_slopes, sinks)
     ctx.static = (block_size, scale, is_causal, backend)
-    ctx.window = tuple(rest[:3])  # (window_left, window_right, sink_tokens) as given
+    ctx.window, ctx.softcap = tuple(window), softcap
     ctx.n_rest = len(rest)
 
 
 def _backward(ctx, dy, dlse):
-    q, k, v, y, lse, pattern, *tokens = ctx.saved_tensors
+    q, k, v, y, lse, pattern, *tokens, alibi_slopes, sinks = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    window = ctx.window + (-1, -1, 0)[len(ctx.window):]
-    dq, dk, dv = block_sparse_attention_backward_op(q, k, v, y, lse, dy, dlse, pattern,
-                                                    *ctx.static, need_q, need_k or need_v,
-                                                    *window, *tokens)
+    need_s = sinks is not None and ctx.needs_input_grad[8 + 11]
+    dq, dk, dv, ds = block_sparse_attention_backward_op(
+        q, k, v, y, lse, dy, dlse, pattern, *ctx.static, need_q, need_k or need_v, need_s,
+        *ctx.window, *tokens, ctx.softcap, alibi_slopes, sinks)
     # One gradient per op input: q, k, v, then none for the pattern, the four static
-    # arguments and the window / token arguments that were passed.
-    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-            None, None, None, None, None) + (None,) * ctx.n_rest
+    # arguments and the optional arguments that were passed, except the sinks' own.
+    grads = [dq if need_q else None, dk if need_k else None, dv if need_v else None,
+             None, None, None, None, None] + [None] * ctx.n_rest
+    if need_s:
+        grads[8 + 11] = ds
+    return tuple(grads)
 
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)

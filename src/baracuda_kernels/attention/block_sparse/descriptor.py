@@ -10,6 +10,7 @@ import torch
 from ...core import ElementKind, InvalidProblem
 from ..common.problem import (AttentionProblem, WindowRule, check_window, qkv_dims,
                               window_rule)
+from ..common.score_mods import ScoreModFlags, check_softcap
 
 
 def kernel_block_size(block_size: int, query_len: int, key_len: int) -> int:
@@ -42,6 +43,9 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
         num_kv_heads: Hkv, heads of k and v (None: H). Grouped-query attention when
             1 < H / Hkv (MQA when Hkv = 1): query head h reads K/V head h // (H // Hkv), as
             in torch SDPA's ``enable_gqa=True`` and flash-attn. H must be a multiple of Hkv.
+        softcap: 0.0 (none) or > 0: scores become softcap * tanh(score / softcap).
+        alibi, sinks: whether the calls bring ALiBi slopes / learnable sink logits
+            (``SdpaBlockSparseArgs.alibi_slopes`` / ``.sinks``; common.score_mods).
     """
 
     batch_size: int
@@ -57,9 +61,17 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
     num_kv_heads: Optional[int] = None
     window_size: tuple = (-1, -1)
     sink_tokens: int = 0
+    softcap: float = 0.0
+    alibi: bool = False
+    sinks: bool = False
 
     def __post_init__(self):
         self._validate(extra_extents=("block_size",))
+        object.__setattr__(self, "softcap", check_softcap(self.softcap))
+        for name in ("alibi", "sinks"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidProblem(f"{name} is {getattr(self, name)!r}; expected a bool "
+                                     f"(whether the calls bring {name} tensors).")
         window, sinks = check_window(self.window_size, self.sink_tokens)
         object.__setattr__(self, "window_size", window)
         object.__setattr__(self, "sink_tokens", sinks)
@@ -86,15 +98,22 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
         """The block size the kernels and lists work with (see ``kernel_block_size``)."""
         return kernel_block_size(self.block_size, self.query_len, self.key_len)
 
+    @property
+    def score_mods(self) -> ScoreModFlags:
+        """Which score modifiers the problem has."""
+        return ScoreModFlags(self.softcap, self.alibi, self.sinks)
+
     @classmethod
     def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
                      scale: Optional[float] = None, is_causal: bool = False,
-                     window_size: tuple = (-1, -1), sink_tokens: int = 0):
+                     window_size: tuple = (-1, -1), sink_tokens: int = 0,
+                     softcap: Optional[float] = None, alibi: bool = False, sinks: bool = False):
         """Descriptor for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv] (H % Hkv == 0)."""
         B, H, Hkv, Nq, Nk, Dk, Dv = qkv_dims(q, k, v)
         return cls(B, H, Nq, Nk, Dk, Dv, block_size, scale, is_causal,
                    ElementKind.from_torch(q.dtype), num_kv_heads=Hkv,
-                   window_size=tuple(window_size), sink_tokens=sink_tokens)
+                   window_size=tuple(window_size), sink_tokens=sink_tokens,
+                   softcap=check_softcap(softcap), alibi=alibi, sinks=sinks)
 
 
 @dataclass
@@ -108,6 +127,8 @@ class SdpaBlockSparseArgs:
     preallocated tensors, or leave None and ``plan.run`` allocates them.
     token_rules: per-token document ids / padding / prefix (``plan.token_rules(...)``) for a
     raw pattern or BlockPattern; a PreparedPattern carries its own.
+    alibi_slopes: float32 [H] or [B, H]; sinks: [H] learnable sink logits (each required
+    exactly when the descriptor says alibi / sinks; common.score_mods).
     """
 
     q: torch.Tensor
@@ -117,3 +138,5 @@ class SdpaBlockSparseArgs:
     y: Optional[torch.Tensor] = None
     lse: Optional[torch.Tensor] = None
     token_rules: Any = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    sinks: Optional[torch.Tensor] = None

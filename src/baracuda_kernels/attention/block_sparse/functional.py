@@ -26,7 +26,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            window_size: Optional[tuple] = None,
                            sink_tokens: Optional[int] = None, document_ids=None,
                            query_range=None, key_range=None, prefix_lengths=None,
-                           token_rules: Optional[TokenRules] = None):
+                           token_rules: Optional[TokenRules] = None,
+                           softcap: Optional[float] = None,
+                           alibi_slopes: Optional[torch.Tensor] = None,
+                           sinks: Optional[torch.Tensor] = None):
     """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
 
     y = softmax(scale * q @ k^T + mask) @ v, where mask is -inf outside the active blocks of
@@ -81,6 +84,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             With a PreparedPattern pass them to prepare_pattern instead.
         token_rules: ready TokenRules (``plan.token_rules(...)``, or a varlen pack's) instead
             of the four arguments above.
+        softcap: float > 0: scores become softcap * tanh(score / softcap) (Gemma 2, Grok);
+            gradients go through the tanh. None: no cap.
+        alibi_slopes: float32 [H] or [B, H]: score(i, j) -= slope * |j - i - off|, off the
+            diagonal of the window (0 with is_causal=True, else Nk - Nq: flash-attn's
+            bottom-right); positions replace indices under token positions (varlen,
+            prefix-LM). No gradient for the slopes (as flash-attn).
+        sinks: [H] learnable sink logits (gpt-oss): one extra logit per head in every
+            row's softmax denominator, with no value; lse includes it; a valid row with no
+            allowed key gets y = 0, lse = sink. Gets a gradient when it requires one.
+            Modifiers compose with patterns, token rules, windows, GQA and varlen; the cpu
+            backend has none (the reference runs them on the CPU).
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.
@@ -143,7 +157,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     desc = SdpaBlockSparseDescriptor.from_tensors(
         q, k, v, block_size=block_size, scale=scale, is_causal=is_causal,
         window_size=(-1, -1) if window_size is None else window_size,
-        sink_tokens=sink_tokens or 0)
+        sink_tokens=sink_tokens or 0, softcap=softcap, alibi=alibi_slopes is not None,
+        sinks=sinks is not None)
     device = check_qkv(desc, q, k, v)
     tokens = token_rules_for(desc.batch_size, desc.query_len, desc.key_len, device,
                              desc.is_causal, desc.window_size,
@@ -163,23 +178,26 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             y, lse = block_sparse_attention_op(q, k, v, pattern, desc.block_size,
                                                desc.softmax_scale, causal_arg(desc.is_causal),
                                                backend or "", *desc.window_size,
-                                               desc.sink_tokens, *token_args(tokens))
+                                               desc.sink_tokens, *token_args(tokens),
+                                               desc.softcap, alibi_slopes, sinks)
         else:
             # The dense route is asked only for a fully active prepared pattern (a memoised
             # answer), so sparse calls pay nothing here; plan.block_lists checks the
             # pattern's geometry on the other path.
             if not backend and not return_lse and isinstance(block_pattern, PreparedPattern) \
-                    and all_blocks_active(block_pattern):
+                    and not desc.score_mods.any and all_blocks_active(block_pattern):
                 block_pattern.check_matches(desc, device)
                 dense = dense_route(desc, device, True, deterministic)
                 if dense is not None:
                     return library_attention(dense, q, k, v)
             plan = plan_for(desc, device, backend or None)
+            mods = plan.score_mods(alibi_slopes, sinks)
             if getattr(block_pattern, "kernel_rules", None):
                 # Its rules are merged into desc / tokens above: hand over the checked mask.
                 block_pattern = canonical_pattern(desc, block_pattern, device)
-            y, lse = BlockSparseAttentionFunction.apply(q, k, v, plan,
-                                                        plan.block_lists(block_pattern, tokens))
+            y, lse = BlockSparseAttentionFunction.apply(q, k, v, sinks, plan,
+                                                        plan.block_lists(block_pattern, tokens),
+                                                        mods)
     return (y, lse) if return_lse else y
 
 

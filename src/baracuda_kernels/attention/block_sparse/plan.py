@@ -12,6 +12,7 @@ from ...core import (ArchSku, BackendKind, BackendRegistry, ElementKind, Invalid
 from ..common.backends import triton_unavailable_reason
 from ..common.kinds import AttentionKind
 from ..common.problem import check_outputs, check_qkv
+from ..common.score_mods import ScoreMods, sinks_grad
 from ..common.token_rules import TokenRules, token_rules_for
 from .block_lists import BlockLists
 from .cpu_fused import (block_sparse_attention_backward_cpu, block_sparse_attention_forward_cpu,
@@ -39,6 +40,9 @@ def cpu_unavailable_reason(desc, device) -> Optional[str]:
     """Why the fused CPU backend cannot run this problem (None when it can)."""
     if device.type != "cpu":
         return f"the cpu backend runs CPU tensors; the problem is on {device}"
+    if desc.score_mods.any:
+        return ("the cpu backend has no score modifiers (softcap, ALiBi, sinks): torch's "
+                "fused CPU attention cannot apply them; the reference backend runs them")
     return fused_cpu_unavailable_reason()
 
 
@@ -286,11 +290,29 @@ class SdpaBlockSparsePlan(Plan):
         """Compute (y, lse); writes into args.y / args.lse when given, else allocates them.
         Every check (tensors, outputs, pattern) runs before anything is written."""
         self._check_args(args)
+        mods = self.score_mods(args.alibi_slopes, args.sinks)
         lists = self.block_lists(args.block_pattern, args.token_rules)
-        args.y, args.lse = self._forward(args.q, args.k, args.v, lists, args.y, args.lse)
+        args.y, args.lse = self._forward(args.q, args.k, args.v, lists, args.y, args.lse, mods)
         return args.y, args.lse
 
-    def _forward(self, q, k, v, lists: BlockLists, y=None, lse=None):
+    def score_mods(self, alibi_slopes=None, sinks=None) -> Optional[ScoreMods]:
+        """The call's ALiBi slopes / sinks checked against the descriptor (which announces
+        them) and the problem's shapes; None when the problem has neither."""
+        d = self._desc
+        mods = ScoreMods(alibi_slopes, sinks)
+        d.score_mods.check_mods(mods)
+        if mods.empty:
+            return None
+        return mods.check_for(d.batch_size, d.num_heads, self._device, d.element.torch_dtype)
+
+    def _mod_kwargs(self, mods: Optional[ScoreMods]) -> dict:
+        """The launchers' softcap / mods arguments (none at all without modifiers: the
+        backends that have none never see them)."""
+        d = self._desc
+        return dict(softcap=d.softcap, mods=mods) if d.score_mods.any else {}
+
+    def _forward(self, q, k, v, lists: BlockLists, y=None, lse=None,
+                 mods: Optional[ScoreMods] = None):
         """Launch the forward on checked tensors; allocates y / lse when None. -> (y, lse)"""
         d = self._desc
         if y is None:
@@ -305,7 +327,8 @@ class SdpaBlockSparsePlan(Plan):
             # No value columns, but the scores (and so lse) exist: run on one zero column.
             v, y_out, y = v.new_zeros(v.shape[:-1] + (1,)), y, y.new_empty(y.shape[:-1] + (1,))
         kwargs = dict(block_size=d.kernel_block_size, scale=d.softmax_scale,
-                      is_causal=d.is_causal, y=y, lse=lse, window=d.window)
+                      is_causal=d.is_causal, y=y, lse=lse, window=d.window,
+                      **self._mod_kwargs(mods))
         with self.device_guard():
             if self._backend is BackendKind.TRITON:
                 from .triton_fwd import block_sparse_attention_forward_triton
@@ -323,8 +346,10 @@ class SdpaBlockSparsePlan(Plan):
         """Gradients (dq, dk, dv) of the forward in ``args`` (whose y and lse must hold the
         forward's outputs) for the upstream gradients dy [B,H,Nq,Dv] and, optionally, dlse
         [B,H,Nq] (the gradient of the returned lse; None = 0). dy may be None when only
-        lse was used. Preallocated dq/dk/dv (shaped like q/k/v) are written when given."""
+        lse was used. Preallocated dq/dk/dv (shaped like q/k/v) are written when given.
+        With learnable sinks (descriptor ``sinks=True``) it returns (dq, dk, dv, dsinks)."""
         self._check_args(args)
+        mods = self.score_mods(args.alibi_slopes, args.sinks)
         d = self._desc
         if args.y is None or args.lse is None:
             raise InvalidProblem("args.y and args.lse are None; expected the forward's outputs. "
@@ -341,12 +366,16 @@ class SdpaBlockSparsePlan(Plan):
                 check_tensor(name, given, tuple(ref.shape), ref.dtype, self._device)
         inputs = dict(self._inputs_of(args), y=args.y, lse=args.lse, dy=dy, dlse=dlse)
         check_no_overlap({"dq": dq, "dk": dk, "dv": dv}, inputs)
-        return self._backward(args.q, args.k, args.v, args.y, args.lse, dy,
-                              self.block_lists(args.block_pattern, args.token_rules), dq, dk,
-                              dv, dlse=dlse)
+        grads = self._backward(args.q, args.k, args.v, args.y, args.lse, dy,
+                               self.block_lists(args.block_pattern, args.token_rules), dq, dk,
+                               dv, dlse=dlse, mods=mods)
+        if d.sinks:
+            grads = grads + (sinks_grad(args.sinks, args.lse, args.y, dy, dlse),)
+        return grads
 
     def _backward(self, q, k, v, y, lse, dy, lists: BlockLists, dq=None, dk=None, dv=None, *,
-                  dlse=None, need_dq: bool = True, need_dkdv: bool = True):
+                  dlse=None, need_dq: bool = True, need_dkdv: bool = True,
+                  mods: Optional[ScoreMods] = None):
         """Launch the backward on checked tensors. dy: None (y unused) or any strides; dlse:
         None or the lse gradient. Allocates the wanted gradients (shaped like q / k / v)
         when None; -> (dq or None, dk or None, dv or None), None where not wanted."""
@@ -376,7 +405,7 @@ class SdpaBlockSparsePlan(Plan):
             dv_run = torch.empty_like(v_run) if need_dkdv else None
         kwargs = dict(block_size=d.kernel_block_size, scale=d.softmax_scale,
                       is_causal=d.is_causal, dq=dq, dk=dk, dv=dv_run, dlse=dlse,
-                      window=d.window)
+                      window=d.window, **self._mod_kwargs(mods))
         with self.device_guard():
             if self._backend is BackendKind.TRITON:
                 from .triton_bwd import block_sparse_attention_backward_triton

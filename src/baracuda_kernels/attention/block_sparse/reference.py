@@ -25,6 +25,7 @@ import torch
 
 from ..common.numerics import accumulator_dtype
 from ..common.problem import WindowRule, causal_offset
+from ..common.score_mods import alibi_offset
 from .block_lists import SKIP, BlockLists
 
 _GROUP_BUDGET = 1 << 22  # score-tile elements per group (16 MiB in float32)
@@ -117,17 +118,12 @@ def _allowed(g: _Group, block_size: int, is_causal, rows_are_queries: bool,
     this batch row's (q_ids, k_ids, q_pos, k_pos) (``TokenRules.rows``) or None: ids must
     match, and the causal rule and the window compare positions instead of indices; bits:
     (BlockBits, bp, hp) of this pattern slice (``_slice_bits``) or None."""
-    rows = g.rows.view(g.cols.shape[0], block_size)
     ok = g.col_ok[:, None, :].expand(-1, block_size, -1)
-    q_idx, k_idx = (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
-        (g.cols[:, None, :], rows[:, :, None])
-    q_tok, k_tok = q_idx, k_idx
-    if tokens is not None:
-        q_ids, k_ids, q_pos, k_pos = tokens
-        if q_ids is not None:
-            ok = ok & (q_ids[q_idx] == k_ids[k_idx])
-        if q_pos is not None:
-            q_tok, k_tok = q_pos[q_idx].long(), k_pos[k_idx].long()
+    q_idx, k_idx = _pair_indices(g, block_size, rows_are_queries)
+    q_tok, k_tok = _positions(q_idx, k_idx, tokens)
+    if tokens is not None and tokens[0] is not None:
+        q_ids, k_ids = tokens[:2]
+        ok = ok & (q_ids[q_idx] == k_ids[k_idx])
     if is_causal:
         ok = ok & (k_tok <= q_tok + offset)
     if window is not None:
@@ -137,6 +133,63 @@ def _allowed(g: _Group, block_size: int, is_causal, rows_are_queries: bool,
         b, h = (torch.tensor(i, device=q_idx.device) for i in (bp, hp))
         ok = ok & block_bits.allows(b, h, q_idx, k_idx)
     return ok
+
+
+def _pair_indices(g: _Group, block_size: int, rows_are_queries: bool):
+    """(query token index, key token index) of the group's pairs, broadcastable to [G, bs, L]."""
+    rows = g.rows.view(g.cols.shape[0], block_size)
+    return (rows[:, :, None], g.cols[:, None, :]) if rows_are_queries else \
+        (g.cols[:, None, :], rows[:, :, None])
+
+
+def _positions(q_idx, k_idx, tokens):
+    """Positions of the pairs: the token rules' positions where they have them, else the
+    indices (what the causal rule, the window and ALiBi compare)."""
+    if tokens is not None and tokens[2] is not None:
+        return tokens[2][q_idx].long(), tokens[3][k_idx].long()
+    return q_idx, k_idx
+
+
+@dataclass
+class _Mods:
+    """Score modifiers of one pattern slice (common.score_mods): softcap (0 = none), slopes
+    and sinks shaped [b, hk, g] of the slice (or None), ALiBi's diagonal offset."""
+
+    softcap: float
+    slopes: Optional[torch.Tensor]
+    sinks: Optional[torch.Tensor]
+    alibi_off: int
+
+    @classmethod
+    def of_slice(cls, softcap, mods, sl, Hkv: int, alibi_off: int, acc) -> Optional["_Mods"]:
+        if softcap <= 0 and (mods is None or mods.empty):
+            return None
+        bsl, ksl, gsl = sl
+
+        def per_head(t):  # [B|1, H] -> the slice's [b, hk, g]
+            if t is None:
+                return None
+            t5 = _grouped(t.to(acc), Hkv)
+            return t5[bsl if t5.shape[0] > 1 else slice(None), ksl, gsl]
+        return cls(softcap, per_head(mods.alibi_slopes if mods else None),
+                   per_head(mods.sinks[None] if mods and mods.sinks is not None else None),
+                   alibi_off)
+
+    def scores(self, s, g: _Group, block_size: int, rows_are_queries: bool, tokens):
+        """(s after the cap and ALiBi, the capped s (None without a cap)); s [b,hk,g,G,bs,L]."""
+        capped = None
+        if self.softcap > 0:
+            s = self.softcap * torch.tanh(s / self.softcap)
+            capped = s
+        if self.slopes is not None:
+            q_tok, k_tok = _positions(*_pair_indices(g, block_size, rows_are_queries), tokens)
+            dist = (k_tok - q_tok - self.alibi_off).abs().to(s.dtype)             # [G, bs, L]
+            s = s - self.slopes[..., None, None, None] * dist
+        return s, capped
+
+    def cap_grad(self, ds, capped):
+        """dS through the cap: d cap*tanh(s/cap) / ds = 1 - (capped / cap)^2."""
+        return ds if capped is None else ds * (1 - (capped / self.softcap) ** 2)
 
 
 def _probs(scores, lse, allowed=None):
@@ -152,9 +205,11 @@ def _probs(scores, lse, allowed=None):
 
 def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, block_size: int,
                                              scale: float, is_causal: bool, y, lse,
-                                             window: Optional[WindowRule] = None) -> None:
+                                             window: Optional[WindowRule] = None,
+                                             softcap: float = 0.0, mods=None) -> None:
     """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk],
-    v [B,Hkv,Nk,Dv] (query head h reads K/V head h // (H // Hkv))."""
+    v [B,Hkv,Nk,Dv] (query head h reads K/V head h // (H // Hkv)); softcap / mods: the
+    score modifiers (common.score_mods)."""
     acc = accumulator_dtype(q.dtype)
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -165,29 +220,44 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
     q, k, v = _without_padding(lists, q=q, k=k, v=v)
     q5, y5, lse5 = _grouped(q, Hkv), _grouped(y, Hkv), _grouped(lse, Hkv)
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
+    alibi_off = alibi_offset(is_causal, Nq, Nk)
     for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
         qs, ks, vs = q5[bsl, ksl, gsl], k5[bsl, ksl], v5[bsl, ksl]
         bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
+        md = _Mods.of_slice(softcap, mods, (bsl, ksl, gsl), Hkv, alibi_off, acc)
         for g in _groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device):
             G = g.cols.shape[0]
             qt = _gather(qs, g.rows.view(G, block_size), acc)        # [b,hk,g,G,bs,Dk]
             s = torch.matmul(qt, _gather(ks, g.cols, acc).transpose(-1, -2)) * scale
+            if md is not None:
+                s, _ = md.scores(s, g, block_size, True, _token_rows(lists, bp))
             allowed = _allowed(g, block_size, is_causal, True, offset, window,
                                _token_rows(lists, bp), _slice_bits(lists, bp, hp))
             s = s.masked_fill(~allowed, float("-inf"))
             row_lse = torch.logsumexp(s, dim=-1)                     # [b,hk,g,G,bs]
+            if md is not None and md.sinks is not None:  # the sink joins every valid row
+                live = _live_rows(lists, g.rows, bp)
+                live = live.view(G, block_size) if live.dim() else live
+                row_lse = torch.where(live, torch.logaddexp(row_lse, md.sinks[..., None, None]),
+                                      row_lse)
             p = _probs(s, row_lse[..., None])  # masked scores are -inf: exp gives 0
             out = torch.matmul(p, _gather(vs, g.cols, acc)).flatten(3, 4)
             keep = g.row_ok.nonzero().flatten()
             y5[bsl, ksl, gsl].index_copy_(3, g.rows[keep], out[:, :, :, keep].to(y.dtype))
             lse5[bsl, ksl, gsl].index_copy_(
                 3, g.rows[keep], row_lse.flatten(3)[:, :, :, keep].to(lse.dtype))
+    if mods is not None and mods.sinks is not None:
+        # Valid rows no block reached see only the sink: y = 0 (as written), lse = sink.
+        live = _live_rows(lists, torch.arange(Nq, device=q.device))
+        unseen = (lse == float("-inf")) & live
+        lse.copy_(torch.where(unseen, mods.sinks.to(lse.dtype)[None, :, None], lse))
 
 
 def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockLists, *,
                                               block_size: int, scale: float, is_causal: bool,
                                               dq, dk, dv, dlse=None,
-                                              window: Optional[WindowRule] = None) -> None:
+                                              window: Optional[WindowRule] = None,
+                                              softcap: float = 0.0, mods=None) -> None:
     """Writes dq, dk, dv (shaped like q, k, v; None = not wanted, dk and dv go together) from
     the upstream gradients dy [B,H,Nq,Dv] and dlse [B,H,Nq] (None = 0), rebuilding
     probabilities from the forward's lse. With GQA, dk/dv of a K/V head sum the
@@ -212,7 +282,10 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
     dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device) if dk is not None else None
     dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device) if dk is not None else None
     active_all = _active_blocks(lists)
+    alibi_off = alibi_offset(is_causal, Nq, Nk)
     for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
+        md = _Mods.of_slice(softcap, mods, (bsl, ksl, gsl), Hkv, alibi_off, acc)
+        capped = None
         qs, ks, vs, dys = q5[bsl, ksl, gsl], k5[bsl, ksl], v5[bsl, ksl], dy5[bsl, ksl, gsl]
         ls, ds_ = lse5[bsl, ksl, gsl], delta5[bsl, ksl, gsl]
         bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
@@ -223,11 +296,15 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             rows = g.rows.view(G, block_size)
             kt, vt = _gather(ks, g.cols, acc), _gather(vs, g.cols, acc)
             s = torch.matmul(_gather(qs, rows, acc), kt.transpose(-1, -2)) * scale
+            if md is not None:
+                s, capped = md.scores(s, g, block_size, True, _token_rows(lists, bp))
             p = _probs(s, _gather_rows(ls, rows)[..., None],
                        _allowed(g, block_size, is_causal, True, offset, window,
                                 _token_rows(lists, bp), _slice_bits(lists, bp, hp)))
             dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
             dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
+            if md is not None:
+                dsc = md.cap_grad(dsc, capped)
             out = (torch.matmul(dsc, kt) * scale).flatten(3, 4)
             keep = g.row_ok.nonzero().flatten()
             dq5[bsl, ksl, gsl].index_copy_(3, g.rows[keep], out[:, :, :, keep].to(dq.dtype))
@@ -238,12 +315,16 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
             rows = g.rows.view(G, block_size)
             qt, dyt = _gather(qs, g.cols, acc), _gather(dys, g.cols, acc)
             s_t = torch.matmul(_gather(ks, rows, acc), qt.transpose(-1, -2)) * scale
+            if md is not None:
+                s_t, capped = md.scores(s_t, g, block_size, False, _token_rows(lists, bp))
             p_t = _probs(s_t, _gather_rows(ls, g.cols)[..., None, :],
                          _allowed(g, block_size, is_causal, False, offset, window,
                                   _token_rows(lists, bp), _slice_bits(lists, bp, hp)))
             dv_out = torch.matmul(p_t, dyt).sum(2).flatten(2, 3)
             dp_t = torch.matmul(_gather(vs, rows, acc), dyt.transpose(-1, -2))
             ds_t = p_t * (dp_t - _gather_rows(ds_, g.cols)[..., None, :])
+            if md is not None:
+                ds_t = md.cap_grad(ds_t, capped)
             dk_out = (torch.matmul(ds_t, qt) * scale).sum(2).flatten(2, 3)
             keep = g.row_ok.nonzero().flatten()
             dk_acc[bsl, ksl].index_add_(2, g.rows[keep], dk_out[:, :, keep])
@@ -261,6 +342,18 @@ def _gather_rows(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def _token_rows(lists: BlockLists, bp: int):
     """The token rules of list batch row bp (lists carry the token batch when it is > 1)."""
     return None if lists.tokens is None else lists.tokens.rows(bp)
+
+
+def _live_rows(lists: BlockLists, rows: torch.Tensor, bp: Optional[int] = None) -> torch.Tensor:
+    """bool: query tokens ``rows`` that are not padding (negative ids): of list batch row bp
+    ([len(rows)]), or of every token batch row ([Bt, 1, len(rows)]) when bp is None; a True
+    scalar tensor when the lists carry no ids."""
+    tokens = lists.tokens
+    if tokens is None or not tokens.has_ids:
+        return torch.ones((), dtype=torch.bool, device=rows.device)
+    if bp is None:
+        return (tokens.q_ids[:, rows] >= 0)[:, None, :]
+    return tokens.rows(bp)[0][rows] >= 0
 
 
 def _slice_bits(lists: BlockLists, bp: int, hp: int):

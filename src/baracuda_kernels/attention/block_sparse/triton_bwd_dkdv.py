@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bits_tile, exp_base, kernel_scale, token_allowed,
-                                    token_values)
+from ..common.kernel_pieces import (block_bits_tile, exp_base, head_value, kernel_scale,
+                                    modified_scores, token_allowed, token_values)
 from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows
 
@@ -21,13 +21,15 @@ from .triton_bwd_pieces import _list_step, _load_rows
 def _dkdv_inner(
     dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row, it_lo, it_hi,
     stride_qn, stride_gn, offs_n, Nq, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
-    k_id, k_pos, q_ids, q_poss, slot_col, stride_sq, bits_words, n_in_block,
+    k_id, k_pos, q_ids, q_poss, slot_col, stride_sq, bits_words, n_in_block, cap, slope,
+    alibi_off,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
 
@@ -43,6 +45,8 @@ def _dkdv_inner(
     for MASKED steps: masked loads zero padding (see triton_fwd).
     HAS_BITS: the bits of block (query block, this key block) (slot ``slot_col[qb * stride_sq]``)
     at key rows ``n_in_block`` also decide.
+    HAS_SOFTCAP / HAS_ALIBI: as in triton_bwd_dq._dq_inner, on the transposed tile (slope:
+    this query head's).
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -74,13 +78,19 @@ def _dkdv_inner(
             delta = tl.load(delta_base + offs_m)
         # Transposed scores [BLOCK_N, BLOCK_M]: the results feed dV/dK without transposes.
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=dk.dtype)
-        p_t = exp_base(qk_t * qk_scale - lse2[None, :], IS_F64)
+        if HAS_POS and ((MASKED and (IS_CAUSAL or HAS_WINDOW)) or HAS_ALIBI):
+            q_pos = tl.load(q_poss + offs_m, mask=offs_m < Nq, other=0)
+        else:
+            q_pos = offs_m
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s_mod, capped = modified_scores(qk_t * qk_scale, q_pos[None, :], k_pos[:, None],
+                                            cap, slope, alibi_off, HAS_SOFTCAP, HAS_ALIBI,
+                                            IS_F64)
+            p_t = exp_base(s_mod - lse2[None, :], IS_F64)
+        else:
+            p_t = exp_base(qk_t * qk_scale - lse2[None, :], IS_F64)
         if MASKED:
             if IS_CAUSAL or HAS_WINDOW:
-                if HAS_POS:
-                    q_pos = tl.load(q_poss + offs_m, mask=row_ok, other=0)
-                else:
-                    q_pos = offs_m
                 p_t = tl.where(token_allowed(q_pos[None, :], k_pos[:, None], causal_offset,
                                              win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW),
                                p_t, 0.0)
@@ -93,6 +103,9 @@ def _dkdv_inner(
         dv = tl.dot(p_t.to(dy.dtype), dy, dv, input_precision=PRECISION, out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ratio = capped / cap
+            ds_t = ds_t * (1.0 - ratio * ratio)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=dk.dtype)
     return dk, dv
 
@@ -104,13 +117,14 @@ def _dkdv_one_head(
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
     b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, win_lo, win_hi, sinks, qk_scale,
     k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb, stride_sh, stride_sq,
-    n_in_block,
+    n_in_block, ALIBI, stride_ab, cap, alibi_off,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     IS_F64: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """Add query head h32's contribution to the dK, dV of one key tile: its FULL query
     blocks, then its PARTIAL ones, from its own list row (list head h32 // LIST_DIV)."""
@@ -120,6 +134,10 @@ def _dkdv_one_head(
     list_row = Q_INDEX + b * stride_ib + hl * stride_ih + kb.to(tl.int64) * stride_ir
     count_off = b * stride_cb + hl * stride_ch + kb
     slot_col = BITS_SLOTS + b * stride_sb + hl * stride_sh + kb
+    if HAS_ALIBI:
+        slope = head_value(ALIBI, b, h, 0, stride_ab, IS_F64)
+    else:
+        slope = qk_scale  # unused
     n_full = tl.load(Q_COUNT_FULL + count_off)
     n_all = tl.load(Q_COUNT + count_off)
     q_src = head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
@@ -134,27 +152,31 @@ def _dkdv_one_head(
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, causal_offset,
                          win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos, q_ids, q_poss,
-                         slot_col, stride_sq, BITS_WORDS, n_in_block,
+                         slot_col, stride_sq, BITS_WORDS, n_in_block, cap, slope, alibi_off,
                          BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
                          HAS_WINDOW, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA,
-                         HAS_IDS=HAS_IDS, HAS_POS=HAS_POS, HAS_BITS=HAS_BITS)
+                         HAS_IDS=HAS_IDS, HAS_POS=HAS_POS, HAS_BITS=HAS_BITS,
+                         HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_part, dy_part, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
                          causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos,
-                         q_ids, q_poss, slot_col, stride_sq, BITS_WORDS, n_in_block,
+                         q_ids, q_poss, slot_col, stride_sq, BITS_WORDS, n_in_block, cap,
+                         slope, alibi_off,
                          BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
                          IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True,
                          USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS,
-                         HAS_BITS=HAS_BITS)
+                         HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
-                                     "stride_sb", "stride_sh", "stride_sq"])
+                                     "stride_sb", "stride_sh", "stride_sq", "stride_ab",
+                                     "ALIBI_OFF"])
 def _bwd_dkdv_kernel(
     Q, K, V, DY, Q_RAW, DY_RAW, LSE2, DELTA, DK, DV,
     Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER, Q_IDS, K_IDS, Q_POS, K_POS, BITS_SLOTS, BITS_WORDS,
+    ALIBI,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -162,8 +184,9 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_ib, stride_ih, stride_ir,
-    stride_cb, stride_ch, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
+    stride_cb, stride_ch, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq, stride_ab,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
+    SOFTCAP, ALIBI_OFF,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -171,6 +194,7 @@ def _bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """Grid (B*Hkv*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block
     of one K/V head.
@@ -239,9 +263,10 @@ def _bwd_dkdv_kernel(
                 stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
                 b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
                 SINKS, qk_scale, k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb,
-                stride_sh, stride_sq, n_in_block,
+                stride_sh, stride_sq, n_in_block, ALIBI, stride_ab, SOFTCAP, ALIBI_OFF,
                 BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
-                HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS)
+                HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS,
+                HAS_SOFTCAP, HAS_ALIBI)
     else:
         dk, dv = _dkdv_one_head(
             dk, dv, k, v, Q, DY, Q_RAW, DY_RAW, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
@@ -249,9 +274,10 @@ def _bwd_dkdv_kernel(
             stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
             b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
             qk_scale, k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb, stride_sh,
-            stride_sq, n_in_block,
+            stride_sq, n_in_block, ALIBI, stride_ab, SOFTCAP, ALIBI_OFF,
             BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
-            HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS)
+            HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS,
+            HAS_SOFTCAP, HAS_ALIBI)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_dk[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & dk_ok[None, :])

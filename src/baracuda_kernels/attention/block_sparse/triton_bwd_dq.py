@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bits_tile, exp_base, kernel_scale, token_allowed,
-                                    token_values)
+from ..common.kernel_pieces import (block_bits_tile, exp_base, head_value, kernel_scale,
+                                    modified_scores, token_allowed, token_values)
 from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 
@@ -21,7 +21,8 @@ from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 def _dq_inner(
     dq, q, dy, lse2, delta, k_src, v_src, list_row, it_lo, it_hi,
     stride_kn, stride_vn, offs_m, Nk, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
-    q_id, q_pos, k_ids, k_poss, slot_row, bits_words, m_in_block, row_ok,
+    q_id, q_pos, k_ids, k_poss, slot_row, bits_words, m_in_block, row_ok, cap, slope,
+    alibi_off,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr,
@@ -29,6 +30,7 @@ def _dq_inner(
     PRECISION: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles it_lo..it_hi of the block list.
 
@@ -39,6 +41,8 @@ def _dq_inner(
     Token rules (MASKED steps only, see triton_fwd._attend_blocks): a padded key counts as a
     key past the end (k = v = 0, P = 0); with ids the kernel passes pointers (USE_TMA off).
     HAS_BITS: the block's bits (slot ``slot_row[kb]``) at rows ``m_in_block`` also decide.
+    HAS_SOFTCAP / HAS_ALIBI: P from the modified scores (kernel_pieces.modified_scores), and
+    dS through the cap's tanh: d cap*tanh(s/cap) / ds = 1 - (capped / cap)^2.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -60,14 +64,19 @@ def _dq_inner(
         v = _load_rows(v_src, b32, h32, col0, offs_n, col_ok, stride_vn, offs_dv, dv_ok,
                        CHECK_COLS, BLOCK_DV != D_V, USE_TMA, BLOCK_N, BLOCK_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=dq.dtype)
-        p = exp_base(qk * qk_scale - lse2[:, None], IS_F64)
+        if HAS_POS and ((MASKED and (IS_CAUSAL or HAS_WINDOW)) or HAS_ALIBI):
+            k_pos = tl.load(k_poss + offs_n, mask=offs_n < Nk, other=0)
+        else:
+            k_pos = offs_n
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s_mod, capped = modified_scores(qk * qk_scale, q_pos[:, None], k_pos[None, :], cap,
+                                            slope, alibi_off, HAS_SOFTCAP, HAS_ALIBI, IS_F64)
+            p = exp_base(s_mod - lse2[:, None], IS_F64)
+        else:
+            p = exp_base(qk * qk_scale - lse2[:, None], IS_F64)
         if MASKED:
             allowed = col_ok[None, :]
             if IS_CAUSAL or HAS_WINDOW:
-                if HAS_POS:
-                    k_pos = tl.load(k_poss + offs_n, mask=col_ok, other=0)
-                else:
-                    k_pos = offs_n
                 allowed = allowed & token_allowed(q_pos[:, None], k_pos[None, :],
                                                   causal_offset, win_lo, win_hi, sinks,
                                                   IS_CAUSAL, HAS_WINDOW)
@@ -83,17 +92,21 @@ def _dq_inner(
             p = tl.where(col_ok[None, :], p, 0.0)
         dp = tl.dot(dy, tl.trans(v), input_precision=PRECISION, out_dtype=dq.dtype)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ratio = capped / cap
+            ds = ds * (1.0 - ratio * ratio)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=dq.dtype)
     return dq
 
 
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
-                                     "stride_sb", "stride_sh", "stride_sq"])
+                                     "stride_sb", "stride_sh", "stride_sq", "stride_ab",
+                                     "ALIBI_OFF"])
 def _bwd_dq_kernel(
     Q, K, V, K_RAW, V_RAW, DY, LSE2, DELTA, DQ,
     KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE, Q_IDS, K_IDS, Q_POS, K_POS,
-    BITS_SLOTS, BITS_WORDS,
+    BITS_SLOTS, BITS_WORDS, ALIBI,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -104,7 +117,9 @@ def _bwd_dq_kernel(
     stride_yb, stride_yh, stride_yn,
     stride_lb, stride_lh, stride_ln,
     stride_db, stride_dh, stride_dn, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
+    stride_ab,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
+    SOFTCAP, ALIBI_OFF,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -113,6 +128,7 @@ def _bwd_dq_kernel(
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_DLSE: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
 
@@ -188,21 +204,26 @@ def _bwd_dq_kernel(
     v_part = masked_step_source(v_src, V_RAW, b, hk32.to(tl.int64), stride_vb, stride_vh,
                                 PARTIAL_TMA)
     b32 = bh // H
+    if HAS_ALIBI:
+        slope = head_value(ALIBI, b, h, 0, stride_ab, IS_F64)
+    else:
+        slope = qk_scale  # unused
     # FULL blocks (no mask arithmetic), then PARTIAL ones.
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
                    stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
                    qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, slot_row, BITS_WORDS,
-                   m_in_block, row_ok, BS, D_K, D_V, BLOCK_DK,
+                   m_in_block, row_ok, SOFTCAP, slope, ALIBI_OFF, BS, D_K, D_V, BLOCK_DK,
                    BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION,
                    MASKED=False, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS,
-                   HAS_BITS=HAS_BITS)
+                   HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI)
     dq = _dq_inner(dq, q, dy, lse2, delta, k_part, v_part, list_row, n_full * SUBS_N,
                    n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO,
                    WIN_HI, SINKS, qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, slot_row,
-                   BITS_WORDS, m_in_block, row_ok, BS, D_K, D_V,
+                   BITS_WORDS, m_in_block, row_ok, SOFTCAP, slope, ALIBI_OFF, BS, D_K, D_V,
                    BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64,
                    PRECISION, MASKED=True, USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS,
-                   HAS_POS=HAS_POS, HAS_BITS=HAS_BITS)
+                   HAS_POS=HAS_POS, HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP,
+                   HAS_ALIBI=HAS_ALIBI)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])

@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bits_tile, exp_base, kernel_scale, token_allowed,
-                                    token_values)
+from ..common.kernel_pieces import (block_bits_tile, exp_base, head_value, kernel_scale,
+                                    modified_scores, token_allowed, token_values)
+from ..common.score_mods import ScoreModFlags, ScoreMods, alibi_offset, kernel_mod_args
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
 from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import (head_source, masked_step_source, row_tile_descriptor,
@@ -38,7 +39,7 @@ __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_fo
 def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_lo, it_hi,
                    offs_m, stride_kn, stride_vn, Nk, causal_offset, win_lo, win_hi, sinks,
                    qk_scale, q_id, q_pos, k_ids, k_poss, slot_row, bits_words, rows_in_block,
-                   row_ok,
+                   row_ok, cap, slope, alibi_off,
                    D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
                    DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                    STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
@@ -46,7 +47,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                    SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
                    DOT_PRECISION: tl.constexpr,
                    USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr,
-                   HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr):
+                   HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
 
     One flat loop over (block, column step) pairs, so the software pipeliner sees a single
@@ -59,6 +61,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
     a padded key (id < 0) is treated like a key past the end: never read, never attended.
     HAS_BITS: the block's bits (slot ``slot_row[kb]`` of ``bits_words``, block_bits_tile)
     at rows ``rows_in_block`` (valid where ``row_ok``) also decide.
+    HAS_SOFTCAP / HAS_ALIBI: scores go through ``modified_scores`` (cap, per-row slope [M],
+    alibi_off: common.score_mods) in every block, FULL ones included.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, DK_PAD)
@@ -114,14 +118,19 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
             else:
                 k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        MODS: tl.constexpr = HAS_SOFTCAP or HAS_ALIBI
+        if HAS_POS and ((PARTIAL and (IS_CAUSAL or HAS_WINDOW)) or HAS_ALIBI):
+            k_pos = tl.load(k_poss + offs_n, mask=offs_n < Nk, other=0)
+        else:
+            k_pos = offs_n
+        if MODS:
+            s_mod, _ = modified_scores(qk * qk_scale, q_pos[:, None], k_pos[None, :], cap,
+                                       slope[:, None], alibi_off, HAS_SOFTCAP, HAS_ALIBI,
+                                       IS_F64)
 
         if MASK_COLS:
             keep = col_ok[None, :]
             if PARTIAL and (IS_CAUSAL or HAS_WINDOW):
-                if HAS_POS:
-                    k_pos = tl.load(k_poss + offs_n, mask=col_ok, other=0)
-                else:
-                    k_pos = offs_n
                 keep = keep & token_allowed(q_pos[:, None], k_pos[None, :], causal_offset,
                                             win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW)
             if PARTIAL and HAS_IDS:
@@ -131,12 +140,19 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                 keep = keep & block_bits_tile(bits_words, slot, rows_in_block, row_ok,
                                               offs_n - blk0, col0 - blk0, BLOCK, False)
             # Scale before masking: -inf * 0 would be NaN for scale == 0.
-            s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
+            if MODS:
+                s_ij = tl.where(keep, s_mod, float("-inf"))
+            else:
+                s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s_ij, 1))
             # A row with nothing allowed so far keeps m = -inf; subtract 0 instead so that
             # exp(-inf - (-inf)) never makes a NaN.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = exp_base(s_ij - m_use[:, None], IS_F64)
+        elif MODS:
+            m_new = tl.maximum(m_i, tl.max(s_mod, 1))
+            m_use = m_new
+            p = exp_base(s_mod - m_use[:, None], IS_F64)
         else:
             # No mask: every score is finite, so m_new is finite. max(qk) * scale keeps the
             # scale in a fused multiply-add with the subtraction below.
@@ -170,11 +186,12 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 # Lengths and counts are not specialised (alignment of them never helps here), so a new
 # sequence length does not trigger a recompile; strides are, for vectorised loads.
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET",
-                                     "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
-                                     "stride_sb", "stride_sh", "stride_sq"])
+                                     "WIN_LO", "WIN_HI", "SINK_TOKENS", "stride_tq", "stride_tk",
+                                     "stride_sb", "stride_sh", "stride_sq", "stride_ab",
+                                     "ALIBI_OFF"])
 def _block_sparse_fwd_kernel(
     Q, K, V, K_RAW, V_RAW, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT, Q_IDS, K_IDS, Q_POS, K_POS,
-    BITS_SLOTS, BITS_WORDS,
+    BITS_SLOTS, BITS_WORDS, ALIBI, SINKS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -182,7 +199,9 @@ def _block_sparse_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
-    H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
+    stride_ab,
+    H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
+    SINK_TOKENS, SOFTCAP, ALIBI_OFF,
     D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
@@ -190,7 +209,8 @@ def _block_sparse_fwd_kernel(
     IS_F64: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WIDE_TILE: tl.constexpr,
     PACK_ROWS: tl.constexpr, HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_BITS: tl.constexpr,
+    HAS_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
 
@@ -213,6 +233,9 @@ def _block_sparse_fwd_kernel(
     tile in registers cost ~2 us per block (measured, H200).
     HAS_BITS: int32 slots [Bs, Hs, nq, nk] (strides stride_sb / stride_sh, 0 when broadcast,
     and stride_sq per query block) into the words of cut blocks (patterns.block_bits).
+    Score modifiers (common.score_mods): SOFTCAP (exponent base), ALIBI slopes [B|1, H]
+    (batch stride stride_ab), ALIBI_OFF the diagonal they measure from, SINKS [H] (one
+    logit per head in every valid row's denominator, folded in after the last block).
     """
     pid = tl.program_id(0)
     bh = pid // n_tiles  # (b, h), or (b, K/V head) when packed
@@ -278,19 +301,41 @@ def _block_sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)
     l_i = tl.zeros([BLOCK_M], acc_ty)
     acc = tl.zeros([BLOCK_M, DV_PAD], acc_ty)
+    if HAS_ALIBI:
+        slope = head_value(ALIBI, b64, head_rows, r, stride_ab, IS_F64)
+    else:
+        slope = l_i  # unused
 
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, q_id, q_pos,
-        k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, D_K, D_V,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINK_TOKENS, qk_scale, q_id,
+        q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, SOFTCAP, slope,
+        ALIBI_OFF, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW,
-        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS)
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
+        HAS_SOFTCAP, HAS_ALIBI)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_part, v_part, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
-        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS, qk_scale, q_id, q_pos,
-        k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, D_K, D_V,
+        stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINK_TOKENS, qk_scale, q_id,
+        q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, SOFTCAP, slope,
+        ALIBI_OFF, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW,
-        SCALE_NONNEG, IS_F64, DOT_PRECISION, PARTIAL_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS)
+        SCALE_NONNEG, IS_F64, DOT_PRECISION, PARTIAL_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
+        HAS_SOFTCAP, HAS_ALIBI)
+
+    if HAS_SINKS:
+        # The sink: one more logit in the denominator of every valid row, no value. A valid
+        # row that saw no key ends with l = exp(0) = 1 around m = sink: y = 0, lse = sink.
+        sink = head_value(SINKS, 0, head_rows, r, 0, IS_F64)
+        live = row_ok
+        if HAS_IDS:
+            live = live & (q_id >= 0)
+        m_f = tl.maximum(m_i, sink)
+        alpha = exp_base(m_i - m_f, IS_F64)  # m_i = -inf (no key yet): 0
+        l_f = l_i * alpha + exp_base(sink - m_f, IS_F64)
+        acc = tl.where(live[:, None], acc * alpha[:, None], acc)
+        l_i = tl.where(live, l_f, l_i)
+        m_i = tl.where(live, m_f, m_i)
 
     # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
     # or inf in q or k) make l NaN: such a row is not "empty", its NaN reaches y and lse.
@@ -315,6 +360,7 @@ def block_sparse_attention_forward_triton(
     scale: float, is_causal: bool, y: torch.Tensor, lse: torch.Tensor,
     config: ForwardConfig | None = None, allow_tf32: bool = False,
     pack_gqa: bool | None = None, window: WindowRule | None = None,
+    softcap: float = 0.0, mods: ScoreMods | None = None,
 ) -> None:
     """Launch the forward kernel; writes ``y`` and ``lse`` in place. No host synchronisation.
 
@@ -338,6 +384,8 @@ def block_sparse_attention_forward_triton(
             token in PARTIAL blocks (the lists must have been built with the same window).
         pack_gqa: pack the query heads of a GQA group into one tile (see ``pack_gqa_tiles``);
             None decides automatically, True packs wherever allowed, False never.
+        softcap, mods: score modifiers (common.score_mods; softcap 0 = none, mods checked
+            by ``ScoreMods.check_for``).
     """
     B, H, Nq, d_k = q.shape
     Hkv, Nk, d_v = k.shape[1], k.shape[2], v.shape[3]
@@ -400,17 +448,22 @@ def block_sparse_attention_forward_triton(
     grid = (B * heads_in_grid * n_tiles,)
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (cnt,) * 4 + (0, 0)
     bits = bits_kernel_args(lists, cnt)
+    flags = ScoreModFlags(softcap, mods is not None and mods.alibi_slopes is not None,
+                          mods is not None and mods.sinks is not None)
+    cap, slopes, stride_ab, sinks = kernel_mod_args(flags, mods, is_f64, lse)
     _block_sparse_fwd_kernel[grid](
         q, k_arg, v_arg, k, v, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4], *bits[:2],
+        slopes, sinks,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         sib, sih, idx.stride(2), idx.stride(3),
-        scb, sch, cnt.stride(2), *token_args[4:], *bits[2:],
+        scb, sch, cnt.stride(2), *token_args[4:], *bits[2:], stride_ab,
         H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
-        causal_offset(is_causal, Nq, Nk), *window_args(window),
+        causal_offset(is_causal, Nq, Nk), *window_args(window), cap,
+        alibi_offset(is_causal, Nq, Nk),
         D_K=d_k, D_V=d_v, DK_PAD=dk_pad, DV_PAD=dv_pad,
         BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn,
         TILES_PER_BLOCK=tiles_per_block, STEPS=-(-block_size // bn),
@@ -420,7 +473,8 @@ def block_sparse_attention_forward_triton(
         WIDE_TILE=wide_tile_offsets(bn, k.stride(2), v.stride(2), d_k, d_v),
         PACK_ROWS=pack_rows, HAS_IDS=tokens is not None and tokens.has_ids,
         HAS_POS=tokens is not None and tokens.has_positions,
-        HAS_BITS=tokens is not None and tokens.has_bits, num_warps=warps,
+        HAS_BITS=tokens is not None and tokens.has_bits, HAS_SOFTCAP=flags.softcap > 0,
+        HAS_ALIBI=flags.alibi, HAS_SINKS=flags.sinks, num_warps=warps,
         num_stages=config.num_stages,
     )
 

@@ -97,3 +97,45 @@ def block_bits_tile(WORDS, slot, rows, row_ok, cols, col_first, BLOCK: tl.conste
     else:
         bits = (word >> shift[None, :]) & 1
     return bits != 0
+
+
+@triton.jit
+def soft_cap(s, cap, IS_F64: tl.constexpr):
+    """cap * tanh(s / cap), s and cap in the same units (the kernels' exponent base). tanh
+    through one exponential, 1 - 2 / (exp(2x) + 1): exact limits +-cap where exp overflows
+    or vanishes, and the interpreter needs no libdevice."""
+    x = s / cap
+    if IS_F64:
+        e = tl.exp(2.0 * x)
+    else:
+        e = tl.exp2(2.8853900817779268 * x)  # exp(2x) = 2^(2 log2(e) x)
+    return cap * (1.0 - 2.0 / (e + 1.0))
+
+
+@triton.jit
+def modified_scores(s, q_pos, k_pos, cap, slope, alibi_off, HAS_SOFTCAP: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, IS_F64: tl.constexpr):
+    """Scores s (scaled, exponent base) after the score modifiers (common.score_mods):
+    soft-capped, then minus slope * |k_pos - q_pos - alibi_off| (ALiBi). q_pos / k_pos /
+    slope broadcast against s (slope per row). Returns (scores, capped scores: what the
+    soft-cap gradient needs, s itself without a cap)."""
+    if HAS_SOFTCAP:
+        s = soft_cap(s, cap, IS_F64)
+    t = s
+    if HAS_ALIBI:
+        dist = tl.abs(k_pos - q_pos - alibi_off)
+        s = s - slope * dist.to(s.dtype)
+    return s, t
+
+
+@triton.jit
+def head_value(PTR, b, heads, rows, stride_b, IS_F64: tl.constexpr):
+    """A per-(b, head) float (ALiBi slope, sink logit) for every row of a tile, in the
+    kernels' exponent base (times log2(e) below f64): ``heads`` a scalar or per-row vector,
+    ``rows`` the tile's row vector (sets the shape)."""
+    x = tl.load(PTR + b * stride_b + heads + rows * 0)
+    if IS_F64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32) * 1.4426950408889634
+    return x
