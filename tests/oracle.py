@@ -77,11 +77,16 @@ def as_4d(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int) 
 
 
 def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, dtype=None,
-                    window_size=(-1, -1), sink_tokens=0, extra_mask=None):
+                    window_size=(-1, -1), sink_tokens=0, extra_mask=None, softcap=0.0,
+                    alibi_slopes=None, sinks=None, live_rows=None):
     """Returns (y, lse) computed densely in `dtype` (default float64).
 
     Fully masked rows give y = 0 and lse = -inf. q/k/v are [B, H, N, D]. extra_mask: bool
     broadcastable to [B, H, Nq, Nk], ANDed with the pattern's token mask.
+    Score modifiers, from their definitions (common.score_mods): softcap: s = c tanh(s / c);
+    alibi_slopes [H] / [B, H]: s -= slope |j - i - off| (off = 0 for is_causal=True, else
+    Nk - Nq); sinks [H]: one more logit per row in the denominator (rows of ``live_rows``,
+    bool [B|1, Nq], all by default), so an empty live row gets y = 0, lse = sink.
     """
     dtype = dtype or torch.float64
     Nq, Nk = q.shape[-2], k.shape[-2]
@@ -92,13 +97,29 @@ def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, d
         mask = mask & extra_mask.to(mask.device)
     qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
     s = (qd @ kd.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        i = torch.arange(Nq, device=s.device)[:, None]
+        j = torch.arange(Nk, device=s.device)[None, :]
+        off = 0 if is_causal is True else Nk - Nq
+        slopes = alibi_slopes.to(s.device, dtype).reshape(-1, q.shape[1], 1, 1)
+        s = s - slopes * (j - i - off).abs().to(dtype)
     s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(s.device, dtype).view(1, -1, 1, 1).expand(s.shape[0], -1, Nq, 1)
+        if live_rows is not None:
+            live = live_rows.to(s.device).reshape(-1, 1, Nq, 1)
+            sink = torch.where(live, sink, float("-inf"))
+        s = torch.cat([s, sink], -1)
     # Stable softmax that stays differentiable (and NaN-free) on fully masked rows.
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     denom = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if sinks is not None:
+        p = p[..., :-1]  # the sink's probability has no value
     y = p @ vd
     lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     lse = (torch.log(denom.to(lse_dtype)) + m.to(lse_dtype)).squeeze(-1)

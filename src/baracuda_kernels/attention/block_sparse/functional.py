@@ -142,6 +142,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         window_size, sink_tokens, token_kwargs = with_pattern_rules(
             block_pattern, window_size, sink_tokens, token_kwargs)
         has_tokens = any(v is not None for v in token_kwargs.values())
+    _check_alibi_positions(alibi_slopes, token_kwargs.get("prefix_lengths"), block_pattern)
     if token_rules is not None and has_tokens:
         raise InvalidProblem("token_rules was passed with document_ids / query_range / key_range "
                              "/ prefix_lengths (or a pattern carrying documents / a prefix); "
@@ -213,6 +214,20 @@ def _from_prepared(prepared: PreparedPattern, block_size, is_causal, window_size
                 f"{name}={given} was passed with a PreparedPattern prepared for {name}={own}; "
                 f"expected them to agree. Leave {name} out, or prepare the pattern again.")
     return prepared.block_size, prepared.is_causal, prepared.window_size, prepared.sink_tokens
+
+
+def _check_alibi_positions(alibi_slopes, prefix_lengths, block_pattern) -> None:
+    """ALiBi measures distances between token positions; a prefix-LM moves the query
+    positions of its prefix (that is how its causal rule is stated), so the two do not mix."""
+    if alibi_slopes is None:
+        return
+    prepared_prefix = isinstance(block_pattern, PreparedPattern) and \
+        block_pattern.token_rules is not None and block_pattern.token_rules.has_positions
+    if prefix_lengths is not None or prepared_prefix:
+        raise InvalidProblem(
+            "alibi_slopes was given with a prefix-LM (prefix_lengths, or a prefix_lm pattern); "
+            "expected one of them: the prefix rule shifts query positions, which ALiBi would "
+            "read as distances. Use a block pattern / token mask for the prefix instead.")
 
 
 def _tracing(q: torch.Tensor) -> bool:

@@ -33,7 +33,10 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   block_size: int = 128, is_causal=False,
                                   window_size: Optional[tuple] = None, sink_tokens: int = 0,
                                   scale: Optional[float] = None, return_lse: bool = False,
-                                  backend: Optional[str] = None):
+                                  backend: Optional[str] = None,
+                                  softcap: Optional[float] = None,
+                                  alibi_slopes: Optional[torch.Tensor] = None,
+                                  sinks: Optional[torch.Tensor] = None):
     """Attention over a pack of variable-length sequences, differentiable in q, k and v.
 
     Sequence s owns queries ``cu_seqlens_q[s] <= t < cu_seqlens_q[s+1]`` of q and keys
@@ -71,6 +74,9 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         return_lse: also return lse [H, Tq] (flash-attn's varlen layout; float32, float64
             for f64), differentiable.
         backend: None (automatic), "triton", "cpu" or "reference".
+        softcap, sinks: score modifiers as in ``block_sparse_attention``; alibi_slopes
+            float32 [H] (one slope per head, for every sequence), distances measured inside
+            each sequence from its causal diagonal (bottom-right unless is_causal=True).
 
     Returns:
         y [Tq, H, Dv] (and lse [H, Tq] when return_lse).
@@ -94,8 +100,16 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             f"cu_seqlens_q has {cu_q.numel() - 1} sequences and cu_seqlens_k "
             f"{cu_k.numel() - 1}; expected one count (sequence s: its queries and its keys).")
     window = (-1, -1) if window_size is None else tuple(window_size)
-    positioned = bool(is_causal) or window != (-1, -1)
-    tokens = pack_token_rules(cu_q, cu_k, Tq, Tk, is_causal if positioned else False)
+    if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor)
+                                     or alibi_slopes.dim() != 1):
+        raise InvalidProblem(
+            f"alibi_slopes has shape {tuple(getattr(alibi_slopes, 'shape', ()))}; expected "
+            f"[{q.shape[1]}] (one slope per head) for a varlen pack.")
+    # Positions inside each sequence when a rule measures them: the causal rule's alignment,
+    # else bottom-right (the window's and ALiBi's diagonal without is_causal=True).
+    positioned = bool(is_causal) or window != (-1, -1) or alibi_slopes is not None
+    alignment = is_causal if is_causal else "bottom_right"
+    tokens = pack_token_rules(cu_q, cu_k, Tq, Tk, alignment if positioned else False)
     nq, nk = -(-Tq // block_size), -(-Tk // block_size)
     if sequence_pattern is not None:
         seq_pattern, bits = _sequence_pattern(sequence_pattern, cu_q, cu_k, Tq, Tk, block_size,
@@ -110,7 +124,7 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     out = block_sparse_attention(
         q4, k4, v4, block_pattern, block_size=block_size, is_causal=is_causal, scale=scale,
         return_lse=return_lse, backend=backend, window_size=window, sink_tokens=sink_tokens,
-        token_rules=tokens)
+        token_rules=tokens, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     if return_lse:
         y, lse = out
         return y[0].transpose(0, 1), lse[0]
