@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|all] [extra pytest args...]
+#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|all]
+#                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
 # Runs from the working tree (no install); the device image has torch and triton.
 set -uo pipefail
@@ -59,6 +60,16 @@ if [[ "$stage" == tokens+ab || "$stage" == tokens ]]; then
   python3 -m baracuda_kernels bench --preset tokens --out "$OUT/tokens" 2> "$OUT/tokens/progress.log" > "$OUT/bench_tokens.log" || status=$?
   tail -n 40 "$OUT/bench_tokens.log"
   tar czf "$OUT/tokens.tgz" -C "$OUT" tokens && rm -rf "$OUT/tokens"
+fi
+if [[ "$stage" == mods || "$stage" == mods+tests ]]; then
+  # Score modifiers (softcap, ALiBi, sinks) vs FlexAttention with the same score_mod.
+  python3 scripts/probe_score_mods.py > "$OUT/probe_score_mods.log" 2>&1 || status=$?
+  cat "$OUT/probe_score_mods.log"
+fi
+if [[ "$stage" == mods+tests ]]; then
+  python3 -m pytest tests -q -n 8 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
+  status=$?
+  tail -n 25 "$OUT/gpu_tests.log"
 fi
 if [[ "$stage" == probe-tokens || "$stage" == probe-tokens+ab ]]; then
   # Document ids: ids vs coarsened blocks, short-row vs default tiles, varlen; the window.
