@@ -37,7 +37,7 @@ import torch
 from ...core import PlanCache, PlanPreference, Unsupported, resolve_device
 from ..common.autograd_pieces import refuse_double_backward
 from ..common.numerics import accumulator_dtype
-from ..common.score_mods import sinks_grad
+from ..common.score_mods import row_delta, sinks_grad
 from .descriptor import SdpaBlockSparseDescriptor
 from ..patterns.block_bits import BlockBits
 from ..common.token_rules import TokenRules
@@ -77,11 +77,16 @@ def attention_backward(plan: SdpaBlockSparsePlan, lists, q, k, v, y, lse, dy, dl
     if not (need_q or need_k or need_v or need_s) or (dy is None and dlse is None):
         return None, None, None, None
     if not torch.is_grad_enabled():
-        dq = dk = dv = None
+        dq = dk = dv = delta = None
         if need_q or need_k or need_v:
-            dq, dk, dv = plan._backward(q, k, v, y, lse, dy, lists, dlse=dlse, need_dq=need_q,
-                                        need_dkdv=need_k or need_v, mods=mods)
-        ds = sinks_grad(sinks, lse, y, dy, dlse) if need_s else None
+            dq, dk, dv, delta = plan._backward(q, k, v, y, lse, dy, lists, dlse=dlse,
+                                               need_dq=need_q, need_dkdv=need_k or need_v,
+                                               mods=mods, want_delta=True)
+        ds = None
+        if need_s:  # the backward's own delta when it ran (no second read of y and dy)
+            if delta is None:
+                delta = row_delta(y, dy, dlse, lse.dtype)
+            ds = sinks_grad(sinks, lse, delta)
         return dq, (dk if need_k else None), (dv if need_v else None), ds
     # create_graph=True: compute the gradients without history, then tie them to the inputs
     # through a node that refuses to be differentiated (no silent zero second derivative).

@@ -12,7 +12,7 @@ from ...core import (ArchSku, BackendKind, BackendRegistry, ElementKind, Invalid
 from ..common.backends import triton_unavailable_reason
 from ..common.kinds import AttentionKind
 from ..common.problem import check_outputs, check_qkv
-from ..common.score_mods import ScoreMods, sinks_grad
+from ..common.score_mods import ScoreMods, row_delta, sinks_grad
 from ..common.token_rules import TokenRules, token_rules_for
 from .block_lists import BlockLists
 from .cpu_fused import (block_sparse_attention_backward_cpu, block_sparse_attention_forward_cpu,
@@ -370,15 +370,18 @@ class SdpaBlockSparsePlan(Plan):
                                self.block_lists(args.block_pattern, args.token_rules), dq, dk,
                                dv, dlse=dlse, mods=mods)
         if d.sinks:
-            grads = grads + (sinks_grad(args.sinks, args.lse, args.y, dy, dlse),)
+            delta = row_delta(args.y, dy, dlse, args.lse.dtype)
+            grads = grads + (sinks_grad(args.sinks, args.lse, delta),)
         return grads
 
     def _backward(self, q, k, v, y, lse, dy, lists: BlockLists, dq=None, dk=None, dv=None, *,
                   dlse=None, need_dq: bool = True, need_dkdv: bool = True,
-                  mods: Optional[ScoreMods] = None):
+                  mods: Optional[ScoreMods] = None, want_delta: bool = False):
         """Launch the backward on checked tensors. dy: None (y unused) or any strides; dlse:
         None or the lse gradient. Allocates the wanted gradients (shaped like q / k / v)
-        when None; -> (dq or None, dk or None, dv or None), None where not wanted."""
+        when None; -> (dq or None, dk or None, dv or None), None where not wanted, and with
+        ``want_delta`` the rows' delta = dy . y - dlse [B, H, Nq] the backward computed on
+        the way (None where it had none): the sinks' gradient reuses it."""
         d = self._desc
         if dy is None:
             dy = torch.zeros(d.output_shape(), dtype=y.dtype, device=y.device)
@@ -396,7 +399,7 @@ class SdpaBlockSparsePlan(Plan):
             for g in (dq, dk, dv):
                 if g is not None:
                     g.zero_()
-            return dq, dk, dv
+            return (dq, dk, dv, None) if want_delta else (dq, dk, dv)
         v_run, y_run, dy_run, dv_run = v, y, dy, dv
         if d.d_v == 0:  # as in _forward: one zero value column carries lse's gradient
             v_run = v.new_zeros(v.shape[:-1] + (1,))
@@ -409,16 +412,16 @@ class SdpaBlockSparsePlan(Plan):
         with self.device_guard():
             if self._backend is BackendKind.TRITON:
                 from .triton_bwd import block_sparse_attention_backward_triton
-                block_sparse_attention_backward_triton(q, k, v_run, y_run, lse, dy_run, lists,
-                                                       config=self._configs_for(lists)[1],
-                                                       allow_tf32=self._allow_tf32, **kwargs)
+                delta = block_sparse_attention_backward_triton(
+                    q, k, v_run, y_run, lse, dy_run, lists, config=self._configs_for(lists)[1],
+                    allow_tf32=self._allow_tf32, **kwargs)
             elif self._backend is BackendKind.CPU:
-                block_sparse_attention_backward_cpu(q, k, v_run, y_run, lse, dy_run, lists,
-                                                    **kwargs)
+                delta = block_sparse_attention_backward_cpu(q, k, v_run, y_run, lse, dy_run,
+                                                            lists, **kwargs)
             else:
-                block_sparse_attention_backward_reference(q, k, v_run, y_run, lse, dy_run, lists,
-                                                          **kwargs)
-        return dq, dk, dv
+                delta = block_sparse_attention_backward_reference(q, k, v_run, y_run, lse,
+                                                                  dy_run, lists, **kwargs)
+        return (dq, dk, dv, delta) if want_delta else (dq, dk, dv)
 
 
 def output_like(q: torch.Tensor, d_v: int) -> torch.Tensor:

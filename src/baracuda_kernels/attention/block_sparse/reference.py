@@ -332,6 +332,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
     if dk is not None:
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)
+    return delta  # dy . y - dlse per row [B, H, Nq] (the sinks' gradient reuses it)
 
 
 def _gather_rows(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,8 @@ from baracuda_kernels.core import Unsupported
 from ..common.numerics import accumulator_dtype, head_dim_tile, list_strides, scale_args
 from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import row_tile_descriptor, tma_fallback_reason
-from ..common.score_mods import ScoreModFlags, ScoreMods, alibi_offset, kernel_mod_args
+from ..common.score_mods import (ScoreModFlags, ScoreMods, alibi_offset, fast_tanh,
+                                 kernel_mod_args)
 from .block_lists import bits_kernel_args
 from .triton_bwd_configs import (BackwardConfig, _tile, _warps, default_backward_config,
                                  short_row_backward_config)
@@ -70,7 +71,7 @@ def block_sparse_attention_backward_triton(
     q, k, v, y, lse, dy, lists, *, block_size: int, scale: float, is_causal: bool,
     dq, dk, dv, dlse=None, allow_tf32: bool = False, config: BackwardConfig | None = None,
     window: WindowRule | None = None, softcap: float = 0.0, mods: ScoreMods | None = None,
-) -> None:
+) -> torch.Tensor | None:
     """Write dq, dk, dv of block-sparse attention (no host synchronisation, no atomics).
 
     Args:
@@ -92,6 +93,8 @@ def block_sparse_attention_backward_triton(
         window: the forward's sliding window with sink tokens (common.problem.WindowRule).
         softcap, mods: the forward's score modifiers (common.score_mods). Sinks need nothing
             here: lse includes them, and their own gradient is ``score_mods.sinks_grad``.
+    Returns the rows' delta = dy . y - dlse [B, H, Nq] (f32; f64 for f64), which that
+    gradient reuses; None when no kernel ran.
     """
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
@@ -123,8 +126,8 @@ def block_sparse_attention_backward_triton(
         raise Unsupported(f"B*H*blocks = {B * H * n_blocks} gives a grid over 2^31 programs; "
                           "fix: split the batch")
     # The caller (the plan) makes q's device current: Triton launches on the current device.
-    _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
-            allow_tf32, cfg, window, softcap, mods)
+    return _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
+                   allow_tf32, cfg, window, softcap, mods)
 
 
 # A work item counts as heavy when its list is this many times the mean list length.
@@ -184,8 +187,9 @@ def _looped_sources(want_tma: bool, a, b, rows: int, a_pad: int, b_pad: int):
 
 def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
             allow_tf32, cfg: BackwardConfig, window: WindowRule | None, softcap: float,
-            mods: ScoreMods | None) -> None:
-    """The three launches (see the module docstring); inputs already checked."""
+            mods: ScoreMods | None) -> torch.Tensor | None:
+    """The three launches (see the module docstring); inputs already checked. Returns the
+    rows' delta [B, H, Nq] (dy . y - dlse) the launches computed, None when none ran."""
     B, H, Nq, Dk = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G, list_div = H // Hkv, H // lists.kv_index.shape[1]
@@ -214,7 +218,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
     common.update(HAS_IDS=tokens is not None and tokens.has_ids,
                   HAS_POS=tokens is not None and tokens.has_positions,
                   HAS_BITS=tokens is not None and tokens.has_bits,
-                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=flags.alibi)
+                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=flags.alibi, FAST_TANH=fast_tanh(q))
 
     if dq is not None:  # dQ (which also writes delta and lse2) only when q needs a gradient
         bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
@@ -260,6 +264,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
             GROUPED=G > 1, **common,
             num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
             num_stages=cfg.kv_stages)
+    return delta.view(B, H, Nq) if (dq is not None or dk is not None) else None
 
 
 __all__ = ["BackwardConfig", "block_sparse_attention_backward_triton", "default_backward_config",

@@ -30,6 +30,7 @@ def _dkdv_inner(
     PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    FAST_TANH: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
 
@@ -85,7 +86,7 @@ def _dkdv_inner(
         if HAS_SOFTCAP or HAS_ALIBI:
             s_mod, capped = modified_scores(qk_t * qk_scale, q_pos[None, :], k_pos[:, None],
                                             cap, slope, alibi_off, HAS_SOFTCAP, HAS_ALIBI,
-                                            IS_F64)
+                                            IS_F64, FAST_TANH)
             p_t = exp_base(s_mod - lse2[None, :], IS_F64)
         else:
             p_t = exp_base(qk_t * qk_scale - lse2[None, :], IS_F64)
@@ -104,7 +105,7 @@ def _dkdv_inner(
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_SOFTCAP:
-            ratio = capped / cap
+            ratio = capped * (1.0 / cap)
             ds_t = ds_t * (1.0 - ratio * ratio)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=dk.dtype)
     return dk, dv
@@ -125,6 +126,7 @@ def _dkdv_one_head(
     IS_F64: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    FAST_TANH: tl.constexpr,
 ):
     """Add query head h32's contribution to the dK, dV of one key tile: its FULL query
     blocks, then its PARTIAL ones, from its own list row (list head h32 // LIST_DIV)."""
@@ -156,7 +158,8 @@ def _dkdv_one_head(
                          BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
                          HAS_WINDOW, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA,
                          HAS_IDS=HAS_IDS, HAS_POS=HAS_POS, HAS_BITS=HAS_BITS,
-                         HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI)
+                         HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+                   FAST_TANH=FAST_TANH)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_part, dy_part, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
                          causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos,
@@ -165,7 +168,8 @@ def _dkdv_one_head(
                          BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
                          IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True,
                          USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS,
-                         HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI)
+                         HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+                   FAST_TANH=FAST_TANH)
     return dk, dv
 
 
@@ -195,6 +199,7 @@ def _bwd_dkdv_kernel(
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    FAST_TANH: tl.constexpr,
 ):
     """Grid (B*Hkv*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block
     of one K/V head.
@@ -266,7 +271,7 @@ def _bwd_dkdv_kernel(
                 stride_sh, stride_sq, n_in_block, ALIBI, stride_ab, SOFTCAP, ALIBI_OFF,
                 BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
                 HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS,
-                HAS_SOFTCAP, HAS_ALIBI)
+                HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     else:
         dk, dv = _dkdv_one_head(
             dk, dv, k, v, Q, DY, Q_RAW, DY_RAW, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
@@ -277,7 +282,7 @@ def _bwd_dkdv_kernel(
             stride_sq, n_in_block, ALIBI, stride_ab, SOFTCAP, ALIBI_OFF,
             BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
             HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS,
-            HAS_SOFTCAP, HAS_ALIBI)
+            HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_dk[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & dk_ok[None, :])

@@ -31,6 +31,7 @@ def _dq_inner(
     MASKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    FAST_TANH: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles it_lo..it_hi of the block list.
 
@@ -70,7 +71,8 @@ def _dq_inner(
             k_pos = offs_n
         if HAS_SOFTCAP or HAS_ALIBI:
             s_mod, capped = modified_scores(qk * qk_scale, q_pos[:, None], k_pos[None, :], cap,
-                                            slope, alibi_off, HAS_SOFTCAP, HAS_ALIBI, IS_F64)
+                                            slope, alibi_off, HAS_SOFTCAP, HAS_ALIBI, IS_F64,
+                                            FAST_TANH)
             p = exp_base(s_mod - lse2[:, None], IS_F64)
         else:
             p = exp_base(qk * qk_scale - lse2[:, None], IS_F64)
@@ -93,7 +95,7 @@ def _dq_inner(
         dp = tl.dot(dy, tl.trans(v), input_precision=PRECISION, out_dtype=dq.dtype)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
-            ratio = capped / cap
+            ratio = capped * (1.0 / cap)
             ds = ds * (1.0 - ratio * ratio)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=dq.dtype)
     return dq
@@ -129,6 +131,7 @@ def _bwd_dq_kernel(
     USE_TMA: tl.constexpr, HAS_DLSE: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    FAST_TANH: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
 
@@ -185,8 +188,10 @@ def _bwd_dq_kernel(
                   mask=load_ok, other=float("-inf"))
     dlse = lse
     if HAS_DLSE:
+        # Every row's dlse, empty ones too: delta = dy . y - dlse is exact on every row
+        # (the sinks' gradient reads it where a row saw only its sink).
         dlse = tl.load(DLSE + b * stride_db + h * stride_dh + offs_m.to(tl.int64) * stride_dn,
-                       mask=load_ok, other=0.0)
+                       mask=row_ok, other=0.0)
     delta, lse2 = _row_stats(y, dy, lse, dlse, IS_F64, HAS_DLSE)
     stats = bh.to(tl.int64) * Nq + offs_m
     tl.store(DELTA + stats, delta, mask=row_ok)
@@ -215,7 +220,8 @@ def _bwd_dq_kernel(
                    m_in_block, row_ok, SOFTCAP, slope, ALIBI_OFF, BS, D_K, D_V, BLOCK_DK,
                    BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION,
                    MASKED=False, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS,
-                   HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI)
+                   HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+                   FAST_TANH=FAST_TANH)
     dq = _dq_inner(dq, q, dy, lse2, delta, k_part, v_part, list_row, n_full * SUBS_N,
                    n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO,
                    WIN_HI, SINKS, qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, slot_row,
@@ -223,7 +229,7 @@ def _bwd_dq_kernel(
                    BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64,
                    PRECISION, MASKED=True, USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS,
                    HAS_POS=HAS_POS, HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP,
-                   HAS_ALIBI=HAS_ALIBI)
+                   HAS_ALIBI=HAS_ALIBI, FAST_TANH=FAST_TANH)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from ..common.kernel_pieces import (block_bits_tile, exp_base, head_value, kernel_scale,
                                     modified_scores, token_allowed, token_values)
-from ..common.score_mods import ScoreModFlags, ScoreMods, alibi_offset, kernel_mod_args
+from ..common.score_mods import (ScoreModFlags, ScoreMods, alibi_offset, fast_tanh,
+                                 kernel_mod_args)
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
 from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import (head_source, masked_step_source, row_tile_descriptor,
@@ -48,7 +49,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                    DOT_PRECISION: tl.constexpr,
                    USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr,
                    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    FAST_TANH: tl.constexpr):
     """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
 
     One flat loop over (block, column step) pairs, so the software pipeliner sees a single
@@ -126,7 +128,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
         if MODS:
             s_mod, _ = modified_scores(qk * qk_scale, q_pos[:, None], k_pos[None, :], cap,
                                        slope[:, None], alibi_off, HAS_SOFTCAP, HAS_ALIBI,
-                                       IS_F64)
+                                       IS_F64, FAST_TANH)
 
         if MASK_COLS:
             keep = col_ok[None, :]
@@ -210,6 +212,7 @@ def _block_sparse_fwd_kernel(
     WIDE_TILE: tl.constexpr,
     PACK_ROWS: tl.constexpr, HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
@@ -313,7 +316,7 @@ def _block_sparse_fwd_kernel(
         ALIBI_OFF, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW,
         SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
-        HAS_SOFTCAP, HAS_ALIBI)
+        HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_part, v_part, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
         stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINK_TOKENS, qk_scale, q_id,
@@ -321,7 +324,7 @@ def _block_sparse_fwd_kernel(
         ALIBI_OFF, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW,
         SCALE_NONNEG, IS_F64, DOT_PRECISION, PARTIAL_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
-        HAS_SOFTCAP, HAS_ALIBI)
+        HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
 
     if HAS_SINKS:
         # The sink: one more logit in the denominator of every valid row, no value. A valid
@@ -474,7 +477,8 @@ def block_sparse_attention_forward_triton(
         PACK_ROWS=pack_rows, HAS_IDS=tokens is not None and tokens.has_ids,
         HAS_POS=tokens is not None and tokens.has_positions,
         HAS_BITS=tokens is not None and tokens.has_bits, HAS_SOFTCAP=flags.softcap > 0,
-        HAS_ALIBI=flags.alibi, HAS_SINKS=flags.sinks, num_warps=warps,
+        HAS_ALIBI=flags.alibi, HAS_SINKS=flags.sinks, FAST_TANH=fast_tanh(q),
+        num_warps=warps,
         num_stages=config.num_stages,
     )
 

@@ -100,31 +100,46 @@ def block_bits_tile(WORDS, slot, rows, row_ok, cols, col_first, BLOCK: tl.conste
 
 
 @triton.jit
-def soft_cap(s, cap, IS_F64: tl.constexpr):
-    """cap * tanh(s / cap), s and cap in the same units (the kernels' exponent base). tanh
-    through one exponential, 1 - 2 / (exp(2x) + 1): exact limits +-cap where exp overflows
-    or vanishes, and the interpreter needs no libdevice."""
-    x = s / cap
-    if IS_F64:
-        e = tl.exp(2.0 * x)
+def tanh_approx(x):
+    """tanh of float32 x with the GPU's one-instruction approximation (tanh.approx.f32,
+    relative error ~2^-11: below the rounding of f16/bf16 scores). CUDA only."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def soft_cap(s, cap, IS_F64: tl.constexpr, FAST_TANH: tl.constexpr):
+    """cap * tanh(s / cap), s and cap in the same units (the kernels' exponent base).
+    FAST_TANH (f16/bf16 inputs on a GPU): the hardware tanh, one instruction. Otherwise
+    tanh through one exponential, 1 - 2 / (exp(2x) + 1): exact limits +-cap where exp
+    overflows or vanishes, full f32/f64 precision, and the interpreter needs no asm."""
+    x = s * (1.0 / cap)
+    if FAST_TANH:
+        t = tanh_approx(x)
     else:
-        e = tl.exp2(2.8853900817779268 * x)  # exp(2x) = 2^(2 log2(e) x)
-    return cap * (1.0 - 2.0 / (e + 1.0))
+        if IS_F64:
+            e = tl.exp(2.0 * x)
+        else:
+            e = tl.exp2(2.8853900817779268 * x)  # exp(2x) = 2^(2 log2(e) x)
+        t = 1.0 - 2.0 / (e + 1.0)
+    return cap * t
 
 
 @triton.jit
 def modified_scores(s, q_pos, k_pos, cap, slope, alibi_off, HAS_SOFTCAP: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr, IS_F64: tl.constexpr):
+                    HAS_ALIBI: tl.constexpr, IS_F64: tl.constexpr, FAST_TANH: tl.constexpr):
     """Scores s (scaled, exponent base) after the score modifiers (common.score_mods):
     soft-capped, then minus slope * |k_pos - q_pos - alibi_off| (ALiBi). q_pos / k_pos /
     slope broadcast against s (slope per row). Returns (scores, capped scores: what the
     soft-cap gradient needs, s itself without a cap)."""
     if HAS_SOFTCAP:
-        s = soft_cap(s, cap, IS_F64)
+        s = soft_cap(s, cap, IS_F64, FAST_TANH)
     t = s
     if HAS_ALIBI:
-        dist = tl.abs(k_pos - q_pos - alibi_off)
-        s = s - slope * dist.to(s.dtype)
+        # Positions to float before they meet (one conversion per row and per column, not
+        # per pair; exact below 2^24 in f32).
+        dist = tl.abs(k_pos.to(s.dtype) - (q_pos + alibi_off).to(s.dtype))
+        s = s - slope * dist
     return s, t
 
 

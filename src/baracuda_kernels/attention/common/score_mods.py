@@ -134,16 +134,22 @@ def kernel_mod_args(flags: ScoreModFlags, mods: Optional[ScoreMods], is_f64: boo
             sinks if sinks is not None else placeholder)
 
 
-def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, y: torch.Tensor,
-               dy: Optional[torch.Tensor], dlse: Optional[torch.Tensor]) -> torch.Tensor:
-    """d loss / d sinks [H] from the forward's y [B,H,Nq,Dv] and lse [B,H,Nq] (which includes
-    the sink) and the upstream dy, dlse: the sink's probability p_i = exp(sink - lse_i) takes
-    mass from every key, so d sink = -sum_{b,i} p_i (dy_i . y_i - dlse_i). Rows with
-    lse = -inf (padding) take no part. Deterministic (torch reductions, fixed order)."""
+def row_delta(y: torch.Tensor, dy: Optional[torch.Tensor], dlse: Optional[torch.Tensor],
+              acc: torch.dtype) -> torch.Tensor:
+    """delta [B,H,Nq] = dy . y - dlse per row (what the backward kernels compute too)."""
+    delta = torch.zeros(y.shape[:-1], dtype=acc, device=y.device) if dy is None else \
+        (dy.to(acc) * y.to(acc)).sum(-1)
+    return delta if dlse is None else delta - dlse.to(acc)
+
+
+def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """d loss / d sinks [H] from the forward's lse [B,H,Nq] (which includes the sink) and the
+    backward's delta = dy . y - dlse (``row_delta``, or the backward kernels' own): the
+    sink's probability p_i = exp(sink - lse_i) takes mass from every key, so
+    d sink = -sum_{b,i} p_i delta_i. Rows with lse = -inf (padding) take no part.
+    Deterministic (torch reductions, fixed order)."""
     acc = lse.dtype
-    delta = torch.zeros_like(lse) if dy is None else (dy.to(acc) * y.to(acc)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(acc)
+    delta = delta.to(acc)
     live = lse != float("-inf")
     p_sink = torch.exp(sinks.to(acc)[None, :, None] - torch.where(live, lse, 0.0))
     grad = -(torch.where(live, p_sink, 0.0) * delta).sum((0, 2))
@@ -160,3 +166,10 @@ def alibi_offset(is_causal, query_len: int, key_len: int) -> int:
     """The diagonal ALiBi measures distances from: 0 with is_causal=True (top-left), else
     Nk - Nq (bottom-right), as the sliding window (problem.window_rule)."""
     return 0 if is_causal is True else key_len - query_len
+
+
+def fast_tanh(q: torch.Tensor) -> bool:
+    """Whether the kernels may take the GPU's approximate tanh for the soft-cap: f16 / bf16
+    inputs (its ~2^-11 relative error is below their rounding) on a CUDA device (not the
+    interpreter, which runs no inline assembly)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
