@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bits_tile, exp_base, head_value, kernel_scale,
-                                    modified_scores, token_allowed, token_values)
+from ..common.kernel_pieces import (block_bits_tile, exp_base, fold_sink, head_value,
+                                    kernel_scale, modified_scores, token_allowed, token_values)
 from ..common.score_mods import (ScoreModFlags, ScoreMods, alibi_offset, fast_tanh,
                                  kernel_mod_args)
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
@@ -327,18 +327,11 @@ def _block_sparse_fwd_kernel(
         HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
 
     if HAS_SINKS:
-        # The sink: one more logit in the denominator of every valid row, no value. A valid
-        # row that saw no key ends with l = exp(0) = 1 around m = sink: y = 0, lse = sink.
-        sink = head_value(SINKS, 0, head_rows, r, 0, IS_F64)
         live = row_ok
         if HAS_IDS:
-            live = live & (q_id >= 0)
-        m_f = tl.maximum(m_i, sink)
-        alpha = exp_base(m_i - m_f, IS_F64)  # m_i = -inf (no key yet): 0
-        l_f = l_i * alpha + exp_base(sink - m_f, IS_F64)
-        acc = tl.where(live[:, None], acc * alpha[:, None], acc)
-        l_i = tl.where(live, l_f, l_i)
-        m_i = tl.where(live, m_f, m_i)
+            live = live & (q_id >= 0)  # padding takes no sink
+        acc, m_i, l_i = fold_sink(acc, m_i, l_i, head_value(SINKS, 0, head_rows, r, 0, IS_F64),
+                                  live, IS_F64)
 
     # Rows with no allowed key: l = 0, acc = 0 -> y = 0, lse = -inf. NaN or +inf scores (NaN
     # or inf in q or k) make l NaN: such a row is not "empty", its NaN reaches y and lse.

@@ -154,3 +154,15 @@ def head_value(PTR, b, heads, rows, stride_b, IS_F64: tl.constexpr):
     else:
         x = x.to(tl.float32) * 1.4426950408889634
     return x
+
+
+@triton.jit
+def fold_sink(acc, m_i, l_i, sink, live, IS_F64: tl.constexpr):
+    """Fold a sink logit (per row, exponent base) into a finished online softmax (acc,
+    m_i, l_i) on the ``live`` rows: one more term in the denominator, no value. A live row
+    that saw no key ends with l = 1 around m = sink: y = 0, lse = sink."""
+    m_f = tl.maximum(m_i, sink)
+    alpha = exp_base(m_i - m_f, IS_F64)  # m_i = -inf (no key yet): 0
+    l_f = l_i * alpha + exp_base(sink - m_f, IS_F64)
+    acc = tl.where(live[:, None], acc * alpha[:, None], acc)
+    return acc, tl.where(live, m_f, m_i), tl.where(live, l_f, l_i)
