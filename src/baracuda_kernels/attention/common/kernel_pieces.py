@@ -102,7 +102,7 @@ def block_bits_tile(WORDS, slot, rows, row_ok, cols, col_first, BLOCK: tl.conste
 @triton.jit
 def tanh_approx(x):
     """tanh of float32 x with the GPU's one-instruction approximation (tanh.approx.f32,
-    relative error ~2^-11: below the rounding of f16/bf16 scores). CUDA only."""
+    relative error ~2^-11: far below the rounding of bf16 scores). CUDA only."""
     return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x],
                                      dtype=tl.float32, is_pure=True, pack=1)
 
@@ -110,7 +110,7 @@ def tanh_approx(x):
 @triton.jit
 def soft_cap(s, cap, IS_F64: tl.constexpr, FAST_TANH: tl.constexpr):
     """cap * tanh(s / cap), s and cap in the same units (the kernels' exponent base).
-    FAST_TANH (f16/bf16 inputs on a GPU): the hardware tanh, one instruction. Otherwise
+    FAST_TANH (bf16 inputs on a GPU): the hardware tanh, one instruction. Otherwise
     tanh through one exponential, 1 - 2 / (exp(2x) + 1): exact limits +-cap where exp
     overflows or vanishes, full f32/f64 precision, and the interpreter needs no asm."""
     x = s * (1.0 / cap)
