@@ -145,8 +145,8 @@ def _mask(allowed: Optional[torch.Tensor], g: int, dtype: torch.dtype) -> Option
     """Additive mask [G, 1, g*bs, L] of allowed [G, bs, L] (None: nothing is cut)."""
     if allowed is None:
         return None
-    add = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    add.masked_fill_(~allowed, float("-inf"))
+    add = torch.where(allowed, torch.zeros((), dtype=dtype),
+                      torch.full((), float("-inf"), dtype=dtype))
     return add.unsqueeze(1).repeat(1, 1, g, 1) if g > 1 else add.unsqueeze(1)
 
 
@@ -175,6 +175,16 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
             allowed = _group_allowed(grp, cells, block_size, rb, rule) if needs_mask else None
             kt, vt = _keys_of(k4[bsl, ksl], grp), _keys_of(v4[bsl, ksl], grp)
             yield (bsl, ksl, gsl), qs, grp, rows, allowed, kt, vt
+
+
+def _store_rows(dst: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, all_ok: bool,
+                src: torch.Tensor) -> None:
+    """dst[:, :, :, rows] = src (dim 3), only the valid rows (all of them: no gather)."""
+    if all_ok:
+        dst.index_copy_(3, rows, src.to(dst.dtype))
+        return
+    keep = row_ok.nonzero().flatten()
+    dst.index_copy_(3, rows[keep], src[:, :, :, keep].to(dst.dtype))
 
 
 def _padded(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -215,10 +225,9 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window) -> No
         if allowed is not None:  # rows that see nothing: lse = -inf (the kernel gives 0)
             seen = allowed.any(-1).repeat(1, g).unsqueeze(1)      # [G, 1, g*bs]
             row_lse = torch.where(seen, row_lse, torch.full_like(row_lse, float("-inf")))
-        keep = grp.row_ok.nonzero().flatten()
-        y5[sl].index_copy_(3, grp.rows[keep], _from_problems(out, b, hk, g)[:, :, :, keep].to(y.dtype))
-        lse5[sl].index_copy_(3, grp.rows[keep],
-                             _from_problems(row_lse, b, hk, g)[:, :, :, keep].to(lse.dtype))
+        rows_ok = bool(grp.row_ok.all())
+        _store_rows(y5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(out, b, hk, g))
+        _store_rows(lse5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(row_lse, b, hk, g))
 
 
 def block_sparse_attention_backward_cpu(q, k, v, y, lse, dy, lists: BlockLists, *,
@@ -265,24 +274,29 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
         ot = _as_problems(y5[sl], rows)
         dot = _as_problems(dy5[sl], rows)
         # Rows past Nq are clamped copies of the last row: their upstream gradient is 0, so
-        # they add nothing to dK / dV.
-        dot = dot * grp.row_ok.view(-1, 1, rows.shape[1]).repeat(1, 1, g)[..., None].to(dot.dtype)
+        # they add nothing to dK / dV (only the last group has such rows).
+        rows_ok = bool(grp.row_ok.all())
+        if not rows_ok:
+            dot = dot * grp.row_ok.view(-1, 1, rows.shape[1]).repeat(1, 1, g)[..., None].to(
+                dot.dtype)
         lt = _as_problems(lse5[sl].unsqueeze(-1), rows).squeeze(-1)
         # A row that sees nothing has lse = -inf; the kernel's convention there is 0 (its
         # masked P is exactly 0 either way). NaN stays NaN.
         lt = torch.where(lt == float("-inf"), torch.zeros_like(lt), lt)
         gq, gk, gv = flash_bwd(dot, qt, kt, vt, ot, lt, 0.0, False,
                                attn_mask=_mask(allowed, g, q.dtype), scale=scale)
-        keep = grp.row_ok.nonzero().flatten()
         if dq5 is not None:
-            dq5[sl].index_copy_(3, grp.rows[keep],
-                                _from_problems(gq, b, hk, g)[:, :, :, keep].to(dq.dtype))
+            _store_rows(dq5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(gq, b, hk, g))
         if dk_acc is not None:
-            cols = grp.cols.flatten()
-            ok = grp.col_ok.flatten().nonzero().flatten()
+            cols, col_ok = grp.cols.flatten(), grp.col_ok.flatten()
+            all_cols = bool(col_ok.all())
+            ok = None if all_cols else col_ok.nonzero().flatten()
             for acc_t, grad in ((dk_acc, gk), (dv_acc, gv)):
-                flat = _from_problems(grad, b, hk, 1)[:, :, 0]     # [b, hk, G*L, D]
-                acc_t[bsl, ksl].index_add_(2, cols[ok], flat[:, :, ok].to(acc))
+                flat = _from_problems(grad, b, hk, 1)[:, :, 0].to(acc)  # [b, hk, G*L, D]
+                if all_cols:  # no padded slot: no gather of the gradient
+                    acc_t[bsl, ksl].index_add_(2, cols, flat)
+                else:
+                    acc_t[bsl, ksl].index_add_(2, cols[ok], flat[:, :, ok])
     if dk is not None:
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)
