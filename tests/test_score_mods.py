@@ -88,6 +88,9 @@ CASES = [
                                        sink_tokens=0, H=8, Hkv=2)),
     ("all+window+sinktokens", 61, 61, 16, True, dict(softcap=4.0, alibi="h", sinks=True,
                                                      window=(11, 0), sink_tokens=3)),
+    ("sinks+window+documents", 70, 70, 16, True, dict(
+        sinks=True, window=(20, 0), H=8, Hkv=2,
+        tokens=dict(document_ids=DOCS, query_range=(None, torch.tensor([70, 50]))))),
     ("all+documents+padding", 70, 70, 16, True, dict(
         softcap=4.0, alibi="h", sinks=True,
         tokens=dict(document_ids=DOCS, query_range=(None, torch.tensor([70, 50]))))),
@@ -102,6 +105,35 @@ def test_score_mods_match_oracle_cpu(backend, case):
     _, Nq, Nk, bs, causal, opts = case
     check_mods(backend, torch.float32 if backend == "triton" else torch.float64, Nq, Nk, bs,
                causal, **opts)
+
+
+SINK_CASES = [c for c in CASES if not (c[5].get("softcap") or c[5].get("alibi"))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", SINK_CASES, ids=[c[0] for c in SINK_CASES])
+def test_cpu_backend_sinks(dtype, case):
+    """The fused cpu backend has learnable sinks (folded in after torch's fused kernel)."""
+    if HAS_CUDA:
+        pytest.skip("the cpu backend runs CPU tensors; the CPU suite covers it")
+    _, Nq, Nk, bs, causal, opts = case
+    check_mods("cpu", dtype, Nq, Nk, bs, causal, **opts)
+    if dtype == torch.float64:  # y alone (no lse gradient): the fused backward kernel runs
+        H = opts.get("H", 4)
+        gen = torch.Generator().manual_seed(9)
+        q = torch.randn(1, H, Nq, 16, generator=gen, dtype=dtype)
+        k, v = (torch.randn(1, opts.get("Hkv", 2), Nk, 16, generator=gen, dtype=dtype)
+                for _ in range(2))
+        p = torch.ones(1, 1, nblocks(Nq, bs), nblocks(Nk, bs), dtype=torch.bool)
+        sinks = torch.randn(H, generator=gen, dtype=dtype)
+        grads = []
+        for backend in ("cpu", "reference"):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+            y = bk.block_sparse_attention(*leaves[:3], p, block_size=bs, is_causal=causal,
+                                          sinks=leaves[3], backend=backend)
+            grads.append(torch.autograd.grad(y, leaves, torch.ones_like(y) * 0.5))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.gpu
@@ -179,7 +211,11 @@ def test_plan_api_and_custom_op_with_score_mods():
     desc = bk.SdpaBlockSparseDescriptor(1, 2, 40, 40, 8, 8, block_size=16, element="f64",
                                         is_causal=True, softcap=4.0, alibi=True, sinks=True)
     plan = bk.SdpaBlockSparsePlan.select(desc, device="cpu")
-    assert plan.backend.value == "reference"     # the cpu backend has no modifiers
+    assert plan.backend.value == "reference"     # the cpu backend has no softcap / ALiBi
+    sinks_only = bk.SdpaBlockSparsePlan.select(
+        bk.SdpaBlockSparseDescriptor(1, 2, 40, 40, 8, 8, block_size=16, element="f64",
+                                     sinks=True), device="cpu")
+    assert sinks_only.backend.value == "cpu"
     q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
     p = torch.ones(1, 1, 3, 3, dtype=torch.bool)
     slopes, sinks = torch.tensor([0.2, 0.4]), torch.tensor([0.1, -0.3], dtype=torch.float64)

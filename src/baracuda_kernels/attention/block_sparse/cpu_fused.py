@@ -32,8 +32,9 @@ import torch
 from ..common.numerics import accumulator_dtype
 from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
-from .reference import (_allowed, _Group, _grouped, _slice_bits, _slices, _token_rows,
-                        _without_padding, block_sparse_attention_backward_reference)
+from .reference import (_allowed, _Group, _grouped, _live_rows, _slice_bits, _slices,
+                        _token_rows, _without_padding,
+                        block_sparse_attention_backward_reference)
 
 # Score-tile elements per group of block rows (one fused call). Gathered K/V, masks and
 # gradients of a group scale with it. Measured on the CPU benchmark's N=8192 problem (2
@@ -194,10 +195,33 @@ def _padded(t: torch.Tensor, d: int) -> torch.Tensor:
 
 def block_sparse_attention_forward_cpu(q, k, v, lists: BlockLists, *, block_size: int,
                                        scale: float, is_causal, y, lse,
-                                       window: Optional[WindowRule] = None) -> None:
+                                       window: Optional[WindowRule] = None,
+                                       softcap: float = 0.0, mods=None) -> None:
     """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] (see the reference forward: same contract).
     The fused kernel wants one head dim: d_k != d_v runs zero-padded to the larger (zero
-    columns change neither q.k nor the kept columns of y)."""
+    columns change neither q.k nor the kept columns of y). Of the score modifiers only
+    learnable sinks (``mods.sinks``): folded in after the fused kernel (``_fold_sinks``)."""
+    if softcap > 0 or (mods is not None and mods.alibi_slopes is not None):
+        raise RuntimeError("cpu backend: softcap / ALiBi reached it (the plan declines them)")
+    _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window)
+    if mods is not None and mods.sinks is not None:
+        _fold_sinks(y, lse, mods.sinks, lists)
+
+
+def _fold_sinks(y, lse, sinks, lists: BlockLists) -> None:
+    """One sink logit per head in every live row's denominator, after the fact:
+    lse' = logaddexp(lse, sink), y' = y * exp(lse - lse') (rows that saw nothing: y = 0,
+    lse' = sink; padding rows keep -inf). The backward then needs nothing more: the fused
+    backward kernel rebuilds P from lse' and its row term from y'."""
+    live = _live_rows(lists, torch.arange(lse.shape[-1]))
+    total = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
+    total = torch.where(live, total, lse)
+    scale = torch.exp(torch.where(torch.isinf(lse) & (lse < 0), float("-inf"), lse - total))
+    y.copy_((y.to(lse.dtype) * scale[..., None]).to(y.dtype))
+    lse.copy_(total)
+
+
+def _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window) -> None:
     d = max(q.shape[-1], v.shape[-1])
     if q.shape[-1] != v.shape[-1]:
         y_pad = y.new_empty(y.shape[:-1] + (d,))
@@ -232,14 +256,16 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window) -> No
 
 def block_sparse_attention_backward_cpu(q, k, v, y, lse, dy, lists: BlockLists, *,
                                         block_size: int, scale: float, is_causal, dq, dk, dv,
-                                        dlse=None, window: Optional[WindowRule] = None) -> None:
+                                        dlse=None, window: Optional[WindowRule] = None,
+                                        softcap: float = 0.0, mods=None):
     """Writes dq, dk, dv (see the reference backward: same contract; d_k != d_v runs
-    zero-padded as in the forward)."""
+    zero-padded as in the forward). Sinks need nothing here (lse and y include them).
+    Returns the reference's row delta when it ran, else None."""
     if dlse is not None:  # PyTorch's backward kernel has no lse-gradient input
-        block_sparse_attention_backward_reference(
+        return block_sparse_attention_backward_reference(
             q, k, v, y, lse, dy, lists, block_size=block_size, scale=scale,
-            is_causal=is_causal, dq=dq, dk=dk, dv=dv, dlse=dlse, window=window)
-        return
+            is_causal=is_causal, dq=dq, dk=dk, dv=dv, dlse=dlse, window=window,
+            softcap=softcap, mods=mods)
     dk_, dv_ = q.shape[-1], v.shape[-1]
     if dk_ == dv_:
         _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, window)

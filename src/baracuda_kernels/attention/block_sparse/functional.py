@@ -94,7 +94,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             row's softmax denominator, with no value; lse includes it; a valid row with no
             allowed key gets y = 0, lse = sink. Gets a gradient when it requires one.
             Modifiers compose with patterns, token rules, windows, GQA and varlen; the cpu
-            backend has none (the reference runs them on the CPU).
+            backend has sinks but no softcap / ALiBi (the reference runs those on the CPU).
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.

@@ -40,9 +40,9 @@ def cpu_unavailable_reason(desc, device) -> Optional[str]:
     """Why the fused CPU backend cannot run this problem (None when it can)."""
     if device.type != "cpu":
         return f"the cpu backend runs CPU tensors; the problem is on {device}"
-    if desc.score_mods.any:
-        return ("the cpu backend has no score modifiers (softcap, ALiBi, sinks): torch's "
-                "fused CPU attention cannot apply them; the reference backend runs them")
+    if desc.softcap > 0 or desc.alibi:
+        return ("the cpu backend has no softcap or ALiBi (torch's fused CPU attention cannot "
+                "apply them; learnable sinks it has); the reference backend runs them")
     return fused_cpu_unavailable_reason()
 
 
