@@ -1,5 +1,7 @@
 """@triton.jit pieces every attention kernel shares: the exponential in the kernels' base,
-and the softmax scale rebuilt from the two arguments of ``numerics.scale_args``."""
+the softmax scale rebuilt from the two arguments of ``numerics.scale_args``, the token rules
+of PARTIAL blocks (positions, ids, block bits) and the score modifiers (soft-cap, ALiBi,
+sinks; common.score_mods)."""
 
 from __future__ import annotations
 
@@ -65,14 +67,16 @@ def block_bits_tile(WORDS, slot, rows, row_ok, cols, col_first, BLOCK: tl.conste
                     COLS_FIRST: tl.constexpr):
     """The bits (patterns.block_bits) of one PARTIAL block over a tile: in-block query rows
     ``rows`` [R] (valid where ``row_ok``) by in-block key columns ``cols`` [C], which start
-    at ``col_first`` (a multiple of min(C, 32): the tile's columns span N_WORDS 32-bit words
-    of a row, N_WORDS = ceil(C / 32)). True where the pair is allowed; bool [R, C], or [C, R] when COLS_FIRST (the
-    dK/dV kernel's transposed tile). Columns past the block are the caller's to mask.
+    at ``col_first`` (a multiple of min(C, 32): the tile's columns span N_WORDS = ceil(C /
+    32) words of a row). True where the pair is allowed; bool [R, C], or [C, R] when
+    COLS_FIRST (the dK/dV kernel's transposed tile). Columns past the block are the
+    caller's to mask.
 
     Each step loads N_WORDS words per row (one [R] vector each) and picks each column's
-    word with a select, instead of a gather of R x C words (measured on an H200: the gather
-    cost ~25 us per partial block, a third of a window's forward). ``slot`` 0 (a block cut
-    only by the causal rule, a window or a ragged tail) reads all-ones words."""
+    word with a select, instead of a gather of R x C words (measured on an H200, a 1000-token
+    window as a from_mask_fn rule, bf16 B=2 H=16 N=8192: forward 1.197 ms with the gather,
+    0.465 ms with the select). ``slot`` 0 (a block cut only by the causal rule, a window or a
+    ragged tail) reads all-ones words."""
     WPR: tl.constexpr = (BLOCK + 31) // 32
     N_WORDS: tl.constexpr = (cols.shape[0] + 31) // 32
     first_word = col_first >> 5

@@ -11,9 +11,9 @@ is exact when every block it cuts carries its own bs x bs bits. ``BlockBits`` ho
   reads "allowed" without a branch.
 
 Memory: 4 * bs * W bytes per cut block (2 KiB at bs = 128), nothing for the others.
-Broadcast dims (Bs or Hs = 1) follow the block pattern's rules. The kernels read the bits of
-PARTIAL blocks only (``kernel_pieces.block_bit``); the block lists treat every block with
-bits as PARTIAL.
+Broadcast dims (Bs or Hs = 1) follow the block pattern's rules. The kernels read the bits
+of PARTIAL blocks only (``kernel_pieces.block_bits_tile``); the block lists treat every
+block with bits as PARTIAL.
 """
 
 from __future__ import annotations
