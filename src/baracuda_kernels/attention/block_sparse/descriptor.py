@@ -46,6 +46,8 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
         softcap: 0.0 (none) or > 0: scores become softcap * tanh(score / softcap).
         alibi, sinks: whether the calls bring ALiBi slopes / learnable sink logits
             (``SdpaBlockSparseArgs.alibi_slopes`` / ``.sinks``; common.score_mods).
+        bias: whether the calls bring an additive score bias (``SdpaBlockSparseArgs.bias``,
+            broadcastable to [B, H, Nq, Nk]; added after the cap, before the softmax).
     """
 
     batch_size: int
@@ -64,11 +66,12 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
     softcap: float = 0.0
     alibi: bool = False
     sinks: bool = False
+    bias: bool = False
 
     def __post_init__(self):
         self._validate(extra_extents=("block_size",))
         object.__setattr__(self, "softcap", check_softcap(self.softcap))
-        for name in ("alibi", "sinks"):
+        for name in ("alibi", "sinks", "bias"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidProblem(f"{name} is {getattr(self, name)!r}; expected a bool "
                                      f"(whether the calls bring {name} tensors).")
@@ -101,19 +104,20 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
     @property
     def score_mods(self) -> ScoreModFlags:
         """Which score modifiers the problem has."""
-        return ScoreModFlags(self.softcap, self.alibi, self.sinks)
+        return ScoreModFlags(self.softcap, self.alibi, self.sinks, self.bias)
 
     @classmethod
     def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
                      scale: Optional[float] = None, is_causal: bool = False,
                      window_size: tuple = (-1, -1), sink_tokens: int = 0,
-                     softcap: Optional[float] = None, alibi: bool = False, sinks: bool = False):
+                     softcap: Optional[float] = None, alibi: bool = False, sinks: bool = False,
+                     bias: bool = False):
         """Descriptor for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv] (H % Hkv == 0)."""
         B, H, Hkv, Nq, Nk, Dk, Dv = qkv_dims(q, k, v)
         return cls(B, H, Nq, Nk, Dk, Dv, block_size, scale, is_causal,
                    ElementKind.from_torch(q.dtype), num_kv_heads=Hkv,
                    window_size=tuple(window_size), sink_tokens=sink_tokens,
-                   softcap=check_softcap(softcap), alibi=alibi, sinks=sinks)
+                   softcap=check_softcap(softcap), alibi=alibi, sinks=sinks, bias=bias)
 
 
 @dataclass
@@ -127,8 +131,9 @@ class SdpaBlockSparseArgs:
     preallocated tensors, or leave None and ``plan.run`` allocates them.
     token_rules: per-token document ids / padding / prefix (``plan.token_rules(...)``) for a
     raw pattern or BlockPattern; a PreparedPattern carries its own.
-    alibi_slopes: float32 [H] or [B, H]; sinks: [H] learnable sink logits (each required
-    exactly when the descriptor says alibi / sinks; common.score_mods).
+    alibi_slopes: float32 [H] or [B, H]; sinks: [H] learnable sink logits; bias: float32 or
+    the inputs' dtype, broadcastable to [B, H, Nq, Nk] (B, H, Nq may be 1) (each required
+    exactly when the descriptor says alibi / sinks / bias; common.score_mods).
     """
 
     q: torch.Tensor
@@ -140,3 +145,4 @@ class SdpaBlockSparseArgs:
     token_rules: Any = None
     alibi_slopes: Optional[torch.Tensor] = None
     sinks: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None

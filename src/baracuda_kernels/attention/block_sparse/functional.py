@@ -29,8 +29,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            token_rules: Optional[TokenRules] = None,
                            softcap: Optional[float] = None,
                            alibi_slopes: Optional[torch.Tensor] = None,
-                           sinks: Optional[torch.Tensor] = None):
-    """Block-sparse scaled-dot-product attention, differentiable in q, k and v.
+                           sinks: Optional[torch.Tensor] = None,
+                           bias: Optional[torch.Tensor] = None):
+    """Block-sparse scaled-dot-product attention, differentiable in q, k and v (and in the
+    sinks and the bias when they require grad).
 
     y = softmax(scale * q @ k^T + mask) @ v, where mask is -inf outside the active blocks of
     ``block_pattern`` (and where key > query when ``is_causal``). Inactive blocks are skipped.
@@ -93,8 +95,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         sinks: [H] learnable sink logits (gpt-oss): one extra logit per head in every
             row's softmax denominator, with no value; lse includes it; a valid row with no
             allowed key gets y = 0, lse = sink. Gets a gradient when it requires one.
+        bias: additive score bias, float32 or q's dtype, broadcastable to [B, H, Nq, Nk]
+            (any of B, H, Nq may be 1; the key dim is full; fewer dims broadcast from the
+            left, e.g. [Nq, Nk]): score(i, j) += bias[b, h, i, j], after the softcap,
+            before the softmax (T5 relative bias, a float attention mask: -inf masks a
+            pair). Read only in the blocks the pattern computes, so a bias over a sparse
+            pattern costs only its active blocks. Gets a gradient when it requires one: dS
+            summed over its broadcast dims, deterministically (a bias broadcast over B or H
+            takes a float32 [B, H, Nq, Nk] buffer during the backward for that sum).
             Modifiers compose with patterns, token rules, windows, GQA and varlen; the cpu
-            backend has sinks but no softcap / ALiBi (the reference runs those on the CPU).
+            backend has sinks but no softcap / ALiBi / bias (the reference runs those on
+            the CPU).
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.
@@ -159,7 +170,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         q, k, v, block_size=block_size, scale=scale, is_causal=is_causal,
         window_size=(-1, -1) if window_size is None else window_size,
         sink_tokens=sink_tokens or 0, softcap=softcap, alibi=alibi_slopes is not None,
-        sinks=sinks is not None)
+        sinks=sinks is not None, bias=bias is not None)
     device = check_qkv(desc, q, k, v)
     tokens = token_rules_for(desc.batch_size, desc.query_len, desc.key_len, device,
                              desc.is_causal, desc.window_size,
@@ -180,7 +191,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                                                desc.softmax_scale, causal_arg(desc.is_causal),
                                                backend or "", *desc.window_size,
                                                desc.sink_tokens, *token_args(tokens),
-                                               desc.softcap, alibi_slopes, sinks)
+                                               desc.softcap, alibi_slopes, sinks, bias)
         else:
             # The dense route is asked only for a fully active prepared pattern (a memoised
             # answer), so sparse calls pay nothing here; plan.block_lists checks the
@@ -192,11 +203,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                 if dense is not None:
                     return library_attention(dense, q, k, v)
             plan = plan_for(desc, device, backend or None)
-            mods = plan.score_mods(alibi_slopes, sinks)
+            mods = plan.score_mods(alibi_slopes, sinks, bias)
             if getattr(block_pattern, "kernel_rules", None):
                 # Its rules are merged into desc / tokens above: hand over the checked mask.
                 block_pattern = canonical_pattern(desc, block_pattern, device)
-            y, lse = BlockSparseAttentionFunction.apply(q, k, v, sinks, plan,
+            y, lse = BlockSparseAttentionFunction.apply(q, k, v, sinks, bias, plan,
                                                         plan.block_lists(block_pattern, tokens),
                                                         mods)
     return (y, lse) if return_lse else y

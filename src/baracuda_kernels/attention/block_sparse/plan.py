@@ -12,7 +12,8 @@ from ...core import (ArchSku, BackendKind, BackendRegistry, ElementKind, Invalid
 from ..common.backends import triton_unavailable_reason
 from ..common.kinds import AttentionKind
 from ..common.problem import check_outputs, check_qkv
-from ..common.score_mods import ScoreMods, row_delta, sinks_grad
+from ..common.numerics import accumulator_dtype
+from ..common.score_mods import BiasGradTarget, ScoreMods, row_delta, sinks_grad
 from ..common.token_rules import TokenRules, token_rules_for
 from .block_lists import BlockLists
 from .cpu_fused import (block_sparse_attention_backward_cpu, block_sparse_attention_forward_cpu,
@@ -40,9 +41,9 @@ def cpu_unavailable_reason(desc, device) -> Optional[str]:
     """Why the fused CPU backend cannot run this problem (None when it can)."""
     if device.type != "cpu":
         return f"the cpu backend runs CPU tensors; the problem is on {device}"
-    if desc.softcap > 0 or desc.alibi:
-        return ("the cpu backend has no softcap or ALiBi (torch's fused CPU attention cannot "
-                "apply them; learnable sinks it has); the reference backend runs them")
+    if desc.softcap > 0 or desc.alibi or desc.bias:
+        return ("the cpu backend has no softcap, ALiBi or bias (torch's fused CPU attention "
+                "cannot apply them; learnable sinks it has); the reference backend runs them")
     return fused_cpu_unavailable_reason()
 
 
@@ -290,20 +291,21 @@ class SdpaBlockSparsePlan(Plan):
         """Compute (y, lse); writes into args.y / args.lse when given, else allocates them.
         Every check (tensors, outputs, pattern) runs before anything is written."""
         self._check_args(args)
-        mods = self.score_mods(args.alibi_slopes, args.sinks)
+        mods = self.score_mods(args.alibi_slopes, args.sinks, args.bias)
         lists = self.block_lists(args.block_pattern, args.token_rules)
         args.y, args.lse = self._forward(args.q, args.k, args.v, lists, args.y, args.lse, mods)
         return args.y, args.lse
 
-    def score_mods(self, alibi_slopes=None, sinks=None) -> Optional[ScoreMods]:
-        """The call's ALiBi slopes / sinks checked against the descriptor (which announces
-        them) and the problem's shapes; None when the problem has neither."""
+    def score_mods(self, alibi_slopes=None, sinks=None, bias=None) -> Optional[ScoreMods]:
+        """The call's ALiBi slopes / sinks / bias checked against the descriptor (which
+        announces them) and the problem's shapes; None when the problem has none."""
         d = self._desc
-        mods = ScoreMods(alibi_slopes, sinks)
+        mods = ScoreMods(alibi_slopes, sinks, bias)
         d.score_mods.check_mods(mods)
         if mods.empty:
             return None
-        return mods.check_for(d.batch_size, d.num_heads, self._device, d.element.torch_dtype)
+        return mods.check_for(d.batch_size, d.num_heads, self._device, d.element.torch_dtype,
+                              d.query_len, d.key_len)
 
     def _mod_kwargs(self, mods: Optional[ScoreMods]) -> dict:
         """The launchers' softcap / mods arguments (none at all without modifiers: the
@@ -347,9 +349,11 @@ class SdpaBlockSparsePlan(Plan):
         forward's outputs) for the upstream gradients dy [B,H,Nq,Dv] and, optionally, dlse
         [B,H,Nq] (the gradient of the returned lse; None = 0). dy may be None when only
         lse was used. Preallocated dq/dk/dv (shaped like q/k/v) are written when given.
-        With learnable sinks (descriptor ``sinks=True``) it returns (dq, dk, dv, dsinks)."""
+        With learnable sinks (descriptor ``sinks=True``) dsinks [H] follows, with a bias
+        (``bias=True``) dbias (shaped like the bias, its dtype): (dq, dk, dv[, dsinks][,
+        dbias])."""
         self._check_args(args)
-        mods = self.score_mods(args.alibi_slopes, args.sinks)
+        mods = self.score_mods(args.alibi_slopes, args.sinks, args.bias)
         d = self._desc
         if args.y is None or args.lse is None:
             raise InvalidProblem("args.y and args.lse are None; expected the forward's outputs. "
@@ -366,23 +370,37 @@ class SdpaBlockSparsePlan(Plan):
                 check_tensor(name, given, tuple(ref.shape), ref.dtype, self._device)
         inputs = dict(self._inputs_of(args), y=args.y, lse=args.lse, dy=dy, dlse=dlse)
         check_no_overlap({"dq": dq, "dk": dk, "dv": dv}, inputs)
-        grads = self._backward(args.q, args.k, args.v, args.y, args.lse, dy,
-                               self.block_lists(args.block_pattern, args.token_rules), dq, dk,
-                               dv, dlse=dlse, mods=mods)
+        dq, dk, dv, delta, dbias = self._backward(
+            args.q, args.k, args.v, args.y, args.lse, dy,
+            self.block_lists(args.block_pattern, args.token_rules), dq, dk, dv, dlse=dlse,
+            mods=mods, want_delta=True, want_dbias=d.bias)
+        grads = (dq, dk, dv)
         if d.sinks:
-            delta = row_delta(args.y, dy, dlse, args.lse.dtype)
+            if delta is None:
+                delta = row_delta(args.y, dy, dlse, args.lse.dtype)
             grads = grads + (sinks_grad(args.sinks, args.lse, delta),)
+        if d.bias:
+            grads = grads + (dbias.view(args.bias.shape),)
         return grads
 
     def _backward(self, q, k, v, y, lse, dy, lists: BlockLists, dq=None, dk=None, dv=None, *,
                   dlse=None, need_dq: bool = True, need_dkdv: bool = True,
-                  mods: Optional[ScoreMods] = None, want_delta: bool = False):
+                  mods: Optional[ScoreMods] = None, want_delta: bool = False,
+                  want_dbias: bool = False):
         """Launch the backward on checked tensors. dy: None (y unused) or any strides; dlse:
         None or the lse gradient. Allocates the wanted gradients (shaped like q / k / v)
         when None; -> (dq or None, dk or None, dv or None), None where not wanted, and with
         ``want_delta`` the rows' delta = dy . y - dlse [B, H, Nq] the backward computed on
-        the way (None where it had none): the sinks' gradient reuses it."""
+        the way (None where it had none): the sinks' gradient reuses it; with
+        ``want_dbias`` (mods carry a bias) the bias's gradient last (shaped like the 4-d
+        bias view, in its dtype)."""
         d = self._desc
+        dbias = BiasGradTarget(mods.bias, d.batch_size, d.num_heads,
+                               accumulator_dtype(q.dtype)) if want_dbias else None
+
+        def result(dq, dk, dv, delta=None):
+            out = (dq, dk, dv) + ((delta,) if want_delta else ())
+            return out + ((dbias.finish(mods.bias.dtype),) if want_dbias else ())
         if dy is None:
             dy = torch.zeros(d.output_shape(), dtype=y.dtype, device=y.device)
         elif dy.dim() and dy.stride(-1) != 1 and dy.shape[-1] > 1:
@@ -399,7 +417,7 @@ class SdpaBlockSparsePlan(Plan):
             for g in (dq, dk, dv):
                 if g is not None:
                     g.zero_()
-            return (dq, dk, dv, None) if want_delta else (dq, dk, dv)
+            return result(dq, dk, dv)
         v_run, y_run, dy_run, dv_run = v, y, dy, dv
         if d.d_v == 0:  # as in _forward: one zero value column carries lse's gradient
             v_run = v.new_zeros(v.shape[:-1] + (1,))
@@ -409,6 +427,8 @@ class SdpaBlockSparsePlan(Plan):
         kwargs = dict(block_size=d.kernel_block_size, scale=d.softmax_scale,
                       is_causal=d.is_causal, dq=dq, dk=dk, dv=dv_run, dlse=dlse,
                       window=d.window, **self._mod_kwargs(mods))
+        if dbias is not None:
+            kwargs["dbias"] = dbias
         with self.device_guard():
             if self._backend is BackendKind.TRITON:
                 from .triton_bwd import block_sparse_attention_backward_triton
@@ -421,7 +441,7 @@ class SdpaBlockSparsePlan(Plan):
             else:
                 delta = block_sparse_attention_backward_reference(q, k, v_run, y_run, lse,
                                                                   dy_run, lists, **kwargs)
-        return (dq, dk, dv, delta) if want_delta else (dq, dk, dv)
+        return result(dq, dk, dv, delta)
 
 
 def output_like(q: torch.Tensor, d_v: int) -> torch.Tensor:

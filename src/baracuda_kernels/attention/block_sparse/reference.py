@@ -153,15 +153,18 @@ def _positions(q_idx, k_idx, tokens):
 @dataclass
 class _Mods:
     """Score modifiers of one pattern slice (common.score_mods): softcap (0 = none), slopes
-    and sinks shaped [b, hk, g] of the slice (or None), ALiBi's diagonal offset."""
+    and sinks shaped [b, hk, g] of the slice (or None), ALiBi's diagonal offset, the bias
+    as the slice's view [b, hk, g, Nq|1, Nk] (or None)."""
 
     softcap: float
     slopes: Optional[torch.Tensor]
     sinks: Optional[torch.Tensor]
     alibi_off: int
+    bias: Optional[torch.Tensor] = None
 
     @classmethod
-    def of_slice(cls, softcap, mods, sl, Hkv: int, alibi_off: int, acc) -> Optional["_Mods"]:
+    def of_slice(cls, softcap, mods, sl, Hkv: int, alibi_off: int, acc,
+                 B: int = 1, H: int = 1) -> Optional["_Mods"]:
         if softcap <= 0 and (mods is None or mods.empty):
             return None
         bsl, ksl, gsl = sl
@@ -171,16 +174,26 @@ class _Mods:
                 return None
             t5 = _grouped(t.to(acc), Hkv)
             return t5[bsl if t5.shape[0] > 1 else slice(None), ksl, gsl]
+        bias = None
+        if mods is not None and mods.bias is not None:
+            b5 = _grouped(mods.bias.expand(B, H, -1, -1), Hkv)
+            bias = b5[bsl, ksl, gsl]
         return cls(softcap, per_head(mods.alibi_slopes if mods else None),
                    per_head(mods.sinks[None] if mods and mods.sinks is not None else None),
-                   alibi_off)
+                   alibi_off, bias)
 
     def scores(self, s, g: _Group, block_size: int, rows_are_queries: bool, tokens):
-        """(s after the cap and ALiBi, the capped s (None without a cap)); s [b,hk,g,G,bs,L]."""
+        """(s after the cap, bias and ALiBi, the capped s (None without a cap));
+        s [b,hk,g,G,bs,L]."""
         capped = None
         if self.softcap > 0:
             s = self.softcap * torch.tanh(s / self.softcap)
             capped = s
+        if self.bias is not None:
+            q_idx, k_idx = _pair_indices(g, block_size, rows_are_queries)
+            if self.bias.shape[3] == 1:  # the same bias row for every query
+                q_idx = torch.zeros_like(q_idx)
+            s = s + self.bias[..., q_idx, k_idx].to(s.dtype)
         if self.slopes is not None:
             q_tok, k_tok = _positions(*_pair_indices(g, block_size, rows_are_queries), tokens)
             dist = (k_tok - q_tok - self.alibi_off).abs().to(s.dtype)             # [G, bs, L]
@@ -224,7 +237,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
     for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
         qs, ks, vs = q5[bsl, ksl, gsl], k5[bsl, ksl], v5[bsl, ksl]
         bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
-        md = _Mods.of_slice(softcap, mods, (bsl, ksl, gsl), Hkv, alibi_off, acc)
+        md = _Mods.of_slice(softcap, mods, (bsl, ksl, gsl), Hkv, alibi_off, acc, B, H)
         for g in _groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device):
             G = g.cols.shape[0]
             qt = _gather(qs, g.rows.view(G, block_size), acc)        # [b,hk,g,G,bs,Dk]
@@ -257,11 +270,14 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
                                               block_size: int, scale: float, is_causal: bool,
                                               dq, dk, dv, dlse=None,
                                               window: Optional[WindowRule] = None,
-                                              softcap: float = 0.0, mods=None) -> None:
+                                              softcap: float = 0.0, mods=None,
+                                              dbias=None) -> None:
     """Writes dq, dk, dv (shaped like q, k, v; None = not wanted, dk and dv go together) from
     the upstream gradients dy [B,H,Nq,Dv] and dlse [B,H,Nq] (None = 0), rebuilding
     probabilities from the forward's lse. With GQA, dk/dv of a K/V head sum the
-    contributions of its query heads (in a fixed order, in the accumulator dtype)."""
+    contributions of its query heads (in a fixed order, in the accumulator dtype).
+    dbias: a score_mods.BiasGradTarget whose buffer receives dS (the bias's gradient before
+    its broadcast dims are summed), or None."""
     acc = accumulator_dtype(q.dtype)
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -278,20 +294,21 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
     q5, dy5 = _grouped(q, Hkv), _grouped(dy, Hkv)
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)
     dq5 = _grouped(dq, Hkv) if dq is not None else None
+    db5 = _grouped(dbias.buffer, Hkv) if dbias is not None else None
     # dK/dV gather the group's contributions (several pattern slices may add to one K/V head).
     dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device) if dk is not None else None
     dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device) if dk is not None else None
     active_all = _active_blocks(lists)
     alibi_off = alibi_offset(is_causal, Nq, Nk)
     for bsl, ksl, gsl, bp, hp in _slices(lists, H, Hkv):
-        md = _Mods.of_slice(softcap, mods, (bsl, ksl, gsl), Hkv, alibi_off, acc)
+        md = _Mods.of_slice(softcap, mods, (bsl, ksl, gsl), Hkv, alibi_off, acc, B, H)
         capped = None
         qs, ks, vs, dys = q5[bsl, ksl, gsl], k5[bsl, ksl], v5[bsl, ksl], dy5[bsl, ksl, gsl]
         ls, ds_ = lse5[bsl, ksl, gsl], delta5[bsl, ksl, gsl]
         bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
-        # dQ: query-block rows.
+        # dQ (and d bias): query-block rows.
         for g in (_groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device)
-                  if dq is not None else ()):
+                  if dq is not None or dbias is not None else ()):
             G = g.cols.shape[0]
             rows = g.rows.view(G, block_size)
             kt, vt = _gather(ks, g.cols, acc), _gather(vs, g.cols, acc)
@@ -303,6 +320,10 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
                                 _token_rows(lists, bp), _slice_bits(lists, bp, hp)))
             dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
             dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
+            if dbias is not None:
+                _add_bias_grad(db5[bsl, ksl, gsl], dsc, g, rows)
+            if dq is None:
+                continue
             if md is not None:
                 dsc = md.cap_grad(dsc, capped)
             out = (torch.matmul(dsc, kt) * scale).flatten(3, 4)
@@ -333,6 +354,23 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)
     return delta  # dy . y - dlse per row [B, H, Nq] (the sinks' gradient reuses it)
+
+
+def _add_bias_grad(db: torch.Tensor, ds: torch.Tensor, g: _Group, rows: torch.Tensor) -> None:
+    """Add a group's dS [b,hk,g,G,bs,L] (the bias gradient of its pairs) into the slice's
+    buffer db [b,hk,g,Nq|1,Nk]. Rows past the end (clamped copies of the last row) add
+    nothing; masked columns (clamped copies) have dS = 0 exactly, so their repeated indices
+    add exact zeros and the sum is the same in any order (deterministic on CUDA too)."""
+    ds = torch.where(g.row_ok.view(rows.shape)[:, :, None], ds, torch.zeros((), dtype=ds.dtype,
+                                                                           device=ds.device))
+    Nk = db.shape[-1]
+    if db.shape[3] == 1:  # one bias row for all queries: sum this group's rows first
+        flat, summed = db.flatten(3), ds.sum(-2)                     # [.., Nk], [.., G, L]
+        for i in range(summed.shape[3]):  # block rows in order: a fixed summation order
+            flat.index_add_(3, g.cols[i], summed[:, :, :, i].to(db.dtype))
+        return
+    lin = (rows[:, :, None] * Nk + g.cols[:, None, :]).flatten()     # [G * bs * L]
+    db.flatten(3).index_add_(3, lin, ds.flatten(3).to(db.dtype))
 
 
 def _gather_rows(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,8 @@ from baracuda_kernels.core import Unsupported
 from ..common.numerics import accumulator_dtype, head_dim_tile, list_strides, scale_args
 from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import row_tile_descriptor, tma_fallback_reason
-from ..common.score_mods import (ScoreModFlags, ScoreMods, alibi_offset, fast_tanh,
-                                 kernel_mod_args)
+from ..common.score_mods import (BiasGradTarget, ScoreModFlags, ScoreMods, alibi_offset,
+                                 bias_kernel_args, fast_tanh, kernel_mod_args)
 from .block_lists import bits_kernel_args
 from .triton_bwd_configs import (BackwardConfig, _tile, _warps, default_backward_config,
                                  short_row_backward_config)
@@ -71,6 +71,7 @@ def block_sparse_attention_backward_triton(
     q, k, v, y, lse, dy, lists, *, block_size: int, scale: float, is_causal: bool,
     dq, dk, dv, dlse=None, allow_tf32: bool = False, config: BackwardConfig | None = None,
     window: WindowRule | None = None, softcap: float = 0.0, mods: ScoreMods | None = None,
+    dbias: BiasGradTarget | None = None,
 ) -> torch.Tensor | None:
     """Write dq, dk, dv of block-sparse attention (no host synchronisation, no atomics).
 
@@ -93,6 +94,8 @@ def block_sparse_attention_backward_triton(
         window: the forward's sliding window with sink tokens (common.problem.WindowRule).
         softcap, mods: the forward's score modifiers (common.score_mods). Sinks need nothing
             here: lse includes them, and their own gradient is ``score_mods.sinks_grad``.
+        dbias: where the dK/dV kernel writes the bias's gradient (mods carry a bias), or
+            None; the dK/dV kernel runs for it even when dk / dv are None.
     Returns the rows' delta = dy . y - dlse [B, H, Nq] (f32; f64 for f64), which that
     gradient reuses; None when no kernel ran.
     """
@@ -126,8 +129,10 @@ def block_sparse_attention_backward_triton(
         raise Unsupported(f"B*H*blocks = {B * H * n_blocks} gives a grid over 2^31 programs; "
                           "fix: split the batch")
     # The caller (the plan) makes q's device current: Triton launches on the current device.
+    if dbias is not None and dk is None:  # the dK/dV kernel computes d bias: run it anyway
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
     return _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
-                   allow_tf32, cfg, window, softcap, mods)
+                   allow_tf32, cfg, window, softcap, mods, dbias)
 
 
 # A work item counts as heavy when its list is this many times the mean list length.
@@ -187,7 +192,7 @@ def _looped_sources(want_tma: bool, a, b, rows: int, a_pad: int, b_pad: int):
 
 def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, dk, dv,
             allow_tf32, cfg: BackwardConfig, window: WindowRule | None, softcap: float,
-            mods: ScoreMods | None) -> torch.Tensor | None:
+            mods: ScoreMods | None, dbias: BiasGradTarget | None) -> torch.Tensor | None:
     """The three launches (see the module docstring); inputs already checked. Returns the
     rows' delta [B, H, Nq] (dy . y - dlse) the launches computed, None when none ran."""
     B, H, Nq, Dk = q.shape
@@ -212,13 +217,15 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
     tokens = lists.tokens  # document ids / positions of PARTIAL blocks, or None
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (delta,) * 4 + (0, 0)
     bits = bits_kernel_args(lists, delta)  # block bits of cut blocks (placeholders without)
-    flags = ScoreModFlags(softcap, mods is not None and mods.alibi_slopes is not None)
+    flags = ScoreModFlags.of(softcap, mods)
     cap, slopes, stride_ab, _ = kernel_mod_args(flags, mods, is_f64, delta)
+    bias, bias_strides = bias_kernel_args(mods, delta)
     alibi_off = alibi_offset(is_causal, Nq, Nk)
     common.update(HAS_IDS=tokens is not None and tokens.has_ids,
                   HAS_POS=tokens is not None and tokens.has_positions,
                   HAS_BITS=tokens is not None and tokens.has_bits,
-                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=flags.alibi, FAST_TANH=fast_tanh(q))
+                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=flags.alibi, HAS_BIAS=flags.bias,
+                  FAST_TANH=fast_tanh(q))
 
     if dq is not None:  # dQ (which also writes delta and lse2) only when q needs a gradient
         bm, tiles_m, _ = _tile(cfg.q_block_m, block_size)
@@ -228,10 +235,10 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
         order = _launch_order(lists, True, B, H, 1, tiles_m, cfg.launch_order)
         _bwd_dq_kernel[(B * H * n_tiles,)](
             q, k_arg, v_arg, k, v, dy, lse2, delta, dq, lists.kv_index, lists.kv_count_full,
-            lists.kv_count, order, y, lse, dlse_arg, *token_args[:4], *bits[:2], slopes,
+            lists.kv_count, order, y, lse, dlse_arg, *token_args[:4], *bits[:2], slopes, bias,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
             *list_strides(lists.kv_index, lists.kv_count),
-            *stats_args, *token_args[4:], *bits[2:], stride_ab,
+            *stats_args, *token_args[4:], *bits[2:], stride_ab, *bias_strides,
             H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo, G, list_div, offset,
             *window_args(window), cap, alibi_off, BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n,
             TILES_M=tiles_m, USE_TMA=tma,
@@ -256,12 +263,14 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
         order = _launch_order(lists, False, B, H, G, tiles_n, cfg.launch_order)
         _bwd_dkdv_kernel[(B * Hkv * n_tiles,)](
             q_arg, k, v, dy_arg, q, dy, lse2, delta, dk, dv, q_index, q_count_full, q_count,
-            order, *token_args[:4], *bits[:2], slopes, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy),
-            *_bhn(dk), *_bhn(dv), *list_strides(q_index, q_count), *token_args[4:], *bits[2:],
-            stride_ab, H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo,
+            order, *token_args[:4], *bits[:2], slopes, bias,
+            dbias.buffer if dbias is not None else delta, *_bhn(q), *_bhn(k), *_bhn(v),
+            *_bhn(dy), *_bhn(dk), *_bhn(dv), *list_strides(q_index, q_count), *token_args[4:],
+            *bits[2:], stride_ab, *bias_strides,
+            *(dbias.strides() if dbias is not None else (0, 0, 0)), H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo,
             G, list_div, offset, *window_args(window), cap, alibi_off,
             BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, USE_TMA=tma,
-            GROUPED=G > 1, **common,
+            GROUPED=G > 1, DBIAS_MODE=dbias.mode if dbias is not None else 0, **common,
             num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
             num_stages=cfg.kv_stages)
     return delta.view(B, H, Nq) if (dq is not None or dk is not None) else None

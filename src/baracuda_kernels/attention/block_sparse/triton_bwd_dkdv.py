@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bits_tile, exp_base, head_value, kernel_scale,
-                                    modified_scores, token_allowed, token_values)
+from ..common.kernel_pieces import (bias_tile, block_bits_tile, exp_base, head_value,
+                                    kernel_scale, modified_scores, token_allowed, token_values)
 from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows
 
@@ -22,15 +22,15 @@ def _dkdv_inner(
     dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row, it_lo, it_hi,
     stride_qn, stride_gn, offs_n, Nq, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
     k_id, k_pos, q_ids, q_poss, slot_col, stride_sq, bits_words, n_in_block, cap, slope,
-    alibi_off,
+    alibi_off, key_ok, bias_bh, stride_xq, dbias_bh, stride_yq, colsum,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    FAST_TANH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DBIAS_MODE: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles it_lo..it_hi of the block list.
 
@@ -48,6 +48,10 @@ def _dkdv_inner(
     at key rows ``n_in_block`` also decide.
     HAS_SOFTCAP / HAS_ALIBI: as in triton_bwd_dq._dq_inner, on the transposed tile (slope:
     this query head's).
+    HAS_BIAS: the bias of this (b, h) (``bias_bh``, query stride stride_xq) joins the
+    scores. DBIAS_MODE (score_mods.BiasGradTarget): 1 stores dS (before the cap's factor:
+    the bias is added after the cap) at ``dbias_bh``, query stride stride_yq; 2 adds its
+    column sums into ``colsum`` [BLOCK_N]. Returns (dk, dv, colsum).
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -83,10 +87,15 @@ def _dkdv_inner(
             q_pos = tl.load(q_poss + offs_m, mask=offs_m < Nq, other=0)
         else:
             q_pos = offs_m
-        if HAS_SOFTCAP or HAS_ALIBI:
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+            if HAS_BIAS:
+                bias = bias_tile(bias_bh + offs_m.to(tl.int64) * stride_xq, offs_n, row_ok,
+                                 key_ok, IS_F64, True)
+            else:
+                bias = qk_t  # unused
             s_mod, capped = modified_scores(qk_t * qk_scale, q_pos[None, :], k_pos[:, None],
-                                            cap, slope, alibi_off, HAS_SOFTCAP, HAS_ALIBI,
-                                            IS_F64, FAST_TANH)
+                                            cap, slope, alibi_off, bias, HAS_SOFTCAP,
+                                            HAS_ALIBI, HAS_BIAS, IS_F64, FAST_TANH)
             p_t = exp_base(s_mod - lse2[None, :], IS_F64)
         else:
             p_t = exp_base(qk_t * qk_scale - lse2[None, :], IS_F64)
@@ -104,11 +113,17 @@ def _dkdv_inner(
         dv = tl.dot(p_t.to(dy.dtype), dy, dv, input_precision=PRECISION, out_dtype=dv.dtype)
         dp_t = tl.dot(v, tl.trans(dy), input_precision=PRECISION, out_dtype=dk.dtype)
         ds_t = p_t * (dp_t - delta[None, :])
+        if DBIAS_MODE == 1:
+            tl.store(dbias_bh + offs_m.to(tl.int64)[None, :] * stride_yq + offs_n[:, None],
+                     ds_t.to(dbias_bh.dtype.element_ty),
+                     mask=key_ok[:, None] & row_ok[None, :])
+        elif DBIAS_MODE == 2:
+            colsum += tl.sum(ds_t, 1).to(colsum.dtype)
         if HAS_SOFTCAP:
             ratio = capped * (1.0 / cap)
             ds_t = ds_t * (1.0 - ratio * ratio)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=dk.dtype)
-    return dk, dv
+    return dk, dv, colsum
 
 
 @triton.jit
@@ -118,18 +133,20 @@ def _dkdv_one_head(
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
     b32, h32, kb, offs_n, H, Nq, LIST_DIV, causal_offset, win_lo, win_hi, sinks, qk_scale,
     k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb, stride_sh, stride_sq,
-    n_in_block, ALIBI, stride_ab, cap, alibi_off,
+    n_in_block, ALIBI, stride_ab, cap, alibi_off, key_ok, BIAS, stride_xb, stride_xh,
+    stride_xq, DBIAS, stride_yb, stride_yh, stride_yq,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     SUBS_M: tl.constexpr, EVEN_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     IS_F64: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    FAST_TANH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DBIAS_MODE: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     """Add query head h32's contribution to the dK, dV of one key tile: its FULL query
-    blocks, then its PARTIAL ones, from its own list row (list head h32 // LIST_DIV)."""
+    blocks, then its PARTIAL ones, from its own list row (list head h32 // LIST_DIV).
+    DBIAS_MODE 2 stores this head's d bias column sums for the tile at the end."""
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
     hl = (h32 // LIST_DIV).to(tl.int64)
@@ -147,40 +164,53 @@ def _dkdv_one_head(
     PARTIAL_TMA: tl.constexpr = USE_TMA and not HAS_IDS  # ids: masked pointer loads
     q_part = masked_step_source(q_src, Q_RAW, b, h, stride_qb, stride_qh, PARTIAL_TMA)
     dy_part = masked_step_source(dy_src, DY_RAW, b, h, stride_gb, stride_gh, PARTIAL_TMA)
+    bias_bh = BIAS + b * stride_xb + h * stride_xh
+    dbias_bh = DBIAS + b * stride_yb + h * stride_yh
+    if IS_F64:
+        colsum = tl.zeros_like(offs_n).to(tl.float64)
+    else:
+        colsum = tl.zeros_like(offs_n).to(tl.float32)
     rows_base = (b32 * H + h32).to(tl.int64) * Nq
     lse_base = LSE2 + rows_base
     delta_base = DELTA + rows_base
     # FULL blocks (no mask arithmetic), then PARTIAL ones.
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
+    dk, dv, colsum = _dkdv_inner(
+                         dk, dv, k, v, q_src, dy_src, lse_base, delta_base, list_row,
                          0, n_full * SUBS_M, stride_qn, stride_gn, offs_n, Nq, causal_offset,
                          win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos, q_ids, q_poss,
                          slot_col, stride_sq, BITS_WORDS, n_in_block, cap, slope, alibi_off,
+                         key_ok, bias_bh, stride_xq, dbias_bh, stride_yq, colsum,
                          BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
                          HAS_WINDOW, IS_F64, PRECISION, MASKED=False, USE_TMA=USE_TMA,
                          HAS_IDS=HAS_IDS, HAS_POS=HAS_POS, HAS_BITS=HAS_BITS,
-                         HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
-                   FAST_TANH=FAST_TANH)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_part, dy_part, lse_base, delta_base, list_row,
+                         HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_BIAS=HAS_BIAS,
+                         DBIAS_MODE=DBIAS_MODE, FAST_TANH=FAST_TANH)
+    dk, dv, colsum = _dkdv_inner(
+                         dk, dv, k, v, q_part, dy_part, lse_base, delta_base, list_row,
                          n_full * SUBS_M, n_all * SUBS_M, stride_qn, stride_gn, offs_n, Nq,
                          causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32, k_id, k_pos,
                          q_ids, q_poss, slot_col, stride_sq, BITS_WORDS, n_in_block, cap,
-                         slope, alibi_off,
+                         slope, alibi_off, key_ok, bias_bh, stride_xq, dbias_bh, stride_yq,
+                         colsum,
                          BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M,
                          IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION, MASKED=True,
                          USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS,
                          HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
-                   FAST_TANH=FAST_TANH)
+                         HAS_BIAS=HAS_BIAS, DBIAS_MODE=DBIAS_MODE, FAST_TANH=FAST_TANH)
+    if DBIAS_MODE == 2:
+        tl.store(dbias_bh + offs_n, colsum.to(DBIAS.dtype.element_ty), mask=key_ok)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
                                      "stride_sb", "stride_sh", "stride_sq", "stride_ab",
-                                     "ALIBI_OFF"])
+                                     "ALIBI_OFF", "stride_xb", "stride_xh", "stride_xq",
+                                     "stride_yb", "stride_yh", "stride_yq"])
 def _bwd_dkdv_kernel(
     Q, K, V, DY, Q_RAW, DY_RAW, LSE2, DELTA, DK, DV,
     Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER, Q_IDS, K_IDS, Q_POS, K_POS, BITS_SLOTS, BITS_WORDS,
-    ALIBI,
+    ALIBI, BIAS, DBIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -189,6 +219,7 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_ib, stride_ih, stride_ir,
     stride_cb, stride_ch, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq, stride_ab,
+    stride_xb, stride_xh, stride_xq, stride_yb, stride_yh, stride_yq,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     SOFTCAP, ALIBI_OFF,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
@@ -198,8 +229,8 @@ def _bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_F64: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, GROUPED: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    FAST_TANH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DBIAS_MODE: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     """Grid (B*Hkv*n_tiles,), n_tiles = nk * TILES_N: dK, dV of BLOCK_N keys of one key block
     of one K/V head.
@@ -269,9 +300,10 @@ def _bwd_dkdv_kernel(
                 b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
                 SINKS, qk_scale, k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb,
                 stride_sh, stride_sq, n_in_block, ALIBI, stride_ab, SOFTCAP, ALIBI_OFF,
-                BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
+                key_ok, BIAS, stride_xb, stride_xh, stride_xq, DBIAS, stride_yb, stride_yh,
+                stride_yq, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
                 HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS,
-                HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+                HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, DBIAS_MODE, FAST_TANH)
     else:
         dk, dv = _dkdv_one_head(
             dk, dv, k, v, Q, DY, Q_RAW, DY_RAW, LSE2, DELTA, Q_INDEX, Q_COUNT_FULL, Q_COUNT,
@@ -280,9 +312,10 @@ def _bwd_dkdv_kernel(
             b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
             qk_scale, k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb, stride_sh,
             stride_sq, n_in_block, ALIBI, stride_ab, SOFTCAP, ALIBI_OFF,
-            BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
+            key_ok, BIAS, stride_xb, stride_xh, stride_xq, DBIAS, stride_yb, stride_yh,
+            stride_yq, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
             HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS,
-            HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, DBIAS_MODE, FAST_TANH)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkn + offs_dk[None, :],
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & dk_ok[None, :])

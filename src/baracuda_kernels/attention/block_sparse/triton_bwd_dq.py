@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bits_tile, exp_base, head_value, kernel_scale,
-                                    modified_scores, token_allowed, token_values)
+from ..common.kernel_pieces import (bias_tile, block_bits_tile, exp_base, head_value,
+                                    kernel_scale, modified_scores, token_allowed, token_values)
 from ..common.triton_tma import head_source, masked_step_source
 from .triton_bwd_pieces import _list_step, _load_rows, _row_stats
 
@@ -22,7 +22,7 @@ def _dq_inner(
     dq, q, dy, lse2, delta, k_src, v_src, list_row, it_lo, it_hi,
     stride_kn, stride_vn, offs_m, Nk, causal_offset, win_lo, win_hi, sinks, qk_scale, b32, h32,
     q_id, q_pos, k_ids, k_poss, slot_row, bits_words, m_in_block, row_ok, cap, slope,
-    alibi_off,
+    alibi_off, bias_rows,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     SUBS_N: tl.constexpr, EVEN_N: tl.constexpr,
@@ -30,7 +30,7 @@ def _dq_inner(
     PRECISION: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     FAST_TANH: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles it_lo..it_hi of the block list.
@@ -44,6 +44,7 @@ def _dq_inner(
     HAS_BITS: the block's bits (slot ``slot_row[kb]``) at rows ``m_in_block`` also decide.
     HAS_SOFTCAP / HAS_ALIBI: P from the modified scores (kernel_pieces.modified_scores), and
     dS through the cap's tanh: d cap*tanh(s/cap) / ds = 1 - (capped / cap)^2.
+    HAS_BIAS: the bias rows ``bias_rows`` (pointers [M]) join the scores.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -69,10 +70,14 @@ def _dq_inner(
             k_pos = tl.load(k_poss + offs_n, mask=offs_n < Nk, other=0)
         else:
             k_pos = offs_n
-        if HAS_SOFTCAP or HAS_ALIBI:
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+            if HAS_BIAS:
+                bias = bias_tile(bias_rows, offs_n, row_ok, offs_n < Nk, IS_F64, False)
+            else:
+                bias = qk  # unused
             s_mod, capped = modified_scores(qk * qk_scale, q_pos[:, None], k_pos[None, :], cap,
-                                            slope, alibi_off, HAS_SOFTCAP, HAS_ALIBI, IS_F64,
-                                            FAST_TANH)
+                                            slope, alibi_off, bias, HAS_SOFTCAP, HAS_ALIBI,
+                                            HAS_BIAS, IS_F64, FAST_TANH)
             p = exp_base(s_mod - lse2[:, None], IS_F64)
         else:
             p = exp_base(qk * qk_scale - lse2[:, None], IS_F64)
@@ -104,11 +109,11 @@ def _dq_inner(
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
                                      "stride_sb", "stride_sh", "stride_sq", "stride_ab",
-                                     "ALIBI_OFF"])
+                                     "ALIBI_OFF", "stride_xb", "stride_xh", "stride_xq"])
 def _bwd_dq_kernel(
     Q, K, V, K_RAW, V_RAW, DY, LSE2, DELTA, DQ,
     KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE, Q_IDS, K_IDS, Q_POS, K_POS,
-    BITS_SLOTS, BITS_WORDS, ALIBI,
+    BITS_SLOTS, BITS_WORDS, ALIBI, BIAS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -119,7 +124,7 @@ def _bwd_dq_kernel(
     stride_yb, stride_yh, stride_yn,
     stride_lb, stride_lh, stride_ln,
     stride_db, stride_dh, stride_dn, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
-    stride_ab,
+    stride_ab, stride_xb, stride_xh, stride_xq,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
     SOFTCAP, ALIBI_OFF,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
@@ -130,7 +135,7 @@ def _bwd_dq_kernel(
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, HAS_DLSE: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
     FAST_TANH: tl.constexpr,
 ):
     """Grid (B*H*n_tiles,), n_tiles = nq * TILES_M: dQ of BLOCK_M queries of one query block.
@@ -213,23 +218,26 @@ def _bwd_dq_kernel(
         slope = head_value(ALIBI, b, h, 0, stride_ab, IS_F64)
     else:
         slope = qk_scale  # unused
+    bias_rows = BIAS + b * stride_xb + h * stride_xh + offs_m.to(tl.int64) * stride_xq
     # FULL blocks (no mask arithmetic), then PARTIAL ones.
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
                    stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
                    qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, slot_row, BITS_WORDS,
-                   m_in_block, row_ok, SOFTCAP, slope, ALIBI_OFF, BS, D_K, D_V, BLOCK_DK,
+                   m_in_block, row_ok, SOFTCAP, slope, ALIBI_OFF, bias_rows, BS, D_K, D_V,
+                   BLOCK_DK,
                    BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION,
                    MASKED=False, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS,
                    HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
-                   FAST_TANH=FAST_TANH)
+                   HAS_BIAS=HAS_BIAS, FAST_TANH=FAST_TANH)
     dq = _dq_inner(dq, q, dy, lse2, delta, k_part, v_part, list_row, n_full * SUBS_N,
                    n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO,
                    WIN_HI, SINKS, qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, slot_row,
-                   BITS_WORDS, m_in_block, row_ok, SOFTCAP, slope, ALIBI_OFF, BS, D_K, D_V,
+                   BITS_WORDS, m_in_block, row_ok, SOFTCAP, slope, ALIBI_OFF, bias_rows, BS,
+                   D_K, D_V,
                    BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64,
                    PRECISION, MASKED=True, USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS,
                    HAS_POS=HAS_POS, HAS_BITS=HAS_BITS, HAS_SOFTCAP=HAS_SOFTCAP,
-                   HAS_ALIBI=HAS_ALIBI, FAST_TANH=FAST_TANH)
+                   HAS_ALIBI=HAS_ALIBI, HAS_BIAS=HAS_BIAS, FAST_TANH=FAST_TANH)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqn + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])

@@ -21,10 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (block_bits_tile, exp_base, fold_sink, head_value,
-                                    kernel_scale, modified_scores, token_allowed, token_values)
-from ..common.score_mods import (ScoreModFlags, ScoreMods, alibi_offset, fast_tanh,
-                                 kernel_mod_args)
+from ..common.kernel_pieces import (bias_tile, block_bits_tile, exp_base, fold_sink,
+                                    head_value, kernel_scale, modified_scores, token_allowed,
+                                    token_values)
+from ..common.score_mods import (ScoreModFlags, ScoreMods, alibi_offset, bias_kernel_args,
+                                 fast_tanh, kernel_mod_args)
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
 from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import (head_source, masked_step_source, row_tile_descriptor,
@@ -40,7 +41,7 @@ __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_fo
 def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_lo, it_hi,
                    offs_m, stride_kn, stride_vn, Nk, causal_offset, win_lo, win_hi, sinks,
                    qk_scale, q_id, q_pos, k_ids, k_poss, slot_row, bits_words, rows_in_block,
-                   row_ok, cap, slope, alibi_off,
+                   row_ok, cap, slope, alibi_off, bias_rows,
                    D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
                    DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                    STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
@@ -50,7 +51,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
                    USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr,
                    HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    FAST_TANH: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, FAST_TANH: tl.constexpr):
     """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
 
     One flat loop over (block, column step) pairs, so the software pipeliner sees a single
@@ -64,7 +65,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
     HAS_BITS: the block's bits (slot ``slot_row[kb]`` of ``bits_words``, block_bits_tile)
     at rows ``rows_in_block`` (valid where ``row_ok``) also decide.
     HAS_SOFTCAP / HAS_ALIBI: scores go through ``modified_scores`` (cap, per-row slope [M],
-    alibi_off: common.score_mods) in every block, FULL ones included.
+    alibi_off: common.score_mods) in every block, FULL ones included; HAS_BIAS adds the
+    bias rows ``bias_rows`` (pointers [M], kernel_pieces.bias_tile) the same way.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, DK_PAD)
@@ -120,15 +122,19 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
             else:
                 k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=acc.dtype)
-        MODS: tl.constexpr = HAS_SOFTCAP or HAS_ALIBI
+        MODS: tl.constexpr = HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS
         if HAS_POS and ((PARTIAL and (IS_CAUSAL or HAS_WINDOW)) or HAS_ALIBI):
             k_pos = tl.load(k_poss + offs_n, mask=offs_n < Nk, other=0)
         else:
             k_pos = offs_n
         if MODS:
+            if HAS_BIAS:
+                bias = bias_tile(bias_rows, offs_n, row_ok, offs_n < Nk, IS_F64, False)
+            else:
+                bias = qk  # unused
             s_mod, _ = modified_scores(qk * qk_scale, q_pos[:, None], k_pos[None, :], cap,
-                                       slope[:, None], alibi_off, HAS_SOFTCAP, HAS_ALIBI,
-                                       IS_F64, FAST_TANH)
+                                       slope[:, None], alibi_off, bias, HAS_SOFTCAP, HAS_ALIBI,
+                                       HAS_BIAS, IS_F64, FAST_TANH)
 
         if MASK_COLS:
             keep = col_ok[None, :]
@@ -153,7 +159,10 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
             p = exp_base(s_ij - m_use[:, None], IS_F64)
         elif MODS:
             m_new = tl.maximum(m_i, tl.max(s_mod, 1))
-            m_use = m_new
+            if HAS_BIAS:  # a -inf bias can leave a row with nothing so far (see above)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_use = m_new
             p = exp_base(s_mod - m_use[:, None], IS_F64)
         else:
             # No mask: every score is finite, so m_new is finite. max(qk) * scale keeps the
@@ -190,10 +199,10 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINK_TOKENS", "stride_tq", "stride_tk",
                                      "stride_sb", "stride_sh", "stride_sq", "stride_ab",
-                                     "ALIBI_OFF"])
+                                     "ALIBI_OFF", "stride_xb", "stride_xh", "stride_xq"])
 def _block_sparse_fwd_kernel(
     Q, K, V, K_RAW, V_RAW, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT, Q_IDS, K_IDS, Q_POS, K_POS,
-    BITS_SLOTS, BITS_WORDS, ALIBI, SINKS,
+    BITS_SLOTS, BITS_WORDS, ALIBI, SINKS, BIAS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -201,7 +210,7 @@ def _block_sparse_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
-    stride_ab,
+    stride_ab, stride_xb, stride_xh, stride_xq,
     H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
     SINK_TOKENS, SOFTCAP, ALIBI_OFF,
     D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
@@ -213,7 +222,7 @@ def _block_sparse_fwd_kernel(
     PACK_ROWS: tl.constexpr, HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     FAST_TANH: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
 
@@ -238,7 +247,9 @@ def _block_sparse_fwd_kernel(
     and stride_sq per query block) into the words of cut blocks (patterns.block_bits).
     Score modifiers (common.score_mods): SOFTCAP (exponent base), ALIBI slopes [B|1, H]
     (batch stride stride_ab), ALIBI_OFF the diagonal they measure from, SINKS [H] (one
-    logit per head in every valid row's denominator, folded in after the last block).
+    logit per head in every valid row's denominator, folded in after the last block), BIAS
+    an additive bias over [B, H, Nq, Nk] with strides stride_xb / xh / xq (0 on broadcast
+    dims) and a unit key stride, read only in the blocks the lists visit.
     """
     pid = tl.program_id(0)
     bh = pid // n_tiles  # (b, h), or (b, K/V head) when packed
@@ -308,23 +319,24 @@ def _block_sparse_fwd_kernel(
         slope = head_value(ALIBI, b64, head_rows, r, stride_ab, IS_F64)
     else:
         slope = l_i  # unused
+    bias_rows = BIAS + b64 * stride_xb + head_rows * stride_xh + rows64 * stride_xq
 
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
         stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINK_TOKENS, qk_scale, q_id,
         q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, SOFTCAP, slope,
-        ALIBI_OFF, D_K, D_V,
+        ALIBI_OFF, bias_rows, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW,
         SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
-        HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, FAST_TANH)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_part, v_part, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
         stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINK_TOKENS, qk_scale, q_id,
         q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, SOFTCAP, slope,
-        ALIBI_OFF, D_K, D_V,
+        ALIBI_OFF, bias_rows, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW,
         SCALE_NONNEG, IS_F64, DOT_PRECISION, PARTIAL_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
-        HAS_SOFTCAP, HAS_ALIBI, FAST_TANH)
+        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, FAST_TANH)
 
     if HAS_SINKS:
         live = row_ok
@@ -444,19 +456,19 @@ def block_sparse_attention_forward_triton(
     grid = (B * heads_in_grid * n_tiles,)
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (cnt,) * 4 + (0, 0)
     bits = bits_kernel_args(lists, cnt)
-    flags = ScoreModFlags(softcap, mods is not None and mods.alibi_slopes is not None,
-                          mods is not None and mods.sinks is not None)
+    flags = ScoreModFlags.of(softcap, mods)
     cap, slopes, stride_ab, sinks = kernel_mod_args(flags, mods, is_f64, lse)
+    bias, bias_strides = bias_kernel_args(mods, lse)
     _block_sparse_fwd_kernel[grid](
         q, k_arg, v_arg, k, v, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4], *bits[:2],
-        slopes, sinks,
+        slopes, sinks, bias,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         sib, sih, idx.stride(2), idx.stride(3),
-        scb, sch, cnt.stride(2), *token_args[4:], *bits[2:], stride_ab,
+        scb, sch, cnt.stride(2), *token_args[4:], *bits[2:], stride_ab, *bias_strides,
         H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
         causal_offset(is_causal, Nq, Nk), *window_args(window), cap,
         alibi_offset(is_causal, Nq, Nk),
@@ -471,6 +483,7 @@ def block_sparse_attention_forward_triton(
         HAS_POS=tokens is not None and tokens.has_positions,
         HAS_BITS=tokens is not None and tokens.has_bits, HAS_SOFTCAP=flags.softcap > 0,
         HAS_ALIBI=flags.alibi, HAS_SINKS=flags.sinks, FAST_TANH=fast_tanh(q),
+        HAS_BIAS=flags.bias,
         num_warps=warps,
         num_stages=config.num_stages,
     )

@@ -36,7 +36,8 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   backend: Optional[str] = None,
                                   softcap: Optional[float] = None,
                                   alibi_slopes: Optional[torch.Tensor] = None,
-                                  sinks: Optional[torch.Tensor] = None):
+                                  sinks: Optional[torch.Tensor] = None,
+                                  bias: Optional[torch.Tensor] = None):
     """Attention over a pack of variable-length sequences, differentiable in q, k and v.
 
     Sequence s owns queries ``cu_seqlens_q[s] <= t < cu_seqlens_q[s+1]`` of q and keys
@@ -77,6 +78,9 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         softcap, sinks: score modifiers as in ``block_sparse_attention``; alibi_slopes
             float32 [H] (one slope per head, for every sequence), distances measured inside
             each sequence from its causal diagonal (bottom-right unless is_causal=True).
+        bias: additive score bias in pack coordinates, broadcastable to [1, H, Tq, Tk]
+            (e.g. [H, Tq, Tk], or [1, 1, 1, Tk] per key); only pairs inside a sequence are
+            ever read. Differentiable as in ``block_sparse_attention``.
 
     Returns:
         y [Tq, H, Dv] (and lse [H, Tq] when return_lse).
@@ -124,7 +128,8 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     out = block_sparse_attention(
         q4, k4, v4, block_pattern, block_size=block_size, is_causal=is_causal, scale=scale,
         return_lse=return_lse, backend=backend, window_size=window, sink_tokens=sink_tokens,
-        token_rules=tokens, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+        token_rules=tokens, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+        bias=bias)
     if return_lse:
         y, lse = out
         return y[0].transpose(0, 1), lse[0]

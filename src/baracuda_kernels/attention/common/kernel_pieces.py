@@ -1,7 +1,7 @@
 """@triton.jit pieces every attention kernel shares: the exponential in the kernels' base,
 the softmax scale rebuilt from the two arguments of ``numerics.scale_args``, the token rules
 of PARTIAL blocks (positions, ids, block bits) and the score modifiers (soft-cap, ALiBi,
-sinks; common.score_mods)."""
+sinks, an additive bias; common.score_mods)."""
 
 from __future__ import annotations
 
@@ -130,15 +130,38 @@ def soft_cap(s, cap, IS_F64: tl.constexpr, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def modified_scores(s, q_pos, k_pos, cap, slope, alibi_off, HAS_SOFTCAP: tl.constexpr,
-                    HAS_ALIBI: tl.constexpr, IS_F64: tl.constexpr, FAST_TANH: tl.constexpr):
+def bias_tile(row_ptrs, cols, row_ok, col_ok, IS_F64: tl.constexpr, COLS_FIRST: tl.constexpr):
+    """An additive score bias over a tile, in the kernels' exponent base (times log2(e)
+    below f64): ``row_ptrs`` [R] point at each query row's bias for key 0 (the bias has a
+    unit key stride: ScoreMods.check_for), ``cols`` [C] are key indices. [R, C], or [C, R]
+    when COLS_FIRST (the dK/dV kernel's transposed tile); 0 outside row_ok x col_ok."""
+    if COLS_FIRST:
+        x = tl.load(row_ptrs[None, :] + cols[:, None], mask=col_ok[:, None] & row_ok[None, :],
+                    other=0.0)
+    else:
+        x = tl.load(row_ptrs[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+    if IS_F64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32) * 1.4426950408889634
+    return x
+
+
+@triton.jit
+def modified_scores(s, q_pos, k_pos, cap, slope, alibi_off, bias, HAS_SOFTCAP: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, IS_F64: tl.constexpr,
+                    FAST_TANH: tl.constexpr):
     """Scores s (scaled, exponent base) after the score modifiers (common.score_mods):
-    soft-capped, then minus slope * |k_pos - q_pos - alibi_off| (ALiBi). q_pos / k_pos /
-    slope broadcast against s (slope per row). Returns (scores, capped scores: what the
-    soft-cap gradient needs, s itself without a cap)."""
+    soft-capped, then minus slope * |k_pos - q_pos - alibi_off| (ALiBi), plus ``bias``
+    (a ``bias_tile`` shaped like s). q_pos / k_pos / slope broadcast against s (slope per
+    row). Returns (scores, capped scores: what the soft-cap gradient needs, s itself
+    without a cap)."""
     if HAS_SOFTCAP:
         s = soft_cap(s, cap, IS_F64, FAST_TANH)
     t = s
+    if HAS_BIAS:
+        s = s + bias
     if HAS_ALIBI:
         # Positions to float before they meet (one conversion per row and per column, not
         # per pair; exact below 2^24 in f32).

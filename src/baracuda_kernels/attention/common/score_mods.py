@@ -1,9 +1,10 @@
-"""Score modifiers: logit soft-capping, ALiBi and learnable attention sinks.
+"""Score modifiers: logit soft-capping, ALiBi, learnable attention sinks, an additive bias.
 
-With all three, a computed score and a row's softmax are
+With all four, a computed score and a row's softmax are
 
     s_ij = scale * q_i . k_j
     s_ij <- softcap * tanh(s_ij / softcap)                  (softcap > 0; Gemma 2, Grok)
+    s_ij <- s_ij + bias[b, h, i, j]                         (additive bias / float mask)
     s_ij <- s_ij - slope[b, h] * |j - i - off|              (ALiBi; off: the causal diagonal)
     lse_i = log(sum_j exp(s_ij) + exp(sink[h]))             (sinks; gpt-oss)
     y_i  = sum_j exp(s_ij - lse_i) v_j
@@ -15,7 +16,11 @@ the distance from the same diagonal as the sliding window: off = 0 with ``is_cau
 (top-left), else Nk - Nq (bottom-right, flash-attn's convention, which is bottom-right
 always; the two agree when Nq == Nk); with token positions (varlen, prefix-LM) positions
 replace indices. The gradient of a softcapped score goes through the tanh; sinks get a
-gradient (``sinks_grad``); ALiBi slopes do not (as in flash-attn).
+gradient (``sinks_grad``); ALiBi slopes do not (as in flash-attn). The bias is added after
+the cap (a mask must not be capped) and is read only in the blocks the pattern computes; its
+gradient is dS, the gradient of the score (``BiasGradTarget``), summed over the dims the
+bias broadcasts. A -inf bias masks the pair; a row whose every pair is -inf is empty
+(y = 0, lse = -inf, or lse = sink with sinks), as under the block pattern.
 
 Each modifier is a compile-time flag of the kernels: a call without it runs the kernel it
 ran before. The descriptor states which are present (``ScoreModFlags``); the tensors travel
@@ -54,18 +59,24 @@ class ScoreMods:
     alibi_slopes: float32 ``[H]`` or ``[B, H]`` (per query head).
     sinks: ``[H]`` (any float dtype; computed in float32, float64 for f64 inputs), may
         require grad.
+    bias: float32 or the inputs' dtype, broadcastable to ``[B, H, Nq, Nk]`` with any of
+        B, H, Nq of size 1 (the key dim is full); may require grad. After ``check_for``:
+        a 4-d view with a unit key stride.
     """
 
     alibi_slopes: Optional[torch.Tensor] = None
     sinks: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
 
     @property
     def empty(self) -> bool:
-        return self.alibi_slopes is None and self.sinks is None
+        return self.alibi_slopes is None and self.sinks is None and self.bias is None
 
-    def check_for(self, batch: int, heads: int, device, dtype) -> "ScoreMods":
+    def check_for(self, batch: int, heads: int, device, dtype, query_len: int = 0,
+                  key_len: int = 0) -> "ScoreMods":
         """These modifiers checked for a problem (alibi as float32 [B|1, H], sinks as the
-        accumulator dtype [H]); typed errors that say the expected shape."""
+        accumulator dtype [H], bias as a 4-d view); typed errors that say the expected
+        shape."""
         slopes = self.alibi_slopes
         if slopes is not None:
             if not isinstance(slopes, torch.Tensor) or slopes.dtype != torch.float32 \
@@ -91,7 +102,79 @@ class ScoreMods:
                                      f"Fix: sinks.to(q.device).")
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             sinks = sinks.detach().to(acc).contiguous()
-        return ScoreMods(slopes, sinks)
+        bias = self.bias
+        if bias is not None:
+            bias = check_bias(bias, (batch, heads, query_len, key_len), device, dtype)
+        return ScoreMods(slopes, sinks, bias)
+
+
+def check_bias(bias, shape: tuple, device, dtype) -> torch.Tensor:
+    """``bias`` as a 4-d view broadcastable to ``shape`` = (B, H, Nq, Nk) with a unit key
+    stride (a copy only when the key dim is strided), detached; InvalidProblem otherwise."""
+    B, H, Nq, Nk = shape
+    want = f"[{B}|1, {H}|1, {Nq}|1, {Nk}]"
+    if not isinstance(bias, torch.Tensor) or bias.dtype not in (torch.float32, dtype) \
+            or not 1 <= bias.dim() <= 4:
+        raise InvalidProblem(
+            f"bias is {_describe(bias)}; expected a float32 or {dtype} tensor broadcastable "
+            f"to [B, H, Nq, Nk] = {want} (an additive score bias; for a boolean mask use "
+            f"torch.zeros(...).masked_fill(~mask, float('-inf'))).")
+    view = bias.detach().reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)) \
+        if bias.dim() < 4 else bias.detach()
+    if view.shape[-1] != Nk or any(n not in (1, full) for n, full in zip(view.shape[:3], shape)):
+        raise InvalidProblem(
+            f"bias has shape {tuple(bias.shape)}; expected a shape broadcastable to [B, H, Nq, "
+            f"Nk] = {want}: B, H and Nq may be 1, the key dim must be {Nk} (a bias constant "
+            f"over keys changes no attention weight; fold it into the values instead).")
+    if view.device != device:
+        raise InvalidProblem(f"bias is on {view.device}; expected {device} like q. "
+                             f"Fix: bias.to(q.device).")
+    if Nk > 1 and view.stride(-1) != 1:
+        view = view.contiguous()
+    return view
+
+
+def bias_kernel_args(mods: Optional["ScoreMods"], placeholder: torch.Tensor) -> tuple:
+    """(bias, (batch, head, query strides)) for the kernels: 0 on broadcast (size-1) dims;
+    a placeholder that is never read without a bias."""
+    bias = mods.bias if mods is not None else None
+    if bias is None:
+        return placeholder, (0, 0, 0)
+    return bias, tuple(bias.stride(i) if bias.shape[i] > 1 else 0 for i in range(3))
+
+
+class BiasGradTarget:
+    """Where the dK/dV kernel writes d bias, and how it becomes the gradient of the bias.
+
+    The gradient of the bias is dS (d loss / d score) summed over the dims the bias
+    broadcasts. The kernel writes, deterministically and without atomics:
+    * mode 1 (a bias with a query dim): dS itself per (b, h, i, j), every computed pair
+      once, into a buffer [B, H, Nq, Nk] in the accumulator dtype (float32; float64 for
+      f64 inputs) zeroed first (pairs never computed keep 0).
+    * mode 2 (a bias [.., 1, Nk], the same for every query): per (b, h, j) the sum over
+      queries, accumulated in registers by the program that owns key tile j: [B, H, 1, Nk].
+    ``finish`` then sums over broadcast batch / head dims (torch, fixed order) and casts to
+    the bias's dtype. Mode 1 with a bias broadcast over B or H needs the B x H x Nq x Nk
+    buffer: that memory is the price of a deterministic reduction without atomics.
+    """
+
+    def __init__(self, bias: torch.Tensor, batch: int, heads: int, acc: torch.dtype):
+        Bb, Hb, Nqb, Nk = bias.shape
+        self.bias = bias
+        self.mode = 2 if Nqb == 1 else 1
+        self.reduce_dims = tuple(d for d, (n, full) in enumerate(((Bb, batch), (Hb, heads)))
+                                 if n != full)
+        self.buffer = torch.zeros((batch, heads, Nqb, Nk), dtype=acc, device=bias.device)
+
+    def strides(self) -> tuple:
+        return self.buffer.stride(0), self.buffer.stride(1), self.buffer.stride(2)
+
+    def finish(self, dtype: torch.dtype) -> torch.Tensor:
+        """The gradient of the caller's bias (shaped like the 4-d view), in ``dtype``."""
+        grad = self.buffer
+        if self.reduce_dims:
+            grad = grad.sum(self.reduce_dims, keepdim=True)
+        return grad.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -101,17 +184,27 @@ class ScoreModFlags:
     softcap: float = 0.0
     alibi: bool = False
     sinks: bool = False
+    bias: bool = False
+
+    @classmethod
+    def of(cls, softcap: float, mods: Optional[ScoreMods]) -> "ScoreModFlags":
+        """The flags of a launch: its softcap and the tensors its mods carry."""
+        if mods is None:
+            return cls(softcap)
+        return cls(softcap, mods.alibi_slopes is not None, mods.sinks is not None,
+                   mods.bias is not None)
 
     @property
     def any(self) -> bool:
-        return self.softcap > 0 or self.alibi or self.sinks
+        return self.softcap > 0 or self.alibi or self.sinks or self.bias
 
     def check_mods(self, mods: Optional[ScoreMods]) -> None:
         """InvalidProblem unless the call's tensors are those the descriptor announced."""
         has_alibi = mods is not None and mods.alibi_slopes is not None
         has_sinks = mods is not None and mods.sinks is not None
+        has_bias = mods is not None and mods.bias is not None
         for name, want, got in (("alibi_slopes", self.alibi, has_alibi),
-                                ("sinks", self.sinks, has_sinks)):
+                                ("sinks", self.sinks, has_sinks), ("bias", self.bias, has_bias)):
             if want != got:
                 raise InvalidProblem(
                     f"{name} was {'given' if got else 'not given'}, but the plan's descriptor "
