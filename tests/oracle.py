@@ -78,7 +78,7 @@ def as_4d(pattern: torch.Tensor, query_len: int, key_len: int, block_size: int) 
 
 def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, dtype=None,
                     window_size=(-1, -1), sink_tokens=0, extra_mask=None, softcap=0.0,
-                    alibi_slopes=None, sinks=None, live_rows=None):
+                    alibi_slopes=None, sinks=None, live_rows=None, bias=None):
     """Returns (y, lse) computed densely in `dtype` (default float64).
 
     Fully masked rows give y = 0 and lse = -inf. q/k/v are [B, H, N, D]. extra_mask: bool
@@ -86,7 +86,8 @@ def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, d
     Score modifiers, from their definitions (common.score_mods): softcap: s = c tanh(s / c);
     alibi_slopes [H] / [B, H]: s -= slope |j - i - off| (off = 0 for is_causal=True, else
     Nk - Nq); sinks [H]: one more logit per row in the denominator (rows of ``live_rows``,
-    bool [B|1, Nq], all by default), so an empty live row gets y = 0, lse = sink.
+    bool [B|1, Nq], all by default), so an empty live row gets y = 0, lse = sink; bias
+    (broadcastable to [B, H, Nq, Nk]): added after the cap.
     """
     dtype = dtype or torch.float64
     Nq, Nk = q.shape[-2], k.shape[-2]
@@ -99,6 +100,8 @@ def dense_attention(q, k, v, pattern, block_size, is_causal=False, scale=None, d
     s = (qd @ kd.transpose(-1, -2)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.to(s.device, dtype)
     if alibi_slopes is not None:
         i = torch.arange(Nq, device=s.device)[:, None]
         j = torch.arange(Nk, device=s.device)[None, :]

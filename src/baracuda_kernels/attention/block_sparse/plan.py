@@ -370,7 +370,7 @@ class SdpaBlockSparsePlan(Plan):
                 check_tensor(name, given, tuple(ref.shape), ref.dtype, self._device)
         inputs = dict(self._inputs_of(args), y=args.y, lse=args.lse, dy=dy, dlse=dlse)
         check_no_overlap({"dq": dq, "dk": dk, "dv": dv}, inputs)
-        dq, dk, dv, delta, dbias = self._backward(
+        dq, dk, dv, delta, *dbias = self._backward(
             args.q, args.k, args.v, args.y, args.lse, dy,
             self.block_lists(args.block_pattern, args.token_rules), dq, dk, dv, dlse=dlse,
             mods=mods, want_delta=True, want_dbias=d.bias)
@@ -380,7 +380,7 @@ class SdpaBlockSparsePlan(Plan):
                 delta = row_delta(args.y, dy, dlse, args.lse.dtype)
             grads = grads + (sinks_grad(args.sinks, args.lse, delta),)
         if d.bias:
-            grads = grads + (dbias.view(args.bias.shape),)
+            grads = grads + (dbias[0].view(args.bias.shape),)
         return grads
 
     def _backward(self, q, k, v, y, lse, dy, lists: BlockLists, dq=None, dk=None, dv=None, *,

@@ -218,7 +218,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (delta,) * 4 + (0, 0)
     bits = bits_kernel_args(lists, delta)  # block bits of cut blocks (placeholders without)
     flags = ScoreModFlags.of(softcap, mods)
-    cap, slopes, stride_ab, _ = kernel_mod_args(flags, mods, is_f64, delta)
+    cap, slopes, stride_ab, _ = kernel_mod_args(flags, mods, q.dtype, delta)
     bias, bias_strides = bias_kernel_args(mods, delta)
     alibi_off = alibi_offset(is_causal, Nq, Nk)
     common.update(HAS_IDS=tokens is not None and tokens.has_ids,
@@ -240,7 +240,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
             *list_strides(lists.kv_index, lists.kv_count),
             *stats_args, *token_args[4:], *bits[2:], stride_ab, *bias_strides,
             H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo, G, list_div, offset,
-            *window_args(window), cap, alibi_off, BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n,
+            *window_args(window), *cap, alibi_off, BLOCK_M=bm, BLOCK_N=bn, SUBS_N=subs_n, EVEN_N=even_n,
             TILES_M=tiles_m, USE_TMA=tma,
             HAS_DLSE=dlse is not None, **common,
             num_warps=_warps(cfg.q_warps, bn * bm, q.dtype, max(block_dk, block_dv)),
@@ -268,7 +268,7 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
             *_bhn(dy), *_bhn(dk), *_bhn(dv), *list_strides(q_index, q_count), *token_args[4:],
             *bits[2:], stride_ab, *bias_strides,
             *(dbias.strides() if dbias is not None else (0, 0, 0)), H, n_tiles, Nq, Nk, float(scale), qk_hi, qk_lo,
-            G, list_div, offset, *window_args(window), cap, alibi_off,
+            G, list_div, offset, *window_args(window), *cap, alibi_off,
             BLOCK_M=bm, BLOCK_N=bn, SUBS_M=subs_m, EVEN_M=even_m, TILES_N=tiles_n, USE_TMA=tma,
             GROUPED=G > 1, DBIAS_MODE=dbias.mode if dbias is not None else 0, **common,
             num_warps=_warps(cfg.kv_warps, bn * bm, q.dtype, max(block_dk, block_dv)),

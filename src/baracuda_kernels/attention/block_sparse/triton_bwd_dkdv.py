@@ -221,7 +221,7 @@ def _bwd_dkdv_kernel(
     stride_cb, stride_ch, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq, stride_ab,
     stride_xb, stride_xh, stride_xq, stride_yb, stride_yh, stride_yq,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
-    SOFTCAP, ALIBI_OFF,
+    SOFTCAP, SOFTCAP_LO, ALIBI_OFF,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -263,6 +263,7 @@ def _bwd_dkdv_kernel(
     dk_ok = offs_dk < D_K
     dv_ok = offs_dv < D_V
     qk_scale = kernel_scale(qk_hi, qk_lo, IS_F64)
+    cap = kernel_scale(SOFTCAP, SOFTCAP_LO, IS_F64)  # f64 needs the cap to f64 precision
     if IS_F64:
         scale = qk_scale
 
@@ -299,7 +300,7 @@ def _bwd_dkdv_kernel(
                 stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
                 b32, hk32 * G + g, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
                 SINKS, qk_scale, k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb,
-                stride_sh, stride_sq, n_in_block, ALIBI, stride_ab, SOFTCAP, ALIBI_OFF,
+                stride_sh, stride_sq, n_in_block, ALIBI, stride_ab, cap, ALIBI_OFF,
                 key_ok, BIAS, stride_xb, stride_xh, stride_xq, DBIAS, stride_yb, stride_yh,
                 stride_yq, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
                 HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS,
@@ -311,7 +312,7 @@ def _bwd_dkdv_kernel(
             stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
             b32, hk32, kb, offs_n, H, Nq, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
             qk_scale, k_id, k_pos, q_ids, q_poss, BITS_SLOTS, BITS_WORDS, stride_sb, stride_sh,
-            stride_sq, n_in_block, ALIBI, stride_ab, SOFTCAP, ALIBI_OFF,
+            stride_sq, n_in_block, ALIBI, stride_ab, cap, ALIBI_OFF,
             key_ok, BIAS, stride_xb, stride_xh, stride_xq, DBIAS, stride_yb, stride_yh,
             stride_yq, BS, D_K, D_V, BLOCK_DK, BLOCK_DV, BLOCK_M, SUBS_M, EVEN_M, IS_CAUSAL,
             HAS_WINDOW, IS_F64, PRECISION, USE_TMA, HAS_IDS, HAS_POS, HAS_BITS,

@@ -126,7 +126,7 @@ def _bwd_dq_kernel(
     stride_db, stride_dh, stride_dn, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
     stride_ab, stride_xb, stride_xh, stride_xq,
     H, n_tiles, Nq, Nk, scale, qk_hi, qk_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
-    SOFTCAP, ALIBI_OFF,
+    SOFTCAP, SOFTCAP_LO, ALIBI_OFF,
     BS: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -164,6 +164,7 @@ def _bwd_dq_kernel(
     dv_ok = offs_dv < D_V
 
     qk_scale = kernel_scale(qk_hi, qk_lo, IS_F64)
+    cap = kernel_scale(SOFTCAP, SOFTCAP_LO, IS_F64)  # f64 needs the cap to f64 precision
     if IS_F64:
         scale = qk_scale
     # GQA: K/V head h // G; list head h // LIST_DIV (per query head, per K/V head or shared).
@@ -223,7 +224,7 @@ def _bwd_dq_kernel(
     dq = _dq_inner(dq, q, dy, lse2, delta, k_src, v_src, list_row, 0, n_full * SUBS_N,
                    stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINKS,
                    qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, slot_row, BITS_WORDS,
-                   m_in_block, row_ok, SOFTCAP, slope, ALIBI_OFF, bias_rows, BS, D_K, D_V,
+                   m_in_block, row_ok, cap, slope, ALIBI_OFF, bias_rows, BS, D_K, D_V,
                    BLOCK_DK,
                    BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64, PRECISION,
                    MASKED=False, USE_TMA=USE_TMA, HAS_IDS=HAS_IDS, HAS_POS=HAS_POS,
@@ -232,7 +233,7 @@ def _bwd_dq_kernel(
     dq = _dq_inner(dq, q, dy, lse2, delta, k_part, v_part, list_row, n_full * SUBS_N,
                    n_all * SUBS_N, stride_kn, stride_vn, offs_m, Nk, CAUSAL_OFFSET, WIN_LO,
                    WIN_HI, SINKS, qk_scale, b32, hk32, q_id, q_pos, k_ids, k_poss, slot_row,
-                   BITS_WORDS, m_in_block, row_ok, SOFTCAP, slope, ALIBI_OFF, bias_rows, BS,
+                   BITS_WORDS, m_in_block, row_ok, cap, slope, ALIBI_OFF, bias_rows, BS,
                    D_K, D_V,
                    BLOCK_DK, BLOCK_DV, BLOCK_N, SUBS_N, EVEN_N, IS_CAUSAL, HAS_WINDOW, IS_F64,
                    PRECISION, MASKED=True, USE_TMA=PARTIAL_TMA, HAS_IDS=HAS_IDS,

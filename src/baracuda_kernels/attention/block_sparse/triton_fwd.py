@@ -212,7 +212,7 @@ def _block_sparse_fwd_kernel(
     stride_cb, stride_ch, stride_cq, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
     stride_ab, stride_xb, stride_xh, stride_xq,
     H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
-    SINK_TOKENS, SOFTCAP, ALIBI_OFF,
+    SINK_TOKENS, SOFTCAP, SOFTCAP_LO, ALIBI_OFF,
     D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN_N: tl.constexpr,
@@ -308,6 +308,7 @@ def _block_sparse_fwd_kernel(
     rows_in_block = offs_m - qb * BLOCK
 
     qk_scale = kernel_scale(scale_hi, scale_lo, IS_F64)  # carries log2(e) below f64
+    cap = kernel_scale(SOFTCAP, SOFTCAP_LO, IS_F64)  # f64 needs the cap to f64 precision
     if IS_F64:
         acc_ty = tl.float64
     else:
@@ -324,7 +325,7 @@ def _block_sparse_fwd_kernel(
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
         stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINK_TOKENS, qk_scale, q_id,
-        q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, SOFTCAP, slope,
+        q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, cap, slope,
         ALIBI_OFF, bias_rows, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, False, IS_CAUSAL, HAS_WINDOW,
         SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
@@ -332,7 +333,7 @@ def _block_sparse_fwd_kernel(
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_part, v_part, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
         stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINK_TOKENS, qk_scale, q_id,
-        q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, SOFTCAP, slope,
+        q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, cap, slope,
         ALIBI_OFF, bias_rows, D_K, D_V,
         DK_PAD, DV_PAD, BLOCK, BLOCK_N, STEPS, EVEN_N, True, IS_CAUSAL, HAS_WINDOW,
         SCALE_NONNEG, IS_F64, DOT_PRECISION, PARTIAL_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
@@ -457,7 +458,7 @@ def block_sparse_attention_forward_triton(
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (cnt,) * 4 + (0, 0)
     bits = bits_kernel_args(lists, cnt)
     flags = ScoreModFlags.of(softcap, mods)
-    cap, slopes, stride_ab, sinks = kernel_mod_args(flags, mods, is_f64, lse)
+    cap, slopes, stride_ab, sinks = kernel_mod_args(flags, mods, q.dtype, lse)
     bias, bias_strides = bias_kernel_args(mods, lse)
     _block_sparse_fwd_kernel[grid](
         q, k_arg, v_arg, k, v, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4], *bits[:2],
@@ -470,7 +471,7 @@ def block_sparse_attention_forward_triton(
         sib, sih, idx.stride(2), idx.stride(3),
         scb, sch, cnt.stride(2), *token_args[4:], *bits[2:], stride_ab, *bias_strides,
         H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
-        causal_offset(is_causal, Nq, Nk), *window_args(window), cap,
+        causal_offset(is_causal, Nq, Nk), *window_args(window), *cap,
         alibi_offset(is_causal, Nq, Nk),
         D_K=d_k, D_V=d_v, DK_PAD=dk_pad, DV_PAD=dv_pad,
         BLOCK=block_size, BLOCK_M=bm, BLOCK_N=bn,

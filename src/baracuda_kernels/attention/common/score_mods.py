@@ -36,8 +36,8 @@ from typing import Optional
 import torch
 
 from ...core import InvalidProblem
+from .numerics import scale_args
 
-LOG2E = 1.4426950408889634
 
 
 def check_softcap(softcap) -> float:
@@ -212,16 +212,18 @@ class ScoreModFlags:
                     f"{name.split('_')[0]}={got}, or pass the tensor the descriptor announced.")
 
 
-def kernel_mod_args(flags: ScoreModFlags, mods: Optional[ScoreMods], is_f64: bool,
+def kernel_mod_args(flags: ScoreModFlags, mods: Optional[ScoreMods], dtype: torch.dtype,
                     placeholder: torch.Tensor) -> tuple:
-    """(SOFTCAP, ALIBI, stride_ab, SINKS) for the kernels, in the kernels' exponent base
-    (log2 units below f64, where scores carry log2(e); natural for f64): softcap * log2(e),
-    and the slopes / sinks are scaled the same way by the kernels as they load them
-    (``mod_scale``). Absent tensors: placeholders, never read."""
-    base = 1.0 if is_f64 else LOG2E
+    """((SOFTCAP, SOFTCAP_LO), ALIBI, stride_ab, SINKS) for the kernels, in the kernels'
+    exponent base (log2 units below f64, where scores carry log2(e); natural for f64): the
+    softcap as ``numerics.scale_args`` passes the scale (softcap * log2(e); for f64 split
+    into two float32 halves, rebuilt by ``kernel_scale``: a Python float reaches a kernel as
+    float32, which would round the cap of an f64 problem); the slopes / sinks are scaled
+    the same way by the kernels as they load them (``head_value``). Absent tensors:
+    placeholders, never read."""
     slopes = mods.alibi_slopes if mods is not None else None
     sinks = mods.sinks if mods is not None else None
-    return (flags.softcap * base,
+    return (scale_args(flags.softcap, dtype),
             slopes if slopes is not None else placeholder,
             (slopes.stride(0) if slopes.shape[0] > 1 else 0) if slopes is not None else 0,
             sinks if sinks is not None else placeholder)
