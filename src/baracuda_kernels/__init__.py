@@ -3,12 +3,15 @@
 Functional:  y = baracuda_kernels.block_sparse_attention(q, k, v, pattern, block_size=128)
 Varlen:      y = baracuda_kernels.block_sparse_attention_varlen(q, k, v, cu_q, cu_k)
 Plan API:    plan = SdpaBlockSparsePlan.select(SdpaBlockSparseDescriptor(...)); plan.run(args)
+Bias / mask: y = baracuda_kernels.masked_sdpa(q, k, v, attn_mask)  (plan: SdpaMaskedPlan)
 """
 
 from .attention import (AttentionKind, FlashSdpaArgs, FlashSdpaDescriptor, FlashSdpaPlan,
                         PreparedPattern, SdpaBlockSparseArgs, SdpaBlockSparseDescriptor,
-                        SdpaBlockSparsePlan, TokenRules, block_sparse_attention,
-                        block_sparse_attention_varlen, flash_sdpa, prepare_pattern)
+                        SdpaBlockSparsePlan, SdpaMaskedArgs, SdpaMaskedDescriptor,
+                        SdpaMaskedPlan, TokenRules, block_sparse_attention,
+                        block_sparse_attention_varlen, flash_sdpa, masked_sdpa,
+                        prepare_pattern)
 from .core import (ArchSku, BackendKind, ElementKind, Error, InvalidProblem,
                    KernelSku, MathPrecision, OpCategory, PlanPreference, PrecisionGuarantee,
                    Unsupported)
@@ -20,6 +23,7 @@ __all__ = [
     "FlashSdpaDescriptor", "FlashSdpaPlan", "InvalidProblem", "KernelSku", "MathPrecision",
     "OpCategory", "PlanPreference", "PrecisionGuarantee",
     "PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor", "SdpaBlockSparsePlan",
-    "TokenRules", "Unsupported",
-    "block_sparse_attention", "block_sparse_attention_varlen", "flash_sdpa", "prepare_pattern", "__version__",
+    "SdpaMaskedArgs", "SdpaMaskedDescriptor", "SdpaMaskedPlan", "TokenRules", "Unsupported",
+    "block_sparse_attention", "block_sparse_attention_varlen", "flash_sdpa", "masked_sdpa",
+    "prepare_pattern", "__version__",
 ]

@@ -5,6 +5,8 @@
   block_lists.py / triton_lists.py / prepared.py turn a pattern into block lists; varlen.py
   runs a packed variable-length batch through it).
 * ``flash_sdpa/``: dense (optionally causal) SDPA behind the same plan surface.
+* ``masked_sdpa/``: SDPA with an additive mask / score bias (the block-sparse kernels'
+  bias modifier), plan and functional.
 * ``patterns/``: BlockPattern and its builders.
 * ``common/``: op kinds, kernel pieces, TMA loads, the Triton availability rule, and the
   per-token rules (document ids, padding, positions) the kernels apply.
@@ -20,8 +22,10 @@ from .common.token_rules import TokenRules
 from .flash_sdpa.descriptor import FlashSdpaArgs, FlashSdpaDescriptor
 from .flash_sdpa.functional import flash_sdpa
 from .flash_sdpa.plan import FlashSdpaPlan
+from .masked_sdpa import SdpaMaskedArgs, SdpaMaskedDescriptor, SdpaMaskedPlan, masked_sdpa
 
 __all__ = ["AttentionKind", "FlashSdpaArgs", "FlashSdpaDescriptor", "FlashSdpaPlan",
            "PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor",
-           "SdpaBlockSparsePlan", "TokenRules", "block_sparse_attention",
-           "block_sparse_attention_varlen", "flash_sdpa", "prepare_pattern"]
+           "SdpaBlockSparsePlan", "SdpaMaskedArgs", "SdpaMaskedDescriptor", "SdpaMaskedPlan",
+           "TokenRules", "block_sparse_attention", "block_sparse_attention_varlen",
+           "flash_sdpa", "masked_sdpa", "prepare_pattern"]
