@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|all]
+#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|all]
 #                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
 # Runs from the working tree (no install); the device image has torch and triton.
@@ -61,7 +61,7 @@ if [[ "$stage" == tokens+ab || "$stage" == tokens ]]; then
   tail -n 40 "$OUT/bench_tokens.log"
   tar czf "$OUT/tokens.tgz" -C "$OUT" tokens && rm -rf "$OUT/tokens"
 fi
-if [[ "$stage" == mods || "$stage" == mods+tests ]]; then
+if [[ "$stage" == mods || "$stage" == mods+tests || "$stage" == mods+ab ]]; then
   # Score modifiers (softcap, ALiBi, sinks) vs FlexAttention with the same score_mod.
   python3 scripts/probe_score_mods.py > "$OUT/probe_score_mods.log" 2>&1 || status=$?
   cat "$OUT/probe_score_mods.log"
@@ -78,7 +78,7 @@ if [[ "$stage" == probe-tokens || "$stage" == probe-tokens+ab ]]; then
   python3 scripts/probe_window.py > "$OUT/probe_window.log" 2>&1 || status=$?
   cat "$OUT/probe_window.log"
 fi
-if [[ "$stage" == ab || "$stage" == tokens+ab || "$stage" == probe-tokens+ab ]]; then
+if [[ "$stage" == ab || "$stage" == tokens+ab || "$stage" == probe-tokens+ab || "$stage" == mods+ab ]]; then
   # Kernel A/B in one run: this tree against an older copy in .ab_old/ (when present, e.g.
   # `git worktree`-free: git archive REV src | tar x -C .ab_old), ours only, patterns whose
   # meaning did not change. .ab_old/ is git-ignored: give it to the device call in `carry`.

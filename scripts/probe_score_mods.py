@@ -6,6 +6,9 @@ bf16, B=2, H=16, N=8192, D=128, block 128 (the score-modifier issue's geometry):
 * causal sliding window of 1000 tokens + learnable sinks (gpt-oss): Flex has no sinks, so it
   returns lse and its output is rescaled by exp(lse - logaddexp(lse, sink)), the usual way
   (differentiable, sinks included);
+* random 25% of the blocks per head + a learned bias [1, H, N, N] (bf16, requires grad):
+  Flex mask_mod reads the same block pattern, score_mod adds bias[h, i, j] (a captured
+  buffer; its gradient too when Flex gives one);
 * and ours on each pattern without modifiers (what a modifier costs us).
 
 Forward and step (forward + backward) times are medians of the bench timer (ms); Flex's
@@ -47,6 +50,20 @@ def main():
     def alibi_mod(score, b, h, qi, ki):
         return score - slopes[h] * (qi - ki).abs()
 
+    nb = N // BS
+    blocks = torch.rand(1, H, nb, nb, device=dev, generator=gen) < 0.25
+    blocks |= torch.eye(nb, dtype=torch.bool, device=dev)  # no empty row
+    bias = torch.randn(1, H, N, N, device=dev, generator=gen, dtype=torch.bfloat16) \
+        .requires_grad_()
+
+    def random_mask(b, h, qi, ki):
+        return blocks[0, h, qi // BS, ki // BS]
+
+    def bias_mod(score, b, h, qi, ki):
+        return score + bias[0, h, qi, ki]
+
+    bm_random = create_block_mask(random_mask, None, H, N, N, device=dev, BLOCK_SIZE=BS)
+    p_random = bk.prepare_pattern(blocks, query_len=N, key_len=N, block_size=BS, device=dev)
     bm_causal = create_block_mask(causal_mask, None, None, N, N, device=dev, BLOCK_SIZE=BS)
     bm_window = create_block_mask(window_mask, None, None, N, N, device=dev, BLOCK_SIZE=BS)
     p_causal = causal(N, block_size=BS).to(dev).prepare()
@@ -70,8 +87,12 @@ def main():
             lambda: bk.block_sparse_attention(q, k, v, p_window, sinks=sinks),
             lambda: bk.block_sparse_attention(q, k, v, p_window),
             lambda: flex_sinks(q, k, v)),
+        "random25+bias": (
+            lambda: bk.block_sparse_attention(q, k, v, p_random, bias=bias),
+            lambda: bk.block_sparse_attention(q, k, v, p_random),
+            lambda: flex(q, k, v, score_mod=bias_mod, block_mask=bm_random)),
     }
-    leaves = (q, k, v, sinks)
+    leaves = (q, k, v, sinks, bias)
     print(f"{'case':<16}{'impl':<12}{'fwd ms':>9}{'step ms':>9}   (B={B} H={H} N={N} D={D} "
           f"bf16, block {BS})", flush=True)
     for name, (ours, plain, other) in cases.items():
@@ -85,7 +106,13 @@ def main():
                 y = fn()
                 used = [t for t in leaves if t.requires_grad]
                 torch.autograd.grad(y, used, dy, allow_unused=True)
-            results[impl] = (median_ms(fwd, dev), median_ms(step, dev))
+            try:
+                results[impl] = (median_ms(fwd, dev), median_ms(step, dev))
+            except Exception as err:  # e.g. no gradient for a captured buffer: say so
+                print(f"{name:<16}{impl:<12} failed: {type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:150]}", flush=True)
+                results[impl] = (float("nan"), float("nan"))
+                continue
             f, s = results[impl]
             print(f"{name:<16}{impl:<12}{f:9.3f}{s:9.3f}", flush=True)
         (of, os_), (pf, ps), (ff, fs) = results["ours"], results["ours-plain"], results["flex"]
@@ -96,6 +123,11 @@ def main():
         a = bk.block_sparse_attention(q, k, v, p_causal, softcap=CAP).float()
         b = flex(q, k, v, score_mod=softcap_mod, block_mask=bm_causal).float()
     print(f"softcap ours vs flex max |diff| {float((a - b).abs().max()):.3e} "
+          f"(rel {float((a - b).norm() / b.norm()):.2e})", flush=True)
+    with torch.no_grad():
+        a = bk.block_sparse_attention(q, k, v, p_random, bias=bias).float()
+        b = flex(q, k, v, score_mod=bias_mod, block_mask=bm_random).float()
+    print(f"bias ours vs flex max |diff| {float((a - b).abs().max()):.3e} "
           f"(rel {float((a - b).norm() / b.norm()):.2e})", flush=True)
 
 
