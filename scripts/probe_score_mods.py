@@ -6,17 +6,22 @@ bf16, B=2, H=16, N=8192, D=128, block 128 (the score-modifier issue's geometry):
 * causal sliding window of 1000 tokens + learnable sinks (gpt-oss): Flex has no sinks, so it
   returns lse and its output is rescaled by exp(lse - logaddexp(lse, sink)), the usual way
   (differentiable, sinks included);
-* random 25% of the blocks per head + a learned bias [1, H, N, N] (bf16, requires grad):
-  Flex mask_mod reads the same block pattern, score_mod adds bias[h, i, j] (a captured
-  buffer; its gradient too when Flex gives one);
+* random 25% of the blocks per head + a learned bias [1, H, N, N] (bf16): Flex mask_mod
+  reads the same block pattern, score_mod adds bias[h, i, j] (a captured buffer). The step
+  compares both without a bias gradient (Flex's gradient for a captured buffer sorts all
+  B*H*N*N score indices, over cub's INT_MAX limit at this size: it fails); "ours+dbias"
+  adds ours with the bias's gradient;
 * and ours on each pattern without modifiers (what a modifier costs us).
 
 Forward and step (forward + backward) times are medians of the bench timer (ms); Flex's
 BlockMask is built once, untimed; both compiled paths warmed up before timing.
 
-    PYTHONPATH=src python scripts/probe_score_mods.py
+    PYTHONPATH=src python scripts/probe_score_mods.py [case ...]   (default: every case)
 """
+import sys
+
 import torch
+import torch._dynamo
 
 import baracuda_kernels as bk
 from baracuda_kernels.bench.timing import median_ms
@@ -28,6 +33,9 @@ CAP, WINDOW = 50.0, 1000
 
 def main():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    # Each case (and grad mode) is a new specialisation of the compiled Flex: more than the
+    # default 8 would silently fall back to Flex's unfused path.
+    torch._dynamo.config.recompile_limit = 64
     flex = torch.compile(flex_attention)
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), flush=True)
@@ -53,8 +61,9 @@ def main():
     nb = N // BS
     blocks = torch.rand(1, H, nb, nb, device=dev, generator=gen) < 0.25
     blocks |= torch.eye(nb, dtype=torch.bool, device=dev)  # no empty row
-    bias = torch.randn(1, H, N, N, device=dev, generator=gen, dtype=torch.bfloat16) \
+    bias_grad = torch.randn(1, H, N, N, device=dev, generator=gen, dtype=torch.bfloat16) \
         .requires_grad_()
+    bias = bias_grad.detach()
 
     def random_mask(b, h, qi, ki):
         return blocks[0, h, qi // BS, ki // BS]
@@ -90,14 +99,20 @@ def main():
         "random25+bias": (
             lambda: bk.block_sparse_attention(q, k, v, p_random, bias=bias),
             lambda: bk.block_sparse_attention(q, k, v, p_random),
-            lambda: flex(q, k, v, score_mod=bias_mod, block_mask=bm_random)),
+            lambda: flex(q, k, v, score_mod=bias_mod, block_mask=bm_random),
+            lambda: bk.block_sparse_attention(q, k, v, p_random, bias=bias_grad)),
     }
-    leaves = (q, k, v, sinks, bias)
+    wanted = sys.argv[1:] or list(cases)
+    leaves = (q, k, v, sinks, bias_grad)
     print(f"{'case':<16}{'impl':<12}{'fwd ms':>9}{'step ms':>9}   (B={B} H={H} N={N} D={D} "
           f"bf16, block {BS})", flush=True)
-    for name, (ours, plain, other) in cases.items():
+    for name, (ours, plain, other, *extra) in cases.items():
+        if name not in wanted:
+            continue
         results = {}
-        for impl, fn in (("ours", ours), ("ours-plain", plain), ("flex", other)):
+        impls = (("ours", ours), ("ours-plain", plain), ("flex", other)) + \
+            tuple(("ours+dbias", fn) for fn in extra)
+        for impl, fn in impls:
             def fwd(fn=fn):
                 with torch.no_grad():
                     fn()
@@ -118,7 +133,7 @@ def main():
         (of, os_), (pf, ps), (ff, fs) = results["ours"], results["ours-plain"], results["flex"]
         print(f"{name:<16}vs flex fwd {ff / of:.2f}x step {fs / os_:.2f}x; modifier cost "
               f"fwd {of / pf:.2f}x step {os_ / ps:.2f}x", flush=True)
-    # Correctness at this size: ours vs Flex on the softcap case (bf16 outputs).
+    # Correctness at this size: ours vs Flex on the softcap and bias cases (bf16 outputs).
     with torch.no_grad():
         a = bk.block_sparse_attention(q, k, v, p_causal, softcap=CAP).float()
         b = flex(q, k, v, score_mod=softcap_mod, block_mask=bm_causal).float()

@@ -27,14 +27,16 @@ def random_bias(shape, gen, dtype, *, masked=False):
 
 def check_bias(backend, dtype, Nq, Nk, bs, causal, bias_shape, *, bias_dtype=None,
                masked=False, softcap=0.0, sinks=False, window=(-1, -1), H=4, Hkv=2, B=2,
-               seed=0, density=0.8, tokens=None):
+               seed=0, density=0.8, tokens=None, head_dim=16):
     """block_sparse_attention with a bias against the oracle: y, lse and the gradients of q,
     k, v, the bias (and the sinks). bias_shape: the bias's shape, written with the letters
     B, H, Q, K for the full dims (e.g. "1HQK", "B11K", "QK")."""
     gen = torch.Generator().manual_seed(seed)
-    q = (torch.randn(B, H, Nq, 16, generator=gen) * 2).to(DEVICE, dtype)
-    k = torch.randn(B, Hkv, Nk, 16, generator=gen).to(DEVICE, dtype)
-    v = torch.randn(B, Hkv, Nk, 24, generator=gen).to(DEVICE, dtype)
+    # Scores of std ~2 whatever the head dim (peaked attention), d_v != d_k when small.
+    q = (torch.randn(B, H, Nq, head_dim, generator=gen) * 4 / head_dim ** 0.25).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, Nk, head_dim, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, Nk, 24 if head_dim == 16 else head_dim,
+                    generator=gen).to(DEVICE, dtype)
     p = (torch.rand(B, 1, nblocks(Nq, bs), nblocks(Nk, bs), generator=gen) < density).to(DEVICE)
     full = {"B": B, "H": H, "Q": Nq, "K": Nk, "1": 1}
     bias = random_bias(tuple(full[c] for c in bias_shape), gen, bias_dtype or dtype,
@@ -117,10 +119,13 @@ def test_bias_matches_oracle_gpu(backend, dtype, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["1HQK", "B11K"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_bias_at_scale_gpu(dtype, shape):
-    """Block 128 tiles (TMA paths on sm90), softcap + sinks + window + bias, GQA 8 / 2."""
+@pytest.mark.parametrize("bias_dtype", ["float32", "same"])
+def test_bias_at_scale_gpu(dtype, shape, bias_dtype):
+    """Block 128 tiles at D=128 (TMA paths on sm90, the bias tiles staged with K/V: the
+    default tiles shrink to fit), softcap + sinks + window + bias, GQA 8 / 2."""
     check_bias("triton", dtype, 1000, 1000, 128, True, shape, softcap=30.0, sinks=True,
-               window=(300, 0), H=8, Hkv=2, density=1.0, bias_dtype=torch.float32)
+               window=(300, 0), H=8, Hkv=2, density=1.0, head_dim=128,
+               bias_dtype=torch.float32 if bias_dtype == "float32" else dtype)
 
 
 @pytest.mark.gpu
@@ -142,11 +147,13 @@ def test_fully_masked_row_is_empty_with_and_without_sinks():
     """A row whose bias is -inf everywhere sees nothing: y = 0, lse = -inf (lse = sink with
     sinks), zero gradients, no NaN anywhere; the other rows are untouched."""
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 40, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-    p = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=gen, dtype=torch.float64).to(DEVICE)
+               for _ in range(3))
+    p = torch.ones(1, 1, 3, 3, dtype=torch.bool, device=DEVICE)
     bias = torch.randn(1, 2, 40, 40, generator=gen, dtype=torch.float64)
     bias[:, :, 5] = float("-inf")
-    sinks = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    bias = bias.to(DEVICE)
+    sinks = torch.tensor([0.5, -1.0], dtype=torch.float64, device=DEVICE)
     for backend in ("reference", "triton"):
         bx = bias.clone().requires_grad_()
         qx = q.clone().requires_grad_()
@@ -165,11 +172,12 @@ def test_fully_masked_row_is_empty_with_and_without_sinks():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_bias_gradcheck_f64(backend):
     gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 2, 12, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
-    p = torch.tensor([[[[1, 0, 1], [1, 1, 0], [0, 1, 1]]]], dtype=torch.bool)
+    q, k, v = (torch.randn(2, 2, 12, 4, generator=gen, dtype=torch.float64).to(DEVICE)
+               .requires_grad_() for _ in range(3))
+    p = torch.tensor([[[[1, 0, 1], [1, 1, 0], [0, 1, 1]]]], dtype=torch.bool, device=DEVICE)
     for shape in ((1, 2, 12, 12), (2, 1, 12)):
-        bias = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE) \
+            .requires_grad_()
 
         def fn(q, k, v, bias):
             return bk.block_sparse_attention(q, k, v, p, block_size=4, is_causal=True,

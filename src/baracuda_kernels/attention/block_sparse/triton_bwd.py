@@ -51,6 +51,7 @@ from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import row_tile_descriptor, tma_fallback_reason
 from ..common.score_mods import (BiasGradTarget, ScoreModFlags, ScoreMods, alibi_offset,
                                  bias_kernel_args, fast_tanh, kernel_mod_args)
+from ..common.triton_launch import launch_fitting
 from .block_lists import bits_kernel_args
 from .triton_bwd_configs import (BackwardConfig, _tile, _warps, default_backward_config,
                                  short_row_backward_config)
@@ -233,7 +234,8 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
         n_tiles = nq * tiles_m
         k_arg, v_arg, tma = _looped_sources(cfg.use_tma and even_n, k, v, bn, block_dk, block_dv)
         order = _launch_order(lists, True, B, H, 1, tiles_m, cfg.launch_order)
-        _bwd_dq_kernel[(B * H * n_tiles,)](
+        launch_fitting(
+            _bwd_dq_kernel, (B * H * n_tiles,),
             q, k_arg, v_arg, k, v, dy, lse2, delta, dq, lists.kv_index, lists.kv_count_full,
             lists.kv_count, order, y, lse, dlse_arg, *token_args[:4], *bits[:2], slopes, bias,
             *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(dy), *_bhn(dq),
@@ -261,7 +263,8 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
         q_arg, dy_arg, tma = _looped_sources(cfg.use_tma and even_m, q, dy, bm, block_dk,
                                              block_dv)
         order = _launch_order(lists, False, B, H, G, tiles_n, cfg.launch_order)
-        _bwd_dkdv_kernel[(B * Hkv * n_tiles,)](
+        launch_fitting(
+            _bwd_dkdv_kernel, (B * Hkv * n_tiles,),
             q_arg, k, v, dy_arg, q, dy, lse2, delta, dk, dv, q_index, q_count_full, q_count,
             order, *token_args[:4], *bits[:2], slopes, bias,
             dbias.buffer if dbias is not None else delta, *_bhn(q), *_bhn(k), *_bhn(v),

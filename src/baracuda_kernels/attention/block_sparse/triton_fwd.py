@@ -32,7 +32,9 @@ from ..common.triton_tma import (head_source, masked_step_source, row_tile_descr
                                  tma_fallback_reason)
 # Re-exported so that callers find the configs next to the launcher.
 from .block_lists import bits_kernel_args
-from .triton_fwd_configs import ForwardConfig, default_forward_config, fit_token_loads  # noqa: F401
+from ..common.triton_launch import launch_fitting
+from .triton_fwd_configs import (ForwardConfig, default_forward_config,  # noqa: F401
+                                 fit_bias_loads, fit_token_loads, pack_gqa_tiles)
 
 __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_forward_config"]
 
@@ -425,6 +427,10 @@ def block_sparse_attention_forward_triton(
         from ...core import ArchSku  # local: keeps module import light
         config = fit_token_loads(config, d_k, d_v, dtype, ArchSku.from_device(q.device),
                                  int(tokens.has_ids) + int(tokens.has_positions))
+    if mods is not None and mods.bias is not None:  # its tiles are staged with K/V too
+        from ...core import ArchSku  # local: keeps module import light
+        config = fit_bias_loads(config, d_k, d_v, dtype, ArchSku.from_device(q.device),
+                                mods.bias.element_size())
     bm, bn, warps = config.block_m, config.block_n, config.num_warps
     G = H // Hkv
     # Query rows of one pattern block: block_size, or fewer when the whole query is shorter.
@@ -460,7 +466,8 @@ def block_sparse_attention_forward_triton(
     flags = ScoreModFlags.of(softcap, mods)
     cap, slopes, stride_ab, sinks = kernel_mod_args(flags, mods, q.dtype, lse)
     bias, bias_strides = bias_kernel_args(mods, lse)
-    _block_sparse_fwd_kernel[grid](
+    launch_fitting(
+        _block_sparse_fwd_kernel, grid,
         q, k_arg, v_arg, k, v, y, lse, idx, lists.kv_count_full, cnt, *token_args[:4], *bits[:2],
         slopes, sinks, bias,
         q.stride(0), q.stride(1), q.stride(2),
@@ -489,23 +496,3 @@ def block_sparse_attention_forward_triton(
         num_stages=config.num_stages,
     )
 
-
-def pack_gqa_tiles(group: int, list_div: int, rows_in_block: int, block_m: int,
-                   requested: bool | None) -> tuple[int, int] | None:
-    """(tile rows, query positions per head) of a pack-GQA launch, or None for the plain one.
-
-    Packing needs a group (G > 1) that shares its pattern (list head = query head // a
-    multiple of G: per-K/V-head or broadcast patterns) and G <= block_m. Automatically
-    (``requested`` None) it is used only where a pattern block has at most a quarter of a
-    tile's query rows: then the plain launch leaves most tile rows idle and reads every K/V
-    tile once per query head, while the packed tile holds G heads' rows and reads it once per
-    group. Measured on an H200 (H=32, Hkv=8, D=128, bf16, Nk=8192, block 128, 128-row tiles;
-    bench/results/h200-2026-12-01-gqa/probe_gqa.log): packed / plain GPU time 0.51 at Nq=1,
-    0.64 at Nq=16, but 1.01 at Nq=64 and 1.04 at Nq=128 (full blocks: both launches read K/V
-    once per block row of each head, and the packed tile's mixed heads cost a little)."""
-    if group <= 1 or list_div % group or group > block_m or requested is False:
-        return None
-    if requested is None and rows_in_block * 4 > block_m:
-        return None
-    tile = min(block_m, max(16, 1 << (rows_in_block * group - 1).bit_length()))
-    return tile, max(1, tile // group)

@@ -194,6 +194,24 @@ def fit_token_loads(cfg: ForwardConfig, d_k: int, d_v: int, dtype: torch.dtype, 
                           limit - cfg.num_stages * cfg.block_n * 4 * vectors, arch)
 
 
+def fit_bias_loads(cfg: ForwardConfig, d_k: int, d_v: int, dtype: torch.dtype, arch: ArchSku,
+                   bias_bytes: int) -> ForwardConfig:
+    """``cfg`` shrunk to leave room for the score-bias tiles ([block_m, block_n] of
+    ``bias_bytes`` each) the pipeliner stages with every K/V tile: counted as num_stages - 1
+    tiles (measured on an H200, bf16 D=128: the (128, 128, 8, 3) tile needed 263168 bytes
+    with a bf16 bias, one 32 KiB tile over its 230400 without). Shrinks until the tiles
+    and the reserve fit together."""
+    limit = _SHARED_LIMIT.get(arch)
+    if limit is None or not bias_bytes:
+        return cfg
+    while True:
+        reserve = max(1, cfg.num_stages - 1) * cfg.block_m * cfg.block_n * bias_bytes
+        fitted = _shrink_to_fit(cfg, d_k, d_v, dtype.itemsize, limit - reserve, arch)
+        if fitted == cfg:
+            return cfg
+        cfg = fitted
+
+
 def _table_block_key(block_size: int) -> int:
     """Table column for a block size: itself on the fast path, else the nearest power of two
     at or above it, clamped to 16..256 (a generic block is covered by masked tiles)."""
@@ -285,3 +303,24 @@ def candidate_forward_configs(d_k: int, d_v: int, dtype: torch.dtype, block_size
                  if c.block_m >= 64 and c.block_n >= 64 and c.num_stages in (2, 3)]
         out += [c for c in twins if c not in out]
     return out
+
+
+def pack_gqa_tiles(group: int, list_div: int, rows_in_block: int, block_m: int,
+                   requested: bool | None) -> tuple[int, int] | None:
+    """(tile rows, query positions per head) of a pack-GQA launch, or None for the plain one.
+
+    Packing needs a group (G > 1) that shares its pattern (list head = query head // a
+    multiple of G: per-K/V-head or broadcast patterns) and G <= block_m. Automatically
+    (``requested`` None) it is used only where a pattern block has at most a quarter of a
+    tile's query rows: then the plain launch leaves most tile rows idle and reads every K/V
+    tile once per query head, while the packed tile holds G heads' rows and reads it once per
+    group. Measured on an H200 (H=32, Hkv=8, D=128, bf16, Nk=8192, block 128, 128-row tiles;
+    bench/results/h200-2026-12-01-gqa/probe_gqa.log): packed / plain GPU time 0.51 at Nq=1,
+    0.64 at Nq=16, but 1.01 at Nq=64 and 1.04 at Nq=128 (full blocks: both launches read K/V
+    once per block row of each head, and the packed tile's mixed heads cost a little)."""
+    if group <= 1 or list_div % group or group > block_m or requested is False:
+        return None
+    if requested is None and rows_in_block * 4 > block_m:
+        return None
+    tile = min(block_m, max(16, 1 << (rows_in_block * group - 1).bit_length()))
+    return tile, max(1, tile // group)
