@@ -60,6 +60,13 @@ def _dkdv_inner(
     dv_ok = offs_dv < D_V
     CHECK_ROWS: tl.constexpr = MASKED or not EVEN_M
     n_first = tl.min(n_in_block, 0)  # the key tile's first in-block column (block bits)
+    # Keys of this tile the bias loads / d bias stores may touch: past Nk only in MASKED
+    # steps (the ragged tail block is PARTIAL); elsewhere only the block end can cut the
+    # tile, a test whose constancy the compiler sees (contiguous, vectorised accesses).
+    if MASKED:
+        keys_ok = key_ok
+    else:
+        keys_ok = n_in_block < BS
     # The query block of the next step is loaded one iteration ahead and carried, so tile
     # addresses never wait on a load of the same iteration and the pipeliner can keep
     # num_stages tiles in flight (as in the forward's _attend_blocks).
@@ -90,7 +97,7 @@ def _dkdv_inner(
         if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
             if HAS_BIAS:
                 bias = bias_tile(bias_bh + offs_m.to(tl.int64) * stride_xq, offs_n, row_ok,
-                                 key_ok, IS_F64, True)
+                                 keys_ok, IS_F64, True, True)
             else:
                 bias = qk_t  # unused
             s_mod, capped = modified_scores(qk_t * qk_scale, q_pos[None, :], k_pos[:, None],
@@ -116,7 +123,7 @@ def _dkdv_inner(
         if DBIAS_MODE == 1:
             tl.store(dbias_bh + offs_m.to(tl.int64)[None, :] * stride_yq + offs_n[:, None],
                      ds_t.to(dbias_bh.dtype.element_ty),
-                     mask=key_ok[:, None] & row_ok[None, :])
+                     mask=keys_ok[:, None] & row_ok[None, :])
         elif DBIAS_MODE == 2:
             colsum += tl.sum(ds_t, 1).to(colsum.dtype)
         if HAS_SOFTCAP:
@@ -205,8 +212,7 @@ def _dkdv_one_head(
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
                                      "stride_sb", "stride_sh", "stride_sq", "stride_ab",
-                                     "ALIBI_OFF", "stride_xb", "stride_xh", "stride_xq",
-                                     "stride_yb", "stride_yh", "stride_yq"])
+                                     "ALIBI_OFF"])
 def _bwd_dkdv_kernel(
     Q, K, V, DY, Q_RAW, DY_RAW, LSE2, DELTA, DK, DV,
     Q_INDEX, Q_COUNT_FULL, Q_COUNT, ORDER, Q_IDS, K_IDS, Q_POS, K_POS, BITS_SLOTS, BITS_WORDS,

@@ -72,7 +72,7 @@ def _dq_inner(
             k_pos = offs_n
         if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
             if HAS_BIAS:
-                bias = bias_tile(bias_rows, offs_n, row_ok, offs_n < Nk, IS_F64, False)
+                bias = bias_tile(bias_rows, offs_n, row_ok, col_ok, IS_F64, False, CHECK_COLS)
             else:
                 bias = qk  # unused
             s_mod, capped = modified_scores(qk * qk_scale, q_pos[:, None], k_pos[None, :], cap,
@@ -109,7 +109,7 @@ def _dq_inner(
 @triton.jit(do_not_specialize=["H", "n_tiles", "Nq", "Nk", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINKS", "stride_tq", "stride_tk",
                                      "stride_sb", "stride_sh", "stride_sq", "stride_ab",
-                                     "ALIBI_OFF", "stride_xb", "stride_xh", "stride_xq"])
+                                     "ALIBI_OFF"])
 def _bwd_dq_kernel(
     Q, K, V, K_RAW, V_RAW, DY, LSE2, DELTA, DQ,
     KV_INDEX, KV_COUNT_FULL, KV_COUNT, ORDER, Y, LSE, DLSE, Q_IDS, K_IDS, Q_POS, K_POS,

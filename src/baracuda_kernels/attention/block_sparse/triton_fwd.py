@@ -131,7 +131,10 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
             k_pos = offs_n
         if MODS:
             if HAS_BIAS:
-                bias = bias_tile(bias_rows, offs_n, row_ok, offs_n < Nk, IS_F64, False)
+                if MASK_COLS:
+                    bias = bias_tile(bias_rows, offs_n, row_ok, col_ok, IS_F64, False, True)
+                else:  # FULL blocks of whole tiles: every key is valid
+                    bias = bias_tile(bias_rows, offs_n, row_ok, row_ok, IS_F64, False, False)
             else:
                 bias = qk  # unused
             s_mod, _ = modified_scores(qk * qk_scale, q_pos[:, None], k_pos[None, :], cap,
@@ -201,7 +204,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINK_TOKENS", "stride_tq", "stride_tk",
                                      "stride_sb", "stride_sh", "stride_sq", "stride_ab",
-                                     "ALIBI_OFF", "stride_xb", "stride_xh", "stride_xq"])
+                                     "ALIBI_OFF"])
 def _block_sparse_fwd_kernel(
     Q, K, V, K_RAW, V_RAW, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT, Q_IDS, K_IDS, Q_POS, K_POS,
     BITS_SLOTS, BITS_WORDS, ALIBI, SINKS, BIAS,

@@ -130,17 +130,26 @@ def soft_cap(s, cap, IS_F64: tl.constexpr, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def bias_tile(row_ptrs, cols, row_ok, col_ok, IS_F64: tl.constexpr, COLS_FIRST: tl.constexpr):
+def bias_tile(row_ptrs, cols, row_ok, col_ok, IS_F64: tl.constexpr, COLS_FIRST: tl.constexpr,
+              CHECK_COLS: tl.constexpr):
     """An additive score bias over a tile, in the kernels' exponent base (times log2(e)
     below f64): ``row_ptrs`` [R] point at each query row's bias for key 0 (the bias has a
     unit key stride: ScoreMods.check_for), ``cols`` [C] are key indices. [R, C], or [C, R]
-    when COLS_FIRST (the dK/dV kernel's transposed tile); 0 outside row_ok x col_ok."""
+    when COLS_FIRST (the dK/dV kernel's transposed tile); 0 outside row_ok (x col_ok when
+    CHECK_COLS). Steps whose keys are all valid leave CHECK_COLS off: a mask that compares
+    keys with the unspecialised Nk would split the contiguous key loads into scalar ones."""
     if COLS_FIRST:
-        x = tl.load(row_ptrs[None, :] + cols[:, None], mask=col_ok[:, None] & row_ok[None, :],
-                    other=0.0)
+        if CHECK_COLS:
+            ok = col_ok[:, None] & row_ok[None, :]
+        else:
+            ok = row_ok[None, :]
+        x = tl.load(row_ptrs[None, :] + cols[:, None], mask=ok, other=0.0)
     else:
-        x = tl.load(row_ptrs[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0)
+        if CHECK_COLS:
+            ok = row_ok[:, None] & col_ok[None, :]
+        else:
+            ok = row_ok[:, None]
+        x = tl.load(row_ptrs[:, None] + cols[None, :], mask=ok, other=0.0)
     if IS_F64:
         x = x.to(tl.float64)
     else:
