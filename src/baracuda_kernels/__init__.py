@@ -2,6 +2,7 @@
 
 Functional:  y = baracuda_kernels.block_sparse_attention(q, k, v, pattern, block_size=128)
 Varlen:      y = baracuda_kernels.block_sparse_attention_varlen(q, k, v, cu_q, cu_k)
+KV cache:    y = baracuda_kernels.block_sparse_attention_with_kvcache(q, k_cache, v_cache, lens)
 Plan API:    plan = SdpaBlockSparsePlan.select(SdpaBlockSparseDescriptor(...)); plan.run(args)
 Bias / mask: y = baracuda_kernels.masked_sdpa(q, k, v, attn_mask)  (plan: SdpaMaskedPlan)
 """
@@ -10,8 +11,8 @@ from .attention import (AttentionKind, FlashSdpaArgs, FlashSdpaDescriptor, Flash
                         PreparedPattern, SdpaBlockSparseArgs, SdpaBlockSparseDescriptor,
                         SdpaBlockSparsePlan, SdpaMaskedArgs, SdpaMaskedDescriptor,
                         SdpaMaskedPlan, TokenRules, block_sparse_attention,
-                        block_sparse_attention_varlen, flash_sdpa, masked_sdpa,
-                        prepare_pattern)
+                        block_sparse_attention_varlen, block_sparse_attention_with_kvcache,
+                        flash_sdpa, masked_sdpa, prepare_pattern)
 from .core import (ArchSku, BackendKind, ElementKind, Error, InvalidProblem,
                    KernelSku, MathPrecision, OpCategory, PlanPreference, PrecisionGuarantee,
                    Unsupported)
@@ -24,6 +25,7 @@ __all__ = [
     "OpCategory", "PlanPreference", "PrecisionGuarantee",
     "PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor", "SdpaBlockSparsePlan",
     "SdpaMaskedArgs", "SdpaMaskedDescriptor", "SdpaMaskedPlan", "TokenRules", "Unsupported",
-    "block_sparse_attention", "block_sparse_attention_varlen", "flash_sdpa", "masked_sdpa",
+    "block_sparse_attention", "block_sparse_attention_varlen",
+    "block_sparse_attention_with_kvcache", "flash_sdpa", "masked_sdpa",
     "prepare_pattern", "__version__",
 ]

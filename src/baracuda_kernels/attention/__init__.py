@@ -3,7 +3,7 @@
 * ``block_sparse/``: block-sparse scaled-dot-product attention (functional.py -> autograd.py
   -> plan.py -> launchers reference.py, triton_fwd.py, triton_bwd.py -> @triton.jit kernels;
   block_lists.py / triton_lists.py / prepared.py turn a pattern into block lists; varlen.py
-  runs a packed variable-length batch through it).
+  runs a packed variable-length batch through it, kvcache.py new tokens against a KV cache).
 * ``flash_sdpa/``: dense (optionally causal) SDPA behind the same plan surface.
 * ``masked_sdpa/``: SDPA with an additive mask / score bias (the block-sparse kernels'
   bias modifier), plan and functional.
@@ -14,6 +14,7 @@
 
 from .block_sparse.descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
 from .block_sparse.functional import block_sparse_attention
+from .block_sparse.kvcache import block_sparse_attention_with_kvcache
 from .block_sparse.plan import SdpaBlockSparsePlan
 from .block_sparse.prepared import PreparedPattern, prepare_pattern
 from .block_sparse.varlen import block_sparse_attention_varlen
@@ -28,4 +29,5 @@ __all__ = ["AttentionKind", "FlashSdpaArgs", "FlashSdpaDescriptor", "FlashSdpaPl
            "PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor",
            "SdpaBlockSparsePlan", "SdpaMaskedArgs", "SdpaMaskedDescriptor", "SdpaMaskedPlan",
            "TokenRules", "block_sparse_attention", "block_sparse_attention_varlen",
+           "block_sparse_attention_with_kvcache",
            "flash_sdpa", "masked_sdpa", "prepare_pattern"]

@@ -1,0 +1,185 @@
+"""Attention of new queries against a KV cache (decode, chunked prefill), contiguous or paged,
+in flash-attn's ``flash_attn_with_kvcache`` layout: block_sparse_attention_with_kvcache.
+
+The cache rows become token rules of one block-sparse call: key j of batch row b exists when
+j < L_b (L_b = cache_seqlens[b] + new tokens; keys past it are padding, and key blocks wholly
+past it are skipped), and query i of row b sits at position L_b - Nq + i (bottom-right per
+row), which the causal rule, the window and ALiBi compare with key positions. A paged cache is
+gathered into a contiguous view first (a copy of the pages the table names).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...core import InvalidProblem
+from ..common.token_rules import K_PAD, TokenRules
+from .functional import block_sparse_attention
+
+
+def block_sparse_attention_with_kvcache(
+        q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        cache_seqlens=None, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+        *, block_table: Optional[torch.Tensor] = None, is_causal: bool = True,
+        window_size: Optional[tuple] = None, sink_tokens: int = 0,
+        softcap: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
+        sinks: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+        block_pattern=None, block_size: int = 128, return_lse: bool = False,
+        backend: Optional[str] = None):
+    """Attention of ``q`` against a KV cache, appending new keys / values first (inference;
+    differentiable in q like ``block_sparse_attention``, but meant for torch.no_grad()).
+
+    Args:
+        q: [B, Nq, H, D] (flash-attn's layout): the new tokens' queries (Nq = 1 for decode).
+        k_cache, v_cache: the cache, either contiguous [B, Ncache, Hkv, D] / [B, Ncache,
+            Hkv, Dv], or paged [num_pages, page_size, Hkv, D] with ``block_table``. H must be
+            a multiple of Hkv (GQA: K/V are never expanded).
+        cache_seqlens: int or int tensor [B]: tokens already in the cache of each row (None:
+            all Ncache, contiguous caches only).
+        k, v: None, or [B, Nnew, Hkv, D] / [B, Nnew, Hkv, Dv] new keys / values, written
+            into the cache in place at positions cache_seqlens[b] .. + Nnew - 1 before the
+            attention (as flash-attn does; the caller advances cache_seqlens). On CUDA the
+            room left is trusted (checking it would synchronise); CPU tensors are checked.
+        block_table: int32 [B, pages_per_row] for a paged cache: page p of row b holds its
+            tokens p * page_size .. (p + 1) * page_size - 1.
+        is_causal: True: query i of row b sees keys at positions <= L_b - Nq + i, with L_b =
+            cache_seqlens[b] + Nnew (bottom-right per row, flash-attn's rule). False: every
+            key of the row.
+        window_size, sink_tokens, softcap, alibi_slopes, sinks, scale: as in
+            ``block_sparse_attention``, measured from each row's own diagonal.
+        block_pattern: None (every block of the cache) or a pattern over blocks of
+            ``block_size`` tokens, [B|1, H|Hkv|1, ceil(Nq / block_size), ceil(Ncache /
+            block_size)] (for a paged cache Ncache = pages_per_row * page_size): e.g. the
+            pages a selection method keeps; exact for the blocks it keeps.
+        block_size: the block of the pattern and of the block lists (default 128).
+        return_lse: also return lse [B, H, Nq] (float32; float64 for float64).
+        backend: None (automatic), "triton" or "reference" ("cpu" too for CPU tensors).
+
+    Returns:
+        y [B, Nq, H, Dv] (and lse). A query that sees no key (position < 0) gets y = 0.
+
+    Example:
+        >>> k_cache = torch.zeros(2, 1024, 2, 64); v_cache = torch.zeros(2, 1024, 2, 64)
+        >>> lens = torch.tensor([10, 700])                    # tokens already cached
+        >>> q, k_new, v_new = torch.randn(2, 1, 8, 64), torch.randn(2, 1, 2, 64), torch.randn(2, 1, 2, 64)
+        >>> y = block_sparse_attention_with_kvcache(q, k_cache, v_cache, lens, k_new, v_new)
+        >>> lens += 1                                         # the caller advances the lengths
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise InvalidProblem(f"q has shape {tuple(getattr(q, 'shape', ()))}; expected 4 dims "
+                             f"[B, Nq, H, D] (flash-attn's layout).")
+    B, Nq = q.shape[:2]
+    paged = block_table is not None
+    _check_cache(k_cache, v_cache, block_table, B, paged)
+    n_new = 0 if k is None else k.shape[1]
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    lens = _cache_lengths(cache_seqlens, B, capacity, q.device, paged)
+    if (k is None) != (v is None):
+        raise InvalidProblem("k and v go together: pass both new keys and values, or neither.")
+    if k is not None:
+        _append(k_cache, v_cache, k, v, lens, block_table, capacity)
+    total = lens + n_new                                       # L_b, int64 [B]
+    keys, values = _cache_view(k_cache, block_table), _cache_view(v_cache, block_table)
+    Nk = keys.shape[2]
+    tokens = _cache_rules(total, B, Nq, Nk, is_causal, q.device)
+    if block_pattern is None:
+        block_pattern = torch.ones(1, 1, -(-Nq // block_size), -(-Nk // block_size),
+                                   dtype=torch.bool, device=q.device)
+    out = block_sparse_attention(
+        q.transpose(1, 2), keys, values, block_pattern, block_size=block_size,
+        is_causal=bool(is_causal), scale=scale, return_lse=return_lse, backend=backend,
+        window_size=window_size, sink_tokens=sink_tokens, token_rules=tokens,
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    if return_lse:
+        return out[0].transpose(1, 2), out[1]
+    return out.transpose(1, 2)
+
+
+def _check_cache(k_cache, v_cache, block_table, B: int, paged: bool) -> None:
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InvalidProblem(
+                f"{name} has shape {tuple(getattr(t, 'shape', ()))}; expected [B, Ncache, Hkv, "
+                f"D] (contiguous cache) or [num_pages, page_size, Hkv, D] with block_table.")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise InvalidProblem(f"k_cache {tuple(k_cache.shape)} and v_cache "
+                             f"{tuple(v_cache.shape)} differ before the head dim; expected the "
+                             f"same pages / tokens and K/V heads.")
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 \
+                or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
+            raise InvalidProblem(
+                f"block_table is {getattr(block_table, 'dtype', type(block_table).__name__)} "
+                f"{tuple(getattr(block_table, 'shape', ()))}; expected int32 [{B}, "
+                f"pages_per_row] (page p of row b: block_table[b, p]).")
+    elif k_cache.shape[0] != B:
+        raise InvalidProblem(f"k_cache holds {k_cache.shape[0]} rows; q has batch {B}. Expected "
+                             f"[B, Ncache, Hkv, D] (or pass block_table for a paged cache).")
+
+
+def _cache_lengths(cache_seqlens, B: int, capacity: int, device, paged: bool) -> torch.Tensor:
+    """cache_seqlens as int64 [B] on the device."""
+    if cache_seqlens is None:
+        if paged:
+            raise InvalidProblem("cache_seqlens is None with a paged cache; expected the tokens "
+                                 "already cached per row (int or int tensor [B]).")
+        return torch.full((B,), capacity, dtype=torch.int64, device=device)
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        lens = torch.full((B,), cache_seqlens, dtype=torch.int64, device=device)
+    elif isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_floating_point() \
+            and cache_seqlens.dim() == 1 and cache_seqlens.shape[0] == B:
+        lens = cache_seqlens.to(device=device, dtype=torch.int64)
+    else:
+        raise InvalidProblem(f"cache_seqlens is {cache_seqlens!r}; expected an int or an int "
+                             f"tensor [{B}] (tokens already in each row's cache).")
+    if lens.device.type == "cpu" and bool(((lens < 0) | (lens > capacity)).any()):
+        raise InvalidProblem(f"cache_seqlens {lens.tolist()}; expected 0 <= length <= "
+                             f"{capacity} (the cache's capacity per row).")
+    return lens
+
+
+def _append(k_cache, v_cache, k, v, lens, block_table, capacity: int) -> None:
+    """Write k, v [B, Nnew, Hkv, D] at positions lens[b] + t of each row, in place."""
+    B, n_new = k.shape[:2]
+    if k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:] \
+            or v.shape[:2] != (B, n_new) or k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+        raise InvalidProblem(
+            f"new k {tuple(k.shape)} {k.dtype} / v {tuple(v.shape)} {v.dtype}; expected [B, "
+            f"Nnew, {k_cache.shape[2]}, {k_cache.shape[3]}] / [B, Nnew, {v_cache.shape[2]}, "
+            f"{v_cache.shape[3]}] in the caches' dtype {k_cache.dtype}.")
+    pos = lens[:, None] + torch.arange(n_new, device=lens.device)          # [B, Nnew]
+    if pos.device.type == "cpu" and n_new and bool((pos[:, -1] >= capacity).any()):
+        raise InvalidProblem(f"appending {n_new} tokens to rows of lengths {lens.tolist()} "
+                             f"overflows the cache's {capacity} tokens per row.")
+    if block_table is None:
+        rows = torch.arange(B, device=lens.device)[:, None].expand(-1, n_new)
+        k_cache[rows, pos] = k
+        v_cache[rows, pos] = v
+        return
+    page_size = k_cache.shape[1]
+    pages = torch.gather(block_table.long(), 1, pos // page_size)
+    k_cache[pages, pos % page_size] = k
+    v_cache[pages, pos % page_size] = v
+
+
+def _cache_view(cache: torch.Tensor, block_table) -> torch.Tensor:
+    """[B, Hkv, N, D]: a view of a contiguous cache, or the rows' pages gathered (a copy)."""
+    if block_table is None:
+        return cache.transpose(1, 2)
+    B, n_pages = block_table.shape
+    rows = cache[block_table.long().flatten()]                 # [B * n_pages, page, Hkv, D]
+    return rows.view(B, n_pages * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
+
+
+def _cache_rules(total: torch.Tensor, B: int, Nq: int, Nk: int, is_causal, device) -> TokenRules:
+    """Keys past L_b are padding; query i of row b sits at L_b - Nq + i, shifted by the
+    kernels' own offset (0 with is_causal=True, else Nk - Nq, which the window and ALiBi add)."""
+    j = torch.arange(Nk, device=device)
+    k_ids = torch.where(j[None, :] < total[:, None], 0, K_PAD).to(torch.int32)
+    shift = 0 if is_causal else Nk - Nq
+    q_pos = total[:, None] - Nq + torch.arange(Nq, device=device)[None, :] - shift
+    return TokenRules(torch.zeros(B, Nq, dtype=torch.int32, device=device), k_ids.contiguous(),
+                      q_pos.to(torch.int32).contiguous(),
+                      j.to(torch.int32)[None].expand(B, -1).contiguous())
