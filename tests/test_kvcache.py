@@ -1,0 +1,147 @@
+"""block_sparse_attention_with_kvcache: contiguous and paged caches (random page order),
+per-row cache lengths around block edges (1, 127, 128, 129), Nq in {1, 7}, GQA 1/4/8, the
+window with sinks, softcap, learnable sinks, appending new tokens in place, a block pattern
+over the cache; against the float64 oracle per row (bottom-right causal over the row's keys).
+
+CPU: reference in f64 and triton under the interpreter in f32; the GPU grid runs bf16 and
+long caches."""
+
+import pytest
+import torch
+
+import baracuda_kernels as bk
+from cases import DEVICE, HAS_CUDA
+from oracle import assert_matches_oracle, dense_attention
+
+
+def make_cache(B, N, Hkv, D, dtype, gen, page_size=None):
+    """(k_cache, v_cache, block_table or None, contiguous copies [B, N, Hkv, D]): a paged
+    cache holds the rows' pages in a random order among spare pages."""
+    k = torch.randn(B, N, Hkv, D, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(B, N, Hkv, D, generator=gen).to(DEVICE, dtype)
+    if page_size is None:
+        return k.clone(), v.clone(), None, k, v
+    per_row = N // page_size
+    n_pages = B * per_row + 3
+    order = torch.randperm(n_pages, generator=gen)[:B * per_row].view(B, per_row)
+    k_pages = torch.randn(n_pages, page_size, Hkv, D, generator=gen).to(DEVICE, dtype)
+    v_pages = torch.randn(n_pages, page_size, Hkv, D, generator=gen).to(DEVICE, dtype)
+    k_pages[order.flatten()] = k.reshape(-1, page_size, Hkv, D)
+    v_pages[order.flatten()] = v.reshape(-1, page_size, Hkv, D)
+    return k_pages, v_pages, order.to(DEVICE, torch.int32), k, v
+
+
+def oracle_rows(q, k_rows, v_rows, total, is_causal, dtype, **mods):
+    """Per row b: dense attention of q[b] over keys [0, L_b), bottom-right (float64)."""
+    B, Nq, H, _ = q.shape
+    G = H // k_rows.shape[2]
+    ys = []
+    for b in range(B):
+        L = int(total[b])
+        qb = q[b:b + 1].transpose(1, 2)
+        kb = k_rows[b:b + 1, :L].transpose(1, 2).repeat_interleave(G, 1)
+        vb = v_rows[b:b + 1, :L].transpose(1, 2).repeat_interleave(G, 1)
+        yb, _ = dense_attention(qb, kb, vb, torch.ones(1, 1, 1, 1, dtype=torch.bool), 1 << 20,
+                                "bottom_right" if is_causal else False, dtype=dtype, **mods)
+        ys.append(yb.transpose(1, 2))
+    return torch.cat(ys)
+
+
+CASES = [  # (name, Nq, H, Hkv, page_size, n_new, options)
+    ("decode", 1, 8, 2, None, 1, {}),
+    ("decode-mqa-paged", 1, 8, 1, 16, 1, {}),
+    ("chunk-gqa", 7, 4, 1, None, 7, {}),
+    ("chunk-paged-window-sinks", 7, 4, 4, 32, 7, dict(window_size=(40, 0), sink_tokens=3)),
+    ("decode-softcap-sinks", 1, 8, 2, 16, 0, dict(softcap=5.0, sinks=True)),
+    ("non-causal", 7, 4, 2, None, 0, dict(is_causal=False)),
+]
+
+
+def check_kvcache(backend, dtype, case, lengths=(1, 127, 128, 129), N=192, D=16, seed=0):
+    name, Nq, H, Hkv, page_size, n_new, opts = case
+    opts = dict(opts)
+    is_causal = opts.pop("is_causal", True)
+    gen = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    k_cache, v_cache, table, k_rows, v_rows = make_cache(B, N, Hkv, D, dtype, gen, page_size)
+    q = (torch.randn(B, Nq, H, D, generator=gen) * 2).to(DEVICE, dtype)
+    # Cached before this call; with the new tokens each row holds L_b = max(length, n_new).
+    lens = (torch.tensor(lengths, dtype=torch.int64) - n_new).clamp(min=0)
+    k_new = torch.randn(B, n_new, Hkv, D, generator=gen).to(DEVICE, dtype) if n_new else None
+    v_new = torch.randn(B, n_new, Hkv, D, generator=gen).to(DEVICE, dtype) if n_new else None
+    sinks = (torch.randn(H, generator=gen) * 2).to(DEVICE) if opts.pop("sinks", False) else None
+    y = bk.block_sparse_attention_with_kvcache(
+        q, k_cache, v_cache, lens.to(DEVICE), k_new, v_new, block_table=table,
+        is_causal=is_causal, sinks=sinks, block_size=32, backend=backend, **opts)
+    assert y.shape == (B, Nq, H, D)
+    for b in range(B):  # the expected rows: the new tokens written in place
+        if n_new:
+            k_rows[b, lens[b]:lens[b] + n_new] = k_new[b]
+            v_rows[b, lens[b]:lens[b] + n_new] = v_new[b]
+    if table is None:
+        torch.testing.assert_close(k_cache, k_rows, rtol=0, atol=0)
+    mods = dict(window_size=opts.get("window_size", (-1, -1)),
+                sink_tokens=opts.get("sink_tokens", 0), softcap=opts.get("softcap", 0.0),
+                sinks=sinks)
+    total = lens + n_new
+    y64 = oracle_rows(q, k_rows, v_rows, total, is_causal, torch.float64, **mods)
+    ys = oracle_rows(q, k_rows, v_rows, total, is_causal, dtype, **mods)
+    assert_matches_oracle(y, y64, ys)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kvcache_matches_oracle_cpu(backend, case):
+    if HAS_CUDA:
+        pytest.skip("the GPU grid below covers this")
+    check_kvcache(backend, torch.float64 if backend == "reference" else torch.float32, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kvcache_matches_oracle_gpu(dtype, case):
+    check_kvcache("triton", dtype, case)
+    check_kvcache("triton", dtype, case, lengths=(5000, 1, 4097), N=5120, D=128)
+
+
+def test_kvcache_pattern_keeps_selected_blocks_exactly():
+    """A pattern over the cache's blocks (e.g. selected pages): exact on the kept blocks."""
+    gen = torch.Generator().manual_seed(3)
+    B, N, H, Hkv, D = 2, 128, 4, 2, 8
+    k_cache, v_cache, _, k_rows, v_rows = make_cache(B, N, Hkv, D, torch.float64, gen)
+    q = torch.randn(B, 1, H, D, generator=gen, dtype=torch.float64).to(DEVICE)
+    keep = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 1]], dtype=torch.bool)   # per row, 32-token blocks
+    pattern = keep[:, None, None, :].to(DEVICE)
+    lens = torch.tensor([100, 128])
+    y = bk.block_sparse_attention_with_kvcache(q, k_cache, v_cache, lens.to(DEVICE),
+                                               block_pattern=pattern, block_size=32)
+    for b in range(B):
+        cols = torch.arange(N)
+        kept = keep[b][cols // 32] & (cols < lens[b])
+        kb = k_rows[b:b + 1, kept].transpose(1, 2).repeat_interleave(2, 1)
+        vb = v_rows[b:b + 1, kept].transpose(1, 2).repeat_interleave(2, 1)
+        yb, _ = dense_attention(q[b:b + 1].transpose(1, 2), kb, vb,
+                                torch.ones(1, 1, 1, 1, dtype=torch.bool), 1 << 20, False)
+        torch.testing.assert_close(y[b:b + 1], yb.transpose(1, 2))
+
+
+def test_kvcache_validation():
+    q = torch.randn(2, 1, 4, 8)
+    kc = vc = torch.zeros(2, 64, 2, 8)
+    call = bk.block_sparse_attention_with_kvcache
+    with pytest.raises(bk.InvalidProblem, match=r"\[B, Nq, H, D\]"):
+        call(q[0], kc, vc, 3)
+    with pytest.raises(bk.InvalidProblem, match="cache_seqlens"):
+        call(q, kc, vc, torch.tensor([3, 65]))
+    with pytest.raises(bk.InvalidProblem, match="overflows"):
+        call(q, kc.clone(), vc.clone(), torch.tensor([3, 64]), torch.zeros(2, 1, 2, 8),
+             torch.zeros(2, 1, 2, 8))
+    with pytest.raises(bk.InvalidProblem, match="k and v go together"):
+        call(q, kc, vc, 3, torch.zeros(2, 1, 2, 8))
+    with pytest.raises(bk.InvalidProblem, match="block_table"):
+        call(q, kc, vc, 3, block_table=torch.zeros(3, 4, dtype=torch.int32))
+    with pytest.raises(bk.InvalidProblem, match="paged"):
+        call(q, kc, vc, None, block_table=torch.zeros(2, 4, dtype=torch.int32))
+    with pytest.raises(bk.InvalidProblem, match="rows"):
+        call(q, torch.zeros(3, 64, 2, 8), torch.zeros(3, 64, 2, 8), 3)
