@@ -39,7 +39,7 @@ def _dq_inner(
     alone would still give P = exp(-lse), which may overflow for very negative lse).
     k_src/v_src: pointers to K/V of this (b, K/V head), or (USE_TMA) descriptors (see
     triton_bwd_dkdv._dkdv_inner); b32/h32 index the descriptors.
-    Token rules (MASKED steps only, see triton_fwd._attend_blocks): a padded key counts as a
+    Token rules (MASKED steps only, see triton_fwd_steps._attend_blocks): a padded key counts as a
     key past the end (k = v = 0, P = 0); with ids the kernel passes pointers (USE_TMA off).
     HAS_BITS: the block's bits (slot ``slot_row[kb]``) at rows ``m_in_block`` also decide.
     HAS_SOFTCAP / HAS_ALIBI: P from the modified scores (kernel_pieces.modified_scores), and

@@ -21,9 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.kernel_pieces import (bias_tile, block_bits_tile, exp_base, fold_sink,
-                                    head_value, kernel_scale, modified_scores, token_allowed,
-                                    token_values)
+from ..common.kernel_pieces import fold_sink, head_value, kernel_scale, token_values
 from ..common.score_mods import (ScoreModFlags, ScoreMods, alibi_offset, bias_kernel_args,
                                  fast_tanh, kernel_mod_args)
 from ..common.numerics import head_dim_tile, list_strides, scale_args, wide_tile_offsets
@@ -33,170 +31,12 @@ from ..common.triton_tma import (head_source, masked_step_source, row_tile_descr
 # Re-exported so that callers find the configs next to the launcher.
 from .block_lists import bits_kernel_args
 from ..common.triton_launch import launch_fitting
+from .split_kv import choose_splits, combine_splits
+from .triton_fwd_steps import _attend_blocks
 from .triton_fwd_configs import (ForwardConfig, default_forward_config,  # noqa: F401
                                  fit_bias_loads, fit_token_loads, pack_gqa_tiles)
 
 __all__ = ["ForwardConfig", "block_sparse_attention_forward_triton", "default_forward_config"]
-
-
-@triton.jit
-def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_lo, it_hi,
-                   offs_m, stride_kn, stride_vn, Nk, causal_offset, win_lo, win_hi, sinks,
-                   qk_scale, q_id, q_pos, k_ids, k_poss, slot_row, bits_words, rows_in_block,
-                   row_ok, cap, slope, alibi_off, bias_rows,
-                   D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
-                   DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                   STEPS: tl.constexpr, EVEN_N: tl.constexpr, PARTIAL: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   SCALE_NONNEG: tl.constexpr, IS_F64: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr,
-                   USE_TMA: tl.constexpr, WIDE_TILE: tl.constexpr,
-                   HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, HAS_BITS: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, FAST_TANH: tl.constexpr):
-    """Fold key blocks ``idx[it_lo:it_hi]`` into the running (acc, m_i, l_i).
-
-    One flat loop over (block, column step) pairs, so the software pipeliner sees a single
-    loop. PARTIAL=False is the FULL-block loop: no masks unless a step overruns a generic
-    block (EVEN_N False) or the head dim is padded.
-    k_src/v_src: pointers to K/V of this (b, K/V head h), or (USE_TMA) descriptors over the
-    whole ``[B, Hkv, Nk, D]`` K/V whose out-of-bounds rows/columns read as zeros.
-    Token rules (PARTIAL blocks only): q_id / q_pos are the rows' document ids / positions,
-    k_ids / k_poss pointers to this batch row's key ids / positions (HAS_IDS / HAS_POS);
-    a padded key (id < 0) is treated like a key past the end: never read, never attended.
-    HAS_BITS: the block's bits (slot ``slot_row[kb]`` of ``bits_words``, block_bits_tile)
-    at rows ``rows_in_block`` (valid where ``row_ok``) also decide.
-    HAS_SOFTCAP / HAS_ALIBI: scores go through ``modified_scores`` (cap, per-row slope [M],
-    alibi_off: common.score_mods) in every block, FULL ones included; HAS_BIAS adds the
-    bias rows ``bias_rows`` (pointers [M], kernel_pieces.bias_tile) the same way.
-    """
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, DK_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    if not USE_TMA:
-        # In-tile offsets stay 32-bit (BLOCK_N rows) unless BLOCK_N rows of K or V span 2^31
-        # elements or more (WIDE_TILE, decided by the launcher); the block start is added in
-        # 64-bit either way.
-        if WIDE_TILE:
-            rows_in_tile = offs_n0.to(tl.int64)[:, None]
-        else:
-            rows_in_tile = offs_n0[:, None]
-        k_tile = rows_in_tile * stride_kn + offs_dk[None, :]
-        v_tile = rows_in_tile * stride_vn + offs_dv[None, :]
-    MASK_COLS: tl.constexpr = PARTIAL or (not EVEN_N)
-    n_steps = (it_hi - it_lo) * STEPS
-    # The key block of the next step is loaded one iteration ahead and carried: K/V
-    # addresses then never wait on a load of the same iteration, and Triton's pipeliner
-    # keeps num_stages K/V tiles in flight (with the index loaded in-iteration it fell back
-    # to a double buffer with a full wait every step).
-    nxt = tl.load(idx_ptr + it_lo * stride_ik, mask=n_steps > 0, other=0)
-    for s in range(0, n_steps):
-        kb = nxt
-        blk0 = kb * BLOCK
-        if STEPS == 1:
-            col0 = blk0
-            nxt = tl.load(idx_ptr + (it_lo + s + 1) * stride_ik, mask=s + 1 < n_steps, other=0)
-        else:
-            col0 = blk0 + (s % STEPS) * BLOCK_N
-            nxt = tl.load(idx_ptr + (it_lo + (s + 1) // STEPS) * stride_ik,
-                          mask=s + 1 < n_steps, other=0)
-        offs_n = col0 + offs_n0
-        if MASK_COLS:
-            if PARTIAL:
-                col_ok = offs_n < tl.minimum(blk0 + BLOCK, Nk)
-            else:
-                col_ok = offs_n < blk0 + BLOCK
-            if PARTIAL and HAS_IDS:
-                k_id = tl.load(k_ids + offs_n, mask=col_ok, other=-2)
-                col_ok = col_ok & (k_id >= 0)
-        if USE_TMA:
-            # Rows past Nk and columns past D_K arrive as zeros. Columns of a step that
-            # overruns a generic block are real keys of the next block: scores mask them.
-            k = k_src.load([b, h, col0, 0]).reshape(BLOCK_N, DK_PAD)
-        else:
-            col64 = col0.to(tl.int64)
-            k_ptrs = k_src + col64 * stride_kn + k_tile
-            v_ptrs = v_src + col64 * stride_vn + v_tile
-            if MASK_COLS:
-                k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
-            elif DK_PAD != D_K:
-                k = tl.load(k_ptrs, mask=offs_dk[None, :] < D_K, other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=acc.dtype)
-        MODS: tl.constexpr = HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS
-        if HAS_POS and ((PARTIAL and (IS_CAUSAL or HAS_WINDOW)) or HAS_ALIBI):
-            k_pos = tl.load(k_poss + offs_n, mask=offs_n < Nk, other=0)
-        else:
-            k_pos = offs_n
-        if MODS:
-            if HAS_BIAS:
-                if MASK_COLS:
-                    bias = bias_tile(bias_rows, offs_n, row_ok, col_ok, IS_F64, False, True)
-                else:  # FULL blocks of whole tiles: every key is valid
-                    bias = bias_tile(bias_rows, offs_n, row_ok, row_ok, IS_F64, False, False)
-            else:
-                bias = qk  # unused
-            s_mod, _ = modified_scores(qk * qk_scale, q_pos[:, None], k_pos[None, :], cap,
-                                       slope[:, None], alibi_off, bias, HAS_SOFTCAP, HAS_ALIBI,
-                                       HAS_BIAS, IS_F64, FAST_TANH)
-
-        if MASK_COLS:
-            keep = col_ok[None, :]
-            if PARTIAL and (IS_CAUSAL or HAS_WINDOW):
-                keep = keep & token_allowed(q_pos[:, None], k_pos[None, :], causal_offset,
-                                            win_lo, win_hi, sinks, IS_CAUSAL, HAS_WINDOW)
-            if PARTIAL and HAS_IDS:
-                keep = keep & (q_id[:, None] == k_id[None, :])
-            if PARTIAL and HAS_BITS:
-                slot = tl.load(slot_row + kb)
-                keep = keep & block_bits_tile(bits_words, slot, rows_in_block, row_ok,
-                                              offs_n - blk0, col0 - blk0, BLOCK, False)
-            # Scale before masking: -inf * 0 would be NaN for scale == 0.
-            if MODS:
-                s_ij = tl.where(keep, s_mod, float("-inf"))
-            else:
-                s_ij = tl.where(keep, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_ij, 1))
-            # A row with nothing allowed so far keeps m = -inf; subtract 0 instead so that
-            # exp(-inf - (-inf)) never makes a NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = exp_base(s_ij - m_use[:, None], IS_F64)
-        elif MODS:
-            m_new = tl.maximum(m_i, tl.max(s_mod, 1))
-            if HAS_BIAS:  # a -inf bias can leave a row with nothing so far (see above)
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_use = m_new
-            p = exp_base(s_mod - m_use[:, None], IS_F64)
-        else:
-            # No mask: every score is finite, so m_new is finite. max(qk) * scale keeps the
-            # scale in a fused multiply-add with the subtraction below.
-            if SCALE_NONNEG:
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            else:
-                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
-            m_use = m_new
-            p = exp_base(qk * qk_scale - m_use[:, None], IS_F64)
-        alpha = exp_base(m_i - m_use, IS_F64)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-
-        if USE_TMA:
-            v = v_src.load([b, h, col0, 0]).reshape(BLOCK_N, DV_PAD)
-            if not EVEN_N:
-                # p is 0 on overrun columns, but 0 * (inf or NaN in a neighbour block) is not.
-                v = tl.where(col_ok[:, None], v, 0.0)
-        elif MASK_COLS:
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
-        elif DV_PAD != D_V:
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < D_V, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        # Half inputs: P rounded to the input dtype for the tensor-core dot, as flash kernels do.
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
-        m_i = m_new
-    return acc, m_i, l_i
 
 
 # Lengths and counts are not specialised (alignment of them never helps here), so a new
@@ -204,7 +44,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_src, v_src, b, h, idx_ptr, stride_ik, it_
 @triton.jit(do_not_specialize=["H", "Nq", "Nk", "n_tiles", "G", "LIST_DIV", "CAUSAL_OFFSET",
                                      "WIN_LO", "WIN_HI", "SINK_TOKENS", "stride_tq", "stride_tk",
                                      "stride_sb", "stride_sh", "stride_sq", "stride_ab",
-                                     "ALIBI_OFF"])
+                                     "ALIBI_OFF", "n_splits", "stride_ys", "stride_ls"])
 def _block_sparse_fwd_kernel(
     Q, K, V, K_RAW, V_RAW, Y, LSE, KV_INDEX, KV_COUNT_FULL, KV_COUNT, Q_IDS, K_IDS, Q_POS, K_POS,
     BITS_SLOTS, BITS_WORDS, ALIBI, SINKS, BIAS,
@@ -215,7 +55,7 @@ def _block_sparse_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq, stride_tq, stride_tk, stride_sb, stride_sh, stride_sq,
-    stride_ab, stride_xb, stride_xh, stride_xq,
+    stride_ab, stride_xb, stride_xh, stride_xq, n_splits, stride_ys, stride_ls,
     H, Nq, Nk, n_tiles, scale_hi, scale_lo, G, LIST_DIV, CAUSAL_OFFSET, WIN_LO, WIN_HI,
     SINK_TOKENS, SOFTCAP, SOFTCAP_LO, ALIBI_OFF,
     D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
@@ -227,7 +67,7 @@ def _block_sparse_fwd_kernel(
     PACK_ROWS: tl.constexpr, HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     FAST_TANH: tl.constexpr,
-    HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one pattern query block of one (b, h).
 
@@ -255,8 +95,15 @@ def _block_sparse_fwd_kernel(
     logit per head in every valid row's denominator, folded in after the last block), BIAS
     an additive bias over [B, H, Nq, Nk] with strides stride_xb / xh / xq (0 on broadcast
     dims) and a unit key stride, read only in the blocks the lists visit.
+    SPLIT (split-KV, flash-decoding; split_kv.py): ``n_splits`` programs share one tile's
+    key list, each folding a contiguous share of it (FULL blocks first, as always), and
+    write their partial normalised y and lse into split ``pid % n_splits`` of Y / LSE
+    (workspaces with split strides stride_ys / stride_ls); sinks join in the combine.
     """
     pid = tl.program_id(0)
+    if SPLIT:
+        split = pid % n_splits
+        pid = pid // n_splits
     bh = pid // n_tiles  # (b, h), or (b, K/V head) when packed
     tile = n_tiles - 1 - (pid - bh * n_tiles)
     qb = tile // TILES_PER_BLOCK
@@ -327,8 +174,16 @@ def _block_sparse_fwd_kernel(
         slope = l_i  # unused
     bias_rows = BIAS + b64 * stride_xb + head_rows * stride_xh + rows64 * stride_xq
 
+    if SPLIT:  # this program's share of the list: items [lo, hi)
+        chunk = (n_all + n_splits - 1) // n_splits
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, n_all)
+        full_lo, full_hi = lo, tl.minimum(hi, n_full)
+        part_lo, part_hi = tl.maximum(lo, n_full), hi
+    else:
+        full_lo, full_hi, part_lo, part_hi = 0, n_full, n_full, n_all
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, 0, n_full, offs_m,
+        acc, m_i, l_i, q, k_src, v_src, b, hk, idx_ptr, stride_ik, full_lo, full_hi, offs_m,
         stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINK_TOKENS, qk_scale, q_id,
         q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, cap, slope,
         ALIBI_OFF, bias_rows, D_K, D_V,
@@ -336,7 +191,7 @@ def _block_sparse_fwd_kernel(
         SCALE_NONNEG, IS_F64, DOT_PRECISION, USE_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
         HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, FAST_TANH)
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_part, v_part, b, hk, idx_ptr, stride_ik, n_full, n_all, offs_m,
+        acc, m_i, l_i, q, k_part, v_part, b, hk, idx_ptr, stride_ik, part_lo, part_hi, offs_m,
         stride_kn, stride_vn, Nk, CAUSAL_OFFSET, WIN_LO, WIN_HI, SINK_TOKENS, qk_scale, q_id,
         q_pos, k_ids, k_poss, slot_row, BITS_WORDS, rows_in_block, row_ok, cap, slope,
         ALIBI_OFF, bias_rows, D_K, D_V,
@@ -344,7 +199,7 @@ def _block_sparse_fwd_kernel(
         SCALE_NONNEG, IS_F64, DOT_PRECISION, PARTIAL_TMA, WIDE_TILE, HAS_IDS, HAS_POS, HAS_BITS,
         HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, FAST_TANH)
 
-    if HAS_SINKS:
+    if HAS_SINKS and not SPLIT:
         live = row_ok
         if HAS_IDS:
             live = live & (q_id >= 0)  # padding takes no sink
@@ -362,6 +217,9 @@ def _block_sparse_fwd_kernel(
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # log2 units -> natural log
     lse = tl.where(has_key, lse, float("-inf"))
 
+    if SPLIT:
+        Y += split.to(tl.int64) * stride_ys
+        LSE += split.to(tl.int64) * stride_ls
     y_ptrs = (Y + b64 * stride_yb + (head_rows * stride_yh + rows64 * stride_ym)[:, None]
               + offs_dv[None, :] * stride_yd)
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
@@ -374,7 +232,7 @@ def block_sparse_attention_forward_triton(
     scale: float, is_causal: bool, y: torch.Tensor, lse: torch.Tensor,
     config: ForwardConfig | None = None, allow_tf32: bool = False,
     pack_gqa: bool | None = None, window: WindowRule | None = None,
-    softcap: float = 0.0, mods: ScoreMods | None = None,
+    softcap: float = 0.0, mods: ScoreMods | None = None, split_kv: int | None = None,
 ) -> None:
     """Launch the forward kernel; writes ``y`` and ``lse`` in place. No host synchronisation.
 
@@ -400,6 +258,8 @@ def block_sparse_attention_forward_triton(
             None decides automatically, True packs wherever allowed, False never.
         softcap, mods: score modifiers (common.score_mods; softcap 0 = none, mods checked
             by ``ScoreMods.check_for``).
+        split_kv: programs per query tile, each over a share of its key list (split_kv.py);
+            None decides automatically (decode-like launches on CUDA), 1 never splits.
     """
     B, H, Nq, d_k = q.shape
     Hkv, Nk, d_v = k.shape[1], k.shape[2], v.shape[3]
@@ -463,7 +323,13 @@ def block_sparse_attention_forward_triton(
     else:
         k_arg, v_arg = k, v
 
-    grid = (B * heads_in_grid * n_tiles,)
+    splits = choose_splits(split_kv, q.device, B * heads_in_grid * n_tiles, rows_in_block, nk)
+    grid = (B * heads_in_grid * n_tiles * splits,)
+    y_out, lse_out = y, lse
+    if splits > 1:  # partials in the accumulator dtype, merged below
+        y_parts = torch.empty((splits, B, H, Nq, d_v), dtype=lse.dtype, device=q.device)
+        lse_parts = torch.empty((splits, B, H, Nq), dtype=lse.dtype, device=q.device)
+        y, lse = y_parts[0], lse_parts[0]  # the kernel offsets by split * split stride
     token_args = tokens.kernel_args(Nq, Nk) if tokens is not None else (cnt,) * 4 + (0, 0)
     bits = bits_kernel_args(lists, cnt)
     flags = ScoreModFlags.of(softcap, mods)
@@ -480,6 +346,7 @@ def block_sparse_attention_forward_triton(
         lse.stride(0), lse.stride(1), lse.stride(2),
         sib, sih, idx.stride(2), idx.stride(3),
         scb, sch, cnt.stride(2), *token_args[4:], *bits[2:], stride_ab, *bias_strides,
+        splits, *((y_parts.stride(0), lse_parts.stride(0)) if splits > 1 else (0, 0)),
         H, Nq, Nk, n_tiles, scale_hi, scale_lo, H // Hkv, H // Hp,
         causal_offset(is_causal, Nq, Nk), *window_args(window), *cap,
         alibi_offset(is_causal, Nq, Nk),
@@ -494,8 +361,12 @@ def block_sparse_attention_forward_triton(
         HAS_POS=tokens is not None and tokens.has_positions,
         HAS_BITS=tokens is not None and tokens.has_bits, HAS_SOFTCAP=flags.softcap > 0,
         HAS_ALIBI=flags.alibi, HAS_SINKS=flags.sinks, FAST_TANH=fast_tanh(q),
-        HAS_BIAS=flags.bias,
+        HAS_BIAS=flags.bias, SPLIT=splits > 1,
         num_warps=warps,
         num_stages=config.num_stages,
     )
+    if splits > 1:
+        live = tokens.q_ids[:, None, :] >= 0 if tokens is not None and tokens.has_ids else None
+        combine_splits(y_parts, lse_parts, y_out, lse_out, sinks if flags.sinks else None,
+                       live)
 
