@@ -43,7 +43,8 @@ This package imports only ``baracuda_kernels.core`` and torch, except ``BlockPat
 which lazily imports ``block_sparse.prepared`` (the one exception ``tests/test_layout.py``
 allows). Inside it, imports go one way: ``counting`` and ``checks`` (leaves) <- ``interop``,
 ``from_mask``, ``drawing`` (tensors and duck-typed patterns in, constructor arguments out)
-<- ``block_pattern`` <- ``builders`` <- ``composite``.
+<- ``block_pattern`` <- ``builders`` <- ``composite``. ``key_selection`` (KV-cache block
+selection for decode: ``key_block_bounds``, ``select_key_blocks``) stands alone.
 """
 
 from .block_pattern import (BlockPattern, from_bsr, from_flex_block_mask, from_mask_fn,
@@ -54,6 +55,7 @@ from .composite import (bigbird, per_head, random_blocks, sparse_transformer_fix
                         sparse_transformer_strided)
 from .counting import CoarseningReport, TokenRule
 from .interop import flex_available, to_bsr, to_flex_block_mask
+from .key_selection import KeyBlockBounds, key_block_bounds, select_key_blocks
 
 __all__ = [
     "BlockPattern", "CoarseningReport", "TokenRule",
@@ -61,4 +63,5 @@ __all__ = [
     "sparse_transformer_strided", "sparse_transformer_fixed", "document_mask", "prefix_lm",
     "random_blocks", "per_head", "from_token_mask", "from_mask_fn",
     "to_bsr", "from_bsr", "to_flex_block_mask", "from_flex_block_mask", "flex_available",
+    "KeyBlockBounds", "key_block_bounds", "select_key_blocks",
 ]
