@@ -41,7 +41,8 @@ def oracle_rows(q, k_rows, v_rows, total, is_causal, dtype, **mods):
         qb = q[b:b + 1].transpose(1, 2)
         kb = k_rows[b:b + 1, :L].transpose(1, 2).repeat_interleave(G, 1)
         vb = v_rows[b:b + 1, :L].transpose(1, 2).repeat_interleave(G, 1)
-        yb, _ = dense_attention(qb, kb, vb, torch.ones(1, 1, 1, 1, dtype=torch.bool), 1 << 20,
+        yb, _ = dense_attention(qb, kb, vb, torch.ones(1, 1, 1, 1, dtype=torch.bool,
+                                                       device=q.device), 1 << 20,
                                 "bottom_right" if is_causal else False, dtype=dtype, **mods)
         ys.append(yb.transpose(1, 2))
     return torch.cat(ys)
