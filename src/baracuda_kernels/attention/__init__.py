@@ -15,6 +15,7 @@
 from .block_sparse.descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
 from .block_sparse.functional import block_sparse_attention
 from .block_sparse.kvcache import block_sparse_attention_with_kvcache
+from .block_sparse.module import BlockSparseAttention
 from .block_sparse.plan import SdpaBlockSparsePlan
 from .block_sparse.prepared import PreparedPattern, prepare_pattern
 from .block_sparse.varlen import block_sparse_attention_varlen
@@ -25,7 +26,7 @@ from .flash_sdpa.functional import flash_sdpa
 from .flash_sdpa.plan import FlashSdpaPlan
 from .masked_sdpa import SdpaMaskedArgs, SdpaMaskedDescriptor, SdpaMaskedPlan, masked_sdpa
 
-__all__ = ["AttentionKind", "FlashSdpaArgs", "FlashSdpaDescriptor", "FlashSdpaPlan",
+__all__ = ["AttentionKind", "BlockSparseAttention", "FlashSdpaArgs", "FlashSdpaDescriptor", "FlashSdpaPlan",
            "PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor",
            "SdpaBlockSparsePlan", "SdpaMaskedArgs", "SdpaMaskedDescriptor", "SdpaMaskedPlan",
            "TokenRules", "block_sparse_attention", "block_sparse_attention_varlen",
