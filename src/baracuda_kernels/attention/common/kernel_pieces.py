@@ -150,11 +150,7 @@ def bias_tile(row_ptrs, cols, row_ok, col_ok, IS_F64: tl.constexpr, COLS_FIRST: 
         else:
             ok = row_ok[:, None]
         x = tl.load(row_ptrs[:, None] + cols[None, :], mask=ok, other=0.0)
-    if IS_F64:
-        x = x.to(tl.float64)
-    else:
-        x = x.to(tl.float32) * 1.4426950408889634
-    return x
+    return in_exponent_base(x, IS_F64)
 
 
 @triton.jit
@@ -184,7 +180,14 @@ def head_value(PTR, b, heads, rows, stride_b, IS_F64: tl.constexpr):
     """A per-(b, head) float (ALiBi slope, sink logit) for every row of a tile, in the
     kernels' exponent base (times log2(e) below f64): ``heads`` a scalar or per-row vector,
     ``rows`` the tile's row vector (sets the shape)."""
-    x = tl.load(PTR + b * stride_b + heads + rows * 0)
+    return in_exponent_base(tl.load(PTR + b * stride_b + heads + rows * 0), IS_F64)
+
+
+@triton.jit
+def in_exponent_base(x, IS_F64: tl.constexpr):
+    """A natural-log quantity (a logit, a bias, a slope) in the kernels' exponent base: f64
+    as it is, else float32 times log2(e) (scores below f64 carry log2(e): exp2 then gives
+    the natural exp)."""
     if IS_F64:
         x = x.to(tl.float64)
     else:
