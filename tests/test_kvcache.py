@@ -146,3 +146,26 @@ def test_kvcache_validation():
         call(q, kc, vc, None, block_table=torch.zeros(2, 4, dtype=torch.int32))
     with pytest.raises(bk.InvalidProblem, match="rows"):
         call(q, torch.zeros(3, 64, 2, 8), torch.zeros(3, 64, 2, 8), 3)
+
+
+@pytest.mark.parametrize("lengths", [(100, 100), (0, 0), (64, 64)])
+def test_kvcache_uniform_lengths_take_the_plain_path(lengths):
+    """Rows of one length known on the host (an int, or a CPU tensor) run as plain
+    bottom-right attention over the cache's first L keys: the same result as per-row rules."""
+    gen = torch.Generator().manual_seed(7)
+    kc, vc, _, k_rows, v_rows = make_cache(2, 128, 2, 8, torch.float64, gen)
+    q = torch.randn(2, 3, 4, 8, generator=gen, dtype=torch.float64).to(DEVICE)
+    k_new, v_new = (torch.randn(2, 3, 2, 8, generator=gen, dtype=torch.float64).to(DEVICE)
+                    for _ in range(2))
+    outs = []
+    for lens in (lengths[0], torch.tensor(lengths)):
+        kcc, vcc = kc.clone(), vc.clone()
+        outs.append(bk.block_sparse_attention_with_kvcache(
+            q, kcc, vcc, lens if isinstance(lens, int) else lens.to(DEVICE), k_new, v_new,
+            block_size=32, window_size=(40, 0)))
+    L = lengths[0]
+    k_rows[:, L:L + 3], v_rows[:, L:L + 3] = k_new, v_new
+    ref = oracle_rows(q, k_rows, v_rows, torch.tensor(lengths) + 3, True, torch.float64,
+                      window_size=(40, 0))
+    for y in outs:
+        torch.testing.assert_close(y, ref)

@@ -129,16 +129,21 @@ def _group_allowed(grp: _Group, cells, block_size: int, rb: int, rule) -> torch.
     return allowed
 
 
-def _keys_of(t: torch.Tensor, grp: _Group) -> torch.Tensor:
+def _keys_of(t: torch.Tensor, grp: _Group, trim_tail: bool = False) -> torch.Tensor:
     """The group's key rows of t [b, hk, 1, N, D] as [G, b*hk, L, D]: a view when the group
     is one row whose keys are one contiguous, fully valid range (a decode step, a dense row),
-    else a gather."""
-    cols = grp.cols
-    if cols.shape[0] == 1 and bool(grp.col_ok.all()):
-        c0, L = int(cols[0, 0]), cols.shape[1]
-        if int(cols[0, -1]) - c0 == L - 1 and bool((cols[0, 1:] - cols[0, :-1] == 1).all()):
-            b, hk = t.shape[:2]
-            return t[:, :, 0, c0:c0 + L].reshape(1, b * hk, L, t.shape[-1])
+    else a gather. ``trim_tail``: a contiguous row whose only invalid columns are its last
+    ones (keys past Nk: a ragged tail, a KV cache's length) is a view too, of its valid
+    L' < L columns (the caller trims its mask to match)."""
+    cols, ok = grp.cols, grp.col_ok
+    if cols.shape[0] == 1:
+        valid = int(ok[0].sum())
+        whole = valid == cols.shape[1]
+        if valid and (whole or (trim_tail and bool(ok[0, :valid].all()))):
+            c0 = int(cols[0, 0])
+            if bool((cols[0, 1:valid] - cols[0, :valid - 1] == 1).all()):
+                b, hk = t.shape[:2]
+                return t[:, :, 0, c0:c0 + valid].reshape(1, b * hk, valid, t.shape[-1])
     return _as_problems(t, cols)
 
 
@@ -152,9 +157,11 @@ def _mask(allowed: Optional[torch.Tensor], g: int, dtype: torch.dtype) -> Option
 
 
 def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, window, Nq: int,
-                    Nk: int):
+                    Nk: int, trim_tail: bool = False):
     """Per pattern slice and group: (slice indices, the slice's queries, group, query tokens
-    [G, bs], allowed [G, bs, L] or None (nothing cut), gathered K, V [G, b*Hkv, L, D])."""
+    [G, bs], allowed [G, bs, L] or None (nothing cut), gathered K, V [G, b*Hkv, L, D]).
+    ``trim_tail`` (the forward): a one-row group may come with fewer key columns than L
+    (``_keys_of``), and its ``allowed`` trimmed alike."""
     H, Hkv = q.shape[1], k.shape[1]
     offset = causal_offset(is_causal, Nq, Nk)
     q5 = _grouped(q, Hkv)
@@ -174,7 +181,10 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
         for grp, cells, needs_mask in groups:
             rows = grp.rows.view(-1, rb)
             allowed = _group_allowed(grp, cells, block_size, rb, rule) if needs_mask else None
-            kt, vt = _keys_of(k4[bsl, ksl], grp), _keys_of(v4[bsl, ksl], grp)
+            kt = _keys_of(k4[bsl, ksl], grp, trim_tail)
+            vt = _keys_of(v4[bsl, ksl], grp, trim_tail)
+            if allowed is not None and kt.shape[2] < allowed.shape[-1]:
+                allowed = allowed[..., :kt.shape[2]]
             yield (bsl, ksl, gsl), qs, grp, rows, allowed, kt, vt
 
 
@@ -241,7 +251,8 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window) -> No
     y5, lse5 = _grouped(y, Hkv), _grouped(lse, Hkv)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     for sl, qs, grp, rows, allowed, kt, vt in _group_problems(q, k, v, lists, block_size,
-                                                              is_causal, window, Nq, Nk):
+                                                              is_causal, window, Nq, Nk,
+                                                              trim_tail=True):
         b, hk, g = qs.shape[:3]
         qt = _as_problems(qs, rows)
         out, row_lse = flash(qt, kt, vt, 0.0, False, attn_mask=_mask(allowed, g, q.dtype),

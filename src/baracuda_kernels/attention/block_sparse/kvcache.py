@@ -82,14 +82,23 @@ def block_sparse_attention_with_kvcache(
         _append(k_cache, v_cache, k, v, lens, block_table, capacity)
     total = lens + n_new                                       # L_b, int64 [B]
     keys, values = _cache_view(k_cache, block_table), _cache_view(v_cache, block_table)
+    uniform = _uniform_length(cache_seqlens, lens, capacity)
+    if uniform is not None and block_pattern is None:
+        # Every row holds L keys (known on the host): the cache's first L keys with the
+        # bottom-right rule on indices are the same problem, with no per-token rules at all.
+        L = uniform + n_new
+        keys, values, tokens = keys[:, :, :L], values[:, :, :L], None
+        causal = "bottom_right" if is_causal else False
+    else:
+        tokens = _cache_rules(total, B, Nq, keys.shape[2], is_causal, q.device)
+        causal = bool(is_causal)
     Nk = keys.shape[2]
-    tokens = _cache_rules(total, B, Nq, Nk, is_causal, q.device)
     if block_pattern is None:
         block_pattern = torch.ones(1, 1, -(-Nq // block_size), -(-Nk // block_size),
                                    dtype=torch.bool, device=q.device)
     out = block_sparse_attention(
         q.transpose(1, 2), keys, values, block_pattern, block_size=block_size,
-        is_causal=bool(is_causal), scale=scale, return_lse=return_lse, backend=backend,
+        is_causal=causal, scale=scale, return_lse=return_lse, backend=backend,
         window_size=window_size, sink_tokens=sink_tokens, token_rules=tokens,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     if return_lse:
@@ -162,6 +171,18 @@ def _append(k_cache, v_cache, k, v, lens, block_table, capacity: int) -> None:
     pages = torch.gather(block_table.long(), 1, pos // page_size)
     k_cache[pages, pos % page_size] = k
     v_cache[pages, pos % page_size] = v
+
+
+def _uniform_length(cache_seqlens, lens: torch.Tensor, capacity: int):
+    """The one cached length of every row when the host knows it without a device sync
+    (None: the capacity; an int; a CPU tensor whose rows agree), else None."""
+    if cache_seqlens is None:
+        return capacity
+    if isinstance(cache_seqlens, int):
+        return cache_seqlens
+    if lens.device.type == "cpu" and lens.numel() and bool((lens == lens[0]).all()):
+        return int(lens[0])
+    return None
 
 
 def _cache_view(cache: torch.Tensor, block_table) -> torch.Tensor:
