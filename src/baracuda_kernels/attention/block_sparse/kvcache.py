@@ -88,7 +88,9 @@ def block_sparse_attention_with_kvcache(
         # bottom-right rule on indices are the same problem, with no per-token rules at all.
         L = uniform + n_new
         keys, values, tokens = keys[:, :, :L], values[:, :, :L], None
-        causal = "bottom_right" if is_causal else False
+        # One query (decode) sits after every key: its causal rule allows them all, and
+        # without it the lists come from the one-launch builder (no diagonal to place).
+        causal = "bottom_right" if is_causal and Nq > 1 else False
     else:
         tokens = _cache_rules(total, B, Nq, keys.shape[2], is_causal, q.device)
         causal = bool(is_causal)
