@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|all]
+#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|
+#                              decode|tests+decode|all]
 #                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
 # Runs from the working tree (no install); the device image has torch and triton.
@@ -19,7 +20,7 @@ shift || true
 cat "$OUT/device.txt"
 
 status=0
-if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == tests+gqa || "$stage" == all ]]; then
+if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == tests+gqa || "$stage" == tests+decode || "$stage" == all ]]; then
   # Triton compiles on the host CPU: several workers keep the card busy while others compile.
   python3 -m pytest tests -q -n 8 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -93,5 +94,10 @@ if [[ "$stage" == ab || "$stage" == tokens+ab || "$stage" == probe-tokens+ab || 
     [[ -f "$OUT/$f.log" ]] && { echo "== $f"; grep -E "^(dense|causal|random| {20,})" "$OUT/$f.log" | head -30; }
   done
   rm -rf "$OUT"/ab_new "$OUT"/ab_old "$OUT"/ab_old2 "$OUT"/ab_new2
+fi
+if [[ "$stage" == decode || "$stage" == tests+decode ]]; then
+  # Decode against a KV cache (contiguous, paged, 10% selected) vs SDPA and the bandwidth floor.
+  python3 scripts/probe_decode.py > "$OUT/probe_decode.log" 2>&1 || status=$?
+  cat "$OUT/probe_decode.log"
 fi
 exit $status
