@@ -46,17 +46,20 @@ class _Group:
 
 
 def _groups(active: torch.Tensor, block_size: int, row_len: int, col_len: int,
-            batch_heads: int, device) -> Iterator[_Group]:
-    """Group the block rows of ``active`` (bool [n_rows, n_cols], on CPU) that have work."""
+            batch_heads: int, device, rows_per_block: Optional[int] = None) -> Iterator[_Group]:
+    """Group the block rows of ``active`` (bool [n_rows, n_cols], on CPU) that have work.
+    ``rows_per_block``: rows a block row contributes (default: the block): the query walks
+    pass min(block, Nq), so a decode step computes its one row, not a block of copies."""
     counts = active.sum(1)
     offsets = torch.arange(block_size)
+    rb = rows_per_block or block_size
     rows = [r for r in range(active.shape[0]) if counts[r] > 0]
     start = 0
     while start < len(rows):
         stop, widest = start, 0
         while stop < len(rows):
             w = max(widest, int(counts[rows[stop]]))
-            tile = (stop - start + 1) * w * block_size * block_size * batch_heads
+            tile = (stop - start + 1) * w * block_size * rb * batch_heads
             if stop > start and tile > _GROUP_BUDGET:
                 break
             widest, stop = w, stop + 1
@@ -67,7 +70,7 @@ def _groups(active: torch.Tensor, block_size: int, row_len: int, col_len: int,
             blocks[i, :ids.numel()] = ids
         cols = (blocks.clamp(min=0)[:, :, None] * block_size + offsets).flatten(1)
         col_ok = (blocks[:, :, None] >= 0).expand(-1, -1, block_size).flatten(1) & (cols < col_len)
-        row_tok = (torch.tensor(chunk)[:, None] * block_size + offsets).flatten()
+        row_tok = (torch.tensor(chunk)[:, None] * block_size + offsets[:rb]).flatten()
         yield _Group(row_tok.clamp(max=row_len - 1).to(device), (row_tok < row_len).to(device),
                      cols.clamp(max=col_len - 1).to(device), col_ok.to(device))
         start = stop
@@ -227,6 +230,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     offset = causal_offset(is_causal, Nq, Nk)
+    rb = min(block_size, max(Nq, 1))  # query rows per block row (_groups)
     y.zero_()
     lse.fill_(float("-inf"))
     active_all = _active_blocks(lists)
@@ -238,19 +242,19 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
         qs, ks, vs = q5[bsl, ksl, gsl], k5[bsl, ksl], v5[bsl, ksl]
         bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
         md = _Mods.of_slice(softcap, mods, (bsl, ksl, gsl), Hkv, alibi_off, acc, B, H)
-        for g in _groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device):
+        for g in _groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device, rb):
             G = g.cols.shape[0]
-            qt = _gather(qs, g.rows.view(G, block_size), acc)        # [b,hk,g,G,bs,Dk]
+            qt = _gather(qs, g.rows.view(G, rb), acc)                # [b,hk,g,G,rb,Dk]
             s = torch.matmul(qt, _gather(ks, g.cols, acc).transpose(-1, -2)) * scale
             if md is not None:
-                s, _ = md.scores(s, g, block_size, True, _token_rows(lists, bp))
-            allowed = _allowed(g, block_size, is_causal, True, offset, window,
+                s, _ = md.scores(s, g, rb, True, _token_rows(lists, bp))
+            allowed = _allowed(g, rb, is_causal, True, offset, window,
                                _token_rows(lists, bp), _slice_bits(lists, bp, hp))
             s = s.masked_fill(~allowed, float("-inf"))
             row_lse = torch.logsumexp(s, dim=-1)                     # [b,hk,g,G,bs]
             if md is not None and md.sinks is not None:  # the sink joins every valid row
                 live = _live_rows(lists, g.rows, bp)
-                live = live.view(G, block_size) if live.dim() else live
+                live = live.view(G, rb) if live.dim() else live
                 row_lse = torch.where(live, torch.logaddexp(row_lse, md.sinks[..., None, None]),
                                       row_lse)
             p = _probs(s, row_lse[..., None])  # masked scores are -inf: exp gives 0
@@ -282,6 +286,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     offset = causal_offset(is_causal, Nq, Nk)
+    rb = min(block_size, max(Nq, 1))  # query rows per block row (_groups)
     if dq is not None:
         dq.zero_()
     # delta_i = sum_d dy_id * y_id = sum_j p_ij dp_ij: the softmax-Jacobian correction. The
@@ -307,16 +312,16 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
         ls, ds_ = lse5[bsl, ksl, gsl], delta5[bsl, ksl, gsl]
         bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
         # dQ (and d bias): query-block rows.
-        for g in (_groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device)
+        for g in (_groups(active_all[bp, hp], block_size, Nq, Nk, bh, q.device, rb)
                   if dq is not None or dbias is not None else ()):
             G = g.cols.shape[0]
-            rows = g.rows.view(G, block_size)
+            rows = g.rows.view(G, rb)
             kt, vt = _gather(ks, g.cols, acc), _gather(vs, g.cols, acc)
             s = torch.matmul(_gather(qs, rows, acc), kt.transpose(-1, -2)) * scale
             if md is not None:
-                s, capped = md.scores(s, g, block_size, True, _token_rows(lists, bp))
+                s, capped = md.scores(s, g, rb, True, _token_rows(lists, bp))
             p = _probs(s, _gather_rows(ls, rows)[..., None],
-                       _allowed(g, block_size, is_causal, True, offset, window,
+                       _allowed(g, rb, is_causal, True, offset, window,
                                 _token_rows(lists, bp), _slice_bits(lists, bp, hp)))
             dp = torch.matmul(_gather(dys, rows, acc), vt.transpose(-1, -2))
             dsc = p * (dp - _gather_rows(ds_, rows)[..., None])
