@@ -33,7 +33,7 @@ from ..common.numerics import accumulator_dtype
 from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
 from .reference import (_allowed, _Group, _grouped, _live_rows, _slice_bits, _slices,
-                        _token_rows, _without_padding,
+                        _token_rows, _without_padding, row_block,
                         block_sparse_attention_backward_reference)
 
 # Score-tile elements per group of block rows (one fused call). Gathered K/V, masks and
@@ -73,12 +73,6 @@ def _from_problems(x: torch.Tensor, b: int, hk: int, g: int) -> torch.Tensor:
     return x.permute(1, 2, 3, 0, 4, *range(5, x.dim())).reshape(b, hk, g, G * n, *x.shape[5:])
 
 
-def _row_block(block_size: int, Nq: int) -> int:
-    """Query rows per block row: the block, or Nq when the whole query is shorter (a decode
-    step computes its 1 row, not a block of clamped copies)."""
-    return min(block_size, Nq)
-
-
 def _row_groups(classes: torch.Tensor, block_size: int, Nq: int, Nk: int, heads: int):
     """Block rows of ``classes`` (int8 [nq, nk], CPU) with work, in groups of consecutive rows
     whose score tiles stay under GROUP_BUDGET. Yields (_Group, partial cells
@@ -89,7 +83,7 @@ def _row_groups(classes: torch.Tensor, block_size: int, Nq: int, Nk: int, heads:
     # Active blocks first, ascending (a stable sort of "inactive" flags), once for all rows.
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
     offsets = torch.arange(block_size)
-    rb = _row_block(block_size, Nq)
+    rb = row_block(block_size, Nq)
     live = torch.nonzero(counts > 0).flatten().tolist()
     per_row = rb * block_size * heads
     start = 0
@@ -172,7 +166,7 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
         bh = qs.shape[0] * qs.shape[1] * qs.shape[2]
         rule = (is_causal, True, offset, window, _token_rows(lists, bp),
                 _slice_bits(lists, bp, hp))
-        rb = _row_block(block_size, Nq)
+        rb = row_block(block_size, Nq)
         groups = _row_groups(classes[bp, hp], block_size, Nq, Nk, bh)
         if lists.mean_row_blocks is not None:  # prepared lists: group them once (a decode
             # step spends a fifth of its call there), keep the index tensors on the lists

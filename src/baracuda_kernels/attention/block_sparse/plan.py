@@ -400,7 +400,7 @@ class SdpaBlockSparsePlan(Plan):
 
         def result(dq, dk, dv, delta=None):
             out = (dq, dk, dv) + ((delta,) if want_delta else ())
-            return out + ((dbias.finish(mods.bias.dtype),) if want_dbias else ())
+            return out + ((dbias.finish(),) if want_dbias else ())
         if dy is None:
             dy = torch.zeros(d.output_shape(), dtype=y.dtype, device=y.device)
         elif dy.dim() and dy.stride(-1) != 1 and dy.shape[-1] > 1:

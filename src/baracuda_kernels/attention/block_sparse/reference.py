@@ -45,11 +45,17 @@ class _Group:
     col_ok: torch.Tensor
 
 
+def row_block(block_size: int, Nq: int) -> int:
+    """Query rows per block row: the block, or Nq when the whole query is shorter (a decode
+    step computes its 1 row, not a block of clamped copies)."""
+    return min(block_size, Nq)
+
+
 def _groups(active: torch.Tensor, block_size: int, row_len: int, col_len: int,
             batch_heads: int, device, rows_per_block: Optional[int] = None) -> Iterator[_Group]:
     """Group the block rows of ``active`` (bool [n_rows, n_cols], on CPU) that have work.
-    ``rows_per_block``: rows a block row contributes (default: the block): the query walks
-    pass min(block, Nq), so a decode step computes its one row, not a block of copies."""
+    ``rows_per_block``: rows a block row contributes (default: the block; the query walks
+    pass ``row_block``)."""
     counts = active.sum(1)
     offsets = torch.arange(block_size)
     rb = rows_per_block or block_size
@@ -230,7 +236,7 @@ def block_sparse_attention_forward_reference(q, k, v, lists: BlockLists, *, bloc
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     offset = causal_offset(is_causal, Nq, Nk)
-    rb = min(block_size, max(Nq, 1))  # query rows per block row (_groups)
+    rb = row_block(block_size, Nq)  # query rows per block row (_groups)
     y.zero_()
     lse.fill_(float("-inf"))
     active_all = _active_blocks(lists)
@@ -286,7 +292,7 @@ def block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists: BlockL
     B, H, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     offset = causal_offset(is_causal, Nq, Nk)
-    rb = min(block_size, max(Nq, 1))  # query rows per block row (_groups)
+    rb = row_block(block_size, Nq)  # query rows per block row (_groups)
     if dq is not None:
         dq.zero_()
     # delta_i = sum_d dy_id * y_id = sum_j p_ij dp_ij: the softmax-Jacobian correction. The

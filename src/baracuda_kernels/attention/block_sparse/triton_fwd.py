@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...core import ArchSku
 from ..common.kernel_pieces import fold_sink, head_value, kernel_scale, token_values
 from ..common.score_mods import (ScoreModFlags, ScoreMods, alibi_offset, bias_kernel_args,
                                  fast_tanh, kernel_mod_args)
@@ -281,19 +282,15 @@ def block_sparse_attention_forward_triton(
         raise RuntimeError(f"block_sparse_attention_forward_triton: internal invariant broken: {broken}")
     if B * H * Nq == 0:
         return
+    arch = ArchSku.from_device(q.device)
     if config is None:
-        from ...core import ArchSku  # local: keeps module import light
-        config = default_forward_config(d_k, d_v, dtype, block_size,
-                                        ArchSku.from_device(q.device), allow_tf32)
+        config = default_forward_config(d_k, d_v, dtype, block_size, arch, allow_tf32)
     tokens = lists.tokens
     if tokens is not None:  # their vectors are staged with the K/V tiles: make room
-        from ...core import ArchSku  # local: keeps module import light
-        config = fit_token_loads(config, d_k, d_v, dtype, ArchSku.from_device(q.device),
+        config = fit_token_loads(config, d_k, d_v, dtype, arch,
                                  int(tokens.has_ids) + int(tokens.has_positions))
     if mods is not None and mods.bias is not None:  # its tiles are staged with K/V too
-        from ...core import ArchSku  # local: keeps module import light
-        config = fit_bias_loads(config, d_k, d_v, dtype, ArchSku.from_device(q.device),
-                                mods.bias.element_size())
+        config = fit_bias_loads(config, d_k, d_v, dtype, arch, mods.bias.element_size())
     bm, bn, warps = config.block_m, config.block_n, config.num_warps
     G = H // Hkv
     # Query rows of one pattern block: block_size, or fewer when the whole query is shorter.

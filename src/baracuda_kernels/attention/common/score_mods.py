@@ -39,7 +39,6 @@ from ...core import InvalidProblem
 from .numerics import scale_args
 
 
-
 def check_softcap(softcap) -> float:
     """softcap as a float: 0.0 (off) or a finite value > 0."""
     if softcap is None:
@@ -169,12 +168,12 @@ class BiasGradTarget:
     def strides(self) -> tuple:
         return self.buffer.stride(0), self.buffer.stride(1), self.buffer.stride(2)
 
-    def finish(self, dtype: torch.dtype) -> torch.Tensor:
-        """The gradient of the caller's bias (shaped like the 4-d view), in ``dtype``."""
+    def finish(self) -> torch.Tensor:
+        """The gradient of the bias (shaped like its 4-d view, in its dtype)."""
         grad = self.buffer
         if self.reduce_dims:
             grad = grad.sum(self.reduce_dims, keepdim=True)
-        return grad.to(dtype)
+        return grad.to(self.bias.dtype)
 
 
 @dataclass(frozen=True)
