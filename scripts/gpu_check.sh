@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|
+#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|
 #                              decode|tests+decode|all]
 #                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
@@ -95,9 +95,18 @@ if [[ "$stage" == ab || "$stage" == tokens+ab || "$stage" == probe-tokens+ab || 
   done
   rm -rf "$OUT"/ab_new "$OUT"/ab_old "$OUT"/ab_old2 "$OUT"/ab_new2
 fi
-if [[ "$stage" == decode || "$stage" == tests+decode ]]; then
-  # Decode against a KV cache (contiguous, paged, 10% selected) vs SDPA and the bandwidth floor.
-  python3 scripts/probe_decode.py > "$OUT/probe_decode.log" 2>&1 || status=$?
+if [[ "$stage" == decode-tests ]]; then
+  # The KV-cache / decode test files alone, then the decode probe with its config sweep.
+  python3 -m pytest tests/test_kvcache.py tests/test_decode_plan.py tests/test_split_kv.py \
+    tests/test_key_selection.py -q -n 8 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests_decode.log" 2>&1
+  status=$?
+  tail -n 15 "$OUT/gpu_tests_decode.log"
+fi
+if [[ "$stage" == decode || "$stage" == tests+decode || "$stage" == decode-tests ]]; then
+  # Decode against a KV cache (contiguous, paged, 10% selected) vs SDPA, Flex and the
+  # bandwidth floor; the decode-tests stage also sweeps the kernel's tile configs.
+  sweep=""; [[ "$stage" == decode-tests ]] && sweep="--sweep"
+  python3 scripts/probe_decode.py $sweep > "$OUT/probe_decode.log" 2>&1 || status=$?
   cat "$OUT/probe_decode.log"
 fi
 exit $status

@@ -1,10 +1,14 @@
 """block_sparse_attention_with_kvcache: contiguous and paged caches (random page order),
-per-row cache lengths around block edges (1, 127, 128, 129), Nq in {1, 7}, GQA 1/4/8, the
-window with sinks, softcap, learnable sinks, appending new tokens in place, a block pattern
-over the cache; against the float64 oracle per row (bottom-right causal over the row's keys).
+per-row cache lengths around block edges (1, 127, 128, 129, 5000), Nq in {1, 7, 64}, GQA
+1/4/8, the window with sink tokens, softcap, ALiBi, learnable sinks, appending new tokens in
+place, a block pattern over the cache (sparse page selection, exact on the kept blocks),
+split-KV with its combine; against the float64 oracle per row (bottom-right causal over the
+row's keys).
 
-CPU: reference in f64 and triton under the interpreter in f32; the GPU grid runs bf16 and
-long caches."""
+The triton backend runs the decode kernel (decode/triton_decode.py) for f16/bf16/f32; the
+block-sparse path serves float64, the reference backend and calls that want a gradient.
+CPU: reference in f64 and the decode kernel under the interpreter in f32 (with and without
+splits); the GPU grid runs every dtype, long caches and the determinism of the combine."""
 
 import pytest
 import torch
@@ -55,10 +59,13 @@ CASES = [  # (name, Nq, H, Hkv, page_size, n_new, options)
     ("chunk-paged-window-sinks", 7, 4, 4, 32, 7, dict(window_size=(40, 0), sink_tokens=3)),
     ("decode-softcap-sinks", 1, 8, 2, 16, 0, dict(softcap=5.0, sinks=True)),
     ("non-causal", 7, 4, 2, None, 0, dict(is_causal=False)),
+    ("decode-alibi-gqa8", 1, 8, 1, None, 1, dict(alibi=True)),
+    ("chunk64-paged-window", 64, 4, 1, 16, 64, dict(window_size=(50, 0), sink_tokens=4)),
 ]
 
 
-def check_kvcache(backend, dtype, case, lengths=(1, 127, 128, 129), N=192, D=16, seed=0):
+def check_kvcache(backend, dtype, case, lengths=(1, 127, 128, 129), N=192, D=16, seed=0,
+                  num_splits=None):
     name, Nq, H, Hkv, page_size, n_new, opts = case
     opts = dict(opts)
     is_causal = opts.pop("is_causal", True)
@@ -71,9 +78,11 @@ def check_kvcache(backend, dtype, case, lengths=(1, 127, 128, 129), N=192, D=16,
     k_new = torch.randn(B, n_new, Hkv, D, generator=gen).to(DEVICE, dtype) if n_new else None
     v_new = torch.randn(B, n_new, Hkv, D, generator=gen).to(DEVICE, dtype) if n_new else None
     sinks = (torch.randn(H, generator=gen) * 2).to(DEVICE) if opts.pop("sinks", False) else None
+    slopes = (torch.rand(H, generator=gen) * 0.2).to(DEVICE) if opts.pop("alibi", False) else None
     y = bk.block_sparse_attention_with_kvcache(
         q, k_cache, v_cache, lens.to(DEVICE), k_new, v_new, block_table=table,
-        is_causal=is_causal, sinks=sinks, block_size=32, backend=backend, **opts)
+        is_causal=is_causal, sinks=sinks, alibi_slopes=slopes, block_size=32, backend=backend,
+        num_splits=num_splits, **opts)
     assert y.shape == (B, Nq, H, D)
     for b in range(B):  # the expected rows: the new tokens written in place
         if n_new:
@@ -83,19 +92,20 @@ def check_kvcache(backend, dtype, case, lengths=(1, 127, 128, 129), N=192, D=16,
         torch.testing.assert_close(k_cache, k_rows, rtol=0, atol=0)
     mods = dict(window_size=opts.get("window_size", (-1, -1)),
                 sink_tokens=opts.get("sink_tokens", 0), softcap=opts.get("softcap", 0.0),
-                sinks=sinks)
+                sinks=sinks, alibi_slopes=slopes)
     total = lens + n_new
     y64 = oracle_rows(q, k_rows, v_rows, total, is_causal, torch.float64, **mods)
     ys = oracle_rows(q, k_rows, v_rows, total, is_causal, dtype, **mods)
     assert_matches_oracle(y, y64, ys)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend,splits", [("reference", None), ("triton", 1), ("triton", 3)])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_kvcache_matches_oracle_cpu(backend, case):
+def test_kvcache_matches_oracle_cpu(backend, splits, case):
     if HAS_CUDA:
         pytest.skip("the GPU grid below covers this")
-    check_kvcache(backend, torch.float64 if backend == "reference" else torch.float32, case)
+    check_kvcache(backend, torch.float64 if backend == "reference" else torch.float32, case,
+                  num_splits=splits)
 
 
 @pytest.mark.gpu
@@ -103,7 +113,33 @@ def test_kvcache_matches_oracle_cpu(backend, case):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_kvcache_matches_oracle_gpu(dtype, case):
     check_kvcache("triton", dtype, case)
+    check_kvcache("triton", dtype, case, num_splits=5)
     check_kvcache("triton", dtype, case, lengths=(5000, 1, 4097), N=5120, D=128)
+
+
+@pytest.mark.gpu
+def test_kvcache_f64_takes_the_block_sparse_path_gpu():
+    check_kvcache("triton", torch.float64, CASES[3])
+
+
+def test_decode_kernel_serves_the_triton_backend(monkeypatch):
+    """f16/bf16/f32 on the triton backend run the decode kernel (forward only); float64 and
+    calls that want a gradient for q take the block-sparse path (and still match)."""
+    import baracuda_kernels.attention.decode.kvcache as kvcache
+    calls = []
+    real = kvcache.decode_forward_triton
+    monkeypatch.setattr(kvcache, "decode_forward_triton",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(5)
+    kc, vc, _, _, _ = make_cache(2, 64, 2, 16, torch.float32, gen)
+    q = torch.randn(2, 1, 4, 16, generator=gen).to(DEVICE)
+    y = bk.block_sparse_attention_with_kvcache(q, kc, vc, 40, backend="triton")
+    assert len(calls) == 1
+    qg = q.clone().requires_grad_()
+    yg = bk.block_sparse_attention_with_kvcache(qg, kc, vc, 40, backend="triton")
+    yg.sum().backward()
+    assert len(calls) == 1 and qg.grad is not None
+    torch.testing.assert_close(yg.detach(), y)
 
 
 def test_kvcache_pattern_keeps_selected_blocks_exactly():
@@ -119,11 +155,12 @@ def test_kvcache_pattern_keeps_selected_blocks_exactly():
                                                block_pattern=pattern, block_size=32)
     for b in range(B):
         cols = torch.arange(N)
-        kept = keep[b][cols // 32] & (cols < lens[b])
+        kept = (keep[b][cols // 32] & (cols < lens[b])).to(DEVICE)
         kb = k_rows[b:b + 1, kept].transpose(1, 2).repeat_interleave(2, 1)
         vb = v_rows[b:b + 1, kept].transpose(1, 2).repeat_interleave(2, 1)
         yb, _ = dense_attention(q[b:b + 1].transpose(1, 2), kb, vb,
-                                torch.ones(1, 1, 1, 1, dtype=torch.bool), 1 << 20, False)
+                                torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE),
+                                1 << 20, False)
         torch.testing.assert_close(y[b:b + 1], yb.transpose(1, 2))
 
 
@@ -169,3 +206,66 @@ def test_kvcache_uniform_lengths_take_the_plain_path(lengths):
                       window_size=(40, 0))
     for y in outs:
         torch.testing.assert_close(y, ref)
+
+
+def check_selection(backend, dtype, paged, num_splits, N=256, block=32, D=16):
+    """A per-(row, K/V head) selection of cache blocks: the kernel is exact on the kept
+    blocks and reads no other (the oracle attends over the kept keys only)."""
+    gen = torch.Generator().manual_seed(11)
+    B, H, Hkv = 3, 8, 2
+    lengths = torch.tensor([200, 33, 256])
+    kc, vc, table, k_rows, v_rows = make_cache(B, N, Hkv, D, dtype, gen, 16 if paged else None)
+    q = (torch.randn(B, 1, H, D, generator=gen) * 2).to(DEVICE, dtype)
+    keep = torch.rand(B, Hkv, 1, N // block, generator=gen) < 0.4
+    keep[:, :, :, 0] = True
+    y = bk.block_sparse_attention_with_kvcache(
+        q, kc, vc, lengths.to(DEVICE), block_table=table, block_pattern=keep.to(DEVICE),
+        block_size=block, backend=backend, num_splits=num_splits)
+    cols = torch.arange(N)
+    G = H // Hkv
+    refs = []
+    for which in (torch.float64, dtype):
+        ref = []
+        for b in range(B):
+            kept = keep[b, :, 0][:, cols // block] & (cols < lengths[b])      # [Hkv, N]
+            mask = kept.repeat_interleave(G, 0)[None, :, None, :]            # [1, H, 1, N]
+            kb = k_rows[b:b + 1].transpose(1, 2).repeat_interleave(G, 1)
+            vb = v_rows[b:b + 1].transpose(1, 2).repeat_interleave(G, 1)
+            yb, _ = dense_attention(q[b:b + 1].transpose(1, 2), kb, vb,
+                                    torch.ones(1, 1, 1, 1, dtype=torch.bool), 1 << 20, False,
+                                    dtype=which, extra_mask=mask)
+            ref.append(yb.transpose(1, 2))
+        refs.append(torch.cat(ref))
+    assert_matches_oracle(y, *refs)
+
+
+@pytest.mark.parametrize("backend,splits", [("reference", None), ("triton", 1), ("triton", 2)])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_selected_blocks_cpu(backend, splits, paged):
+    if HAS_CUDA:
+        pytest.skip("the GPU grid below covers this")
+    check_selection(backend, torch.float64 if backend == "reference" else torch.float32,
+                    paged, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_selected_blocks_gpu(dtype, paged):
+    check_selection("triton", dtype, paged, None)
+    check_selection("triton", dtype, paged, 4, N=4096, block=128, D=128)
+
+
+@pytest.mark.gpu
+def test_split_combine_is_deterministic_gpu():
+    """Split-KV partials merge in a fixed order: identical bits run after run, and the same
+    result (to rounding) whatever the split count."""
+    gen = torch.Generator().manual_seed(2)
+    kc, vc, _, _, _ = make_cache(2, 20000, 8, 128, torch.bfloat16, gen)
+    q = torch.randn(2, 1, 32, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    lens = torch.tensor([19999, 7001], device=DEVICE)
+    call = bk.block_sparse_attention_with_kvcache
+    first = call(q, kc, vc, lens, num_splits=16)
+    for _ in range(3):
+        assert torch.equal(call(q, kc, vc, lens, num_splits=16), first)
+    torch.testing.assert_close(call(q, kc, vc, lens, num_splits=1), first, atol=2e-2, rtol=0)

@@ -3,7 +3,9 @@
 * ``block_sparse/``: block-sparse scaled-dot-product attention (functional.py -> autograd.py
   -> plan.py -> launchers reference.py, triton_fwd.py, triton_bwd.py -> @triton.jit kernels;
   block_lists.py / triton_lists.py / prepared.py turn a pattern into block lists; varlen.py
-  runs a packed variable-length batch through it, kvcache.py new tokens against a KV cache).
+  runs a packed variable-length batch through it).
+* ``decode/``: new tokens against a KV cache (kvcache.py), contiguous or paged, through a
+  split-KV decode kernel with the GQA group packed into one tile (triton_decode.py).
 * ``flash_sdpa/``: dense (optionally causal) SDPA behind the same plan surface.
 * ``masked_sdpa/``: SDPA with an additive mask / score bias (the block-sparse kernels'
   bias modifier), plan and functional.
@@ -14,7 +16,9 @@
 
 from .block_sparse.descriptor import SdpaBlockSparseArgs, SdpaBlockSparseDescriptor
 from .block_sparse.functional import block_sparse_attention
-from .block_sparse.kvcache import block_sparse_attention_with_kvcache
+from .decode.descriptor import SdpaDecodeArgs, SdpaDecodeDescriptor
+from .decode.kvcache import block_sparse_attention_with_kvcache
+from .decode.plan import SdpaDecodePlan
 from .block_sparse.module import BlockSparseAttention
 from .block_sparse.plan import SdpaBlockSparsePlan
 from .block_sparse.prepared import PreparedPattern, prepare_pattern
@@ -28,7 +32,8 @@ from .masked_sdpa import SdpaMaskedArgs, SdpaMaskedDescriptor, SdpaMaskedPlan, m
 
 __all__ = ["AttentionKind", "BlockSparseAttention", "FlashSdpaArgs", "FlashSdpaDescriptor", "FlashSdpaPlan",
            "PreparedPattern", "SdpaBlockSparseArgs", "SdpaBlockSparseDescriptor",
-           "SdpaBlockSparsePlan", "SdpaMaskedArgs", "SdpaMaskedDescriptor", "SdpaMaskedPlan",
+           "SdpaBlockSparsePlan", "SdpaDecodeArgs", "SdpaDecodeDescriptor", "SdpaDecodePlan",
+           "SdpaMaskedArgs", "SdpaMaskedDescriptor", "SdpaMaskedPlan",
            "TokenRules", "block_sparse_attention", "block_sparse_attention_varlen",
            "block_sparse_attention_with_kvcache",
            "flash_sdpa", "masked_sdpa", "prepare_pattern"]

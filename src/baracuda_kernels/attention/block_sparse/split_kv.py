@@ -23,7 +23,7 @@ MAX_SPLITS, MIN_BLOCKS_PER_SPLIT = 64, 2
 
 
 @lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
+def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -37,7 +37,7 @@ def choose_splits(requested: Optional[int], device: torch.device, programs: int,
         return max(1, int(requested))
     if device.type != "cuda" or rows_in_block > SPLIT_MAX_ROWS:
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if programs >= sms:
         return 1
     return max(1, min(-(-2 * sms // programs), key_blocks // MIN_BLOCKS_PER_SPLIT, MAX_SPLITS))

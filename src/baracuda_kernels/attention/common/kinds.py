@@ -7,3 +7,4 @@ class AttentionKind(enum.Enum):
     FLASH_SDPA = "flash_sdpa"
     MASKED_SDPA = "masked_sdpa"
     BLOCK_SPARSE_ATTENTION = "block_sparse_attention"
+    DECODE = "decode"  # new tokens against a KV cache (decode/)

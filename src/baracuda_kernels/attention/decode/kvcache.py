@@ -1,11 +1,18 @@
 """Attention of new queries against a KV cache (decode, chunked prefill), contiguous or paged,
 in flash-attn's ``flash_attn_with_kvcache`` layout: block_sparse_attention_with_kvcache.
 
-The cache rows become token rules of one block-sparse call: key j of batch row b exists when
-j < L_b (L_b = cache_seqlens[b] + new tokens; keys past it are padding, and key blocks wholly
-past it are skipped), and query i of row b sits at position L_b - Nq + i (bottom-right per
-row), which the causal rule, the window and ALiBi compare with key positions. A paged cache is
-gathered into a contiguous view first (a copy of the pages the table names).
+Key j of batch row b exists when j < L_b (L_b = cache_seqlens[b] + new tokens), and query i
+of row b sits at position L_b - Nq + i (bottom-right per row), which the causal rule, the
+window and ALiBi compare with key positions.
+
+Two paths, one meaning:
+* the decode kernel (launch.py, triton_decode.py): forward only, f16/bf16/f32 on the triton
+  backend; reads ``cache_seqlens`` and the block table on the device, appends with one
+  launch, packs each GQA group into one tile and splits long caches over several programs.
+* the block-sparse path otherwise (float64, the reference and cpu backends, a gradient
+  wanted for q, per-query-head patterns): the cache rows become token rules of one
+  ``block_sparse_attention`` call (key blocks wholly past L_b are skipped); a paged cache
+  is gathered into a contiguous view first (a copy of the pages the table names).
 """
 
 from __future__ import annotations
@@ -15,8 +22,12 @@ from typing import Optional
 import torch
 
 from ...core import InvalidProblem
+from ..block_sparse.functional import block_sparse_attention
+from ..common.backends import triton_unavailable_reason
+from ..common.problem import check_window
+from ..common.score_mods import ScoreMods, check_softcap
 from ..common.token_rules import K_PAD, TokenRules
-from .functional import block_sparse_attention
+from .launch import DECODE_DTYPES, append_to_cache, decode_forward_triton
 
 
 def block_sparse_attention_with_kvcache(
@@ -27,9 +38,10 @@ def block_sparse_attention_with_kvcache(
         softcap: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
         sinks: Optional[torch.Tensor] = None, scale: Optional[float] = None,
         block_pattern=None, block_size: int = 128, return_lse: bool = False,
-        backend: Optional[str] = None):
-    """Attention of ``q`` against a KV cache, appending new keys / values first (inference;
-    differentiable in q like ``block_sparse_attention``, but meant for torch.no_grad()).
+        backend: Optional[str] = None, num_splits: Optional[int] = None):
+    """Attention of ``q`` against a KV cache, appending new keys / values first (inference:
+    the decode kernel is forward only; with a gradient wanted for q or sinks the call takes
+    the differentiable block-sparse path).
 
     Args:
         q: [B, Nq, H, D] (flash-attn's layout): the new tokens' queries (Nq = 1 for decode).
@@ -52,10 +64,16 @@ def block_sparse_attention_with_kvcache(
         block_pattern: None (every block of the cache) or a pattern over blocks of
             ``block_size`` tokens, [B|1, H|Hkv|1, ceil(Nq / block_size), ceil(Ncache /
             block_size)] (for a paged cache Ncache = pages_per_row * page_size): e.g. the
-            pages a selection method keeps; exact for the blocks it keeps.
+            pages a selection method keeps (``select_key_blocks``); exact for the blocks it
+            keeps, and only they are read. The decode kernel takes a bool pattern with one
+            query block, shared by each GQA group ([B|1, Hkv|1, 1, nb]) and a power-of-two
+            block_size >= 16; other patterns take the block-sparse path.
         block_size: the block of the pattern and of the block lists (default 128).
         return_lse: also return lse [B, H, Nq] (float32; float64 for float64).
         backend: None (automatic), "triton" or "reference" ("cpu" too for CPU tensors).
+        num_splits: split-KV programs per (row, K/V head) in the decode kernel (flash-
+            decoding; their partials merge in a fixed order, so results are deterministic);
+            None chooses from the problem and the card's SM count.
 
     Returns:
         y [B, Nq, H, Dv] (and lse). A query that sees no key (position < 0) gets y = 0.
@@ -75,9 +93,13 @@ def block_sparse_attention_with_kvcache(
     _check_cache(k_cache, v_cache, block_table, B, paged)
     n_new = 0 if k is None else k.shape[1]
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    lens = _cache_lengths(cache_seqlens, B, capacity, q.device, paged)
     if (k is None) != (v is None):
         raise InvalidProblem("k and v go together: pass both new keys and values, or neither.")
+    if _decode_kernel_takes(q, k_cache, v_cache, block_pattern, block_size, backend, sinks):
+        return _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity,
+                       is_causal, window_size, sink_tokens, softcap, alibi_slopes, sinks,
+                       scale, block_pattern, block_size, return_lse, num_splits)
+    lens = _cache_lengths(cache_seqlens, B, capacity, q.device, paged)
     if k is not None:
         _append(k_cache, v_cache, k, v, lens, block_table, capacity)
     total = lens + n_new                                       # L_b, int64 [B]
@@ -106,6 +128,87 @@ def block_sparse_attention_with_kvcache(
     if return_lse:
         return out[0].transpose(1, 2), out[1]
     return out.transpose(1, 2)
+
+
+def _decode_kernel_takes(q, k_cache, v_cache, pattern, block_size: int, backend, sinks) -> bool:
+    """Whether the decode kernel runs this call (see the module docstring)."""
+    if backend not in (None, "triton") or q.dtype not in DECODE_DTYPES:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or (sinks is not None
+                                                         and sinks.requires_grad)):
+        return False  # the decode kernel has no backward
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or k_cache.device != q.device \
+            or q.shape[3] != k_cache.shape[3] or q.shape[2] % k_cache.shape[2]:
+        return False  # the block-sparse path raises the precise error
+    if pattern is not None:
+        if not isinstance(pattern, torch.Tensor) or pattern.dtype != torch.bool \
+                or pattern.dim() != 4 or pattern.shape[2] != 1 \
+                or pattern.shape[1] not in (1, k_cache.shape[2]) \
+                or pattern.shape[0] not in (1, q.shape[0]) or pattern.device != q.device \
+                or block_size < 16 or block_size & (block_size - 1):
+            return False
+    return triton_unavailable_reason(q.shape[3], v_cache.shape[3], q.device,
+                                     explicit=backend == "triton") is None
+
+
+def _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity: int,
+            is_causal, window_size, sink_tokens, softcap, alibi_slopes, sinks, scale,
+            pattern, block_size, return_lse, num_splits):
+    """The decode kernel's path: validate the options, append, launch."""
+    B, Nq, H, D = q.shape
+    if window_size is not None:
+        window_size, sink_tokens = check_window(window_size, sink_tokens)
+    mods = ScoreMods(alibi_slopes, sinks).check_for(B, H, q.device, q.dtype)
+    if scale is None:
+        scale = D ** -0.5
+    host_len, seqlens = _decode_lengths(cache_seqlens, B, capacity, q.device,
+                                        block_table is not None)
+    n_new = 0
+    if k is not None:
+        _check_new(k_cache, v_cache, k, v, seqlens if seqlens is not None else host_len,
+                   capacity)
+        n_new = k.shape[1]
+        append_to_cache(k, v, k_cache, v_cache, seqlens, host_len or 0, block_table)
+    selection = None
+    if pattern is not None:
+        selection = _selection(pattern, Nq, capacity, block_size)
+    return decode_forward_triton(
+        q if q.stride(3) == 1 else q.contiguous(), k_cache, v_cache, seqlens=seqlens,
+        host_len=host_len or 0, n_new=n_new, capacity=capacity, block_table=block_table,
+        is_causal=bool(is_causal), scale=float(scale), window_size=window_size,
+        sink_tokens=sink_tokens, softcap=check_softcap(softcap),
+        alibi_slopes=mods.alibi_slopes, sinks=mods.sinks, selection=selection,
+        block_size=block_size if pattern is not None else None, return_lse=return_lse,
+        num_splits=num_splits)
+
+
+def _decode_lengths(cache_seqlens, B: int, capacity: int, device, paged: bool):
+    """(host_len, None) when every row's length is known on the host, else (None, lengths
+    [B] int32/int64 on the device): a device tensor of lengths is taken as it is (no copy,
+    no check: that would synchronise)."""
+    if isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.device == device \
+            and device.type != "cpu" and cache_seqlens.dtype in (torch.int32, torch.int64) \
+            and tuple(cache_seqlens.shape) == (B,):
+        return None, cache_seqlens
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) \
+            and 0 <= cache_seqlens <= capacity:
+        return cache_seqlens, None
+    lens = _cache_lengths(cache_seqlens, B, capacity, device, paged)  # validates
+    host = _uniform_length(cache_seqlens, lens, capacity)
+    return (host, None) if host is not None else (None, lens)
+
+
+def _selection(pattern: torch.Tensor, Nq: int, capacity: int, block_size: int) -> tuple:
+    """(kv_index [Bp, Hp, nb], kv_count [Bp, Hp]) int32 of a bool pattern [Bp, Hp, 1, nb]:
+    one list-building launch (triton_lists), no host synchronisation."""
+    from ..block_sparse.triton_lists import build_block_lists_triton
+    nb = -(-capacity // block_size)
+    if pattern.shape[3] != nb:
+        raise InvalidProblem(f"block_pattern has {pattern.shape[3]} key blocks; expected "
+                             f"ceil({capacity} / {block_size}) = {nb} (the cache's capacity "
+                             f"in blocks of block_size tokens).")
+    idx, _, cnt = build_block_lists_triton(pattern, Nq, capacity, block_size, False)[:3]
+    return idx[:, :, 0], cnt[:, :, 0]
 
 
 def _check_cache(k_cache, v_cache, block_table, B: int, paged: bool) -> None:
@@ -138,6 +241,9 @@ def _cache_lengths(cache_seqlens, B: int, capacity: int, device, paged: bool) ->
                                  "already cached per row (int or int tensor [B]).")
         return torch.full((B,), capacity, dtype=torch.int64, device=device)
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= capacity:
+            raise InvalidProblem(f"cache_seqlens is {cache_seqlens}; expected 0 <= length <= "
+                                 f"{capacity} (the cache's capacity per row).")
         lens = torch.full((B,), cache_seqlens, dtype=torch.int64, device=device)
     elif isinstance(cache_seqlens, torch.Tensor) and not cache_seqlens.is_floating_point() \
             and cache_seqlens.dim() == 1 and cache_seqlens.shape[0] == B:
@@ -151,19 +257,29 @@ def _cache_lengths(cache_seqlens, B: int, capacity: int, device, paged: bool) ->
     return lens
 
 
-def _append(k_cache, v_cache, k, v, lens, block_table, capacity: int) -> None:
-    """Write k, v [B, Nnew, Hkv, D] at positions lens[b] + t of each row, in place."""
+def _check_new(k_cache, v_cache, k, v, lens, capacity: int) -> None:
+    """k, v [B, Nnew, Hkv, D] fit the cache (shapes, dtypes, device; room in the rows when
+    their lengths ``lens`` (an int or a tensor [B]) are on the host)."""
     B, n_new = k.shape[:2]
     if k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:] \
-            or v.shape[:2] != (B, n_new) or k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+            or v.shape[:2] != (B, n_new) or k.dtype != k_cache.dtype or v.dtype != v_cache.dtype \
+            or k.device != k_cache.device or v.device != v_cache.device:
         raise InvalidProblem(
             f"new k {tuple(k.shape)} {k.dtype} / v {tuple(v.shape)} {v.dtype}; expected [B, "
             f"Nnew, {k_cache.shape[2]}, {k_cache.shape[3]}] / [B, Nnew, {v_cache.shape[2]}, "
-            f"{v_cache.shape[3]}] in the caches' dtype {k_cache.dtype}.")
-    pos = lens[:, None] + torch.arange(n_new, device=lens.device)          # [B, Nnew]
-    if pos.device.type == "cpu" and n_new and bool((pos[:, -1] >= capacity).any()):
+            f"{v_cache.shape[3]}] in the caches' dtype {k_cache.dtype}, on {k_cache.device}.")
+    if isinstance(lens, int):
+        lens = torch.tensor([lens])
+    if lens.device.type == "cpu" and n_new and bool((lens + n_new > capacity).any()):
         raise InvalidProblem(f"appending {n_new} tokens to rows of lengths {lens.tolist()} "
                              f"overflows the cache's {capacity} tokens per row.")
+
+
+def _append(k_cache, v_cache, k, v, lens, block_table, capacity: int) -> None:
+    """Write k, v [B, Nnew, Hkv, D] at positions lens[b] + t of each row, in place."""
+    _check_new(k_cache, v_cache, k, v, lens, capacity)
+    B, n_new = k.shape[:2]
+    pos = lens[:, None] + torch.arange(n_new, device=lens.device)          # [B, Nnew]
     if block_table is None:
         rows = torch.arange(B, device=lens.device)[:, None].expand(-1, n_new)
         k_cache[rows, pos] = k
