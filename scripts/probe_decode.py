@@ -7,7 +7,9 @@ FlexAttention (compiled flex_attention, enable_gqa, dense and with a BlockMask o
 (select_key_blocks). bf16, H=32, Hkv=8, D=128.
 
 Times are device times from the bench timer (L2 flushed before each call); "loop" is the
-wall time per call of 200 back-to-back eager calls, which includes the host's launch time.
+wall time per call of 200 back-to-back eager calls, which includes the host's launch time;
+"graph" replays one step captured in a CUDA graph (how serving stacks run decode), which
+leaves the device time alone.
 
     PYTHONPATH=src python scripts/probe_decode.py [--sweep]
 """
@@ -40,6 +42,20 @@ def loop_us(fn, n=200) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / n * 1e6
+
+
+def graph_of(fn):
+    """fn captured in a CUDA graph (warmed up on a side stream first); returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def flex_fns(q, kc, vc, keep, N):
@@ -93,11 +109,18 @@ def sweep(dev):
 def main():
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(), flush=True)
+    # One compiled Flex per cache shape: without room for the recompiles, dynamo would fall
+    # back to eager flex_attention after the eighth shape and time that instead.
+    import torch._dynamo
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 4096)
     bw = copy_bandwidth(dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     if "--sweep" in sys.argv:
         sweep(dev)
-    cols = ["ours", "sdpa", "flex", "paged", "sel10", "flex10", "loop", "sdpaloop"]
+    cols = ["ours", "sdpa", "flex", "paged", "sel10", "flex10", "graph", "loop", "sdpaloop"]
     print(f"{'B':>3} {'cache':>7} {'floor':>7} " + " ".join(f"{c:>8}" for c in cols)
           + "   (us per step; x floor in brackets)", flush=True)
     for B, N in ((1, 4096), (1, 32768), (1, 131072), (16, 4096), (16, 32768), (16, 131072),
@@ -133,6 +156,7 @@ def main():
             if flex_dense is not None:
                 res["flex"] = median_ms(flex_dense, dev)
                 res["flex10"] = median_ms(flex_sparse, dev)
+            res["graph"] = median_ms(graph_of(ours), dev)
             res["loop"] = loop_us(ours) * 1e-3
             res["sdpaloop"] = loop_us(sdpa) * 1e-3
         us = [res[c] * 1e3 if c in res else float("nan") for c in cols]

@@ -228,7 +228,7 @@ def check_selection(backend, dtype, paged, num_splits, N=256, block=32, D=16):
         ref = []
         for b in range(B):
             kept = keep[b, :, 0][:, cols // block] & (cols < lengths[b])      # [Hkv, N]
-            mask = kept.repeat_interleave(G, 0)[None, :, None, :]            # [1, H, 1, N]
+            mask = kept.repeat_interleave(G, 0)[None, :, None, :].to(DEVICE)  # [1, H, 1, N]
             kb = k_rows[b:b + 1].transpose(1, 2).repeat_interleave(G, 1)
             vb = v_rows[b:b + 1].transpose(1, 2).repeat_interleave(G, 1)
             yb, _ = dense_attention(q[b:b + 1].transpose(1, 2), kb, vb,

@@ -11,18 +11,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from ..common.numerics import head_dim_tile, scale_args
 from ..common.problem import UNBOUNDED
 from ..common.score_mods import fast_tanh
-from ..block_sparse.split_kv import MAX_SPLITS, sm_count
+from ..block_sparse.split_kv import sm_count
 from .triton_decode import _append_kernel, _combine_kernel, _decode_kernel
 
 # Dtypes the decode kernel runs (float64 takes the block-sparse path: see kvcache.py).
 DECODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Fewest key tiles a split walks: below this the combine costs more than the split saves.
 MIN_TILES_PER_SPLIT = 4
+# Automatic splits aim at this many programs per SM (measured on an H200, bf16 decode, B=1:
+# two per SM left the card's bandwidth half used) and stop at MAX_DECODE_SPLITS.
+PROGRAMS_PER_SM, MAX_DECODE_SPLITS = 4, 128
 
 
 @dataclass(frozen=True)
@@ -39,21 +41,28 @@ class DecodeConfig:
 def default_decode_config(group_rows: int, d_k: int, d_v: int, dtype: torch.dtype,
                           block_size: Optional[int]) -> DecodeConfig:
     """The config for ``group_rows`` = G * Nq packed rows: the smallest power-of-two row tile
-    that holds them (16 at least, the dot's minimum; 128 at most), 64 keys a step (32 past
-    head dim 128 or in f32, to bound registers), or the selection block when it is smaller."""
-    block_m = min(128, max(16, triton.next_power_of_2(group_rows)))
+    that holds them (16 at least, the dot's minimum; 128 at most). Decode-sized tiles (<= 32
+    rows) stream 32 keys a step through 3 stages: on an H200 (bf16, D=128; scripts/
+    probe_decode.py --sweep) that was among the fastest at B=1/16/64 and 4k-32k keys, and its
+    small shared-memory footprint leaves room for several programs per SM. Taller tiles
+    (chunked prefill) do more arithmetic per key: 64 keys a step (32 past head dim 128 or in
+    f32, to bound registers), 2 stages. Never more than the selection block."""
+    block_m = min(128, max(16, _pow2_at_least(group_rows)))
     wide = max(d_k, d_v) > 128 or dtype == torch.float32
-    block_n = 32 if wide else 64
+    if block_m <= 32:
+        block_n, stages = 32, 3
+    else:
+        block_n, stages = (32 if wide else 64), 2
     if block_size is not None:
         block_n = min(block_n, block_size)
-    return DecodeConfig(block_m, block_n, 4 if block_m <= 64 else 8, 3)
+    return DecodeConfig(block_m, block_n, 4 if block_m <= 64 else 8, stages)
 
 
 def choose_decode_splits(requested: Optional[int], device: torch.device, programs: int,
                          key_tiles: int) -> int:
     """Splits per (b, K/V head, row tile): ``requested`` when >= 1, else on CUDA enough
-    programs for about two waves of the card's SMs when there are fewer programs than SMs,
-    at most MAX_SPLITS and one per MIN_TILES_PER_SPLIT key tiles of the longest row; 1 on
+    programs for PROGRAMS_PER_SM per SM when there are fewer programs than SMs, at most
+    MAX_DECODE_SPLITS and one per MIN_TILES_PER_SPLIT key tiles of the longest row; 1 on
     the CPU interpreter (its tests ask for splits explicitly)."""
     if requested is not None and requested >= 1:
         return int(requested)
@@ -62,7 +71,8 @@ def choose_decode_splits(requested: Optional[int], device: torch.device, program
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if programs >= sms:
         return 1
-    return max(1, min(-(-2 * sms // programs), key_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+    return max(1, min(-(-PROGRAMS_PER_SM * sms // programs), key_tiles // MIN_TILES_PER_SPLIT,
+                      MAX_DECODE_SPLITS))
 
 
 def append_to_cache(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
@@ -85,7 +95,7 @@ def append_to_cache(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Ten
         table.stride(0) if paged else 0,
         Hkv, n_new, host_len, k_cache.shape[1] if paged else 1,
         D_K=d_k, D_V=d_v, DK_PAD=head_dim_tile(d_k), DV_PAD=head_dim_tile(d_v),
-        HKV_PAD=triton.next_power_of_2(Hkv), HOST_LEN=seqlens is None, PAGED=paged,
+        HKV_PAD=_pow2_at_least(Hkv), HOST_LEN=seqlens is None, PAGED=paged,
         num_warps=4)
 
 
@@ -115,76 +125,152 @@ def decode_forward_triton(
             the active key blocks of ``block_size`` tokens (a multiple of the config's
             block_n) per row and K/V head; only they are read.
         num_splits: split-KV programs per row tile (None: automatic).
+
+    Everything but the tensors' addresses and ``host_len`` is a function of shapes,
+    strides and options: it is worked out once per such key (``_recipe``), so a decode
+    step's host time is two allocations (four with splits) and one or two launches.
     """
-    B, Nq, H, d_k = q.shape
-    Hkv, d_v = k_cache.shape[2], v_cache.shape[3]
-    G = H // Hkv
+    paged = block_table is not None
+    key = (q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape,
+           v_cache.stride(), q.dtype, q.device, block_table.stride() if paged else None,
+           seqlens is None, n_new, capacity, bool(is_causal), scale,
+           None if window_size is None else tuple(window_size), sink_tokens, softcap,
+           None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride()),
+           sinks is not None, block_size, return_lse, num_splits, config,
+           None if selection is None else tuple((t.shape, t.stride()) for t in selection))
+    recipe = _RECIPES.get(key)
+    if recipe is None:
+        if len(_RECIPES) >= 256:
+            _RECIPES.clear()
+        recipe = _RECIPES[key] = _Recipe.build(
+            q, k_cache, v_cache, seqlens, n_new, capacity, block_table, is_causal, scale,
+            window_size, sink_tokens, softcap, alibi_slopes, sinks, selection, block_size,
+            return_lse, num_splits, config)
     dev = q.device
-    if config is None:
-        config = default_decode_config(G * Nq, d_k, d_v, q.dtype, block_size)
-    bm, bn = config.block_m, config.block_n
-    row_tiles = -(-G * Nq // bm)
-    splits = choose_decode_splits(num_splits, dev, B * Hkv * row_tiles, -(-capacity // bn))
-    y = torch.empty(B, Nq, H, d_v, dtype=q.dtype, device=dev)
-    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=dev) if return_lse else None
-    if B * Nq * H == 0:
+    y = torch.empty(recipe.y_shape, dtype=q.dtype, device=dev)
+    lse = torch.empty(recipe.lse_shape, dtype=torch.float32, device=dev) if return_lse else None
+    if recipe.empty:
         return (y, lse) if return_lse else y
-    if splits > 1:
-        y_out = torch.empty(splits, B, Nq, H, d_v, dtype=torch.float32, device=dev)
-        lse_out = torch.empty(splits, B, Nq, H, dtype=torch.float32, device=dev)
-        y_st = y_out.stride()[:4]
-        l_st = lse_out.stride()
+    if recipe.splits > 1:
+        y_out = torch.empty(recipe.part_shape, dtype=torch.float32, device=dev)
+        lse_out = torch.empty(recipe.part_shape[:-1], dtype=torch.float32, device=dev)
     else:
         y_out, lse_out = y, (lse if lse is not None else y)
-        y_st = (0, *y.stride()[:3])
-        l_st = (0, lse.stride(0), lse.stride(2), lse.stride(1)) if lse is not None else (0,) * 4
-    paged = block_table is not None
-    if window_size is not None and tuple(window_size) != (-1, -1):
-        left, right = window_size
-        win = (-left if left >= 0 else -UNBOUNDED, right if right >= 0 else UNBOUNDED,
-               sink_tokens)
-    else:
-        win = None
-    if selection is not None:
-        idx, cnt = selection
-        sel = (idx, cnt, 0 if idx.shape[0] == 1 else idx.stride(0),
-               0 if idx.shape[1] == 1 else idx.stride(1),
-               0 if cnt.shape[0] == 1 else cnt.stride(0), 0 if cnt.shape[1] == 1 else cnt.stride(1))
-    else:
-        sel = (y, y, 0, 0, 0, 0)
-    scale_hi, scale_lo = scale_args(scale, q.dtype)
-    cap_hi, cap_lo = scale_args(softcap, q.dtype)
     placeholder = y_out
-    page_size = k_cache.shape[1] if paged else 1
-    _decode_kernel[(splits, row_tiles, B * Hkv)](
+    idx, cnt = selection if selection is not None else (placeholder, placeholder)
+    _decode_kernel[recipe.grid](
         q, k_cache, v_cache, y_out, lse_out,
-        seqlens if seqlens is not None else placeholder, block_table if paged else placeholder,
-        sel[0], sel[1], alibi_slopes if alibi_slopes is not None else placeholder,
+        seqlens if seqlens is not None else placeholder,
+        block_table if paged else placeholder, idx, cnt,
+        alibi_slopes if alibi_slopes is not None else placeholder,
         sinks if sinks is not None else placeholder,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *y_st, *l_st,
-        block_table.stride(0) if paged else 0, *sel[2:],
-        (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0)
-        if alibi_slopes is not None else 0,
-        Hkv, Nq, host_len, n_new, splits, scale_hi, scale_lo,
-        *(win if win is not None else (0, 0, 0)), cap_hi, cap_lo, page_size,
-        G=G, D_K=d_k, D_V=d_v, DK_PAD=head_dim_tile(d_k), DV_PAD=head_dim_tile(d_v),
-        BLOCK_M=bm, BLOCK_N=bn,
-        SEL_STEPS=(block_size // bn) if selection is not None else 1,
-        HOST_LEN=seqlens is None, IS_CAUSAL=bool(is_causal), HAS_WINDOW=win is not None,
-        PAGED=paged, HAS_SELECT=selection is not None, HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None, SPLIT=splits > 1,
-        WRITE_LSE=splits > 1 or return_lse, FAST_TANH=fast_tanh(q),
-        DOT_PRECISION="ieee", num_warps=config.num_warps, num_stages=config.num_stages)
-    if splits > 1:
-        l_fin = (lse.stride(0), lse.stride(2), lse.stride(1)) if lse is not None else (0, 0, 0)
-        _combine_kernel[(B * Nq * H,)](
+        *recipe.ints_before, host_len, *recipe.ints_after, **recipe.consts)
+    if recipe.splits > 1:
+        _combine_kernel[recipe.combine_grid](
             y_out, lse_out, y, lse if lse is not None else y_out,
-            sinks if sinks is not None else y_out,
-            *y_out.stride()[:4], *lse_out.stride(), *y.stride()[:3], *l_fin,
-            Nq, H, splits, D_V=d_v, DV_PAD=head_dim_tile(d_v),
-            S_PAD=max(2, triton.next_power_of_2(splits)), HAS_SINKS=sinks is not None,
-            WRITE_LSE=return_lse, num_warps=4)
+            sinks if sinks is not None else y_out, *recipe.combine_ints, **recipe.combine_consts)
     return (y, lse) if return_lse else y
+
+
+_RECIPES: dict = {}
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """What one launch of the decode kernel (and of its combine) takes besides the tensors
+    and host_len: grid, integer arguments, compile-time constants, output shapes."""
+
+    y_shape: tuple
+    lse_shape: tuple
+    part_shape: tuple
+    empty: bool
+    splits: int
+    grid: tuple
+    ints_before: tuple
+    ints_after: tuple
+    consts: dict
+    combine_grid: tuple
+    combine_ints: tuple
+    combine_consts: dict
+
+    @classmethod
+    def build(cls, q, k_cache, v_cache, seqlens, n_new, capacity, block_table, is_causal,
+              scale, window_size, sink_tokens, softcap, alibi_slopes, sinks, selection,
+              block_size, return_lse, num_splits, config) -> "_Recipe":
+        B, Nq, H, d_k = q.shape
+        Hkv, d_v = k_cache.shape[2], v_cache.shape[3]
+        G = H // Hkv
+        if config is None:
+            config = default_decode_config(G * Nq, d_k, d_v, q.dtype, block_size)
+        bm, bn = config.block_m, config.block_n
+        row_tiles = -(-G * Nq // bm)
+        splits = choose_decode_splits(num_splits, q.device, B * Hkv * row_tiles,
+                                      -(-capacity // bn))
+        y_shape, lse_shape = (B, Nq, H, d_v), (B, H, Nq)
+        part_shape = (splits, B, Nq, H, d_v)
+        # Workspaces / outputs are allocated contiguous: their strides follow from shapes.
+        y_st = _contiguous_strides(y_shape)
+        lse_st = _contiguous_strides(lse_shape)
+        if splits > 1:
+            out_st = _contiguous_strides(part_shape)[:4]
+            l_st = _contiguous_strides(part_shape[:-1])
+        else:
+            out_st = (0, *y_st[:3])
+            l_st = (0, lse_st[0], lse_st[2], lse_st[1]) if return_lse else (0,) * 4
+        paged = block_table is not None
+        if window_size is not None and tuple(window_size) != (-1, -1):
+            left, right = window_size
+            win = (-left if left >= 0 else -UNBOUNDED, right if right >= 0 else UNBOUNDED,
+                   sink_tokens)
+        else:
+            win = None
+        if selection is not None:
+            idx, cnt = selection
+            sel_st = (0 if idx.shape[0] == 1 else idx.stride(0),
+                      0 if idx.shape[1] == 1 else idx.stride(1),
+                      0 if cnt.shape[0] == 1 else cnt.stride(0),
+                      0 if cnt.shape[1] == 1 else cnt.stride(1))
+        else:
+            sel_st = (0, 0, 0, 0)
+        ints_before = (
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            *out_st, *l_st, block_table.stride(0) if paged else 0, *sel_st,
+            (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0)
+            if alibi_slopes is not None else 0,
+            Hkv, Nq)
+        ints_after = (n_new, splits, *scale_args(scale, q.dtype),
+                      *(win if win is not None else (0, 0, 0)), *scale_args(softcap, q.dtype),
+                      k_cache.shape[1] if paged else 1)
+        consts = dict(
+            G=G, D_K=d_k, D_V=d_v, DK_PAD=head_dim_tile(d_k), DV_PAD=head_dim_tile(d_v),
+            BLOCK_M=bm, BLOCK_N=bn,
+            SEL_STEPS=(block_size // bn) if selection is not None else 1,
+            HOST_LEN=seqlens is None, IS_CAUSAL=bool(is_causal), HAS_WINDOW=win is not None,
+            PAGED=paged, HAS_SELECT=selection is not None, HAS_SOFTCAP=softcap > 0,
+            HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
+            SPLIT=splits > 1, WRITE_LSE=splits > 1 or return_lse, FAST_TANH=fast_tanh(q),
+            DOT_PRECISION="ieee", num_warps=config.num_warps, num_stages=config.num_stages)
+        combine_ints = (*out_st[:4], *l_st, *y_st[:3],
+                        *((lse_st[0], lse_st[2], lse_st[1]) if return_lse else (0, 0, 0)),
+                        Nq, H, splits)
+        combine_consts = dict(D_V=d_v, DV_PAD=head_dim_tile(d_v),
+                              S_PAD=max(2, _pow2_at_least(splits)),
+                              S_CHUNK=min(16, max(2, _pow2_at_least(splits))),
+                              HAS_SINKS=sinks is not None, WRITE_LSE=return_lse, num_warps=4)
+        return cls(y_shape, lse_shape, part_shape, B * Nq * H == 0, splits,
+                   (splits, row_tiles, B * Hkv), ints_before, ints_after, consts,
+                   (B * Nq * H,), combine_ints, combine_consts)
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(int(n), 1)
+    return tuple(reversed(strides))

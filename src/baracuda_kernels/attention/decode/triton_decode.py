@@ -218,13 +218,14 @@ def _combine_kernel(
     stride_qs, stride_qb, stride_qm, stride_qh,
     stride_yb, stride_ym, stride_yh, stride_lb, stride_lm, stride_lh,
     Nq, H, n_splits,
-    D_V: tl.constexpr, DV_PAD: tl.constexpr, S_PAD: tl.constexpr, HAS_SINKS: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    D_V: tl.constexpr, DV_PAD: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
+    HAS_SINKS: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Merge the split partials of one (b, query, head) row, in split order (deterministic):
     lse = log(sum_s exp(lse_s) [+ exp(sink)]), y = sum_s exp(lse_s - lse) y_s. A row no split
     reached and no sink joins gets y = 0, lse = -inf; NaN in a partial reaches y and lse.
-    Grid (B * Nq * H,)."""
+    Grid (B * Nq * H,). The lse of every split is read at once (S_PAD scalars); the partial
+    rows S_CHUNK splits at a time, to bound registers at up to 128 splits."""
     pid = tl.program_id(0)
     h = pid % H
     rest = pid // H
@@ -245,10 +246,17 @@ def _combine_kernel(
     if HAS_SINKS:
         total += tl.exp(sink - m_safe)
     d = tl.arange(0, DV_PAD)
-    y_s = tl.load(Y_PART + s.to(tl.int64)[:, None] * stride_ps + b64 * stride_pb
-                  + i64 * stride_pm + h64 * stride_ph + d[None, :],
-                  mask=s_ok[:, None] & (d[None, :] < D_V), other=0.0)
-    y = tl.sum(w[:, None] * y_s, 0) / tl.where(total == 0, 1.0, total)
+    row = Y_PART + b64 * stride_pb + i64 * stride_pm + h64 * stride_ph
+    sc = tl.arange(0, S_CHUNK)
+    y = tl.zeros([DV_PAD], tl.float32)
+    for s0 in range(0, n_splits, S_CHUNK):
+        c_ok = s0 + sc < n_splits
+        lse_c = tl.load(LSE_PART + (s0 + sc).to(tl.int64) * stride_qs + b64 * stride_qb
+                        + i64 * stride_qm + h64 * stride_qh, mask=c_ok, other=float("-inf"))
+        y_c = tl.load(row + (s0 + sc).to(tl.int64)[:, None] * stride_ps + d[None, :],
+                      mask=c_ok[:, None] & (d[None, :] < D_V), other=0.0)
+        y += tl.sum(tl.exp(lse_c - m_safe)[:, None] * y_c, 0)
+    y = y / tl.where(total == 0, 1.0, total)
     tl.store(Y + b64 * stride_yb + i64 * stride_ym + h64 * stride_yh + d,
              y.to(Y.dtype.element_ty), mask=d < D_V)
     if WRITE_LSE:
