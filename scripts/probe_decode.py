@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 import baracuda_kernels as bk
@@ -111,7 +112,6 @@ def main():
     print(torch.cuda.get_device_name(), flush=True)
     # One compiled Flex per cache shape: without room for the recompiles, dynamo would fall
     # back to eager flex_attention after the eighth shape and time that instead.
-    import torch._dynamo
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
                  "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name):

@@ -39,14 +39,17 @@ class DecodeConfig:
 
 
 def default_decode_config(group_rows: int, d_k: int, d_v: int, dtype: torch.dtype,
-                          block_size: Optional[int]) -> DecodeConfig:
+                          block_size: Optional[int],
+                          page_size: Optional[int] = None) -> DecodeConfig:
     """The config for ``group_rows`` = G * Nq packed rows: the smallest power-of-two row tile
     that holds them (16 at least, the dot's minimum; 128 at most). Decode-sized tiles (<= 32
     rows) stream 32 keys a step through 3 stages: on an H200 (bf16, D=128; scripts/
     probe_decode.py --sweep) that was among the fastest at B=1/16/64 and 4k-32k keys, and its
     small shared-memory footprint leaves room for several programs per SM. Taller tiles
     (chunked prefill) do more arithmetic per key: 64 keys a step (32 past head dim 128 or in
-    f32, to bound registers), 2 stages. Never more than the selection block."""
+    f32, to bound registers), 2 stages. Never more than the selection block; in a paged
+    cache of power-of-two pages >= 16 tokens, never more than a page (a tile then lies in
+    one page: one page id per tile, see the kernel's PAGE_ALIGNED)."""
     block_m = min(128, max(16, _pow2_at_least(group_rows)))
     wide = max(d_k, d_v) > 128 or dtype == torch.float32
     if block_m <= 32:
@@ -55,6 +58,8 @@ def default_decode_config(group_rows: int, d_k: int, d_v: int, dtype: torch.dtyp
         block_n, stages = (32 if wide else 64), 2
     if block_size is not None:
         block_n = min(block_n, block_size)
+    if page_size is not None and page_size >= 16 and not page_size & (page_size - 1):
+        block_n = min(block_n, page_size)
     return DecodeConfig(block_m, block_n, 4 if block_m <= 64 else 8, stages)
 
 
@@ -204,14 +209,17 @@ class _Recipe:
         B, Nq, H, d_k = q.shape
         Hkv, d_v = k_cache.shape[2], v_cache.shape[3]
         G = H // Hkv
+        paged = block_table is not None
         if config is None:
-            config = default_decode_config(G * Nq, d_k, d_v, q.dtype, block_size)
+            config = default_decode_config(G * Nq, d_k, d_v, q.dtype, block_size,
+                                           k_cache.shape[1] if paged else None)
         bm, bn = config.block_m, config.block_n
         row_tiles = -(-G * Nq // bm)
         splits = choose_decode_splits(num_splits, q.device, B * Hkv * row_tiles,
                                       -(-capacity // bn))
         y_shape, lse_shape = (B, Nq, H, d_v), (B, H, Nq)
         part_shape = (splits, B, Nq, H, d_v)
+        page_aligned = paged and k_cache.shape[1] % bn == 0
         # Workspaces / outputs are allocated contiguous: their strides follow from shapes.
         y_st = _contiguous_strides(y_shape)
         lse_st = _contiguous_strides(lse_shape)
@@ -221,7 +229,6 @@ class _Recipe:
         else:
             out_st = (0, *y_st[:3])
             l_st = (0, lse_st[0], lse_st[2], lse_st[1]) if return_lse else (0,) * 4
-        paged = block_table is not None
         if window_size is not None and tuple(window_size) != (-1, -1):
             left, right = window_size
             win = (-left if left >= 0 else -UNBOUNDED, right if right >= 0 else UNBOUNDED,
@@ -252,7 +259,8 @@ class _Recipe:
             BLOCK_M=bm, BLOCK_N=bn,
             SEL_STEPS=(block_size // bn) if selection is not None else 1,
             HOST_LEN=seqlens is None, IS_CAUSAL=bool(is_causal), HAS_WINDOW=win is not None,
-            PAGED=paged, HAS_SELECT=selection is not None, HAS_SOFTCAP=softcap > 0,
+            PAGED=paged, PAGE_ALIGNED=page_aligned, HAS_SELECT=selection is not None,
+            HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
             SPLIT=splits > 1, WRITE_LSE=splits > 1 or return_lse, FAST_TANH=fast_tanh(q),
             DOT_PRECISION="ieee", num_warps=config.num_warps, num_stages=config.num_stages)

@@ -89,7 +89,7 @@ class SdpaDecodePlan(Plan):
         d = self._desc
         if self.uses_decode_kernel:
             c = default_decode_config(d.group_size * d.query_len, d.d_k, d.d_v,
-                                      d.element.torch_dtype, d.block_size)
+                                      d.element.torch_dtype, d.block_size, d.page_size)
             config = (f"decode BM={c.block_m},BN={c.block_n},warps={c.num_warps},"
                       f"stages={c.num_stages},splits=auto"
                       + (",paged" if d.paged else "")

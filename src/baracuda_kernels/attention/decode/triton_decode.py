@@ -54,7 +54,8 @@ def _decode_kernel(
     G: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_STEPS: tl.constexpr, HOST_LEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, HAS_SELECT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
+    HAS_SELECT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr, FAST_TANH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -75,6 +76,10 @@ def _decode_kernel(
     normalised partial y and natural-log lse into split ``program_id(0)`` of the workspaces
     (strides stride_ys / stride_ls); ``_combine_kernel`` merges them and adds the sinks.
     Otherwise sinks fold in here and y / lse are final (lse only when WRITE_LSE).
+    PAGED: keys through the row's block table. PAGE_ALIGNED (a page holds whole key tiles):
+    one page id per tile, loaded one step ahead and carried, so that no K/V address waits
+    on a load of its own iteration (the pipeliner then keeps its stages in flight); else a
+    page id per key row.
     """
     split = tl.program_id(0)
     tile_m = tl.program_id(1)
@@ -152,21 +157,40 @@ def _decode_kernel(
 
     if HAS_SELECT:  # the block of the first item, loaded one step ahead (see the loop)
         nxt = tl.load(idx_row + it_lo // SEL_STEPS, mask=it_lo < it_hi, other=0)
+    if PAGE_ALIGNED:  # the page of the first tile, likewise
+        tiles_per_page = PAGE_SIZE // BLOCK_N
+        table_row = TABLE + b64 * stride_tb
+        if HAS_SELECT:
+            first_tile = nxt * SEL_STEPS + it_lo % SEL_STEPS
+        else:
+            first_tile = tl.where(it_lo < sink_tiles, it_lo, tiles_lo + it_lo - sink_tiles)
+        page_nxt = tl.load(table_row + first_tile // tiles_per_page, mask=it_lo < it_hi,
+                           other=0)
     for it in range(it_lo, it_hi):
         if HAS_SELECT:
             blk = nxt
             nxt = tl.load(idx_row + (it + 1) // SEL_STEPS, mask=it + 1 < it_hi, other=0)
             tile = blk * SEL_STEPS + it % SEL_STEPS
+            next_tile = nxt * SEL_STEPS + (it + 1) % SEL_STEPS
         else:
             tile = tl.where(it < sink_tiles, it, tiles_lo + it - sink_tiles)
+            next_tile = tl.where(it + 1 < sink_tiles, it + 1, tiles_lo + it + 1 - sink_tiles)
         offs_n = tile * BLOCK_N + offs_n0
         col_ok = offs_n < key_hi
-        k_rows = _key_rows(offs_n, b64, col_ok, TABLE, stride_tb, stride_kp, stride_kn,
-                           PAGE_SIZE, PAGED)
-        if PAGED:
+        if PAGE_ALIGNED:
+            page = page_nxt.to(tl.int64)
+            page_nxt = tl.load(table_row + next_tile // tiles_per_page, mask=it + 1 < it_hi,
+                               other=0)
+            in_page = ((tile % tiles_per_page) * BLOCK_N + offs_n0).to(tl.int64)
+            k_rows = page * stride_kp + in_page * stride_kn
+            v_rows = page * stride_vp + in_page * stride_vn
+        elif PAGED:
+            k_rows = _key_rows(offs_n, b64, col_ok, TABLE, stride_tb, stride_kp, stride_kn,
+                               PAGE_SIZE, PAGED)
             v_rows = _key_rows(offs_n, b64, col_ok, TABLE, stride_tb, stride_vp, stride_vn,
                                PAGE_SIZE, PAGED)
         else:
+            k_rows = b64 * stride_kp + offs_n.to(tl.int64) * stride_kn
             v_rows = b64 * stride_vp + offs_n.to(tl.int64) * stride_vn
         k = tl.load(k_head + k_rows[:, None] + offs_dk[None, :],
                     mask=col_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0)
