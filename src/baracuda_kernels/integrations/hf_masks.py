@@ -60,6 +60,13 @@ class HFMaskRule:
         """The shape the equivalent dense mask would have, [B, 1, Nq, Nk]."""
         return (self.batch_size, 1, self.q_length, self.kv_length)
 
+    @property
+    def ndim(self) -> int:
+        """4, as the dense mask: ``generate`` with a static cache prepares the masks once
+        per step and hands them to the model, whose mask helpers test ``mask.ndim == 2``
+        (a padding mask to process) before passing a prepared mask on."""
+        return 4
+
     def dense(self, device=None) -> torch.Tensor:
         """The rule as a bool [B, 1, Nq, Nk] mask (True = attend). Only the fallback path
         (eager / sdpa for what the library declines) builds it."""
@@ -200,6 +207,10 @@ def mask_rule(**kwargs):
     bool mask of transformers' own sdpa mask function (or its None), which the attention
     function runs as an additive bias.
     """
+    if isinstance(kwargs.get("attention_mask"), HFMaskRule):
+        # Already prepared for this step (generate's create_masks_for_generate): passed on
+        # as is, as transformers passes on a prepared 4D mask.
+        return kwargs["attention_mask"]
     rule = _try_rule(kwargs)
     if rule is not None:
         return rule
