@@ -24,6 +24,7 @@ import baracuda_kernels as bk
 from baracuda_kernels.attention.decode.launch import DecodeConfig
 from baracuda_kernels.bench.timing import median_ms
 from baracuda_kernels.patterns import key_block_bounds, select_key_blocks
+from probe_common import graph_ms
 
 H, HKV, D, PAGE = 32, 8, 128, 64
 
@@ -43,20 +44,6 @@ def loop_us(fn, n=200) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / n * 1e6
-
-
-def graph_of(fn):
-    """fn captured in a CUDA graph (warmed up on a side stream first); returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def flex_fns(q, kc, vc, keep, N):
@@ -156,7 +143,7 @@ def main():
             if flex_dense is not None:
                 res["flex"] = median_ms(flex_dense, dev)
                 res["flex10"] = median_ms(flex_sparse, dev)
-            res["graph"] = median_ms(graph_of(ours), dev)
+            res["graph"] = graph_ms(ours)
             res["loop"] = loop_us(ours) * 1e-3
             res["sdpaloop"] = loop_us(sdpa) * 1e-3
         us = [res[c] * 1e3 if c in res else float("nan") for c in cols]
