@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|
+#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|hf|
 #                              decode|tests+decode|all]
 #                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
@@ -94,6 +94,12 @@ if [[ "$stage" == ab || "$stage" == tokens+ab || "$stage" == probe-tokens+ab || 
     [[ -f "$OUT/$f.log" ]] && { echo "== $f"; grep -E "^(dense|causal|random| {20,})" "$OUT/$f.log" | head -30; }
   done
   rm -rf "$OUT"/ab_new "$OUT"/ab_old "$OUT"/ab_old2 "$OUT"/ab_new2
+fi
+if [[ "$stage" == hf ]]; then
+  # The transformers drop-in: training tokens/s (8k, 32k; causal and a 4k window) and decode
+  # tokens/s after a 32k prompt, baracuda vs sdpa vs flex_attention (a Llama-like model).
+  python3 scripts/bench_transformers.py > "$OUT/bench_transformers.log" 2>&1 || status=$?
+  grep -v Warning "$OUT/bench_transformers.log" | tail -n 20
 fi
 if [[ "$stage" == decode-tests ]]; then
   # The KV-cache / decode test files alone, then the decode probe with its config sweep.
