@@ -271,3 +271,26 @@ def test_split_combine_is_deterministic_gpu():
     for _ in range(3):
         assert torch.equal(call(q, kc, vc, lens, num_splits=16), first)
     torch.testing.assert_close(call(q, kc, vc, lens, num_splits=1), first, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_queries_before_the_first_key_see_nothing(splits):
+    """Rows holding fewer keys than queries (causal, nothing appended): query i of row b sits
+    at L_b - Nq + i < 0 for the first ones, which see no key (y = 0, lse = -inf, or lse =
+    sink with sinks); the decode kernel and the block-sparse path agree."""
+    gen = torch.Generator().manual_seed(8)
+    kc, vc, _, _, _ = make_cache(2, 64, 2, 16, torch.float32, gen)
+    q = torch.randn(2, 7, 4, 16, generator=gen).to(DEVICE)
+    lens = torch.tensor([2, 5], device=DEVICE)
+    sinks = torch.randn(4, generator=gen).to(DEVICE)
+    for s in (None, sinks):
+        y, lse = bk.block_sparse_attention_with_kvcache(
+            q, kc, vc, lens, sinks=s, return_lse=True, backend="triton", num_splits=splits)
+        y_ref, lse_ref = bk.block_sparse_attention_with_kvcache(
+            q.double(), kc.double(), vc.double(), lens, sinks=s, return_lse=True,
+            backend="reference")
+        torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5, rtol=1e-5)
+        assert (y[0, :5] == 0).all() and (y[1, :2] == 0).all()
+        if s is None:
+            assert torch.isinf(lse[0, :, :5]).all()

@@ -284,7 +284,8 @@ def _combine_kernel(
     tl.store(Y + b64 * stride_yb + i64 * stride_ym + h64 * stride_yh + d,
              y.to(Y.dtype.element_ty), mask=d < D_V)
     if WRITE_LSE:
-        lse = tl.where(total == 0, float("-inf"), m_safe + tl.log(total))
+        safe_total = tl.where(total == 0, 1.0, total)  # no log(0), even in a masked lane
+        lse = tl.where(total == 0, float("-inf"), m_safe + tl.log(safe_total))
         tl.store(LSE + b64 * stride_lb + i64 * stride_lm + h64 * stride_lh, lse)
 
 
