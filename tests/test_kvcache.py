@@ -294,3 +294,38 @@ def test_queries_before_the_first_key_see_nothing(splits):
         assert (y[0, :5] == 0).all() and (y[1, :2] == 0).all()
         if s is None:
             assert torch.isinf(lse[0, :, :5]).all()
+
+
+@pytest.mark.parametrize("backend,splits", [("reference", None), ("triton", 1), ("triton", 3)])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_key_mask_hides_cached_keys(backend, splits, paged):
+    """key_mask [B, Ncache]: keys marked False take part in nothing (a left-padded batch in a
+    cache, holes), positions still count in indices; window and sinks on top."""
+    gen = torch.Generator().manual_seed(9)
+    B, N, H, Hkv, D, Nq = 3, 96, 4, 2, 16, 3
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    kc, vc, table, k_rows, v_rows = make_cache(B, N, Hkv, D, dtype, gen, 16 if paged else None)
+    q = (torch.randn(B, Nq, H, D, generator=gen) * 2).to(DEVICE, dtype)
+    lens = torch.tensor([96, 70, 40])
+    key_mask = torch.ones(B, N, dtype=torch.bool)
+    key_mask[0, :11] = False                       # left padding
+    key_mask[1, 20:45] = False                     # a hole
+    key_mask[2, :] = False                         # nothing visible
+    y = bk.block_sparse_attention_with_kvcache(
+        q, kc, vc, lens.to(DEVICE), block_table=table, key_mask=key_mask.to(DEVICE),
+        window_size=(50, 0), sink_tokens=2, backend=backend, num_splits=splits)
+    for b in range(B):
+        L = int(lens[b])
+        kb = k_rows[b:b + 1, :L].transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        vb = v_rows[b:b + 1, :L].transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        extra = key_mask[b, :L][None, None, None, :].to(DEVICE)
+        yb, _ = dense_attention(q[b:b + 1].transpose(1, 2), kb, vb,
+                                torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE),
+                                1 << 20, "bottom_right", window_size=(50, 0), sink_tokens=2,
+                                extra_mask=extra)
+        torch.testing.assert_close(y[b:b + 1].double(), yb.transpose(1, 2).double(),
+                                   atol=2e-5, rtol=2e-5)
+    assert (y[2] == 0).all()
+    with pytest.raises(bk.InvalidProblem, match="key_mask"):
+        bk.block_sparse_attention_with_kvcache(q, kc, vc, lens.to(DEVICE), block_table=table,
+                                               key_mask=key_mask[:, :5].to(DEVICE))

@@ -453,3 +453,35 @@ def test_torch_compile_traces_the_attention_exactly():
         a = compiled(ids, attention_mask=mask).logits
         b = ref(ids, attention_mask=mask).logits
     assert _max_diff(a, b, mask.bool()) <= TOL
+
+
+@pytest.mark.parametrize("kind,cache", [("mistral", "dynamic"), ("gpt_oss", "dynamic"),
+                                        ("llama", "static")])
+def test_generate_decode_steps_run_the_decode_kernel(kind, cache, monkeypatch):
+    """float32 on the triton backend (the interpreter here, CUDA on a GPU): generate()'s
+    decode steps go to the KV-cache entry point's decode kernel (left padding as its
+    key_mask, window, sinks) and give the tokens and, to float32 rounding, the scores of the
+    reference attention."""
+    import baracuda_kernels.attention.decode.kvcache as kvcache
+    calls = []
+    real = kvcache.decode_forward_triton
+    monkeypatch.setattr(kvcache, "decode_forward_triton",
+                        lambda *a, **kw: calls.append(kw["key_mask"] is not None) or real(*a, **kw))
+    name = "baracuda_triton"
+    bk_hf.register(name, backend="triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ours = _model(kind, name).float().to(device)
+    ref = _model(kind, MODELS[kind][2]).float().to(device)
+    ids, _ = _batch()
+    ids, mask = ids[:2, :12].to(device), torch.ones(2, 12, dtype=torch.long, device=device)
+    mask[1, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    for sa, sb in zip(a.scores, b.scores):
+        assert (sa - sb).abs().max().item() <= 1e-3
+    layers = ours.config.num_hidden_layers
+    assert len(calls) == 3 * layers and all(calls)   # 3 decode steps after the prefill

@@ -16,9 +16,11 @@ of a model loaded with that ``attn_implementation`` (``from_pretrained`` too, or
   keys), so nothing of size Nq x Nk is built;
 * GQA / MQA run without repeating K/V; Gemma 2's ``softcap`` and gpt-oss's sinks (``s_aux``)
   go to the kernels' score modifiers; ``scaling`` is the softmax scale;
-* decode steps against transformers' own cache (``DynamicCache``) are bottom-right causal
-  calls of the same function (the library's KV-cache entry point is not used: transformers
-  owns the cache);
+* decode steps (at most DECODE_MAX_QUERIES new tokens against transformers' own cache,
+  dynamic or static) go to ``block_sparse_attention_with_kvcache`` over the cache as it
+  lies (no copy), with the padded keys as its ``key_mask``: on CUDA that is the decode
+  kernel (split-KV, GQA packed, forward only); longer calls are bottom-right causal calls of
+  ``block_sparse_attention``;
 * an optional ``pattern`` callable adds per-layer block sparsity, ANDed with the model's rule.
 
 Declined (a one-time ``warnings.warn`` and the model's own eager attention, or
@@ -43,10 +45,13 @@ from typing import Callable, Optional
 import torch
 
 from ..attention.block_sparse.functional import block_sparse_attention
+from ..attention.decode.kvcache import block_sparse_attention_with_kvcache
 from ..core import InvalidProblem, Unsupported
 from .hf_masks import HFMaskRule, mask_rule
 
 PatternFn = Callable[[Optional[int], int, int], object]
+# Calls with at most this many queries against a longer cache take the decode path.
+DECODE_MAX_QUERIES = 16
 
 
 def register(name: str = "baracuda", *, pattern: Optional[PatternFn] = None,
@@ -148,6 +153,8 @@ class HFAttention:
         if isinstance(attention_mask, HFMaskRule):
             keep, rule_args = _rule_args(attention_mask, q, k)
             k, v = k[:, :, :keep], v[:, :, :keep]      # views; keep < Nk for a static cache
+            if self.pattern is None and _is_decode_step(rule_args, q_len, keep):
+                return self._decode_step(q, k, v, attention_mask, rule_args, call), None
             call.update(rule_args)
         elif attention_mask is None:
             # transformers' sdpa semantics for "no mask": top-left causal for a causal module
@@ -162,6 +169,21 @@ class HFAttention:
                                                         call)
         y = block_sparse_attention(q, k, v, block_pattern, block_size=block_size, **call)
         return y.transpose(1, 2).contiguous(), None
+
+    def _decode_step(self, q, k, v, rule: HFMaskRule, rule_args: dict, call: dict):
+        """A few queries at the end of the cache: the KV-cache entry point over K/V as they
+        lie ([B, Hkv, Nk, D] viewed as [B, Nk, Hkv, D]), every row holding Nk keys, the
+        padded ones masked out. Returns [B, Nq, H, D]."""
+        keep = k.shape[2]
+        key_mask = None
+        if rule.key_ids is not None:
+            key_mask = rule.key_ids[:, :keep].to(q.device) >= 0
+        y = block_sparse_attention_with_kvcache(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep,
+            is_causal=rule_args.get("is_causal") == "bottom_right",
+            window_size=rule_args.get("window_size"), softcap=call["softcap"],
+            sinks=call["sinks"], scale=call["scale"], backend=self.backend, key_mask=key_mask)
+        return y.contiguous()
 
     # -------------------------------------------------------------------------- pattern
     def _block_pattern(self, layer_idx, q_len: int, kv_len: int, device, call: dict):
@@ -238,6 +260,15 @@ def _declined(mask, dropout, kwargs) -> Optional[str]:
             not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
         return f"an attention_mask of type {type(mask).__name__} (expected a rule or a 4D tensor)"
     return None
+
+
+def _is_decode_step(rule_args: dict, q_len: int, kv_len: int) -> bool:
+    """A few queries aligned to the end of the keys, no rule beyond causal / window /
+    padding (packed documents and dense biases keep the block-sparse path)."""
+    return (q_len <= DECODE_MAX_QUERIES and q_len < kv_len
+            and rule_args.get("is_causal") in ("bottom_right", False)
+            and "bias" not in rule_args
+            and not isinstance(rule_args.get("document_ids"), torch.Tensor))
 
 
 def _common_dtype(query, key, value):

@@ -118,7 +118,8 @@ class SdpaDecodeArgs:
     (keys cached before this call); k / v [B, new_tokens, Hkv, D] appended in place (None
     when the descriptor's new_tokens is 0); alibi_slopes float32 [H] / [B, H] and sinks [H]
     when the descriptor says so; block_pattern bool [B|1, Hkv|1, 1, key_len / block_size]
-    when it has a block_size.
+    when it has a block_size; key_mask: None or bool [B, key_len] (False: a cached key no
+    query sees, e.g. left padding kept in the cache).
     """
 
     q: torch.Tensor
@@ -131,3 +132,4 @@ class SdpaDecodeArgs:
     alibi_slopes: Optional[torch.Tensor] = None
     sinks: Optional[torch.Tensor] = None
     block_pattern: Optional[torch.Tensor] = None
+    key_mask: Optional[torch.Tensor] = None

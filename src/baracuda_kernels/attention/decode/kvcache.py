@@ -38,7 +38,8 @@ def block_sparse_attention_with_kvcache(
         softcap: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
         sinks: Optional[torch.Tensor] = None, scale: Optional[float] = None,
         block_pattern=None, block_size: int = 128, return_lse: bool = False,
-        backend: Optional[str] = None, num_splits: Optional[int] = None):
+        backend: Optional[str] = None, num_splits: Optional[int] = None,
+        key_mask: Optional[torch.Tensor] = None):
     """Attention of ``q`` against a KV cache, appending new keys / values first (inference:
     the decode kernel is forward only; with a gradient wanted for q or sinks the call takes
     the differentiable block-sparse path).
@@ -74,6 +75,10 @@ def block_sparse_attention_with_kvcache(
         num_splits: split-KV programs per (row, K/V head) in the decode kernel (flash-
             decoding; their partials merge in a fixed order, so results are deterministic);
             None chooses from the problem and the card's SM count.
+        key_mask: None, or bool [B, Ncache] (for a paged cache Ncache = pages_per_row *
+            page_size, in the row's token order): False marks a cached key that no query
+            sees, e.g. the padding of a left-padded batch kept in the cache (transformers'
+            caches); positions keep counting in indices (padding does not shift them).
 
     Returns:
         y [B, Nq, H, Dv] (and lse). A query that sees no key (position < 0) gets y = 0.
@@ -95,17 +100,19 @@ def block_sparse_attention_with_kvcache(
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     if (k is None) != (v is None):
         raise InvalidProblem("k and v go together: pass both new keys and values, or neither.")
+    if key_mask is not None:
+        key_mask = _check_key_mask(key_mask, B, capacity, q.device)
     if _decode_kernel_takes(q, k_cache, v_cache, block_pattern, block_size, backend, sinks):
         return _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity,
                        is_causal, window_size, sink_tokens, softcap, alibi_slopes, sinks,
-                       scale, block_pattern, block_size, return_lse, num_splits)
+                       scale, block_pattern, block_size, return_lse, num_splits, key_mask)
     lens = _cache_lengths(cache_seqlens, B, capacity, q.device, paged)
     if k is not None:
         _append(k_cache, v_cache, k, v, lens, block_table, capacity)
     total = lens + n_new                                       # L_b, int64 [B]
     keys, values = _cache_view(k_cache, block_table), _cache_view(v_cache, block_table)
     uniform = _uniform_length(cache_seqlens, lens, capacity)
-    if uniform is not None and block_pattern is None:
+    if uniform is not None and block_pattern is None and key_mask is None:
         # Every row holds L keys (known on the host): the cache's first L keys with the
         # bottom-right rule on indices are the same problem, with no per-token rules at all.
         L = uniform + n_new
@@ -114,7 +121,7 @@ def block_sparse_attention_with_kvcache(
         # without it the lists come from the one-launch builder (no diagonal to place).
         causal = "bottom_right" if is_causal and Nq > 1 else False
     else:
-        tokens = _cache_rules(total, B, Nq, keys.shape[2], is_causal, q.device)
+        tokens = _cache_rules(total, B, Nq, keys.shape[2], is_causal, q.device, key_mask)
         causal = bool(is_causal)
     Nk = keys.shape[2]
     if block_pattern is None:
@@ -153,7 +160,7 @@ def _decode_kernel_takes(q, k_cache, v_cache, pattern, block_size: int, backend,
 
 def _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity: int,
             is_causal, window_size, sink_tokens, softcap, alibi_slopes, sinks, scale,
-            pattern, block_size, return_lse, num_splits):
+            pattern, block_size, return_lse, num_splits, key_mask):
     """The decode kernel's path: validate the options, append, launch."""
     B, Nq, H, D = q.shape
     if window_size is not None:
@@ -179,7 +186,21 @@ def _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity: int
         sink_tokens=sink_tokens, softcap=check_softcap(softcap),
         alibi_slopes=mods.alibi_slopes, sinks=mods.sinks, selection=selection,
         block_size=block_size if pattern is not None else None, return_lse=return_lse,
-        num_splits=num_splits)
+        num_splits=num_splits, key_mask=key_mask)
+
+
+def _check_key_mask(key_mask, B: int, capacity: int, device) -> torch.Tensor:
+    """key_mask as bool [B, capacity] on the device with a unit last stride."""
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool \
+            or tuple(key_mask.shape) != (B, capacity):
+        raise InvalidProblem(
+            f"key_mask is {getattr(key_mask, 'dtype', type(key_mask).__name__)} "
+            f"{tuple(getattr(key_mask, 'shape', ()))}; expected bool [{B}, {capacity}] (False: "
+            f"a cached key no query sees), or None.")
+    if key_mask.device != device:
+        raise InvalidProblem(f"key_mask is on {key_mask.device}; expected {device} like q. "
+                             f"Fix: key_mask.to(q.device).")
+    return key_mask if key_mask.stride(1) == 1 else key_mask.contiguous()
 
 
 def _decode_lengths(cache_seqlens, B: int, capacity: int, device, paged: bool):
@@ -312,11 +333,16 @@ def _cache_view(cache: torch.Tensor, block_table) -> torch.Tensor:
     return rows.view(B, n_pages * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
 
 
-def _cache_rules(total: torch.Tensor, B: int, Nq: int, Nk: int, is_causal, device) -> TokenRules:
-    """Keys past L_b are padding; query i of row b sits at L_b - Nq + i, shifted by the
-    kernels' own offset (0 with is_causal=True, else Nk - Nq, which the window and ALiBi add)."""
+def _cache_rules(total: torch.Tensor, B: int, Nq: int, Nk: int, is_causal, device,
+                 key_mask: Optional[torch.Tensor] = None) -> TokenRules:
+    """Keys past L_b (or masked out by key_mask [B, Nk]) are padding; query i of row b sits
+    at L_b - Nq + i, shifted by the kernels' own offset (0 with is_causal=True, else
+    Nk - Nq, which the window and ALiBi add)."""
     j = torch.arange(Nk, device=device)
-    k_ids = torch.where(j[None, :] < total[:, None], 0, K_PAD).to(torch.int32)
+    present = j[None, :] < total[:, None]
+    if key_mask is not None:
+        present = present & key_mask
+    k_ids = torch.where(present, 0, K_PAD).to(torch.int32)
     shift = 0 if is_causal else Nk - Nq
     q_pos = total[:, None] - Nq + torch.arange(Nq, device=device)[None, :] - shift
     return TokenRules(torch.zeros(B, Nq, dtype=torch.int32, device=device), k_ids.contiguous(),

@@ -112,7 +112,7 @@ def decode_forward_triton(
     alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
     selection: Optional[tuple] = None, block_size: Optional[int] = None,
     return_lse: bool = False, num_splits: Optional[int] = None,
-    config: Optional[DecodeConfig] = None):
+    config: Optional[DecodeConfig] = None, key_mask: Optional[torch.Tensor] = None):
     """Attention of q against the cache; returns y [B, Nq, H, Dv] (and lse [B, H, Nq],
     float32). Inputs are validated by the caller (kvcache.py).
 
@@ -130,6 +130,8 @@ def decode_forward_triton(
             the active key blocks of ``block_size`` tokens (a multiple of the config's
             block_n) per row and K/V head; only they are read.
         num_splits: split-KV programs per row tile (None: automatic).
+        key_mask: None, or bool/uint8 [B, capacity] with a unit last stride: 0 marks a
+            key no query sees (padding inside the rows).
 
     Everything but the tensors' addresses and ``host_len`` is a function of shapes,
     strides and options: it is worked out once per such key (``_recipe``), so a decode
@@ -142,7 +144,8 @@ def decode_forward_triton(
            None if window_size is None else tuple(window_size), sink_tokens, softcap,
            None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride()),
            sinks is not None, block_size, return_lse, num_splits, config,
-           None if selection is None else tuple((t.shape, t.stride()) for t in selection))
+           None if selection is None else tuple((t.shape, t.stride()) for t in selection),
+           None if key_mask is None else key_mask.stride(0))
     recipe = _RECIPES.get(key)
     if recipe is None:
         if len(_RECIPES) >= 256:
@@ -150,7 +153,7 @@ def decode_forward_triton(
         recipe = _RECIPES[key] = _Recipe.build(
             q, k_cache, v_cache, seqlens, n_new, capacity, block_table, is_causal, scale,
             window_size, sink_tokens, softcap, alibi_slopes, sinks, selection, block_size,
-            return_lse, num_splits, config)
+            return_lse, num_splits, config, key_mask)
     dev = q.device
     y = torch.empty(recipe.y_shape, dtype=q.dtype, device=dev)
     lse = torch.empty(recipe.lse_shape, dtype=torch.float32, device=dev) if return_lse else None
@@ -169,6 +172,7 @@ def decode_forward_triton(
         block_table if paged else placeholder, idx, cnt,
         alibi_slopes if alibi_slopes is not None else placeholder,
         sinks if sinks is not None else placeholder,
+        key_mask.view(torch.uint8) if key_mask is not None else placeholder,
         *recipe.ints_before, host_len, *recipe.ints_after, **recipe.consts)
     if recipe.splits > 1:
         _combine_kernel[recipe.combine_grid](
@@ -205,7 +209,7 @@ class _Recipe:
     @classmethod
     def build(cls, q, k_cache, v_cache, seqlens, n_new, capacity, block_table, is_causal,
               scale, window_size, sink_tokens, softcap, alibi_slopes, sinks, selection,
-              block_size, return_lse, num_splits, config) -> "_Recipe":
+              block_size, return_lse, num_splits, config, key_mask) -> "_Recipe":
         B, Nq, H, d_k = q.shape
         Hkv, d_v = k_cache.shape[2], v_cache.shape[3]
         G = H // Hkv
@@ -250,6 +254,7 @@ class _Recipe:
             *out_st, *l_st, block_table.stride(0) if paged else 0, *sel_st,
             (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0)
             if alibi_slopes is not None else 0,
+            key_mask.stride(0) if key_mask is not None else 0,
             Hkv, Nq)
         ints_after = (n_new, splits, *scale_args(scale, q.dtype),
                       *(win if win is not None else (0, 0, 0)), *scale_args(softcap, q.dtype),
@@ -260,6 +265,7 @@ class _Recipe:
             SEL_STEPS=(block_size // bn) if selection is not None else 1,
             HOST_LEN=seqlens is None, IS_CAUSAL=bool(is_causal), HAS_WINDOW=win is not None,
             PAGED=paged, PAGE_ALIGNED=page_aligned, HAS_SELECT=selection is not None,
+            HAS_KEY_MASK=key_mask is not None,
             HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
             SPLIT=splits > 1, WRITE_LSE=splits > 1 or return_lse, FAST_TANH=fast_tanh(q),

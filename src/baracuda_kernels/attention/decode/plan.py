@@ -158,7 +158,8 @@ class SdpaDecodePlan(Plan):
                 window_size=d.window_size, sink_tokens=d.sink_tokens,
                 softcap=d.softcap or None, alibi_slopes=args.alibi_slopes, sinks=args.sinks,
                 scale=d.scale, block_pattern=args.block_pattern,
-                block_size=d.block_size or 128, return_lse=True, backend=self._backend.value)
+                block_size=d.block_size or 128, return_lse=True, backend=self._backend.value,
+                key_mask=args.key_mask)
 
 
 def _describe(t) -> str:

@@ -42,20 +42,20 @@ def _key_rows(offs_n, b64, col_ok, TABLE, stride_tb, stride_kp, stride_kn, PAGE_
 @triton.jit(do_not_specialize=["Hkv", "Nq", "host_len", "n_new", "n_splits", "WIN_LO",
                                      "WIN_HI", "SINK_TOKENS", "PAGE_SIZE", "stride_ab"])
 def _decode_kernel(
-    Q, K, V, Y, LSE, SEQLENS, TABLE, KV_INDEX, KV_COUNT, ALIBI, SINKS,
+    Q, K, V, Y, LSE, SEQLENS, TABLE, KV_INDEX, KV_COUNT, ALIBI, SINKS, KEY_MASK,
     stride_qb, stride_qm, stride_qh,
     stride_kp, stride_kn, stride_kh,
     stride_vp, stride_vn, stride_vh,
     stride_ys, stride_yb, stride_ym, stride_yh,
     stride_ls, stride_lb, stride_lm, stride_lh,
-    stride_tb, stride_ib, stride_ih, stride_cb, stride_ch, stride_ab,
+    stride_tb, stride_ib, stride_ih, stride_cb, stride_ch, stride_ab, stride_mb,
     Hkv, Nq, host_len, n_new, n_splits, scale_hi, scale_lo, WIN_LO, WIN_HI, SINK_TOKENS,
     SOFTCAP, SOFTCAP_LO, PAGE_SIZE,
     G: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, DK_PAD: tl.constexpr,
     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_STEPS: tl.constexpr, HOST_LEN: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
-    HAS_SELECT: tl.constexpr,
+    HAS_SELECT: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
     SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr, FAST_TANH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -80,6 +80,8 @@ def _decode_kernel(
     one page id per tile, loaded one step ahead and carried, so that no K/V address waits
     on a load of its own iteration (the pipeliner then keeps its stages in flight); else a
     page id per key row.
+    HAS_KEY_MASK: uint8 [B, Ncache] (row stride stride_mb), 0 for a key no query sees
+    (padding inside the cache, e.g. a left-padded batch); loaded with each tile.
     """
     split = tl.program_id(0)
     tile_m = tl.program_id(1)
@@ -177,6 +179,9 @@ def _decode_kernel(
             next_tile = tl.where(it + 1 < sink_tiles, it + 1, tiles_lo + it + 1 - sink_tiles)
         offs_n = tile * BLOCK_N + offs_n0
         col_ok = offs_n < key_hi
+        if HAS_KEY_MASK:
+            col_ok = col_ok & (tl.load(KEY_MASK + b64 * stride_mb + offs_n, mask=col_ok,
+                                       other=0) != 0)
         if PAGE_ALIGNED:
             page = page_nxt.to(tl.int64)
             page_nxt = tl.load(table_row + next_tile // tiles_per_page, mask=it + 1 < it_hi,
