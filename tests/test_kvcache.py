@@ -329,3 +329,29 @@ def test_key_mask_hides_cached_keys(backend, splits, paged):
     with pytest.raises(bk.InvalidProblem, match="key_mask"):
         bk.block_sparse_attention_with_kvcache(q, kc, vc, lens.to(DEVICE), block_table=table,
                                                key_mask=key_mask[:, :5].to(DEVICE))
+
+
+def test_strided_inputs_are_read_correctly():
+    """Non-dense views (a transposed block table, strided lengths and new keys, a cache whose
+    head dim is strided) give the same result as dense copies, on either path."""
+    gen = torch.Generator().manual_seed(12)
+    kp, vp, table, _, _ = make_cache(2, 64, 2, 16, torch.float32, gen, 16)
+    q = torch.randn(2, 1, 4, 16, generator=gen).to(DEVICE)
+    k_new = torch.randn(2, 16, 2, 1, generator=gen).to(DEVICE).permute(0, 3, 2, 1)  # [2,1,2,16]
+    v_new = torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE)
+    lens_all = torch.tensor([30, 0, 50, 0], device=DEVICE)
+    table_t = table.t().contiguous().t()                                          # stride(1) != 1
+    backend = None if HAS_CUDA else "triton"
+    outs = []
+    for tab, lens, kn in ((table_t, lens_all[::2], k_new), (table.contiguous(),
+                                                             lens_all[::2].contiguous(),
+                                                             k_new.contiguous())):
+        kc, vc = kp.clone(), vp.clone()
+        outs.append((bk.block_sparse_attention_with_kvcache(
+            q, kc, vc, lens, kn, v_new, block_table=tab, backend=backend), kc))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
+    # a cache whose last dim is not dense takes the block-sparse path, which says so
+    wide = torch.randn(2, 64, 2, 32, generator=gen).to(DEVICE)[..., ::2]
+    with pytest.raises(bk.InvalidProblem, match="stride"):
+        bk.block_sparse_attention_with_kvcache(q, wide, wide, 10, backend=backend)

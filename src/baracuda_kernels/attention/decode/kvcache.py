@@ -145,7 +145,8 @@ def _decode_kernel_takes(q, k_cache, v_cache, pattern, block_size: int, backend,
                                                          and sinks.requires_grad)):
         return False  # the decode kernel has no backward
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or k_cache.device != q.device \
-            or q.shape[3] != k_cache.shape[3] or q.shape[2] % k_cache.shape[2]:
+            or q.shape[3] != k_cache.shape[3] or q.shape[2] % k_cache.shape[2] \
+            or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         return False  # the block-sparse path raises the precise error
     if pattern is not None:
         if not isinstance(pattern, torch.Tensor) or pattern.dtype != torch.bool \
@@ -170,11 +171,19 @@ def _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity: int
         scale = D ** -0.5
     host_len, seqlens = _decode_lengths(cache_seqlens, B, capacity, q.device,
                                         block_table is not None)
+    # The kernels index the last dim of every tensor, the table's rows and the lengths with
+    # unit strides: anything else is made dense here (small tensors; caches never copied).
+    if block_table is not None and block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    if seqlens is not None and seqlens.stride(0) != 1:
+        seqlens = seqlens.contiguous()
     n_new = 0
     if k is not None:
         _check_new(k_cache, v_cache, k, v, seqlens if seqlens is not None else host_len,
                    capacity)
         n_new = k.shape[1]
+        k = k if k.stride(3) == 1 else k.contiguous()
+        v = v if v.stride(3) == 1 else v.contiguous()
         append_to_cache(k, v, k_cache, v_cache, seqlens, host_len or 0, block_table)
     selection = None
     if pattern is not None:
