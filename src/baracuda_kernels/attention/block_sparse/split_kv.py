@@ -35,12 +35,24 @@ def choose_splits(requested: Optional[int], device: torch.device, programs: int,
     1 (no split) otherwise and on the CPU interpreter."""
     if requested is not None:
         return max(1, int(requested))
-    if device.type != "cuda" or rows_in_block > SPLIT_MAX_ROWS:
+    if rows_in_block > SPLIT_MAX_ROWS:
+        return 1
+    return auto_splits(device, programs, key_blocks, 2, MAX_SPLITS, MIN_BLOCKS_PER_SPLIT)
+
+
+def auto_splits(device: torch.device, programs: int, work: int, programs_per_sm: int,
+                max_splits: int, min_work_per_split: int) -> int:
+    """The automatic split count of a launch of ``programs`` programs, each over ``work``
+    units (key blocks or tiles): on CUDA, when there are fewer programs than SMs, enough
+    splits for ``programs_per_sm`` programs per SM, at most ``max_splits`` and one per
+    ``min_work_per_split`` units; 1 otherwise and on the CPU interpreter."""
+    if device.type != "cuda":
         return 1
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if programs >= sms:
         return 1
-    return max(1, min(-(-2 * sms // programs), key_blocks // MIN_BLOCKS_PER_SPLIT, MAX_SPLITS))
+    return max(1, min(-(-programs_per_sm * sms // programs), work // min_work_per_split,
+                      max_splits))
 
 
 def combine_splits(y_part: torch.Tensor, lse_part: torch.Tensor, y: torch.Tensor,

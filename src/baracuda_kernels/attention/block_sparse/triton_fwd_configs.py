@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ...core import ArchSku, InvalidProblem
-from ..common.numerics import head_dim_tile
+from ..common.numerics import head_dim_tile, next_pow2
 
 _POW2_TILES = (16, 32, 64, 128, 256)
 
@@ -69,10 +69,6 @@ class ForwardConfig:
         return (f"BM={self.block_m},BN={self.block_n},"
                 f"warps={self.num_warps},stages={self.num_stages}"
                 + (",tma" if self.use_tma else ""))
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------------------
@@ -215,7 +211,7 @@ def fit_bias_loads(cfg: ForwardConfig, d_k: int, d_v: int, dtype: torch.dtype, a
 def _table_block_key(block_size: int) -> int:
     """Table column for a block size: itself on the fast path, else the nearest power of two
     at or above it, clamped to 16..256 (a generic block is covered by masked tiles)."""
-    return min(256, max(16, _next_pow2(block_size)))
+    return min(256, max(16, next_pow2(block_size)))
 
 
 @lru_cache(maxsize=512)

@@ -8,9 +8,9 @@ import math
 import torch
 
 from ...core import ArchSku
-from ..common.numerics import accumulator_dtype
+from ..common.numerics import accumulator_dtype, next_pow2
 from .triton_fwd import block_sparse_attention_forward_triton
-from .triton_fwd_configs import (ForwardConfig, _next_pow2, candidate_forward_configs,
+from .triton_fwd_configs import (ForwardConfig, candidate_forward_configs,
                                  default_forward_config)
 
 _AUTOTUNE_CACHE: dict[tuple, ForwardConfig] = {}
@@ -55,7 +55,7 @@ def autotune_forward_config(q, k, v, lists, *, block_size: int, scale: float,
     if q.device.type != "cuda":
         return default_forward_config(d_k, d_v, q.dtype, block_size, arch, allow_tf32)
     key = (d_k, d_v, q.dtype, block_size, arch, bool(is_causal), bool(allow_tf32),
-           _next_pow2(Nq), _next_pow2(Nk), _next_pow2(B * H), q.device.index)
+           next_pow2(Nq), next_pow2(Nk), next_pow2(B * H), q.device.index)
     hit = _AUTOTUNE_CACHE.get(key)
     if hit is not None:
         return hit

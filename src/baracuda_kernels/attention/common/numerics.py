@@ -13,9 +13,14 @@ import torch
 LOG2E = 1.4426950408889634
 
 
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
 def head_dim_tile(d: int) -> int:
     """Padded head dim a kernel tile uses for a head dim ``d`` (power of two, >= 16)."""
-    return max(16, 1 << max(0, (int(d) - 1).bit_length()))
+    return max(16, next_pow2(d))
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
-from ..common.numerics import head_dim_tile, scale_args
-from ..common.problem import UNBOUNDED
+from ..common.numerics import head_dim_tile, next_pow2, scale_args
+from ..common.problem import window_args, window_rule
 from ..common.score_mods import fast_tanh
-from ..block_sparse.split_kv import sm_count
+from ..block_sparse.split_kv import auto_splits
 from .triton_decode import _append_kernel, _combine_kernel, _decode_kernel
 
 # Dtypes the decode kernel runs (float64 takes the block-sparse path: see kvcache.py).
@@ -50,7 +50,7 @@ def default_decode_config(group_rows: int, d_k: int, d_v: int, dtype: torch.dtyp
     f32, to bound registers), 2 stages. Never more than the selection block; in a paged
     cache of power-of-two pages >= 16 tokens, never more than a page (a tile then lies in
     one page: one page id per tile, see the kernel's PAGE_ALIGNED)."""
-    block_m = min(128, max(16, _pow2_at_least(group_rows)))
+    block_m = min(128, max(16, next_pow2(group_rows)))
     wide = max(d_k, d_v) > 128 or dtype == torch.float32
     if block_m <= 32:
         block_n, stages = 32, 3
@@ -71,13 +71,8 @@ def choose_decode_splits(requested: Optional[int], device: torch.device, program
     the CPU interpreter (its tests ask for splits explicitly)."""
     if requested is not None and requested >= 1:
         return int(requested)
-    if device.type != "cuda":
-        return 1
-    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= sms:
-        return 1
-    return max(1, min(-(-PROGRAMS_PER_SM * sms // programs), key_tiles // MIN_TILES_PER_SPLIT,
-                      MAX_DECODE_SPLITS))
+    return auto_splits(device, programs, key_tiles, PROGRAMS_PER_SM, MAX_DECODE_SPLITS,
+                       MIN_TILES_PER_SPLIT)
 
 
 def append_to_cache(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
@@ -100,7 +95,7 @@ def append_to_cache(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Ten
         table.stride(0) if paged else 0,
         Hkv, n_new, host_len, k_cache.shape[1] if paged else 1,
         D_K=d_k, D_V=d_v, DK_PAD=head_dim_tile(d_k), DV_PAD=head_dim_tile(d_v),
-        HKV_PAD=_pow2_at_least(Hkv), HOST_LEN=seqlens is None, PAGED=paged,
+        HKV_PAD=next_pow2(Hkv), HOST_LEN=seqlens is None, PAGED=paged,
         num_warps=4)
 
 
@@ -184,10 +179,6 @@ def decode_forward_triton(
 _RECIPES: dict = {}
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 @dataclass(frozen=True)
 class _Recipe:
     """What one launch of the decode kernel (and of its combine) takes besides the tensors
@@ -233,12 +224,9 @@ class _Recipe:
         else:
             out_st = (0, *y_st[:3])
             l_st = (0, lse_st[0], lse_st[2], lse_st[1]) if return_lse else (0,) * 4
-        if window_size is not None and tuple(window_size) != (-1, -1):
-            left, right = window_size
-            win = (-left if left >= 0 else -UNBOUNDED, right if right >= 0 else UNBOUNDED,
-                   sink_tokens)
-        else:
-            win = None
+        # Measured from each query's own position: the top-left form of the rule.
+        win = window_rule(window_size, sink_tokens, True, Nq, capacity) \
+            if window_size is not None else None
         if selection is not None:
             idx, cnt = selection
             sel_st = (0 if idx.shape[0] == 1 else idx.stride(0),
@@ -257,7 +245,7 @@ class _Recipe:
             key_mask.stride(0) if key_mask is not None else 0,
             Hkv, Nq)
         ints_after = (n_new, splits, *scale_args(scale, q.dtype),
-                      *(win if win is not None else (0, 0, 0)), *scale_args(softcap, q.dtype),
+                      *window_args(win), *scale_args(softcap, q.dtype),
                       k_cache.shape[1] if paged else 1)
         consts = dict(
             G=G, D_K=d_k, D_V=d_v, DK_PAD=head_dim_tile(d_k), DV_PAD=head_dim_tile(d_v),
@@ -274,8 +262,8 @@ class _Recipe:
                         *((lse_st[0], lse_st[2], lse_st[1]) if return_lse else (0, 0, 0)),
                         Nq, H, splits)
         combine_consts = dict(D_V=d_v, DV_PAD=head_dim_tile(d_v),
-                              S_PAD=max(2, _pow2_at_least(splits)),
-                              S_CHUNK=min(16, max(2, _pow2_at_least(splits))),
+                              S_PAD=max(2, next_pow2(splits)),
+                              S_CHUNK=min(16, max(2, next_pow2(splits))),
                               HAS_SINKS=sinks is not None, WRITE_LSE=return_lse, num_warps=4)
         return cls(y_shape, lse_shape, part_shape, B * Nq * H == 0, splits,
                    (splits, row_tiles, B * Hkv), ints_before, ints_after, consts,
