@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|hf|
+#   bash scripts/gpu_check.sh [tests|tests+launch|launch|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|hf|
 #                              decode|tests+decode|all]
 #                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
@@ -20,11 +20,16 @@ shift || true
 cat "$OUT/device.txt"
 
 status=0
-if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == tests+gqa || "$stage" == tests+decode || "$stage" == all ]]; then
+if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == tests+launch || "$stage" == tests+gqa || "$stage" == tests+decode || "$stage" == all ]]; then
   # Triton compiles on the host CPU: several workers keep the card busy while others compile.
   python3 -m pytest tests -q -n 8 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
   status=$?
   tail -n 25 "$OUT/gpu_tests.log"
+fi
+if [[ "$stage" == launch || "$stage" == tests+launch ]]; then
+  # Host time per launch: Triton's path vs the compiled-kernel reuse (common/triton_launch.py).
+  python3 scripts/probe_launch_cost.py > "$OUT/probe_launch_cost.log" 2>&1 || status=$?
+  cat "$OUT/probe_launch_cost.log"
 fi
 if [[ "$stage" == probe || "$stage" == tests+probe || "$stage" == all ]]; then
   # Host overhead: list building vs forward GPU time, eager vs CUDA-graph step, launches.
