@@ -355,3 +355,42 @@ def test_strided_inputs_are_read_correctly():
     wide = torch.randn(2, 64, 2, 32, generator=gen).to(DEVICE)[..., ::2]
     with pytest.raises(bk.InvalidProblem, match="stride"):
         bk.block_sparse_attention_with_kvcache(q, wide, wide, 10, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Nq,H,Hkv,is_causal", [(1, 8, 2, True), (1, 4, 4, True),
+                                                (5, 8, 2, False)])
+def test_cpu_decode_of_a_plain_cache_is_one_fused_call(monkeypatch, dtype, Nq, H, Hkv,
+                                                       is_causal):
+    """CPU rows of one length, no rule or modifier: one call of the fused CPU kernel
+    (decode/cpu_dense.py), GQA groups as rows; y and lse against the float64 oracle."""
+    from baracuda_kernels.attention.decode import cpu_dense, kvcache
+    calls = []
+    real = cpu_dense.cpu_dense_decode
+    monkeypatch.setattr(kvcache, "cpu_dense_decode",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    kc, vc, _, k_rows, v_rows = make_cache(2, 300, Hkv, 32, dtype, gen)
+    q = (torch.randn(2, Nq, H, 32, generator=gen) * 3).to(dtype)
+    k_new, v_new = (torch.randn(2, 2, Hkv, 32, generator=gen).to(dtype) for _ in range(2))
+    y, lse = bk.block_sparse_attention_with_kvcache(q, kc, vc, 201, k_new, v_new,
+                                                    is_causal=is_causal, return_lse=True)
+    assert calls, "the plain CPU decode did not take the fused call"
+    k_rows[:, 201:203], v_rows[:, 201:203] = k_new, v_new
+    total = torch.tensor([203, 203])
+    y64 = oracle_rows(q, k_rows, v_rows, total, is_causal, torch.float64)
+    assert_matches_oracle(y, y64, oracle_rows(q, k_rows, v_rows, total, is_causal, dtype))
+    G = H // Hkv
+    s = torch.einsum("bqhd,bnhd->bhqn", q.double(),
+                     k_rows[:, :203].double().repeat_interleave(G, 2)) * 32 ** -0.5
+    assert lse.shape == (2, H, Nq)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(lse.double(), s.logsumexp(-1), rtol=0,
+                               atol=1e-10 if dtype == torch.float64 else 2e-2)
+    # The same call on the reference backend takes the general path and agrees.
+    calls.clear()
+    kc2, vc2 = kc.clone(), vc.clone()
+    y_ref = bk.block_sparse_attention_with_kvcache(q, kc2, vc2, 203, is_causal=is_causal,
+                                                   backend="reference")
+    assert not calls
+    assert_matches_oracle(y_ref, y64, oracle_rows(q, k_rows, v_rows, total, is_causal, dtype))

@@ -9,6 +9,9 @@ Two paths, one meaning:
 * the decode kernel (launch.py, triton_decode.py): forward only, f16/bf16/f32 on the triton
   backend; reads ``cache_seqlens`` and the block table on the device, appends with one
   launch, packs each GQA group into one tile and splits long caches over several programs.
+* on the CPU, rows of one host-known length with no window, modifier, pattern or key mask
+  (Nq = 1, or not causal): PyTorch's fused flash CPU kernel over the cache's views
+  (cpu_dense.py);
 * the block-sparse path otherwise (float64, the reference and cpu backends, a gradient
   wanted for q, per-query-head patterns): the cache rows become token rules of one
   ``block_sparse_attention`` call (key blocks wholly past L_b are skipped); a paged cache
@@ -27,6 +30,7 @@ from ..common.backends import triton_unavailable_reason
 from ..common.problem import check_window
 from ..common.score_mods import ScoreMods, check_softcap
 from ..common.token_rules import K_PAD, TokenRules
+from .cpu_dense import cpu_dense_decode, cpu_dense_decode_takes
 from .launch import DECODE_DTYPES, append_to_cache, decode_forward_triton
 
 
@@ -116,6 +120,9 @@ def block_sparse_attention_with_kvcache(
         # Every row holds L keys (known on the host): the cache's first L keys with the
         # bottom-right rule on indices are the same problem, with no per-token rules at all.
         L = uniform + n_new
+        if cpu_dense_decode_takes(q, keys, values, L, is_causal, backend, window_size,
+                                  sink_tokens, softcap, alibi_slopes, sinks, scale):
+            return cpu_dense_decode(q, keys, values, L, scale, return_lse)
         keys, values, tokens = keys[:, :, :L], values[:, :, :L], None
         # One query (decode) sits after every key: its causal rule allows them all, and
         # without it the lists come from the one-launch builder (no diagonal to place).
