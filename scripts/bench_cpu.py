@@ -4,11 +4,13 @@ Problems (f32, D=64, block 64, causal sliding window of 512 tokens + 64 sink tok
 of the causal pairs at N=8192): B=1, H=8 at N=8192 and N=32768; and a decode step (Nq=1
 against 2048 keys, bottom-right). Implementations: ours (``cpu`` backend, prepared pattern),
 ours (``reference`` backend), SDPA causal (dense: 13x more pairs at 8k), SDPA with the
-equivalent boolean mask (8k only: the mask alone is 1 GiB at 32k). Threads 1 and 2. Each
-measurement runs in its own process: forward and backward (median of the repeats after a
-warm-up), and the process's peak RSS above its inputs.
+equivalent boolean mask (8k only: the mask alone is 1 GiB at 32k); for the decode step also
+``block_sparse_attention_with_kvcache`` on a [B, N, H, D] cache and SDPA given that cache's
+head-major views. Threads 1 and 2. Each measurement runs in its own process: forward and
+backward (median of the repeats after a warm-up; decode: the forward alone under no_grad,
+as in inference), and the process's peak RSS above its inputs.
 
-    PYTHONPATH=src python scripts/bench_cpu.py [--quick]
+    PYTHONPATH=src python scripts/bench_cpu.py [--quick | --decode]
 """
 import json
 import subprocess
@@ -29,7 +31,14 @@ q = torch.randn(1, H, Nq, D, requires_grad=True)
 k, v = (torch.randn(1, H, N, D, requires_grad=True) for _ in range(2))
 dy = torch.randn(1, H, Nq, D)
 decode = Nq != N
-if impl.startswith("ours"):
+if impl == "ours-kvcache":  # the decode entry point on a [B, N, H, D] cache
+    qc, kc, vc = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v))
+    call = lambda: bk.block_sparse_attention_with_kvcache(qc, kc, vc, cache_seqlens=N)
+elif impl == "sdpa-cache":  # SDPA handed the same cache's head-major views
+    qc, kc, vc = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v))
+    call = lambda: torch.nn.functional.scaled_dot_product_attention(
+        qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2))
+elif impl.startswith("ours"):
     backend = impl.split("-")[1]
     if decode:
         prep = bk.prepare_pattern(torch.ones(1, 1, 1, -(-N // bs), dtype=torch.bool), query_len=Nq,
@@ -47,11 +56,17 @@ else:  # sdpa-mask: the window's boolean token mask
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 fwd, bwd = [], []
 for it in range(repeats + 1):
-    t0 = time.perf_counter()
-    y = call()
-    t1 = time.perf_counter()
-    torch.autograd.grad(y, (q, k, v), dy)
-    t2 = time.perf_counter()
+    if decode:  # inference: the forward alone, no autograd graph
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            call()
+            t1 = t2 = time.perf_counter()
+    else:
+        t0 = time.perf_counter()
+        y = call()
+        t1 = time.perf_counter()
+        torch.autograd.grad(y, (q, k, v), dy)
+        t2 = time.perf_counter()
     if it:  # the first round is the warm-up
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
@@ -73,12 +88,16 @@ def measure(n, nq, impl, threads, repeats):
 def main():
     quick = "--quick" in sys.argv
     problems = [(8192, 8192, 3), (1, 2048, 20)] if quick else \
-        [(8192, 8192, 3), (32768, 32768, 1), (2048, 1, 20)]
+        [(8192, 8192, 3), (32768, 32768, 1), (2048, 1, 200)]
+    if "--decode" in sys.argv:
+        problems = problems[-1:]
     print("impl            threads  problem        fwd s    bwd s   peak MiB   vs sdpa-causal fwd / bwd")
     for n, nq, repeats in problems:
         n, nq = (n, nq) if nq <= n else (nq, n)
         label = f"N={n}" if nq == n else f"decode 1x{n}"
         impls = ["ours-cpu", "ours-reference", "sdpa-causal"] + (["sdpa-mask"] if nq == n <= 8192 else [])
+        if nq != n:  # decode: also the KV-cache entry point and SDPA on the same cache layout
+            impls += ["ours-kvcache", "sdpa-cache"]
         for threads in (1, 2):
             rows = {impl: measure(n, nq, impl, threads, repeats) for impl in impls}
             ref = rows["sdpa-causal"]
@@ -88,8 +107,9 @@ def main():
                     continue
                 ratio = ""
                 if "error" not in ref and impl != "sdpa-causal":
-                    ratio = f"{ref['fwd'] / r['fwd']:.2f}x / {ref['bwd'] / r['bwd']:.2f}x"
-                print(f"{impl:<16}{threads:>7}  {label:<12}{r['fwd']:>8.3f} {r['bwd']:>8.3f} "
+                    ratio = f"{ref['fwd'] / r['fwd']:.2f}x" + (
+                        f" / {ref['bwd'] / r['bwd']:.2f}x" if r["bwd"] else "")
+                print(f"{impl:<16}{threads:>7}  {label:<14}{r['fwd']:>10.4g} {r['bwd']:>8.4g} "
                       f"{r['peak_mib']:>10.0f}   {ratio}", flush=True)
 
 
