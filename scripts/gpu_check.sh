@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|tests+launch|launch|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|hf|
+#   bash scripts/gpu_check.sh [tests|tests+launch|launch|files+launch+hf FILES|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|hf|
 #                              decode|tests+decode|all]
 #                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
@@ -26,7 +26,13 @@ if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == tests+launch |
   status=$?
   tail -n 25 "$OUT/gpu_tests.log"
 fi
-if [[ "$stage" == launch || "$stage" == tests+launch ]]; then
+if [[ "$stage" == files+launch+hf ]]; then
+  # The test files given as extra arguments, then the launch probe and the transformers bench.
+  python3 -m pytest -q -n 8 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests_files.log" 2>&1
+  status=$?
+  tail -n 15 "$OUT/gpu_tests_files.log"
+fi
+if [[ "$stage" == launch || "$stage" == tests+launch || "$stage" == files+launch+hf ]]; then
   # Host time per launch: Triton's path vs the compiled-kernel reuse (common/triton_launch.py).
   python3 scripts/probe_launch_cost.py > "$OUT/probe_launch_cost.log" 2>&1 || status=$?
   cat "$OUT/probe_launch_cost.log"
@@ -100,7 +106,7 @@ if [[ "$stage" == ab || "$stage" == tokens+ab || "$stage" == probe-tokens+ab || 
   done
   rm -rf "$OUT"/ab_new "$OUT"/ab_old "$OUT"/ab_old2 "$OUT"/ab_new2
 fi
-if [[ "$stage" == hf ]]; then
+if [[ "$stage" == hf || "$stage" == files+launch+hf ]]; then
   # The transformers drop-in: training tokens/s (8k, 32k; causal and a 4k window) and decode
   # tokens/s after a 32k prompt, baracuda vs sdpa vs flex_attention (a Llama-like model).
   python3 scripts/bench_transformers.py > "$OUT/bench_transformers.log" 2>&1 || status=$?

@@ -56,7 +56,7 @@ def main():
 
 def reuse_rows(q, k, v, mask, forward, y):
     """Host us per call with the compiled-kernel reuse off / on; outputs must agree."""
-    prepared = bk.BlockPattern(mask, block_size=BS, query_len=N).prepare(q.device)
+    prepared = bk.prepare_pattern(mask, query_len=N, block_size=BS)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     dy = torch.randn_like(q)
 

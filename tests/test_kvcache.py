@@ -370,7 +370,8 @@ def test_cpu_decode_of_a_plain_cache_is_one_fused_call(monkeypatch, dtype, Nq, H
     monkeypatch.setattr(kvcache, "cpu_dense_decode",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     gen = torch.Generator().manual_seed(3)
-    kc, vc, _, k_rows, v_rows = make_cache(2, 300, Hkv, 32, dtype, gen)
+    kc, vc, _, k_rows, v_rows = (None if t is None else t.cpu()
+                                 for t in make_cache(2, 300, Hkv, 32, dtype, gen))
     q = (torch.randn(2, Nq, H, 32, generator=gen) * 3).to(dtype)
     k_new, v_new = (torch.randn(2, 2, Hkv, 32, generator=gen).to(dtype) for _ in range(2))
     y, lse = bk.block_sparse_attention_with_kvcache(q, kc, vc, 201, k_new, v_new,

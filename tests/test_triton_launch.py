@@ -51,17 +51,19 @@ def test_no_reuse_without_a_gpu_or_under_the_interpreter():
 def test_reused_launches_match_torch_for_every_argument_class(monkeypatch):
     dev = torch.device("cuda")
     base = torch.randn(1000, device=dev)
-    cases = [  # (offset into base, n, shift, a, ADD): classes change between neighbours
+    # (offset into base, n, shift, a, ADD): classes change between neighbours; the factors
+    # are powers of two, so that x * a + shift is exact with or without a fused multiply-add.
+    cases = [
         (0, 1000, 3, 0.5, True), (0, 1000, 3, 0.5, True), (0, 1000, 1, 0.5, True),
         (0, 1000, 2, 2.0, True), (1, 999, 2, 2.0, True), (1, 999, 1, 2.0, True),
-        (0, 1, 5, 1.5, True), (0, 17, 5, 1.5, True), (0, 16, 5, 1.5, True),
+        (0, 1, 5, 4.0, True), (0, 17, 5, 4.0, True), (0, 16, 5, 4.0, True),
         (0, 1000, 7, 0.25, False), (0, 1000, 7, 0.25, True), (4, 996, 1, -1.0, True),
     ]
     for off, n, shift, a, add in cases * 2:
         x = base[off:off + n]
         y = torch.full((n + 3,), float("nan"), device=dev)[3:]  # unaligned output too
         launch(_scaled_shift, (triton.cdiv(n, 128),), x, y, n, shift, a, BLOCK=128, ADD=add)
-        want = x * a + (shift if add else 0)
+        want = x * a + (shift if add else 0)  # exact: a is a power of two
         torch.testing.assert_close(y, want, rtol=0, atol=0)
     hits = [k for k in triton_launch._COMPILED if k[0] is _scaled_shift]
     assert 1 < len(hits) < len(cases)

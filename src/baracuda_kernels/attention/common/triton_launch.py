@@ -12,8 +12,8 @@ constants, the current device) and launches it directly on later calls through t
 kernel's launcher, which still reads each pointer and builds TMA descriptors per call.
 A key that is finer than needed only costs one more ordinary launch; one that is coarser
 would reuse a kernel compiled for other arguments, so anything this module cannot classify
-(an unknown argument type, launch hooks set by a profiler, the interpreter) takes the
-ordinary path. The reuse is off when ``BARACUDA_TRITON_REUSE=0``.
+(an unknown argument type, launch hooks set by a profiler, the interpreter, a launch traced
+by torch.compile) takes the ordinary path. The reuse is off when ``BARACUDA_TRITON_REUSE=0``.
 """
 
 from __future__ import annotations
@@ -123,6 +123,8 @@ def _keep(key, kernel, args, kwargs, compiled) -> None:
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, through the compiled kernel kept from an earlier
     call with arguments of the same classes when there is one (module docstring)."""
+    if torch.compiler.is_compiling():  # traced: the kernel joins the graph as a call
+        return kernel[grid](*args, **kwargs)
     key = _reuse_key(kernel, args, kwargs)
     if key is not None:
         try:

@@ -168,13 +168,21 @@ def decode_forward_triton(
         block_table if paged else placeholder, idx, cnt,
         alibi_slopes if alibi_slopes is not None else placeholder,
         sinks if sinks is not None else placeholder,
-        key_mask.view(torch.uint8) if key_mask is not None else placeholder,
+        _mask_bytes(key_mask) if key_mask is not None else placeholder,
         *recipe.ints_before, host_len, *recipe.ints_after, **recipe.consts)
     if recipe.splits > 1:
         launch(_combine_kernel, recipe.combine_grid,
             y_out, lse_out, y, lse if lse is not None else y_out,
             sinks if sinks is not None else y_out, *recipe.combine_ints, **recipe.combine_consts)
     return (y, lse) if return_lse else y
+
+
+def _mask_bytes(key_mask: torch.Tensor) -> torch.Tensor:
+    """The bool key mask as uint8 for the kernel: a free reinterpretation in eager mode; a
+    conversion when traced (inductor cannot lower a bool -> uint8 view)."""
+    if torch.compiler.is_compiling():
+        return key_mask.to(torch.uint8)
+    return key_mask.view(torch.uint8)
 
 
 _RECIPES: dict = {}
