@@ -1,7 +1,6 @@
 """Host cost of one forward launch, split: our TMA checks, descriptor construction, and
-Triton's launch with descriptor vs pointer arguments; then the host time of a forward, an
-eager training step and decode steps with the compiled-kernel reuse of
-common/triton_launch.py on and off (same process, outputs compared bitwise).
+Triton's launch with descriptor vs pointer arguments; then a profile of the host time of a
+forward launch and of a decode step.
 
     PYTHONPATH=src python scripts/probe_launch_cost.py
 """
@@ -11,7 +10,6 @@ import torch
 
 import baracuda_kernels as bk
 from baracuda_kernels.attention.block_sparse import triton_fwd
-from baracuda_kernels.attention.common import triton_launch
 from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
 from baracuda_kernels.attention.block_sparse.triton_fwd_configs import ForwardConfig
 from baracuda_kernels.attention.common.triton_tma import row_tile_descriptor, tma_fallback_reason
@@ -51,44 +49,33 @@ def main():
     triton_fwd.tma_fallback_reason = lambda *a: None
     print(f"{'launcher, TMA, descriptors prebuilt':<40} {host_us(launch(tma)):7.1f} us")
     triton_fwd.row_tile_descriptor, triton_fwd.tma_fallback_reason = real, real_reason
-    reuse_rows(q, k, v, mask, launch(tma), y)
+    profile_rows(q, k, v, mask, launch(tma))
 
 
-def reuse_rows(q, k, v, mask, forward, y):
-    """Host us per call with the compiled-kernel reuse off / on; outputs must agree."""
-    prepared = bk.prepare_pattern(mask, query_len=N, block_size=BS)
-    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    dy = torch.randn_like(q)
+def profile_rows(q, k, v, mask, forward):
+    """Where the host time of a forward launch and of a decode step goes: cProfile's top
+    entries by own time over 200 calls each."""
+    import cProfile
+    import pstats
 
-    def step():
-        out = bk.block_sparse_attention(qg, kg, vg, prepared, backend="triton")
-        return torch.autograd.grad(out, (qg, kg, vg), dy)
+    Hd, Hkv, Dd = 32, 8, 128
+    qd = torch.randn(1, 1, Hd, Dd, device="cuda", dtype=torch.bfloat16)
+    kc, vc = (torch.randn(1, 4096, Hkv, Dd, device="cuda", dtype=torch.bfloat16)
+              for _ in range(2))
+    lens = torch.full((1,), 4096, device="cuda", dtype=torch.int32)
 
-    Bd, Hd, Hkv, Dd = 1, 32, 8, 128
-    qd = torch.randn(Bd, 1, Hd, Dd, device="cuda", dtype=torch.bfloat16)
-    decode_rows = {}
-    for n_keys in (4096, 32768):
-        kc, vc = (torch.randn(Bd, n_keys, Hkv, Dd, device="cuda", dtype=torch.bfloat16)
-                  for _ in range(2))
-        lens = torch.full((Bd,), n_keys, device="cuda", dtype=torch.int32)
-        decode_rows[f"decode B=1 {n_keys // 1024}k, device lengths"] = (
-            lambda kc=kc, vc=vc, lens=lens: bk.block_sparse_attention_with_kvcache(
-                qd, kc, vc, cache_seqlens=lens))
-    rows = {"forward launcher, TMA, 2%": lambda: (forward(), y.clone())[1],
-            "eager training step, prepared 2%": step, **decode_rows}
-    print(f"{'host us per call':<40} {'reuse off':>10} {'reuse on':>10}  same output")
-    for name, fn in rows.items():
-        triton_launch._reuse_state["on"] = False
-        off_out = fn()
-        off = host_us(fn)
-        triton_launch._reuse_state["on"] = True
-        fn()  # fills the reuse cache
-        on_out = fn()
-        on = host_us(fn)
-        outs = (off_out, on_out)
-        same = all(torch.equal(a, b) for a, b in zip(*(o if isinstance(o, tuple) else (o,)
-                                                         for o in outs)))
-        print(f"{name:<40} {off:10.1f} {on:10.1f}  {same}", flush=True)
+    def decode():
+        return bk.block_sparse_attention_with_kvcache(qd, kc, vc, cache_seqlens=lens)
+
+    for name, fn in (("forward launcher, TMA, 2%", forward), ("decode B=1 4k", decode)):
+        print(f"{name}: {host_us(fn):.1f} us per call", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":

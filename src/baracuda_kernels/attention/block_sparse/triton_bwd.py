@@ -51,7 +51,7 @@ from ..common.problem import WindowRule, causal_offset, window_args
 from ..common.triton_tma import row_tile_descriptor, tma_fallback_reason
 from ..common.score_mods import (BiasGradTarget, ScoreModFlags, ScoreMods, alibi_offset,
                                  bias_kernel_args, fast_tanh, kernel_mod_args)
-from ..common.triton_launch import launch, launch_fitting
+from ..common.triton_launch import launch_fitting
 from .block_lists import bits_kernel_args
 from .triton_bwd_configs import (BackwardConfig, _tile, _warps, default_backward_config,
                                  short_row_backward_config)
@@ -250,8 +250,8 @@ def _launch(q, k, v, y, lse, dy, dlse, lists, block_size, scale, is_causal, dq, 
     elif dk is not None:  # no dQ: a pass of its own for delta and lse2
         block_r = max(16, 4096 // block_dv)  # ~32 live values per thread of 4 warps
         n_row_tiles = triton.cdiv(Nq, block_r)
-        launch(
-            _bwd_preprocess_kernel, (B * H * n_row_tiles,), y, dy, lse, dlse_arg, delta, lse2, *_bhn(y), *_bhn(dy), *_bhn(lse), *_bhn(dlse_arg),
+        _bwd_preprocess_kernel[(B * H * n_row_tiles,)](
+            y, dy, lse, dlse_arg, delta, lse2, *_bhn(y), *_bhn(dy), *_bhn(lse), *_bhn(dlse_arg),
             H, Nq, n_row_tiles, D_V=Dv, BLOCK_DV=block_dv, BLOCK_R=block_r, IS_F64=is_f64,
             HAS_DLSE=dlse is not None, num_warps=4)
 

@@ -15,7 +15,6 @@ import torch
 from ..common.numerics import head_dim_tile, next_pow2, scale_args
 from ..common.problem import window_args, window_rule
 from ..common.score_mods import fast_tanh
-from ..common.triton_launch import launch
 from ..block_sparse.split_kv import auto_splits
 from .triton_decode import _append_kernel, _combine_kernel, _decode_kernel
 
@@ -87,7 +86,7 @@ def append_to_cache(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Ten
         return
     paged = block_table is not None
     table = block_table if paged else k_cache
-    launch(_append_kernel, (B * n_new,),
+    _append_kernel[(B * n_new,)](
         k_new, v_new, k_cache, v_cache, seqlens if seqlens is not None else k_cache, table,
         k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
@@ -162,7 +161,7 @@ def decode_forward_triton(
         y_out, lse_out = y, (lse if lse is not None else y)
     placeholder = y_out
     idx, cnt = selection if selection is not None else (placeholder, placeholder)
-    launch(_decode_kernel, recipe.grid,
+    _decode_kernel[recipe.grid](
         q, k_cache, v_cache, y_out, lse_out,
         seqlens if seqlens is not None else placeholder,
         block_table if paged else placeholder, idx, cnt,
@@ -171,7 +170,7 @@ def decode_forward_triton(
         _mask_bytes(key_mask) if key_mask is not None else placeholder,
         *recipe.ints_before, host_len, *recipe.ints_after, **recipe.consts)
     if recipe.splits > 1:
-        launch(_combine_kernel, recipe.combine_grid,
+        _combine_kernel[recipe.combine_grid](
             y_out, lse_out, y, lse if lse is not None else y_out,
             sinks if sinks is not None else y_out, *recipe.combine_ints, **recipe.combine_consts)
     return (y, lse) if return_lse else y
