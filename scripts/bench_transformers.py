@@ -6,7 +6,7 @@
   same sizes), with attn_implementation "baracuda" vs "sdpa" vs "flex_attention";
 * generate(): decode tokens/s after a 32k-token prompt (32 new tokens, greedy, batch 1).
 
-    PYTHONPATH=src python scripts/bench_transformers.py [--quick | --smoke]
+    PYTHONPATH=src python scripts/bench_transformers.py [--quick | --smoke] [--generate-only]
 
 --quick: 2k context and 2 layers on the GPU; --smoke: a tiny model on the CPU in float32
 (checks the script itself, no figures worth keeping). Every figure is one median over a few
@@ -86,7 +86,7 @@ def main():
     register()
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)",
           "transformers", transformers.__version__, flush=True)
-    for kind in ("causal", "window"):
+    for kind in () if "--generate-only" in sys.argv else ("causal", "window"):
         for n in lengths:
             row = []
             for impl in IMPLS:
