@@ -107,6 +107,47 @@ def test_bias_matches_oracle_cpu(backend, case):
                causal, shape, **opts)
 
 
+CPU_CASES = [c for c in CASES if not c[6].get("softcap")]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
+def test_cpu_backend_bias(case):
+    """The fused cpu backend adds the bias to its mask (forward; the bias's gradient takes
+    the reference backward): against the oracle."""
+    if HAS_CUDA:
+        pytest.skip("the cpu backend runs CPU tensors; the CPU suite covers it")
+    _, Nq, Nk, bs, causal, shape, opts = case
+    check_bias("cpu", torch.float64, Nq, Nk, bs, causal, shape, **opts)
+
+
+def test_cpu_backend_bias_without_its_gradient_runs_the_fused_backward(monkeypatch):
+    """A bias that needs no gradient: q/k/v gradients from the fused backward kernel, equal
+    to the reference backend's; ALiBi on top."""
+    from baracuda_kernels.attention.block_sparse import cpu_fused
+    if HAS_CUDA:
+        pytest.skip("CPU tensors")
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 70, 16, generator=gen, dtype=torch.float64) * 2
+    k, v = (torch.randn(2, 2, 70, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(1, 4, 70, 70, generator=gen, dtype=torch.float64)
+    bias[..., 5:9] = float("-inf")
+    slopes = torch.rand(4, generator=gen) * 0.3
+    p = torch.rand(2, 1, 5, 5, generator=gen) < 0.7
+    calls = []
+    real = cpu_fused.block_sparse_attention_backward_reference
+    monkeypatch.setattr(cpu_fused, "block_sparse_attention_backward_reference",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    grads = []
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        y = bk.block_sparse_attention(*leaves, p, block_size=16, is_causal=True, bias=bias,
+                                      alibi_slopes=slopes, backend=backend)
+        grads.append((y,) + torch.autograd.grad(y, leaves, torch.ones_like(y)))
+    assert not calls
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -222,7 +263,7 @@ def test_plan_api_and_custom_op_with_bias():
     desc = bk.SdpaBlockSparseDescriptor(1, 2, 40, 40, 8, 8, block_size=16, element="f64",
                                         is_causal=True, bias=True, sinks=True)
     plan = bk.SdpaBlockSparsePlan.select(desc, device="cpu")
-    assert plan.backend.value == "reference"     # the cpu backend has no bias
+    assert plan.backend.value == "cpu"           # the bias joins its additive mask
     gen = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, 2, 40, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     p = torch.tensor([[[[1, 0, 0], [1, 1, 0], [0, 1, 1]]]], dtype=torch.bool)
@@ -268,8 +309,8 @@ def test_bias_validation():
         call(bias=torch.zeros(1, 1, 1, 2, 40, 40))
     with pytest.raises(bk.InvalidProblem, match="bias"):
         call(bias=[[0.0] * 40] * 40)
-    with pytest.raises(bk.Unsupported):
-        call(bias=torch.zeros(40, 40), backend="cpu")
+    b = torch.randn(40, 40)
+    torch.testing.assert_close(call(bias=b, backend="cpu"), call(bias=b, backend="reference"))
     # A strided key dim is accepted (copied once): same result as the contiguous bias.
     b = torch.randn(40, 40)
     torch.testing.assert_close(call(bias=b.t().contiguous().t()), call(bias=b.clone()))

@@ -136,6 +136,20 @@ def test_cpu_backend_sinks(dtype, case):
             torch.testing.assert_close(a, b)
 
 
+CPU_MOD_CASES = [c for c in CASES if not c[5].get("softcap")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CPU_MOD_CASES, ids=[c[0] for c in CPU_MOD_CASES])
+def test_cpu_backend_alibi(dtype, case):
+    """The fused cpu backend runs ALiBi (and sinks) as additive terms of its mask: forward,
+    lse and gradients against the oracle."""
+    if HAS_CUDA:
+        pytest.skip("the cpu backend runs CPU tensors; the CPU suite covers it")
+    _, Nq, Nk, bs, causal, opts = case
+    check_mods("cpu", dtype, Nq, Nk, bs, causal, **dict(opts, alibi=opts.get("alibi", "bh")))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -211,7 +225,7 @@ def test_plan_api_and_custom_op_with_score_mods():
     desc = bk.SdpaBlockSparseDescriptor(1, 2, 40, 40, 8, 8, block_size=16, element="f64",
                                         is_causal=True, softcap=4.0, alibi=True, sinks=True)
     plan = bk.SdpaBlockSparsePlan.select(desc, device="cpu")
-    assert plan.backend.value == "reference"     # the cpu backend has no softcap / ALiBi
+    assert plan.backend.value == "reference"     # the cpu backend has no softcap
     sinks_only = bk.SdpaBlockSparsePlan.select(
         bk.SdpaBlockSparseDescriptor(1, 2, 40, 40, 8, 8, block_size=16, element="f64",
                                      sinks=True), device="cpu")

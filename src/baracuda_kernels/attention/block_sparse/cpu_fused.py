@@ -16,6 +16,11 @@ call's output and lse are the row's final ones: nothing is merged across calls.
   in their PARTIAL blocks only; the others run mask-free. Groups are consecutive block rows
   (the argsort that lists each row's active blocks runs once per pattern slice).
 * Rows with no allowed key come back as y = 0, lse = -inf (the kernel gives 0 / 0 there).
+* ALiBi and an additive bias are additive score terms: they join the group's additive mask
+  (per head, in the accumulator dtype), built by the reference's modifier code on the
+  group's pairs, so both backends apply one definition. Softcap (not additive) stays with
+  the reference backend; a bias that needs its gradient takes the reference backward (the
+  fused backward kernel does not return dS).
 * dK/dV of the gathered copies are added back with index_add_ (a fixed order on the CPU:
   deterministic). An lse gradient (``dlse``) is not an input of PyTorch's backward kernel:
   such calls take the reference backward.
@@ -32,7 +37,8 @@ import torch
 from ..common.numerics import accumulator_dtype
 from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
-from .reference import (_allowed, _Group, _grouped, _live_rows, _slice_bits, _slices,
+from ..common.score_mods import ScoreMods, alibi_offset
+from .reference import (_allowed, _Group, _grouped, _live_rows, _Mods, _slice_bits, _slices,
                         _token_rows, _without_padding, row_block,
                         block_sparse_attention_backward_reference)
 
@@ -151,13 +157,18 @@ def _mask(allowed: Optional[torch.Tensor], g: int, dtype: torch.dtype) -> Option
 
 
 def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, window, Nq: int,
-                    Nk: int, trim_tail: bool = False):
+                    Nk: int, trim_tail: bool = False, mods=None):
     """Per pattern slice and group: (slice indices, the slice's queries, group, query tokens
-    [G, bs], allowed [G, bs, L] or None (nothing cut), gathered K, V [G, b*Hkv, L, D]).
-    ``trim_tail`` (the forward): a one-row group may come with fewer key columns than L
-    (``_keys_of``), and its ``allowed`` trimmed alike."""
+    [G, bs], the additive mask [G, 1 | b*Hkv*g, g*bs, L] or None (nothing cut, no additive
+    modifier), gathered K, V [G, b*Hkv, L, D]). ``trim_tail`` (the forward): a one-row
+    group may come with fewer key columns than L (``_keys_of``), and its mask trimmed
+    alike. ``mods``: ScoreMods whose ALiBi / bias join the mask (sinks are not read)."""
     H, Hkv = q.shape[1], k.shape[1]
     offset = causal_offset(is_causal, Nq, Nk)
+    acc = accumulator_dtype(q.dtype)
+    additive = None
+    if mods is not None and (mods.alibi_slopes is not None or mods.bias is not None):
+        additive = ScoreMods(mods.alibi_slopes, None, mods.bias)
     q5 = _grouped(q, Hkv)
     k4, v4 = k.unsqueeze(2), v.unsqueeze(2)
     classes = lists.block_class.cpu()
@@ -172,19 +183,35 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
             # step spends a fifth of its call there), keep the index tensors on the lists
             groups = lists.memo(("cpu-row-groups", bp, hp, block_size, Nq, Nk, bh),
                                 lambda groups=groups: list(groups))
+        md = _Mods.of_slice(0.0, additive, (bsl, ksl, gsl), Hkv,
+                            alibi_offset(is_causal, Nq, Nk), acc, q.shape[0], H) \
+            if additive is not None else None
         for grp, cells, needs_mask in groups:
             rows = grp.rows.view(-1, rb)
             allowed = _group_allowed(grp, cells, block_size, rb, rule) if needs_mask else None
             if allowed is not None and bool(allowed.all()):
                 # PARTIAL by block class but nothing cut for these rows (a decode row at the
-                # end of the keys under bottom-right causal): the kernel runs mask-free,
-                # about 1.8x faster than with an all-zero additive mask.
+                # end of the keys under bottom-right causal): the kernel runs mask-free.
                 allowed = None
+            mask = _mask(allowed, qs.shape[2], acc if md is not None else q.dtype)
+            if md is not None:
+                mask = _with_mods(mask, md, grp, rb, _token_rows(lists, bp), qs.shape, acc)
             kt = _keys_of(k4[bsl, ksl], grp, trim_tail)
             vt = _keys_of(v4[bsl, ksl], grp, trim_tail)
-            if allowed is not None and kt.shape[2] < allowed.shape[-1]:
-                allowed = allowed[..., :kt.shape[2]]
-            yield (bsl, ksl, gsl), qs, grp, rows, allowed, kt, vt
+            if mask is not None and kt.shape[2] < mask.shape[-1]:
+                mask = mask[..., :kt.shape[2]]
+            yield (bsl, ksl, gsl), qs, grp, rows, mask, kt, vt
+
+
+def _with_mods(mask, md: _Mods, grp: _Group, rb: int, tokens, slice_shape, acc):
+    """The additive mask [G, b*hk, g*rb, L] of a group: ALiBi and the bias on its pairs
+    (the reference's definition, _Mods.scores on zero scores), -inf where ``mask`` is."""
+    b, hk, g = slice_shape[:3]
+    G, L = grp.cols.shape
+    zero = torch.zeros((b, hk, g, G, rb, L), dtype=acc)
+    add, _ = md.scores(zero, grp, rb, True, tokens)                   # [b, hk, g, G, rb, L]
+    add = add.permute(3, 0, 1, 2, 4, 5).reshape(G, b * hk, g * rb, L)
+    return add if mask is None else add + mask
 
 
 def _store_rows(dst: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, all_ok: bool,
@@ -209,10 +236,11 @@ def block_sparse_attention_forward_cpu(q, k, v, lists: BlockLists, *, block_size
     """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] (see the reference forward: same contract).
     The fused kernel wants one head dim: d_k != d_v runs zero-padded to the larger (zero
     columns change neither q.k nor the kept columns of y). Of the score modifiers only
-    learnable sinks (``mods.sinks``): folded in after the fused kernel (``_fold_sinks``)."""
-    if softcap > 0 or (mods is not None and mods.alibi_slopes is not None):
-        raise RuntimeError("cpu backend: softcap / ALiBi reached it (the plan declines them)")
-    _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window)
+    learnable sinks (``mods.sinks``): folded in after the fused kernel (``_fold_sinks``);
+    ALiBi and the bias: in the additive mask (module docstring)."""
+    if softcap > 0:
+        raise RuntimeError("cpu backend: softcap reached it (the plan declines it)")
+    _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
     if mods is not None and mods.sinks is not None:
         _fold_sinks(y, lse, mods.sinks, lists)
 
@@ -230,18 +258,19 @@ def _fold_sinks(y, lse, sinks, lists: BlockLists) -> None:
     lse.copy_(total)
 
 
-def _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window) -> None:
+def _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window,
+                   mods) -> None:
     d = max(q.shape[-1], v.shape[-1])
     if q.shape[-1] != v.shape[-1]:
         y_pad = y.new_empty(y.shape[:-1] + (d,))
         _forward(_padded(q, d), _padded(k, d), _padded(v, d), lists, block_size, scale,
-                 is_causal, y_pad, lse, window)
+                 is_causal, y_pad, lse, window, mods)
         y.copy_(y_pad[..., :v.shape[-1]])
     else:
-        _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window)
+        _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
 
 
-def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window) -> None:
+def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods) -> None:
     Nq, Nk = q.shape[2], k.shape[2]
     Hkv = k.shape[1]
     y.zero_()
@@ -249,15 +278,14 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window) -> No
     q, k, v = _without_padding(lists, q=q, k=k, v=v)
     y5, lse5 = _grouped(y, Hkv), _grouped(lse, Hkv)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    for sl, qs, grp, rows, allowed, kt, vt in _group_problems(q, k, v, lists, block_size,
-                                                              is_causal, window, Nq, Nk,
-                                                              trim_tail=True):
+    for sl, qs, grp, rows, mask, kt, vt in _group_problems(q, k, v, lists, block_size,
+                                                           is_causal, window, Nq, Nk,
+                                                           trim_tail=True, mods=mods):
         b, hk, g = qs.shape[:3]
         qt = _as_problems(qs, rows)
-        out, row_lse = flash(qt, kt, vt, 0.0, False, attn_mask=_mask(allowed, g, q.dtype),
-                             scale=scale)
-        if allowed is not None:  # rows that see nothing: lse = -inf (the kernel gives 0)
-            seen = allowed.any(-1).repeat(1, g).unsqueeze(1)      # [G, 1, g*bs]
+        out, row_lse = flash(qt, kt, vt, 0.0, False, attn_mask=mask, scale=scale)
+        if mask is not None:  # rows that see nothing: lse = -inf (the kernel gives 0)
+            seen = (mask != float("-inf")).any(-1)                # [G, 1 | b*hk, g*bs]
             row_lse = torch.where(seen, row_lse, torch.full_like(row_lse, float("-inf")))
         rows_ok = bool(grp.row_ok.all())
         _store_rows(y5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(out, b, hk, g))
@@ -267,30 +295,32 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window) -> No
 def block_sparse_attention_backward_cpu(q, k, v, y, lse, dy, lists: BlockLists, *,
                                         block_size: int, scale: float, is_causal, dq, dk, dv,
                                         dlse=None, window: Optional[WindowRule] = None,
-                                        softcap: float = 0.0, mods=None):
+                                        softcap: float = 0.0, mods=None, dbias=None):
     """Writes dq, dk, dv (see the reference backward: same contract; d_k != d_v runs
     zero-padded as in the forward). Sinks need nothing here (lse and y include them).
     Returns the reference's row delta when it ran, else None."""
-    if dlse is not None:  # PyTorch's backward kernel has no lse-gradient input
+    if dlse is not None or dbias is not None:  # PyTorch's backward kernel has no lse-
+        # gradient input and returns no dS (the bias's gradient)
         return block_sparse_attention_backward_reference(
             q, k, v, y, lse, dy, lists, block_size=block_size, scale=scale,
             is_causal=is_causal, dq=dq, dk=dk, dv=dv, dlse=dlse, window=window,
-            softcap=softcap, mods=mods)
+            softcap=softcap, mods=mods, dbias=dbias)
     dk_, dv_ = q.shape[-1], v.shape[-1]
     if dk_ == dv_:
-        _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, window)
+        _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, window,
+                  mods)
         return
     d = max(dk_, dv_)
     grads = [None if g is None else g.new_empty(g.shape[:-1] + (d,)) for g in (dq, dk, dv)]
     _backward(_padded(q, d), _padded(k, d), _padded(v, d), _padded(y, d), lse, _padded(dy, d),
-              lists, block_size, scale, is_causal, *grads, window)
+              lists, block_size, scale, is_causal, *grads, window, mods)
     for out, g in zip((dq, dk, dv), grads):
         if out is not None:
             out.copy_(g[..., :out.shape[-1]])
 
 
 def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv,
-              window) -> None:
+              window, mods) -> None:
     Nq, Nk = q.shape[2], k.shape[2]
     Hkv = k.shape[1]
     acc = accumulator_dtype(q.dtype)
@@ -302,8 +332,9 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
     dk_acc = torch.zeros(k.shape, dtype=acc) if dk is not None else None
     dv_acc = torch.zeros(v.shape, dtype=acc) if dk is not None else None
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    for sl, qs, grp, rows, allowed, kt, vt in _group_problems(q, k, v, lists, block_size,
-                                                              is_causal, window, Nq, Nk):
+    for sl, qs, grp, rows, mask, kt, vt in _group_problems(q, k, v, lists, block_size,
+                                                           is_causal, window, Nq, Nk,
+                                                           mods=mods):
         b, hk, g = qs.shape[:3]
         bsl, ksl, gsl = sl
         qt = _as_problems(qs, rows)
@@ -319,8 +350,8 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
         # A row that sees nothing has lse = -inf; the kernel's convention there is 0 (its
         # masked P is exactly 0 either way). NaN stays NaN.
         lt = torch.where(lt == float("-inf"), torch.zeros_like(lt), lt)
-        gq, gk, gv = flash_bwd(dot, qt, kt, vt, ot, lt, 0.0, False,
-                               attn_mask=_mask(allowed, g, q.dtype), scale=scale)
+        gq, gk, gv = flash_bwd(dot, qt, kt, vt, ot, lt, 0.0, False, attn_mask=mask,
+                               scale=scale)
         if dq5 is not None:
             _store_rows(dq5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(gq, b, hk, g))
         if dk_acc is not None:
