@@ -77,7 +77,7 @@ def test_masked_plan_surface():
     desc = bk.SdpaMaskedDescriptor(2, 4, 40, 40, 8, 8, element="f64", is_causal=True,
                                    bias_shape=(1, 4, 40, 40), block_size=16)
     plan = bk.SdpaMaskedPlan.select(desc, device="cpu")
-    assert plan.backend.value == "reference" and plan.sku.op is bk.AttentionKind.MASKED_SDPA
+    assert plan.backend.value == "cpu" and plan.sku.op is bk.AttentionKind.MASKED_SDPA
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, 40, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     bias = torch.randn(1, 4, 40, 40, generator=gen, dtype=torch.float64)
@@ -108,8 +108,10 @@ def test_masked_plan_surface():
         bk.SdpaMaskedDescriptor(2, 4, 40, 40, 8, 8, bias_shape=(1, 4, 40, 1))
     with pytest.raises(bk.InvalidProblem, match="SdpaMaskedDescriptor"):
         bk.SdpaMaskedPlan.select(bk.FlashSdpaDescriptor(2, 4, 40, 40, 8, 8), device="cpu")
-    with pytest.raises(bk.Unsupported):
-        bk.SdpaMaskedPlan.select(desc, device="cpu", backend="cpu")
+    forced = {name: bk.SdpaMaskedPlan.select(desc, device="cpu", backend=name)
+              for name in ("cpu", "reference")}
+    torch.testing.assert_close(*(p.run(bk.SdpaMaskedArgs(q, k, v, bias))[0]
+                                 for p in forced.values()))
     free = bk.SdpaMaskedPlan.select(bk.SdpaMaskedDescriptor(2, 4, 40, 40, 8, 8, element="f64",
                                                             block_size=16), device="cpu")
     torch.testing.assert_close(free.run(bk.SdpaMaskedArgs(q, k, v, bias[0, 0]))[0],

@@ -205,13 +205,15 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
 
 def _with_mods(mask, md: _Mods, grp: _Group, rb: int, tokens, slice_shape, acc):
     """The additive mask [G, b*hk, g*rb, L] of a group: ALiBi and the bias on its pairs
-    (the reference's definition, _Mods.scores on zero scores), -inf where ``mask`` is."""
+    (the reference's definition, _Mods.scores on zero scores), -inf where ``mask`` is --
+    whatever the bias holds there: a padded slot reads the bias at a clamped column outside
+    the pattern, which may be anything, NaN included, and must never reach the result."""
     b, hk, g = slice_shape[:3]
     G, L = grp.cols.shape
     zero = torch.zeros((b, hk, g, G, rb, L), dtype=acc)
     add, _ = md.scores(zero, grp, rb, True, tokens)                   # [b, hk, g, G, rb, L]
     add = add.permute(3, 0, 1, 2, 4, 5).reshape(G, b * hk, g * rb, L)
-    return add if mask is None else add + mask
+    return add if mask is None else add.masked_fill_(mask == float("-inf"), float("-inf"))
 
 
 def _store_rows(dst: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, all_ok: bool,
@@ -329,8 +331,14 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
     q, k, v, dy = _without_padding(lists, q=q, k=k, v=v, dy=dy)
     y5, dy5, lse5 = _grouped(y, Hkv), _grouped(dy, Hkv), _grouped(lse, Hkv)
     dq5 = _grouped(dq, Hkv) if dq is not None else None
-    dk_acc = torch.zeros(k.shape, dtype=acc) if dk is not None else None
-    dv_acc = torch.zeros(v.shape, dtype=acc) if dk is not None else None
+    # dK / dV accumulate in the accumulator dtype: straight into dk / dv when they have it
+    # (float32 / float64 inputs: no second pair of K/V-sized buffers), else into buffers.
+    direct = dk is not None and dk.dtype == acc and dv.dtype == acc
+    if direct:
+        dk_acc, dv_acc = dk.zero_(), dv.zero_()
+    else:
+        dk_acc = torch.zeros(k.shape, dtype=acc) if dk is not None else None
+        dv_acc = torch.zeros(v.shape, dtype=acc) if dk is not None else None
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     for sl, qs, grp, rows, mask, kt, vt in _group_problems(q, k, v, lists, block_size,
                                                            is_causal, window, Nq, Nk,
@@ -364,6 +372,6 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
                     acc_t[bsl, ksl].index_add_(2, cols, flat)
                 else:
                     acc_t[bsl, ksl].index_add_(2, cols[ok], flat[:, :, ok])
-    if dk is not None:
+    if dk is not None and not direct:
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)
