@@ -24,7 +24,7 @@ def cpu_dense_decode_takes(q, keys, values, L: int, is_causal, backend, window_s
                            sink_tokens, softcap, alibi_slopes, sinks, scale) -> bool:
     """Whether this call is a plain CPU decode step (module docstring); anything else, and
     anything malformed, takes the general path (which names what is wrong)."""
-    if backend not in (None, "cpu") or q.device.type != "cpu" or L < 1:
+    if backend not in (None, "cpu") or q.device.type != "cpu" or L < 1 or q.numel() == 0:
         return False
     if window_size is not None or sink_tokens or softcap or alibi_slopes is not None \
             or sinks is not None:
