@@ -395,3 +395,49 @@ def test_cpu_decode_of_a_plain_cache_is_one_fused_call(monkeypatch, dtype, Nq, H
                                                    backend="reference")
     assert not calls
     assert_matches_oracle(y_ref, y64, oracle_rows(q, k_rows, v_rows, total, is_causal, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Nq,causal,window", [(1, True, (50, 0)), (1, True, None),
+                                              (1, False, (30, 5)), (4, False, None)])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_cpu_decode_with_lengths_key_mask_and_window(monkeypatch, dtype, Nq, causal, window,
+                                                     paged):
+    """CPU rows of different lengths, padding and holes in key_mask, a row that sees nothing,
+    the window with sink tokens: still one fused CPU call, with one [B, 1, 1, L] mask;
+    y and lse against the float64 oracle."""
+    from baracuda_kernels.attention.decode import kvcache
+    calls = []
+    real = kvcache.cpu_dense_decode
+    monkeypatch.setattr(kvcache, "cpu_dense_decode",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(12)
+    B, N, H, Hkv, D = 4, 96, 8, 2, 16
+    kc, vc, table, k_rows, v_rows = (None if t is None else t.cpu() for t in
+                                     make_cache(B, N, Hkv, D, dtype, gen, 16 if paged else None))
+    q = (torch.randn(B, Nq, H, D, generator=gen) * 3).to(dtype)
+    lens = torch.tensor([96, 70, 40, 33])
+    key_mask = torch.ones(B, N, dtype=torch.bool)
+    key_mask[0, :11] = False                       # left padding
+    key_mask[1, 20:45] = False                     # a hole
+    key_mask[2, :] = False                         # nothing visible
+    opts = dict(window_size=window, sink_tokens=3) if window is not None else {}
+    y, lse = bk.block_sparse_attention_with_kvcache(
+        q, kc, vc, lens, block_table=table, key_mask=key_mask, is_causal=causal,
+        return_lse=True, **opts)
+    assert calls, "the CPU decode did not take the fused call"
+    assert (y[2] == 0).all() and (lse[2] == float("-inf")).all()
+    for b in (0, 1, 3):
+        L = int(lens[b])
+        kb = k_rows[b:b + 1, :L].transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        vb = v_rows[b:b + 1, :L].transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        extra = key_mask[b, :L][None, None, None, :]
+        args = (q[b:b + 1].transpose(1, 2), kb, vb, torch.ones(1, 1, 1, 1, dtype=torch.bool),
+                1 << 20, "bottom_right" if causal else False)
+        mods = dict(window_size=window or (-1, -1), sink_tokens=3 if window else 0,
+                    extra_mask=extra)
+        y64, lse64 = dense_attention(*args, **mods)
+        ys, _ = dense_attention(*args, dtype=dtype, **mods)
+        assert_matches_oracle(y[b:b + 1].transpose(1, 2), y64, ys)
+        torch.testing.assert_close(lse[b:b + 1].double(), lse64.double(), rtol=0,
+                                   atol=1e-9 if dtype == torch.float64 else 2e-2)

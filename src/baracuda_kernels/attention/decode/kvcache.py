@@ -9,8 +9,9 @@ Two paths, one meaning:
 * the decode kernel (launch.py, triton_decode.py): forward only, f16/bf16/f32 on the triton
   backend; reads ``cache_seqlens`` and the block table on the device, appends with one
   launch, packs each GQA group into one tile and splits long caches over several programs.
-* on the CPU, rows of one host-known length with no window, modifier, pattern or key mask
-  (Nq = 1, or not causal): PyTorch's fused flash CPU kernel over the cache's views
+* on the CPU, a call whose rule does not depend on the query row (Nq = 1, or not causal
+  and no window) and has no score modifier or pattern: PyTorch's fused flash CPU kernel
+  over the cache's views with one [B, 1, 1, L] mask for lengths, key_mask and the window
   (cpu_dense.py);
 * the block-sparse path otherwise (float64, the reference and cpu backends, a gradient
   wanted for q, per-query-head patterns): the cache rows become token rules of one
@@ -116,13 +117,16 @@ def block_sparse_attention_with_kvcache(
     total = lens + n_new                                       # L_b, int64 [B]
     keys, values = _cache_view(k_cache, block_table), _cache_view(v_cache, block_table)
     uniform = _uniform_length(cache_seqlens, lens, capacity)
+    if cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, softcap,
+                              alibi_slopes, sinks, scale, block_pattern):
+        window, sink_tokens = check_window(window_size, sink_tokens) \
+            if window_size is not None else (None, 0)
+        return cpu_dense_decode(q, keys, values, total if uniform is None else uniform + n_new,
+                                key_mask, window, sink_tokens, scale, return_lse)
     if uniform is not None and block_pattern is None and key_mask is None:
         # Every row holds L keys (known on the host): the cache's first L keys with the
         # bottom-right rule on indices are the same problem, with no per-token rules at all.
         L = uniform + n_new
-        if cpu_dense_decode_takes(q, keys, values, L, is_causal, backend, window_size,
-                                  sink_tokens, softcap, alibi_slopes, sinks, scale):
-            return cpu_dense_decode(q, keys, values, L, scale, return_lse)
         keys, values, tokens = keys[:, :, :L], values[:, :, :L], None
         # One query (decode) sits after every key: its causal rule allows them all, and
         # without it the lists come from the one-launch builder (no diagonal to place).
