@@ -400,12 +400,13 @@ def test_cpu_decode_of_a_plain_cache_is_one_fused_call(monkeypatch, dtype, Nq, H
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Nq,causal,window", [(1, True, (50, 0)), (1, True, None),
                                               (1, False, (30, 5)), (4, False, None)])
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("paged,with_sinks", [(False, False), (True, False), (False, True)],
+                         ids=["contiguous", "paged", "sinks"])
 def test_cpu_decode_with_lengths_key_mask_and_window(monkeypatch, dtype, Nq, causal, window,
-                                                     paged):
+                                                     paged, with_sinks):
     """CPU rows of different lengths, padding and holes in key_mask, a row that sees nothing,
-    the window with sink tokens: still one fused CPU call, with one [B, 1, 1, L] mask;
-    y and lse against the float64 oracle."""
+    the window with sink tokens, learnable sinks: still one fused CPU call, with one
+    [B, 1, 1, L] mask; y and lse against the float64 oracle."""
     from baracuda_kernels.attention.decode import kvcache
     calls = []
     real = kvcache.cpu_dense_decode
@@ -422,11 +423,14 @@ def test_cpu_decode_with_lengths_key_mask_and_window(monkeypatch, dtype, Nq, cau
     key_mask[1, 20:45] = False                     # a hole
     key_mask[2, :] = False                         # nothing visible
     opts = dict(window_size=window, sink_tokens=3) if window is not None else {}
+    sinks = torch.randn(H, generator=gen, dtype=torch.float64) * 2 if with_sinks else None
     y, lse = bk.block_sparse_attention_with_kvcache(
         q, kc, vc, lens, block_table=table, key_mask=key_mask, is_causal=causal,
-        return_lse=True, **opts)
+        return_lse=True, sinks=sinks, **opts)
     assert calls, "the CPU decode did not take the fused call"
-    assert (y[2] == 0).all() and (lse[2] == float("-inf")).all()
+    assert (y[2] == 0).all()
+    empty_lse = sinks.float()[:, None].expand(H, Nq) if with_sinks else float("-inf")
+    assert torch.equal(lse[2].float(), torch.as_tensor(empty_lse).expand(H, Nq).float())
     for b in (0, 1, 3):
         L = int(lens[b])
         kb = k_rows[b:b + 1, :L].transpose(1, 2).repeat_interleave(H // Hkv, 1)
@@ -435,7 +439,7 @@ def test_cpu_decode_with_lengths_key_mask_and_window(monkeypatch, dtype, Nq, cau
         args = (q[b:b + 1].transpose(1, 2), kb, vb, torch.ones(1, 1, 1, 1, dtype=torch.bool),
                 1 << 20, "bottom_right" if causal else False)
         mods = dict(window_size=window or (-1, -1), sink_tokens=3 if window else 0,
-                    extra_mask=extra)
+                    extra_mask=extra, sinks=sinks)
         y64, lse64 = dense_attention(*args, **mods)
         ys, _ = dense_attention(*args, dtype=dtype, **mods)
         assert_matches_oracle(y[b:b + 1].transpose(1, 2), y64, ys)

@@ -10,8 +10,9 @@ or more of Python and small tensor ops per call, more than the arithmetic of a 2
 this path hands the cache's views and one broadcast [B, 1, 1, L] additive mask (none when
 nothing is hidden) straight to ``aten._scaled_dot_product_flash_attention_for_cpu``. GQA
 rides as rows: the Hkv groups' query heads become G * Nq query rows of their K/V head (no
-K/V copy), exact because no rule tells the rows apart. Score modifiers (softcap, ALiBi,
-sinks) and block patterns take the general path.
+K/V copy), exact because no rule tells the rows apart. Learnable sinks (one logit per head
+in every row's denominator) are folded in after the call; softcap, ALiBi and block
+patterns take the general path.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ def cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, sof
     anything malformed, takes the general path (which names what is wrong)."""
     if backend not in (None, "cpu") or q.device.type != "cpu" or q.numel() == 0:
         return False
-    if block_pattern is not None or softcap or alibi_slopes is not None or sinks is not None:
+    if block_pattern is not None or softcap or alibi_slopes is not None:
         return False
+    if sinks is not None and not (isinstance(sinks, torch.Tensor) and sinks.is_floating_point()
+                                  and sinks.device.type == "cpu"
+                                  and tuple(sinks.shape) == (q.shape[2],)):
+        return False  # the general path names what is wrong
     if q.shape[1] != 1 and (is_causal or window_size is not None):
         return False  # the rule differs per query row: the general path places it
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -48,19 +53,22 @@ def cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, sof
             or keys.shape[3] != D or values.shape[3] != D or keys.shape[2] != values.shape[2]:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad
-                                    or values.requires_grad):
+                                    or values.requires_grad
+                                    or (sinks is not None and sinks.requires_grad)):
         return False  # the block-sparse path carries the gradient
     return True
 
 
 def cpu_dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, total,
                      key_mask: Optional[torch.Tensor], window_size, sink_tokens: int,
-                     scale: Optional[float], return_lse: bool):
+                     scale: Optional[float], return_lse: bool,
+                     sinks: Optional[torch.Tensor] = None):
     """y [B, Nq, H, D] (and lse [B, H, Nq], float32; float64 for float64) of q [B, Nq, H, D]
     over keys / values [B, Hkv, Ncache, D] (the cache's head-major views), row b holding
     ``total[b]`` keys (an int: every row), ``key_mask`` bool [B, Ncache] or None, the window
     ``window_size`` (validated (left, right), -1 unbounded; one query per row) with
-    ``sink_tokens``. Rows that see no key: y = 0, lse = -inf."""
+    ``sink_tokens``, learnable ``sinks`` [H] or None. Rows that see no key: y = 0, lse = -inf
+    (lse = sink with sinks)."""
     B, Nq, H, D = q.shape
     Hkv = keys.shape[1]
     G = H // Hkv
@@ -103,7 +111,12 @@ def cpu_dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         if mask is not None:  # rows that see nothing: lse = -inf (the kernel gives 0 / 0)
             lse = torch.where(ok.any(-1)[:, None, None], lse, float("-inf"))
     y = out.view(B, Hkv, G, Nq, D).permute(0, 3, 1, 2, 4).reshape(B, Nq, H, D)
+    lse = lse.reshape(B, H, Nq)
+    if sinks is not None:  # lse' = logaddexp(lse, sink), y' = y * exp(lse - lse')
+        total_lse = torch.logaddexp(lse.to(acc), sinks.to(acc)[None, :, None])
+        factor = torch.exp(lse.to(acc) - total_lse)                     # 0 where lse = -inf
+        y = (y.to(acc) * factor.permute(0, 2, 1)[..., None]).to(q.dtype)
+        lse = total_lse
     if not return_lse:
         return y
-    lse = lse.reshape(B, H, Nq)
     return y, (lse if q.dtype == torch.float64 else lse.float())
