@@ -33,7 +33,8 @@ if [[ "$stage" == files+launch+hf ]]; then
   tail -n 15 "$OUT/gpu_tests_files.log"
 fi
 if [[ "$stage" == launch || "$stage" == tests+launch || "$stage" == files+launch+hf ]]; then
-  # Host time per launch: Triton's path vs the compiled-kernel reuse (common/triton_launch.py).
+  # Host time per launch (pointer vs TMA arguments), then a cProfile of the host time of a
+  # forward launch and of a decode step.
   python3 scripts/probe_launch_cost.py > "$OUT/probe_launch_cost.log" 2>&1 || status=$?
   cat "$OUT/probe_launch_cost.log"
 fi

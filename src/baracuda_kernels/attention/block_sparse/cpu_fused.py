@@ -37,7 +37,7 @@ import torch
 from ..common.numerics import accumulator_dtype
 from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
-from ..common.score_mods import ScoreMods, alibi_offset
+from ..common.score_mods import ScoreMods, alibi_offset, fold_sinks
 from .reference import (_allowed, _Group, _grouped, _live_rows, _Mods, _slice_bits, _slices,
                         _token_rows, _without_padding, row_block,
                         block_sparse_attention_backward_reference)
@@ -159,8 +159,8 @@ def _mask(allowed: Optional[torch.Tensor], g: int, dtype: torch.dtype) -> Option
 def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, window, Nq: int,
                     Nk: int, trim_tail: bool = False, mods=None):
     """Per pattern slice and group: (slice indices, the slice's queries, group, query tokens
-    [G, bs], the additive mask [G, 1 | b*Hkv*g, g*bs, L] or None (nothing cut, no additive
-    modifier), gathered K, V [G, b*Hkv, L, D]). ``trim_tail`` (the forward): a one-row
+    [G, bs], the additive mask [G, 1 | b*hk, g*bs, L] (b, hk: the slice's batch rows and
+    K/V heads) or None (nothing cut, no additive modifier), gathered K, V [G, b*Hkv, L, D]). ``trim_tail`` (the forward): a one-row
     group may come with fewer key columns than L (``_keys_of``), and its mask trimmed
     alike. ``mods``: ScoreMods whose ALiBi / bias join the mask (sinks are not read)."""
     H, Hkv = q.shape[1], k.shape[1]
@@ -193,9 +193,10 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
                 # PARTIAL by block class but nothing cut for these rows (a decode row at the
                 # end of the keys under bottom-right causal): the kernel runs mask-free.
                 allowed = None
-            mask = _mask(allowed, qs.shape[2], acc if md is not None else q.dtype)
-            if md is not None:
-                mask = _with_mods(mask, md, grp, rb, _token_rows(lists, bp), qs.shape, acc)
+            if md is None:
+                mask = _mask(allowed, qs.shape[2], q.dtype)
+            else:
+                mask = _with_mods(allowed, md, grp, rb, _token_rows(lists, bp), qs.shape, acc)
             kt = _keys_of(k4[bsl, ksl], grp, trim_tail)
             vt = _keys_of(v4[bsl, ksl], grp, trim_tail)
             if mask is not None and kt.shape[2] < mask.shape[-1]:
@@ -203,17 +204,21 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
             yield (bsl, ksl, gsl), qs, grp, rows, mask, kt, vt
 
 
-def _with_mods(mask, md: _Mods, grp: _Group, rb: int, tokens, slice_shape, acc):
+def _with_mods(allowed, md: _Mods, grp: _Group, rb: int, tokens, slice_shape, acc):
     """The additive mask [G, b*hk, g*rb, L] of a group: ALiBi and the bias on its pairs
-    (the reference's definition, _Mods.scores on zero scores), -inf where ``mask`` is --
-    whatever the bias holds there: a padded slot reads the bias at a clamped column outside
-    the pattern, which may be anything, NaN included, and must never reach the result."""
+    (the reference's definition, _Mods.scores on zero scores), -inf where ``allowed``
+    [G, rb, L] (None: everywhere allowed) is False -- whatever the bias holds there: a
+    padded slot reads the bias at a clamped column outside the pattern, which may be
+    anything, NaN included, and must never reach the result."""
     b, hk, g = slice_shape[:3]
     G, L = grp.cols.shape
     zero = torch.zeros((b, hk, g, G, rb, L), dtype=acc)
     add, _ = md.scores(zero, grp, rb, True, tokens)                   # [b, hk, g, G, rb, L]
     add = add.permute(3, 0, 1, 2, 4, 5).reshape(G, b * hk, g * rb, L)
-    return add if mask is None else add.masked_fill_(mask == float("-inf"), float("-inf"))
+    if allowed is None:
+        return add
+    cut = ~allowed.unsqueeze(1).repeat(1, 1, g, 1)                   # [G, 1, g*rb, L]
+    return add.masked_fill_(cut, float("-inf"))
 
 
 def _store_rows(dst: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, all_ok: bool,
@@ -238,26 +243,15 @@ def block_sparse_attention_forward_cpu(q, k, v, lists: BlockLists, *, block_size
     """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] (see the reference forward: same contract).
     The fused kernel wants one head dim: d_k != d_v runs zero-padded to the larger (zero
     columns change neither q.k nor the kept columns of y). Of the score modifiers only
-    learnable sinks (``mods.sinks``): folded in after the fused kernel (``_fold_sinks``);
+    learnable sinks (``mods.sinks``): folded in after the fused kernel (``fold_sinks``);
     ALiBi and the bias: in the additive mask (module docstring)."""
     if softcap > 0:
         raise RuntimeError("cpu backend: softcap reached it (the plan declines it)")
     _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
     if mods is not None and mods.sinks is not None:
-        _fold_sinks(y, lse, mods.sinks, lists)
-
-
-def _fold_sinks(y, lse, sinks, lists: BlockLists) -> None:
-    """One sink logit per head in every live row's denominator, after the fact:
-    lse' = logaddexp(lse, sink), y' = y * exp(lse - lse') (rows that saw nothing: y = 0,
-    lse' = sink; padding rows keep -inf). The backward then needs nothing more: the fused
-    backward kernel rebuilds P from lse' and its row term from y'."""
-    live = _live_rows(lists, torch.arange(lse.shape[-1]))
-    total = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
-    total = torch.where(live, total, lse)
-    scale = torch.exp(torch.where(torch.isinf(lse) & (lse < 0), float("-inf"), lse - total))
-    y.copy_((y.to(lse.dtype) * scale[..., None]).to(y.dtype))
-    lse.copy_(total)
+        # After the fact (padding rows keep -inf). The backward then needs nothing more: the
+        # fused backward kernel rebuilds P from lse' and its row term from y'.
+        fold_sinks(y, lse, mods.sinks, _live_rows(lists, torch.arange(lse.shape[-1])))
 
 
 def _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window,

@@ -250,6 +250,20 @@ def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> t
     return grad.to(sinks.dtype)
 
 
+def fold_sinks(y: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, live=None) -> None:
+    """In place, after an attention without sinks: one sink logit per head joins the
+    denominator of every live row, lse' = logaddexp(lse, sink), y' = y * exp(lse - lse')
+    (a row that saw nothing keeps y = 0 and gets lse' = sink). y [B, H, Nq, Dv] (any
+    strides), lse [B, H, Nq] in the accumulator dtype, sinks [H]; live: bool broadcastable
+    to lse, False for rows that take part in nothing (they keep lse = -inf), or None (all)."""
+    total = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
+    if live is not None:
+        total = torch.where(live, total, lse)
+    scale = torch.exp(torch.where(torch.isinf(lse) & (lse < 0), float("-inf"), lse - total))
+    y.copy_((y.to(lse.dtype) * scale[..., None]).to(y.dtype))
+    lse.copy_(total)
+
+
 def _describe(t) -> str:
     if not isinstance(t, torch.Tensor):
         return f"a {type(t).__name__}"

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..common.numerics import accumulator_dtype
+from ..common.score_mods import fold_sinks
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -112,11 +113,8 @@ def cpu_dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
             lse = torch.where(ok.any(-1)[:, None, None], lse, float("-inf"))
     y = out.view(B, Hkv, G, Nq, D).permute(0, 3, 1, 2, 4).reshape(B, Nq, H, D)
     lse = lse.reshape(B, H, Nq)
-    if sinks is not None:  # lse' = logaddexp(lse, sink), y' = y * exp(lse - lse')
-        total_lse = torch.logaddexp(lse.to(acc), sinks.to(acc)[None, :, None])
-        factor = torch.exp(lse.to(acc) - total_lse)                     # 0 where lse = -inf
-        y = (y.to(acc) * factor.permute(0, 2, 1)[..., None]).to(q.dtype)
-        lse = total_lse
+    if sinks is not None:
+        fold_sinks(y.transpose(1, 2), lse, sinks)
     if not return_lse:
         return y
     return y, (lse if q.dtype == torch.float64 else lse.float())
