@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
-#   bash scripts/gpu_check.sh [tests|tests+launch|launch|files+launch+hf FILES|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|hf|
+#   bash scripts/gpu_check.sh [tests|tests+launch|launch|files+launch+hf FILES|hf+launch+readme|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|hf|
 #                              decode|tests+decode|all]
 #                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
@@ -32,7 +32,7 @@ if [[ "$stage" == files+launch+hf ]]; then
   status=$?
   tail -n 15 "$OUT/gpu_tests_files.log"
 fi
-if [[ "$stage" == launch || "$stage" == tests+launch || "$stage" == files+launch+hf ]]; then
+if [[ "$stage" == launch || "$stage" == tests+launch || "$stage" == files+launch+hf || "$stage" == hf+launch+readme ]]; then
   # Host time per launch (pointer vs TMA arguments), then a cProfile of the host time of a
   # forward launch and of a decode step.
   python3 scripts/probe_launch_cost.py > "$OUT/probe_launch_cost.log" 2>&1 || status=$?
@@ -107,11 +107,16 @@ if [[ "$stage" == ab || "$stage" == tokens+ab || "$stage" == probe-tokens+ab || 
   done
   rm -rf "$OUT"/ab_new "$OUT"/ab_old "$OUT"/ab_old2 "$OUT"/ab_new2
 fi
-if [[ "$stage" == hf || "$stage" == files+launch+hf ]]; then
+if [[ "$stage" == hf || "$stage" == files+launch+hf || "$stage" == hf+launch+readme ]]; then
   # The transformers drop-in: training tokens/s (8k, 32k; causal and a 4k window) and decode
   # tokens/s after a 32k prompt, baracuda vs sdpa vs flex_attention (a Llama-like model).
   python3 scripts/bench_transformers.py > "$OUT/bench_transformers.log" 2>&1 || status=$?
   grep -v Warning "$OUT/bench_transformers.log" | tail -n 20
+fi
+if [[ "$stage" == hf+launch+readme ]]; then
+  # Every README python block as written (the CUDA-graph block needs a GPU).
+  python3 scripts/check_readme.py > "$OUT/check_readme.log" 2>&1 || status=$?
+  cat "$OUT/check_readme.log"
 fi
 if [[ "$stage" == decode-tests ]]; then
   # The KV-cache / decode test files alone, then the decode probe with its config sweep.
