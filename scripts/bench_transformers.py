@@ -4,6 +4,10 @@
 * training step (forward + backward of the LM loss, no optimizer) tokens/s at 8k and 32k
   context, dense causal (LlamaConfig) and a 4096-token sliding window (MistralConfig, the
   same sizes), with attn_implementation "baracuda" vs "sdpa" vs "flex_attention";
+* the same training step with a 4096-token window plus 64 attention-sink tokens (the first
+  64 keys stay visible; LlamaConfig): each implementation gets the rule as its users would
+  give it: baracuda through register(pattern=...) (a token-exact BlockPattern), sdpa as a
+  4D bool mask, flex_attention as a BlockMask;
 * generate(): decode tokens/s after a 32k-token prompt (32 new tokens, greedy, batch 1).
 
     PYTHONPATH=src python scripts/bench_transformers.py [--quick | --smoke] [--generate-only]
@@ -20,6 +24,7 @@ import torch
 import transformers
 
 from baracuda_kernels.integrations.transformers import register
+from baracuda_kernels.patterns import sliding_window
 
 IMPLS = ("baracuda", "sdpa", "flex_attention")
 SMOKE = "--smoke" in sys.argv
@@ -57,14 +62,33 @@ def timed(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def train_tokens_per_s(m, n: int) -> float:
+def train_tokens_per_s(m, n: int, mask=None) -> float:
     ids = torch.randint(0, 32000, (1, n), device=DEVICE)
+    extra = {} if mask is None else {"attention_mask": mask}
 
     def step():
         m.zero_grad(set_to_none=True)
-        m(ids, labels=ids).loss.backward()
+        m(ids, labels=ids, **extra).loss.backward()
 
     return n / timed(step)
+
+
+WINDOW, SINK_TOKENS = 4096, 64
+
+
+def window_sinks_rule(impl: str, n: int):
+    """(attn_implementation, attention_mask) giving the window + sink-token rule to impl."""
+    if impl == "baracuda":
+        return "baracuda_window_sinks", None          # the rule is the registered pattern
+    if impl == "sdpa":
+        i = torch.arange(n, device=DEVICE)[:, None]
+        j = torch.arange(n, device=DEVICE)[None, :]
+        return impl, ((j <= i) & ((i - j < WINDOW) | (j < SINK_TOKENS)))[None, None]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def rule(b, h, qi, kj):
+        return (kj <= qi) & ((qi - kj < WINDOW) | (kj < SINK_TOKENS))
+    return impl, create_block_mask(rule, None, None, n, n, device=DEVICE)
 
 
 def decode_tokens_per_s(m, prompt: int, new: int = 32) -> float:
@@ -84,6 +108,8 @@ def main():
     else:
         layers, lengths, prompt = 8, (8192, 32768), 32768
     register()
+    register("baracuda_window_sinks", pattern=lambda layer, q_len, kv_len: sliding_window(
+        q_len, WINDOW, block_size=128, sinks=SINK_TOKENS, key_len=kv_len))
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)",
           "transformers", transformers.__version__, flush=True)
     for kind in () if "--generate-only" in sys.argv else ("causal", "window"):
@@ -99,6 +125,19 @@ def main():
                 if DEVICE == "cuda":
                     torch.cuda.empty_cache()
             print(f"train {kind:6} N={n:6}: tokens/s " + " | ".join(row), flush=True)
+    for n in () if "--generate-only" in sys.argv else lengths:
+        row = []
+        for impl in IMPLS:
+            try:
+                name, mask = window_sinks_rule(impl, n)
+                m = model("causal", name, layers, WINDOW)
+                row.append(f"{impl} {train_tokens_per_s(m, n, mask):9.0f}")
+            except Exception as exc:
+                row.append(f"{impl} {type(exc).__name__}: {str(exc)[:80]}")
+            m = mask = None
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+        print(f"train window+sinks N={n:6}: tokens/s " + " | ".join(row), flush=True)
     row = []
     for impl in IMPLS:
         try:
