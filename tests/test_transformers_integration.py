@@ -442,6 +442,32 @@ def test_bf16_on_the_gpu_within_twice_sdpa_error(kind):
     assert err <= 2 * base + 1e-3, (err, base)
 
 
+@pytest.mark.gpu
+def test_plain_causal_calls_take_the_dense_plan_on_the_gpu(monkeypatch):
+    """bf16 on CUDA, no padding, no pattern: every layer's call goes to flash_sdpa (the
+    dense plan), and the logits are within twice sdpa's own error against float64; with a
+    padded batch the calls stay block-sparse."""
+    calls = []
+    real = bk_hf.flash_sdpa
+    monkeypatch.setattr(bk_hf, "flash_sdpa", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ref64 = _model("llama", MODELS["llama"][2], max_position_embeddings=512).cuda()
+    ours = _model("llama", NAME, max_position_embeddings=512).to("cuda", torch.bfloat16)
+    theirs = _model("llama", MODELS["llama"][2], max_position_embeddings=512).to(
+        "cuda", torch.bfloat16)
+    ids = torch.randint(1, VOCAB, (2, 300), generator=torch.Generator().manual_seed(5)).cuda()
+    every = torch.ones(ids.shape, dtype=torch.bool, device="cuda")
+    with torch.no_grad():
+        exact = ref64(ids).logits
+        err = _max_diff(ours(ids).logits.double(), exact, every)
+        base = _max_diff(theirs(ids).logits.double(), exact, every)
+        assert calls and err <= 2 * base + 1e-3, (len(calls), err, base)
+        calls.clear()
+        mask = torch.ones_like(ids)
+        mask[0, :20] = 0
+        ours(ids, attention_mask=mask)
+    assert not calls
+
+
 def test_torch_compile_traces_the_attention_exactly():
     """torch.compile of a whole model (AOT autograd, eager kernels: the graph capture is
     what is tested; inductor's own CPU codegen takes ~1 minute here) gives the logits of

@@ -21,6 +21,10 @@ of a model loaded with that ``attn_implementation`` (``from_pretrained`` too, or
   lies (no copy), with the padded keys as its ``key_mask``: on CUDA that is the decode
   kernel (split-KV, GQA packed, forward only); longer calls are bottom-right causal calls of
   ``block_sparse_attention``;
+* on CUDA, calls with nothing block-sparse about them (no ``pattern``, no ``backend``
+  forced, and a plain causal or full rule: no window, padding, documents, softcap or sinks)
+  go to the library's dense ``flash_sdpa`` (cuDNN / flash kernels where they run, else
+  ours), which beats an all-blocks-active pattern on dense causal training;
 * an optional ``pattern`` callable adds per-layer block sparsity, ANDed with the model's rule.
 
 Declined (a one-time ``warnings.warn`` and the model's own eager attention, or
@@ -46,6 +50,7 @@ import torch
 
 from ..attention.block_sparse.functional import block_sparse_attention
 from ..attention.decode.kvcache import block_sparse_attention_with_kvcache
+from ..attention.flash_sdpa.functional import flash_sdpa
 from ..core import InvalidProblem, Unsupported
 from .hf_masks import HFMaskRule, mask_rule
 
@@ -164,6 +169,10 @@ class HFAttention:
             call["is_causal"] = bool(causal) and q_len > 1
         else:
             call.update(is_causal=False, bias=_bias(attention_mask, q, k.shape[2]))
+        dense_causal = self._dense_rule(q, k, call)
+        if dense_causal is not None:
+            y = flash_sdpa(q, k, v, is_causal=dense_causal, scale=scaling)
+            return y.transpose(1, 2).contiguous(), None
         layer_idx = getattr(module, "layer_idx", None)
         block_pattern, block_size = self._block_pattern(layer_idx, q_len, k.shape[2], q.device,
                                                         call)
@@ -184,6 +193,20 @@ class HFAttention:
             window_size=rule_args.get("window_size"), softcap=call["softcap"],
             sinks=call["sinks"], scale=call["scale"], backend=self.backend, key_mask=key_mask)
         return y.contiguous()
+
+    def _dense_rule(self, q, k, call: dict):
+        """is_causal (True / False) when this call is plain dense attention that the dense
+        plan serves (module docstring), else None."""
+        if self.pattern is not None or self.backend is not None or not q.is_cuda \
+                or torch.compiler.is_compiling():
+            return None
+        if any(call.get(name) is not None for name in ("softcap", "sinks", "window_size",
+                                                         "document_ids", "bias")):
+            return None
+        causal = call.get("is_causal", False)
+        if causal == "bottom_right":
+            return True if q.shape[2] == k.shape[2] else None
+        return causal if isinstance(causal, bool) else None
 
     # -------------------------------------------------------------------------- pattern
     def _block_pattern(self, layer_idx, q_len: int, kv_len: int, device, call: dict):
