@@ -38,7 +38,9 @@ from ..common.numerics import accumulator_dtype
 from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
 from ..common.score_mods import ScoreMods, alibi_offset, fold_sinks
-from .reference import (_allowed, _Group, _grouped, _live_rows, _Mods, _slice_bits, _slices,
+from .cpu_band import Band, band_forward, find_band
+from .cpu_pieces import _as_problems, _from_problems, _group_allowed, _mask, _store_rows
+from .reference import (_Group, _grouped, _live_rows, _Mods, _slice_bits, _slices,
                         _token_rows, _without_padding, row_block,
                         block_sparse_attention_backward_reference)
 
@@ -58,25 +60,6 @@ def fused_cpu_unavailable_reason() -> Optional[str]:
         return (f"torch {torch.__version__} has no aten._scaled_dot_product_flash_attention_for_cpu "
                 f"(torch >= 2.2)")
     return None
-
-
-def _as_problems(t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Rows ``tokens`` [G, n] of t [b, hk, g, N, D] as [G, b*hk, g*n, D]: one gather, then a
-    strided view when g == 1 (the fused kernel reads strides), else one more copy."""
-    b, hk, g, _, d = t.shape
-    G, n = tokens.shape
-    x = t.index_select(3, tokens.flatten()).view(b * hk, g, G, n, d)
-    if g == 1:
-        return x[:, 0].permute(1, 0, 2, 3)
-    return x.permute(2, 0, 1, 3, 4).reshape(G, b * hk, g * n, d)
-
-
-def _from_problems(x: torch.Tensor, b: int, hk: int, g: int) -> torch.Tensor:
-    """[G, b*hk, g*n, ...] -> [b, hk, g, G*n, ...] (the inverse layout of _as_problems)."""
-    G, _, gn = x.shape[:3]
-    n = gn // g
-    x = x.reshape(G, b, hk, g, n, *x.shape[3:])
-    return x.permute(1, 2, 3, 0, 4, *range(5, x.dim())).reshape(b, hk, g, G * n, *x.shape[5:])
 
 
 def _row_groups(classes: torch.Tensor, block_size: int, Nq: int, Nk: int, heads: int):
@@ -113,22 +96,6 @@ def _row_groups(classes: torch.Tensor, block_size: int, Nq: int, Nk: int, heads:
         start = stop
 
 
-def _group_allowed(grp: _Group, cells, block_size: int, rb: int, rule) -> torch.Tensor:
-    """bool [G, bs, L]: the padding / tail bounds everywhere, and the token rule (``rule``:
-    reference._allowed's arguments after the group) in the PARTIAL cells only: FULL cells
-    allow every pair, so the rule is evaluated on a fraction of the tile."""
-    G, L = grp.cols.shape
-    allowed = grp.col_ok[:, None, :].expand(G, rb, L).clone()
-    if cells is not None:
-        gi, wi = cells
-        rows = grp.rows.view(G, rb)[gi]                                          # [P, rb]
-        cols = grp.cols.view(G, -1, block_size)[gi, wi]                           # [P, bs]
-        ok = grp.col_ok.view(G, -1, block_size)[gi, wi]
-        sub = _allowed(_Group(rows.flatten(), rows.flatten() >= 0, cols, ok), rb, *rule)
-        allowed.view(G, rb, -1, block_size)[gi, :, wi, :] = sub
-    return allowed
-
-
 def _keys_of(t: torch.Tensor, grp: _Group, trim_tail: bool = False) -> torch.Tensor:
     """The group's key rows of t [b, hk, 1, N, D] as [G, b*hk, L, D]: a view when the group
     is one row whose keys are one contiguous, fully valid range (a decode step, a dense row),
@@ -147,22 +114,16 @@ def _keys_of(t: torch.Tensor, grp: _Group, trim_tail: bool = False) -> torch.Ten
     return _as_problems(t, cols)
 
 
-def _mask(allowed: Optional[torch.Tensor], g: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Additive mask [G, 1, g*bs, L] of allowed [G, bs, L] (None: nothing is cut)."""
-    if allowed is None:
-        return None
-    add = torch.where(allowed, torch.zeros((), dtype=dtype),
-                      torch.full((), float("-inf"), dtype=dtype))
-    return add.unsqueeze(1).repeat(1, 1, g, 1) if g > 1 else add.unsqueeze(1)
-
-
 def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, window, Nq: int,
-                    Nk: int, trim_tail: bool = False, mods=None):
+                    Nk: int, trim_tail: bool = False, mods=None, bands: Optional[list] = None):
     """Per pattern slice and group: (slice indices, the slice's queries, group, query tokens
     [G, bs], the additive mask [G, 1 | b*hk, g*bs, L] (b, hk: the slice's batch rows and
     K/V heads) or None (nothing cut, no additive modifier), gathered K, V [G, b*Hkv, L, D]). ``trim_tail`` (the forward): a one-row
     group may come with fewer key columns than L (``_keys_of``), and its mask trimmed
-    alike. ``mods``: ScoreMods whose ALiBi / bias join the mask (sinks are not read)."""
+    alike. ``mods``: ScoreMods whose ALiBi / bias join the mask (sinks are not read).
+    ``bands``: a list to which each slice's banded run (cpu_band) is appended as (slice
+    indices, band, the slice's block classes, rule); its rows are not in the groups. None,
+    or an additive modifier: no banded runs."""
     H, Hkv = q.shape[1], k.shape[1]
     offset = causal_offset(is_causal, Nq, Nk)
     acc = accumulator_dtype(q.dtype)
@@ -178,11 +139,18 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
         rule = (is_causal, True, offset, window, _token_rows(lists, bp),
                 _slice_bits(lists, bp, hp))
         rb = row_block(block_size, Nq)
-        groups = _row_groups(classes[bp, hp], block_size, Nq, Nk, bh)
+        cls = classes[bp, hp]
+        band = _band_of(lists, cls, bp, hp, block_size, Nq, Nk) \
+            if bands is not None and additive is None else None
+        if band is not None:
+            bands.append(((bsl, ksl, gsl), band, cls, rule))
+            cls = cls.clone()
+            cls[band.first:band.first + band.count] = SKIP  # the band's rows run there
+        groups = _row_groups(cls, block_size, Nq, Nk, bh)
         if lists.mean_row_blocks is not None:  # prepared lists: group them once (a decode
             # step spends a fifth of its call there), keep the index tensors on the lists
-            groups = lists.memo(("cpu-row-groups", bp, hp, block_size, Nq, Nk, bh),
-                                lambda groups=groups: list(groups))
+            groups = lists.memo(("cpu-row-groups", bp, hp, block_size, Nq, Nk, bh,
+                                 band is not None), lambda groups=groups: list(groups))
         md = _Mods.of_slice(0.0, additive, (bsl, ksl, gsl), Hkv,
                             alibi_offset(is_causal, Nq, Nk), acc, q.shape[0], H) \
             if additive is not None else None
@@ -204,6 +172,15 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
             yield (bsl, ksl, gsl), qs, grp, rows, mask, kt, vt
 
 
+def _band_of(lists: BlockLists, classes, bp: int, hp: int, block_size: int, Nq: int,
+             Nk: int) -> Optional[Band]:
+    """The slice's banded run (cpu_band.find_band), found once per prepared lists."""
+    if lists.mean_row_blocks is None:
+        return find_band(classes, block_size, Nq, Nk)
+    return lists.memo(("cpu-band", bp, hp, block_size, Nq, Nk),
+                      lambda: find_band(classes, block_size, Nq, Nk))
+
+
 def _with_mods(allowed, md: _Mods, grp: _Group, rb: int, tokens, slice_shape, acc):
     """The additive mask [G, b*hk, g*rb, L] of a group: ALiBi and the bias on its pairs
     (the reference's definition, _Mods.scores on zero scores), -inf where ``allowed``
@@ -219,16 +196,6 @@ def _with_mods(allowed, md: _Mods, grp: _Group, rb: int, tokens, slice_shape, ac
         return add
     cut = ~allowed.unsqueeze(1).repeat(1, 1, g, 1)                   # [G, 1, g*rb, L]
     return add.masked_fill_(cut, float("-inf"))
-
-
-def _store_rows(dst: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, all_ok: bool,
-                src: torch.Tensor) -> None:
-    """dst[:, :, :, rows] = src (dim 3), only the valid rows (all of them: no gather)."""
-    if all_ok:
-        dst.index_copy_(3, rows, src.to(dst.dtype))
-        return
-    keep = row_ok.nonzero().flatten()
-    dst.index_copy_(3, rows[keep], src[:, :, :, keep].to(dst.dtype))
 
 
 def _padded(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -274,9 +241,11 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
     q, k, v = _without_padding(lists, q=q, k=k, v=v)
     y5, lse5 = _grouped(y, Hkv), _grouped(lse, Hkv)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    bands: list = []
     for sl, qs, grp, rows, mask, kt, vt in _group_problems(q, k, v, lists, block_size,
                                                            is_causal, window, Nq, Nk,
-                                                           trim_tail=True, mods=mods):
+                                                           trim_tail=True, mods=mods,
+                                                           bands=bands):
         b, hk, g = qs.shape[:3]
         qt = _as_problems(qs, rows)
         out, row_lse = flash(qt, kt, vt, 0.0, False, attn_mask=mask, scale=scale)
@@ -286,6 +255,11 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
         rows_ok = bool(grp.row_ok.all())
         _store_rows(y5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(out, b, hk, g))
         _store_rows(lse5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(row_lse, b, hk, g))
+    k4, v4 = k.unsqueeze(2), v.unsqueeze(2)
+    for (bsl, ksl, gsl), band, cls, rule in bands:
+        sl = (bsl, ksl, gsl)
+        band_forward(_grouped(q, Hkv)[sl], k4[bsl, ksl], v4[bsl, ksl], y5[sl], lse5[sl], band,
+                     cls, rule, block_size, scale)
 
 
 def block_sparse_attention_backward_cpu(q, k, v, y, lse, dy, lists: BlockLists, *,
