@@ -6,7 +6,10 @@ reference's walk (block rows in groups, each row gathering only its own active k
 reference.py) but hands each group to ``aten._scaled_dot_product_flash_attention_for_cpu``:
 one tiled, multi-threaded pass that returns the output and the log-sum-exp, and its
 backward twin. Every active key block of a query block row is in the same call, so the
-call's output and lse are the row's final ones: nothing is merged across calls.
+call's output and lse are the row's final ones: nothing is merged across calls -- except
+in the forward of a banded run (a sliding window's rows, cpu_band.py), which reads the
+band's K/V through a strided view instead of gathered copies and merges the sinks' call
+by lse.
 
 * A group of G block rows becomes a batch of G problems; the K/V head's query heads (GQA)
   and the batch slice ride along as "heads" ([G, b*Hkv, g*bs, D] queries against

@@ -1,0 +1,93 @@
+"""The cpu backend's banded forward (cpu_band): a sliding window's rows read K/V through one
+overlapping strided view, the sinks (fixed blocks) in a second call merged by lse. Checked
+against the float64 oracle (forward, lse and, through the general path, gradients) on
+windows with and without sinks, GQA groups (gathered queries) and single heads (views),
+causal either alignment and not, ragged tails, documents, padding with NaN in it,
+prepared patterns, several chunks; every case asserts that the banded path ran."""
+
+import pytest
+import torch
+
+import baracuda_kernels as bk
+from baracuda_kernels.attention.block_sparse import cpu_band, cpu_fused
+from baracuda_kernels.attention.block_sparse.block_lists import PARTIAL, SKIP
+from cases import HAS_CUDA, check_token_rule
+
+pytestmark = pytest.mark.skipif(HAS_CUDA, reason="the cpu backend runs CPU tensors")
+
+
+@pytest.fixture
+def band_runs(monkeypatch):
+    """A list that records the Band of every banded forward call."""
+    runs = []
+    real = cpu_fused.band_forward
+
+    def spy(*args):
+        runs.append(args[5])
+        return real(*args)
+    monkeypatch.setattr(cpu_fused, "band_forward", spy)
+    return runs
+
+
+DOCS = torch.stack([torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([101, 130, 69])),
+                    torch.repeat_interleave(torch.tensor([0, 1]), torch.tensor([7, 293]))]).int()
+# (name, Nq, Nk, bs, is_causal, window, sinks, H, Hkv, B, tokens)
+CASES = [
+    ("gqa+sinks", 300, 300, 16, True, (40, 0), 16, 4, 2, 2, None),
+    ("heads+no-sinks", 300, 300, 16, True, (40, 0), 0, 2, 2, 1, None),
+    ("bidirectional+ragged", 301, 301, 16, False, (25, 30), 0, 2, 1, 1, None),
+    ("bottom-right+partial-sinks", 200, 330, 16, "bottom_right", (50, 0), 5, 4, 1, 1, None),
+    ("documents", 300, 300, 16, True, (40, 0), 3, 4, 2, 2, dict(document_ids=DOCS)),
+    ("left-padding", 300, 300, 16, True, (40, 0), 0, 2, 2, 2,
+     dict(query_range=(torch.tensor([0, 37]), None), key_range=(torch.tensor([0, 37]), None))),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_banded_rows_match_oracle(case, band_runs):
+    name, Nq, Nk, bs, causal, window, sinks, H, Hkv, B, tokens = case
+    check_token_rule("cpu", torch.float64, Nq, Nk, bs, causal, window, sinks, H=H, Hkv=Hkv, B=B,
+                     density=1.0, tokens=tokens, prepared=name == "documents",
+                     nan_padding=tokens is not None)
+    assert band_runs and all(b.count >= cpu_band.MIN_ROWS for b in band_runs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_low_precision_banded_rows_match_oracle(dtype, band_runs):
+    check_token_rule("cpu", dtype, 300, 300, 16, True, (40, 0), 16, H=4, Hkv=2, B=2, density=1.0)
+    assert band_runs
+
+
+def test_several_chunks(band_runs, monkeypatch):
+    monkeypatch.setattr(cpu_band, "BAND_BUDGET", 16 * 16 * 6)  # a few rows per chunk
+    check_token_rule("cpu", torch.float64, 300, 300, 16, True, (40, 0), 16, H=2, Hkv=2,
+                     density=1.0)
+    band = band_runs[0]
+    assert band.count > 2 * 16 * 16 * 6 // (16 * 16 * (band.width + band.fixed.numel()))
+
+
+def test_find_band_on_a_window_and_not_elsewhere():
+    classes = torch.full((12, 12), SKIP, dtype=torch.int8)
+    for r in range(12):
+        classes[r, max(0, r - 3):r + 1] = PARTIAL
+        classes[r, 0] = PARTIAL                       # a sink block
+    band = cpu_band.find_band(classes, 16, 12 * 16, 12 * 16)
+    assert (band.first, band.count, band.shift, band.width) == (5, 7, -3, 4)
+    assert band.fixed.tolist() == [0]
+    causal = torch.tril(torch.ones(12, 12)).to(torch.int8)  # widths grow: no band
+    assert cpu_band.find_band(causal, 16, 192, 192) is None
+    assert cpu_band.find_band(torch.ones(12, 12, dtype=torch.int8), 16, 192, 192) is None
+    # a ragged last query block and a band reaching past the keys stay out of the run
+    assert cpu_band.find_band(classes, 16, 12 * 16 - 1, 12 * 16 - 1).count == 6
+
+
+def test_nan_in_a_query_row_comes_back_as_nan(band_runs):
+    """The merge of band and sink partials must not turn a NaN row into zeros."""
+    q, k, v = (torch.randn(1, 2, 256, 16, dtype=torch.float64) for _ in range(3))
+    q[0, 1, 200] = float("nan")
+    y = bk.block_sparse_attention(q, k, v, torch.ones(1, 1, 16, 16, dtype=torch.bool),
+                                  block_size=16, is_causal=True, window_size=(40, 0),
+                                  sink_tokens=16, backend="cpu")
+    assert band_runs
+    assert torch.isnan(y[0, 1, 200]).all() and not torch.isnan(y[0, 0]).any()
+    assert not torch.isnan(y[0, 1, :200]).any() and not torch.isnan(y[0, 1, 201:]).any()
