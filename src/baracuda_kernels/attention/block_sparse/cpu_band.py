@@ -119,27 +119,39 @@ class _Chunk:
         self.v_band = _run_view(vs, k0, count, bs, band.width * bs)
         block_rows = torch.arange(first, first + count)
         band_blocks = block_rows[:, None] + band.shift + torch.arange(band.width)
-        self.mask_band = self._mask(band_blocks, block_rows, classes, rule, bs, g, dtype)
-        self.k_fixed = self.v_fixed = self.mask_fixed = None
+        self.mask_band, self.seen_band = self._mask(band_blocks, block_rows, classes, rule,
+                                                    bs, g, dtype)
+        self.k_fixed = self.v_fixed = self.mask_fixed = self.seen_fixed = None
         if band.fixed.numel():
             cols = (band.fixed[:, None] * bs + torch.arange(bs)).flatten()
             b, hk = ks.shape[:2]
             self.k_fixed, self.v_fixed = (
                 t[:, :, 0].index_select(2, cols).reshape(1, b * hk, cols.numel(), -1)
                 .expand(count, -1, -1, -1) for t in (ks, vs))
-            self.mask_fixed = self._mask(band.fixed.expand(count, -1), block_rows, classes,
-                                         rule, bs, g, dtype)
+            self.mask_fixed, self.seen_fixed = self._mask(band.fixed.expand(count, -1),
+                                                          block_rows, classes, rule, bs, g,
+                                                          dtype)
 
     def _mask(self, blocks, block_rows, classes, rule, bs: int, g: int, dtype):
-        """The additive mask [count, 1, g*bs, L] of key blocks ``blocks`` [count, w]."""
+        """(additive mask [count, 1, g*bs, L], rows seeing a key [count, 1, g*bs] bool) of
+        key blocks ``blocks`` [count, w], or (None, None) when nothing is cut. When every
+        row of the chunk cuts alike (a window or causal rule relative to the band, no
+        per-token ids), the mask is one row's, broadcast: nothing row-sized is built and
+        the kernel reads one small mask."""
         partial = classes[block_rows[:, None], blocks] == PARTIAL
         if not bool(partial.any()):
-            return None
+            return None, None
         cols = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1)
         grp = _Group(self.tokens.flatten(), torch.ones(self.tokens.numel(), dtype=torch.bool),
                      cols, torch.ones(cols.shape, dtype=torch.bool))
         allowed = _group_allowed(grp, torch.nonzero(partial, as_tuple=True), bs, bs, rule)
-        return None if bool(allowed.all()) else _mask(allowed, g, dtype)
+        if bool(allowed.all()):
+            return None, None
+        if allowed.shape[0] > 1 and bool((allowed == allowed[:1]).all()):
+            allowed = allowed[:1]
+        seen = allowed.any(-1).repeat(1, g).unsqueeze(1)               # [count | 1, 1, g*bs]
+        mask = _mask(allowed, g, dtype)
+        return mask.expand(self.count, -1, -1, -1), seen
 
     def rows_in(self, t: torch.Tensor) -> torch.Tensor:
         """The chunk's query rows of t [b, hk, g, N, D] as [count, b*hk, g*bs, D]."""
@@ -164,11 +176,11 @@ class _Chunk:
         _store_rows(dst, self.tokens.flatten(), None, True, _from_problems(src, b, hk, g))
 
 
-def _seen(lse: torch.Tensor, mask) -> torch.Tensor:
-    """lse with -inf on rows the mask cuts entirely (the kernel gives 0 there)."""
-    if mask is None:
+def _seen(lse: torch.Tensor, seen) -> torch.Tensor:
+    """lse with -inf on rows that see no key (``seen`` False; the kernel gives 0 there)."""
+    if seen is None:
         return lse
-    return torch.where((mask != float("-inf")).any(-1), lse, float("-inf"))
+    return torch.where(seen, lse, float("-inf"))
 
 
 def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: int,
@@ -183,11 +195,11 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
         qt = c.rows_in(qs)
         out, lse = flash(qt, c.k_band, c.v_band, 0.0, False, attn_mask=c.mask_band,
                          scale=scale)
-        lse = _seen(lse, c.mask_band)
+        lse = _seen(lse, c.seen_band)
         if c.k_fixed is not None:
             out2, lse2 = flash(qt, c.k_fixed, c.v_fixed, 0.0, False, attn_mask=c.mask_fixed,
                                scale=scale)
-            lse2 = _seen(lse2, c.mask_fixed)
+            lse2 = _seen(lse2, c.seen_fixed)
             total = torch.logaddexp(lse, lse2)
             live = total != float("-inf")  # NaN stays NaN through the weights
             w1 = torch.where(live, (lse - total).exp(), 0.0).unsqueeze(-1)

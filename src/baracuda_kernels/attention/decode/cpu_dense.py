@@ -79,7 +79,7 @@ def cpu_dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         L, lengths = int(total.max()), total
     L = min(L, keys.shape[2])
     ok = None  # bool [B, L]: the keys each row sees (None: all of them)
-    j = torch.arange(L)
+    j = torch.arange(L) if lengths is not None or window_size is not None else None
     if lengths is not None and bool((lengths < L).any()):
         ok = j[None, :] < lengths[:, None]
     if key_mask is not None:

@@ -111,6 +111,19 @@ def block_sparse_attention_with_kvcache(
         return _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity,
                        is_causal, window_size, sink_tokens, softcap, alibi_slopes, sinks,
                        scale, block_pattern, block_size, return_lse, num_splits, key_mask)
+    if k is None and not paged and q.device.type == "cpu" and (
+            cache_seqlens is None or (isinstance(cache_seqlens, int)
+                                      and not isinstance(cache_seqlens, bool)
+                                      and 0 <= cache_seqlens <= capacity)):
+        # A CPU step over a plain cache of one host length: no length tensor to build.
+        keys, values = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        if cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, softcap,
+                                  alibi_slopes, sinks, scale, block_pattern):
+            window, sink_tokens = check_window(window_size, sink_tokens) \
+                if window_size is not None else (None, 0)
+            return cpu_dense_decode(q, keys, values,
+                                    capacity if cache_seqlens is None else cache_seqlens,
+                                    key_mask, window, sink_tokens, scale, return_lse, sinks)
     lens = _cache_lengths(cache_seqlens, B, capacity, q.device, paged)
     if k is not None:
         _append(k_cache, v_cache, k, v, lens, block_table, capacity)
