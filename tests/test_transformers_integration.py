@@ -342,6 +342,18 @@ def test_pattern_option_accepts_a_block_pattern_with_its_own_rules():
             _model("mistral", name)(ids, attention_mask=mask)
 
 
+def test_pattern_option_refuses_a_prepared_pattern_with_the_fix():
+    from baracuda_kernels.patterns import sliding_window
+
+    name = "baracuda_prepared_pattern"
+    bk_hf.register(name, pattern=lambda layer, nq, nk: sliding_window(
+        nq, window=5, block_size=8).prepare())
+    ids, mask = _batch()
+    with pytest.raises(bk.InvalidProblem, match="before .prepare"):
+        with torch.no_grad():
+            _model("llama", name)(ids, attention_mask=mask)
+
+
 # ----------------------------------------------------------------------------- declines
 def test_output_attentions_falls_back_with_one_warning_and_strict_raises():
     """Weights are never formed here: the call runs the model's own eager attention (no

@@ -49,6 +49,7 @@ from typing import Callable, Optional
 import torch
 
 from ..attention.block_sparse.functional import block_sparse_attention
+from ..attention.block_sparse.prepared import PreparedPattern
 from ..attention.decode.kvcache import block_sparse_attention_with_kvcache
 from ..attention.flash_sdpa.functional import flash_sdpa
 from ..core import InvalidProblem, Unsupported
@@ -79,6 +80,10 @@ def register(name: str = "baracuda", *, pattern: Optional[PatternFn] = None,
             [B|1, H|Hkv|1, ceil(q_len / block_size), ceil(kv_len / block_size)] in blocks of
             ``block_size``. The pattern is ANDed with the model's causal rule, window and
             padding; with a pattern the model is no longer the dense model it was trained as.
+            It is called on every layer's forward: return one object per (layer, lengths)
+            (e.g. ``functools.lru_cache`` on the callable) to build each pattern once. Not
+            a PreparedPattern: the model's rule (causal alignment, padding, window) joins
+            each call, which a prepared pattern has already fixed.
         block_size: block side in tokens for the default all-blocks pattern and for tensor
             patterns (default 128).
         backend: passed to ``block_sparse_attention`` (None: automatic; "triton", "cpu",
@@ -218,6 +223,13 @@ class HFAttention:
             return torch.ones(blocks, dtype=torch.bool, device=device), bs
         if isinstance(user, torch.Tensor):
             return user.to(device), self.block_size
+        if isinstance(user, PreparedPattern):
+            raise InvalidProblem(
+                f"pattern(layer_idx={layer_idx}, q_len={q_len}, kv_len={kv_len}) returned a "
+                f"PreparedPattern; expected a BlockPattern or a bool block tensor: the model's "
+                f"rule (causal alignment, padding, window) joins each call, and a prepared "
+                f"pattern has fixed its rule already. Fix: return the BlockPattern before "
+                f".prepare() (functools.lru_cache on the callable keeps one per length).")
         rules = getattr(user, "kernel_rules", None) or {}
         clash = [n for n, ours in (("window_size", call.get("window_size")),
                                    ("document_ids", call.get("document_ids"))) if
