@@ -58,6 +58,25 @@ def test_low_precision_banded_rows_match_oracle(dtype, band_runs):
     assert band_runs
 
 
+@pytest.mark.parametrize("B,H,Hkv", [(2, 4, 2), (2, 2, 2), (1, 4, 4)])
+def test_flash_layout_inputs(B, H, Hkv, band_runs):
+    """q / k / v as [B, N, H, D] tensors seen as [B, H, N, D]: batch and heads do not merge
+    into one stride (K/V are copied once, Q and y gathered / scattered)."""
+    from oracle import dense_attention
+    from baracuda_kernels.patterns import sliding_window
+    gen = torch.Generator().manual_seed(2)
+    N, D = 300, 16
+    q = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).transpose(1, 2)
+    k, v = (torch.randn(B, N, Hkv, D, generator=gen, dtype=torch.float64).transpose(1, 2)
+            for _ in range(2))
+    p = sliding_window(N, window=40, block_size=16, sinks=16)
+    y = bk.block_sparse_attention(q, k, v, p, backend="cpu")
+    ref, _ = dense_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
+                             torch.ones(1, 1, 19, 19, dtype=torch.bool), 16, True,
+                             window_size=(39, 0), sink_tokens=16)
+    assert band_runs and (y - ref).abs().max() < 1e-12
+
+
 def test_several_chunks(band_runs, monkeypatch):
     monkeypatch.setattr(cpu_band, "BAND_BUDGET", 16 * 16 * 6)  # a few rows per chunk
     check_token_rule("cpu", torch.float64, 300, 300, 16, True, (40, 0), 16, H=2, Hkv=2,

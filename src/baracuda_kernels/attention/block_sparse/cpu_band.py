@@ -190,6 +190,9 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     acc = accumulator_dtype(qs.dtype)
     g = qs.shape[2]
+    # K/V whose batch and head dims do not merge into one stride (a [B, N, H, D] tensor
+    # seen as [B, H, N, D], with B and H > 1) are copied once: the band is a view of that.
+    ks, vs = (t if _run_view(t, 0, 1, 1, 1) is not None else t.contiguous() for t in (ks, vs))
     for first, count in _chunks(band, g, block_size):
         c = _Chunk(band, first, count, ks, vs, classes, rule, block_size, g, qs.dtype)
         qt = c.rows_in(qs)
