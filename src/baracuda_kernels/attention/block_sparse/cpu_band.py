@@ -37,9 +37,10 @@ from .block_lists import PARTIAL, SKIP
 from .cpu_pieces import _as_problems, _from_problems, _group_allowed, _mask, _store_rows
 from .reference import _Group
 
-# Score-tile elements of one query head's mask per fused call (a chunk of the run's rows):
-# the additive mask [rows, 1, g*bs, L] is built per chunk. 4M float32 = 16 MiB.
-BAND_BUDGET = 1 << 22
+# Score-tile elements (all heads) per fused call, a chunk of the run's rows: the chunk's
+# outputs, its gathered queries (GQA) and its mask scale with it. 16M: a few calls at 8k
+# tokens (H=8, D=64, window 512), ~6 MiB of outputs each.
+BAND_BUDGET = 1 << 24
 # Shorter runs are left to the general path (nothing to gain from a view of 1-2 rows).
 MIN_ROWS = 3
 
@@ -96,9 +97,10 @@ def _run_view(t: torch.Tensor, first_token: int, count: int, step: int, rows: in
                         t.storage_offset() + first_token * sn)
 
 
-def _chunks(band: Band, g: int, block_size: int) -> Iterator[tuple[int, int]]:
-    """(first block row, rows) of the run in chunks whose masks stay under BAND_BUDGET."""
-    per_row = g * block_size * (band.width + band.fixed.numel()) * block_size
+def _chunks(band: Band, heads: int, block_size: int) -> Iterator[tuple[int, int]]:
+    """(first block row, rows) of the run in chunks whose score tiles over ``heads`` query
+    heads stay under BAND_BUDGET."""
+    per_row = heads * block_size * (band.width + band.fixed.numel()) * block_size
     size = max(1, BAND_BUDGET // per_row)
     for first in range(band.first, band.first + band.count, size):
         yield first, min(size, band.first + band.count - first)
@@ -193,7 +195,7 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
     # K/V whose batch and head dims do not merge into one stride (a [B, N, H, D] tensor
     # seen as [B, H, N, D], with B and H > 1) are copied once: the band is a view of that.
     ks, vs = (t if _run_view(t, 0, 1, 1, 1) is not None else t.contiguous() for t in (ks, vs))
-    for first, count in _chunks(band, g, block_size):
+    for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size):
         c = _Chunk(band, first, count, ks, vs, classes, rule, block_size, g, qs.dtype)
         qt = c.rows_in(qs)
         out, lse = flash(qt, c.k_band, c.v_band, 0.0, False, attn_mask=c.mask_band,
