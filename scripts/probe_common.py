@@ -19,6 +19,18 @@ def host_us(fn, n=100, warmup=1):
     return out
 
 
+def loop_us(fn, n=200) -> float:
+    """Wall time (us) per call of ``n`` back-to-back calls, the device drained after: the
+    host's launch time and the device time, whichever bounds the loop."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def graph_ms(fn, repeats_inside=1):
     """GPU time (ms) of one ``fn``: captured ``repeats_inside`` times in a CUDA graph after a
     warm-up on a side stream, and the graph replayed (no host work in the timing)."""

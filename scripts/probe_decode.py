@@ -14,7 +14,6 @@ leaves the device time alone.
     PYTHONPATH=src python scripts/probe_decode.py [--sweep]
 """
 import sys
-import time
 
 import torch
 import torch._dynamo
@@ -24,7 +23,7 @@ import baracuda_kernels as bk
 from baracuda_kernels.attention.decode.launch import DecodeConfig
 from baracuda_kernels.bench.timing import median_ms
 from baracuda_kernels.patterns import key_block_bounds, select_key_blocks
-from probe_common import graph_ms
+from probe_common import graph_ms, loop_us
 
 H, HKV, D, PAGE = 32, 8, 128, 64
 
@@ -34,16 +33,6 @@ def copy_bandwidth(dev) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), dev)
     return 2 * src.numel() / (ms * 1e-3)  # bytes read + written per second
-
-
-def loop_us(fn, n=200) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
 
 
 def flex_fns(q, kc, vc, keep, N):

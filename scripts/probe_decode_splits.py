@@ -9,24 +9,13 @@ bf16, B=1, D=128.
 
     PYTHONPATH=src python scripts/probe_decode_splits.py
 """
-import time
-
 import torch
 
 import baracuda_kernels as bk
 from baracuda_kernels.bench.timing import median_ms
+from probe_common import loop_us
 
 D = 128
-
-
-def loop_us(fn, n=200) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
 
 
 def main():
