@@ -34,7 +34,8 @@ import torch
 
 from ..common.numerics import accumulator_dtype
 from .block_lists import PARTIAL, SKIP
-from .cpu_pieces import _as_problems, _from_problems, _group_allowed, _mask, _store_rows
+from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _mask, _seen,
+                         _store_rows)
 from .reference import _Group
 
 # Score-tile elements (all heads) per fused call, a chunk of the run's rows: the chunk's
@@ -109,7 +110,7 @@ def _chunks(band: Band, heads: int, block_size: int) -> Iterator[tuple[int, int]
 class _Chunk:
     """One chunk of a run in one pattern slice: tokens, K/V views, masks (None: nothing cut)."""
 
-    def __init__(self, band: Band, first: int, count: int, ks, vs, classes, rule,
+    def __init__(self, band: Band, first: int, count: int, ks, vs, fixed_kv, classes, rule,
                  block_size: int, g: int, dtype):
         # The views read K/V rows (first + shift) * bs .. up to the band's end, which
         # find_band keeps inside the keys.
@@ -124,12 +125,8 @@ class _Chunk:
         self.mask_band, self.seen_band = self._mask(band_blocks, block_rows, classes, rule,
                                                     bs, g, dtype)
         self.k_fixed = self.v_fixed = self.mask_fixed = self.seen_fixed = None
-        if band.fixed.numel():
-            cols = (band.fixed[:, None] * bs + torch.arange(bs)).flatten()
-            b, hk = ks.shape[:2]
-            self.k_fixed, self.v_fixed = (
-                t[:, :, 0].index_select(2, cols).reshape(1, b * hk, cols.numel(), -1)
-                .expand(count, -1, -1, -1) for t in (ks, vs))
+        if fixed_kv is not None:
+            self.k_fixed, self.v_fixed = (t.expand(count, -1, -1, -1) for t in fixed_kv)
             self.mask_fixed, self.seen_fixed = self._mask(band.fixed.expand(count, -1),
                                                           block_rows, classes, rule, bs, g,
                                                           dtype)
@@ -178,13 +175,6 @@ class _Chunk:
         _store_rows(dst, self.tokens.flatten(), None, True, _from_problems(src, b, hk, g))
 
 
-def _seen(lse: torch.Tensor, seen) -> torch.Tensor:
-    """lse with -inf on rows that see no key (``seen`` False; the kernel gives 0 there)."""
-    if seen is None:
-        return lse
-    return torch.where(seen, lse, float("-inf"))
-
-
 def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: int,
                  scale: float) -> None:
     """y and lse of the run's rows in one pattern slice: qs [b, hk, g, N, D], ks / vs [b,
@@ -195,8 +185,15 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
     # K/V whose batch and head dims do not merge into one stride (a [B, N, H, D] tensor
     # seen as [B, H, N, D], with B and H > 1) are copied once: the band is a view of that.
     ks, vs = (t if _run_view(t, 0, 1, 1, 1) is not None else t.contiguous() for t in (ks, vs))
+    fixed_kv = None  # the fixed blocks' K / V [1, b*hk, F*bs, D], gathered once
+    if band.fixed.numel():
+        cols = (band.fixed[:, None] * block_size + torch.arange(block_size)).flatten()
+        b, hk = ks.shape[:2]
+        fixed_kv = tuple(t[:, :, 0].index_select(2, cols).reshape(1, b * hk, cols.numel(), -1)
+                         for t in (ks, vs))
     for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size):
-        c = _Chunk(band, first, count, ks, vs, classes, rule, block_size, g, qs.dtype)
+        c = _Chunk(band, first, count, ks, vs, fixed_kv, classes, rule, block_size, g,
+                   qs.dtype)
         qt = c.rows_in(qs)
         out, lse = flash(qt, c.k_band, c.v_band, 0.0, False, attn_mask=c.mask_band,
                          scale=scale)

@@ -42,7 +42,8 @@ from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
 from ..common.score_mods import ScoreMods, alibi_offset, fold_sinks
 from .cpu_band import Band, band_forward, find_band
-from .cpu_pieces import _as_problems, _from_problems, _group_allowed, _mask, _store_rows
+from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _mask, _seen,
+                         _store_rows)
 from .reference import (_Group, _grouped, _live_rows, _Mods, _slice_bits, _slices,
                         _token_rows, _without_padding, row_block,
                         block_sparse_attention_backward_reference)
@@ -252,9 +253,8 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
         b, hk, g = qs.shape[:3]
         qt = _as_problems(qs, rows)
         out, row_lse = flash(qt, kt, vt, 0.0, False, attn_mask=mask, scale=scale)
-        if mask is not None:  # rows that see nothing: lse = -inf (the kernel gives 0)
-            seen = (mask != float("-inf")).any(-1)                # [G, 1 | b*hk, g*bs]
-            row_lse = torch.where(seen, row_lse, torch.full_like(row_lse, float("-inf")))
+        # Rows that see nothing: lse = -inf (the kernel gives 0). seen: [G, 1 | b*hk, g*bs]
+        row_lse = _seen(row_lse, None if mask is None else (mask != float("-inf")).any(-1))
         rows_ok = bool(grp.row_ok.all())
         _store_rows(y5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(out, b, hk, g))
         _store_rows(lse5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(row_lse, b, hk, g))

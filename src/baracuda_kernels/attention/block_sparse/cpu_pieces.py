@@ -54,6 +54,14 @@ def _mask(allowed: Optional[torch.Tensor], g: int, dtype: torch.dtype) -> Option
     return add.unsqueeze(1).repeat(1, 1, g, 1) if g > 1 else add.unsqueeze(1)
 
 
+def _seen(lse: torch.Tensor, seen: Optional[torch.Tensor]) -> torch.Tensor:
+    """lse with -inf on rows that see no key (``seen`` False; the kernel gives 0 there;
+    None: every row sees one)."""
+    if seen is None:
+        return lse
+    return torch.where(seen, lse, float("-inf"))
+
+
 def _store_rows(dst: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, all_ok: bool,
                 src: torch.Tensor) -> None:
     """dst[:, :, :, rows] = src (dim 3), only the valid rows (all of them: no gather)."""

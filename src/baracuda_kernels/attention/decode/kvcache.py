@@ -111,31 +111,25 @@ def block_sparse_attention_with_kvcache(
         return _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity,
                        is_causal, window_size, sink_tokens, softcap, alibi_slopes, sinks,
                        scale, block_pattern, block_size, return_lse, num_splits, key_mask)
-    if k is None and not paged and q.device.type == "cpu" and (
-            cache_seqlens is None or (isinstance(cache_seqlens, int)
-                                      and not isinstance(cache_seqlens, bool)
-                                      and 0 <= cache_seqlens <= capacity)):
+    cpu_rule = (is_causal, backend, window_size, sink_tokens, softcap, alibi_slopes, sinks,
+                scale, block_pattern, return_lse, key_mask)
+    host = capacity if cache_seqlens is None else _host_length(cache_seqlens, capacity)
+    if k is None and not paged and host is not None and q.device.type == "cpu":
         # A CPU step over a plain cache of one host length: no length tensor to build.
-        keys, values = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-        if cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, softcap,
-                                  alibi_slopes, sinks, scale, block_pattern):
-            window, sink_tokens = check_window(window_size, sink_tokens) \
-                if window_size is not None else (None, 0)
-            return cpu_dense_decode(q, keys, values,
-                                    capacity if cache_seqlens is None else cache_seqlens,
-                                    key_mask, window, sink_tokens, scale, return_lse, sinks)
+        out = _cpu_dense_step(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), host,
+                              *cpu_rule)
+        if out is not None:
+            return out
     lens = _cache_lengths(cache_seqlens, B, capacity, q.device, paged)
     if k is not None:
         _append(k_cache, v_cache, k, v, lens, block_table, capacity)
     total = lens + n_new                                       # L_b, int64 [B]
     keys, values = _cache_view(k_cache, block_table), _cache_view(v_cache, block_table)
     uniform = _uniform_length(cache_seqlens, lens, capacity)
-    if cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, softcap,
-                              alibi_slopes, sinks, scale, block_pattern):
-        window, sink_tokens = check_window(window_size, sink_tokens) \
-            if window_size is not None else (None, 0)
-        return cpu_dense_decode(q, keys, values, total if uniform is None else uniform + n_new,
-                                key_mask, window, sink_tokens, scale, return_lse, sinks)
+    out = _cpu_dense_step(q, keys, values, total if uniform is None else uniform + n_new,
+                          *cpu_rule)
+    if out is not None:
+        return out
     if uniform is not None and block_pattern is None and key_mask is None:
         # Every row holds L keys (known on the host): the cache's first L keys with the
         # bottom-right rule on indices are the same problem, with no per-token rules at all.
@@ -159,6 +153,28 @@ def block_sparse_attention_with_kvcache(
     if return_lse:
         return out[0].transpose(1, 2), out[1]
     return out.transpose(1, 2)
+
+
+def _cpu_dense_step(q, keys, values, total, is_causal, backend, window_size, sink_tokens,
+                    softcap, alibi_slopes, sinks, scale, block_pattern, return_lse, key_mask):
+    """The call as one fused CPU call (cpu_dense.py) over the cache views ``keys`` /
+    ``values`` [B, Hkv, Ncache, D] with ``total`` keys per row, or None when it does not
+    take the call."""
+    if not cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, softcap,
+                                  alibi_slopes, sinks, scale, block_pattern):
+        return None
+    window, sink_tokens = check_window(window_size, sink_tokens) \
+        if window_size is not None else (None, 0)
+    return cpu_dense_decode(q, keys, values, total, key_mask, window, sink_tokens, scale,
+                            return_lse, sinks)
+
+
+def _host_length(cache_seqlens, capacity: int):
+    """cache_seqlens as one host int when it is a valid int (no tensor built), else None."""
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) \
+            and 0 <= cache_seqlens <= capacity:
+        return cache_seqlens
+    return None
 
 
 def _decode_kernel_takes(q, k_cache, v_cache, pattern, block_size: int, backend, sinks) -> bool:
@@ -244,9 +260,9 @@ def _decode_lengths(cache_seqlens, B: int, capacity: int, device, paged: bool):
             and device.type != "cpu" and cache_seqlens.dtype in (torch.int32, torch.int64) \
             and tuple(cache_seqlens.shape) == (B,):
         return None, cache_seqlens
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) \
-            and 0 <= cache_seqlens <= capacity:
-        return cache_seqlens, None
+    host = _host_length(cache_seqlens, capacity)
+    if host is not None:
+        return host, None
     lens = _cache_lengths(cache_seqlens, B, capacity, device, paged)  # validates
     host = _uniform_length(cache_seqlens, lens, capacity)
     return (host, None) if host is not None else (None, lens)
