@@ -1,0 +1,220 @@
+"""Context-parallel block-sparse attention: one sequence sharded over a process group.
+
+Forward, on every rank: post the K/V blocks other ranks need and the receives of the blocks
+it needs (``exchange``), compute its queries against its own keys while they travel, then
+against each source rank's blocks, and merge the partial (y, lse) through their lse in a
+fixed order (own keys first, then sources by rank): the result is the single-device call's
+up to floating-point reassociation, and the same on every run for a fixed world size.
+
+Backward: the K/V blocks travel again (not kept from the forward: at long context the
+gathered K/V of every layer would outgrow memory) while the local part's backward runs; each
+part's backward takes the merged y and lse (the softmax is over all parts), so its dQ adds
+up and its dK/dV are the exact contributions of these queries, which go back to the blocks'
+owners; an owner adds what it receives in rank order. The learnable sinks join once, after
+the merge (``fold_sinks``), and take their gradient from the merged rows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..attention.block_sparse.autograd import (DOUBLE_BACKWARD_MESSAGE, attention_backward,
+                                               attention_forward, plan_for)
+from ..attention.block_sparse.descriptor import SdpaBlockSparseDescriptor
+from ..attention.common.autograd_pieces import autocast_inputs, refuse_double_backward
+from ..attention.common.problem import check_qkv
+from ..attention.common.score_mods import fold_sinks, row_delta, sinks_grad
+from ..core import InvalidProblem
+from .exchange import Exchange, block_tokens, pack, unpack
+from .prepared import ContextParallelPattern, Part
+
+
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               pattern: ContextParallelPattern, *, group=None,
+                               scale: Optional[float] = None, softcap: Optional[float] = None,
+                               alibi_slopes: Optional[torch.Tensor] = None,
+                               sinks: Optional[torch.Tensor] = None, return_lse: bool = False,
+                               backend: Optional[str] = None):
+    """Block-sparse attention of one sequence sharded over the ranks of ``group``.
+
+    Every rank calls it with its own shard (``pattern.sharding``: ``shard`` the global
+    q/k/v, or hold the shard from the start) and its own prepared pattern
+    (``prepare_context_parallel`` with its rank). Differentiable in q, k, v and sinks; the
+    gradient of k / v on a rank includes the contributions of every rank's queries.
+
+    Args:
+        q: [B, H, n, Dk], n = ``pattern.sharding.local_len`` (this rank's tokens, in shard
+            order), float16 / bfloat16 / float32 / float64, on ``pattern.device``.
+        k: [B, Hkv, n, Dk] (Hkv < H: grouped-query attention); v: [B, Hkv, n, Dv].
+        pattern: this rank's ContextParallelPattern.
+        group: the process group of the context-parallel ranks (None: the default group);
+            its size and this process's rank in it must be the pattern's.
+        scale, softcap, alibi_slopes, sinks, backend: as for ``block_sparse_attention``
+            (ALiBi distances and sink tokens count global positions). The bias modifier is
+            not offered here.
+        return_lse: also return lse [B, H, n] (float32; float64 for float64 inputs),
+            differentiable.
+
+    Returns:
+        y [B, H, n, Dv] in q's dtype (and lse), for this rank's queries.
+
+    Every rank must call it (and run its backward) the same number of times in the same
+    order: the ranks exchange blocks in both passes.
+    """
+    import torch.distributed as dist
+    if not isinstance(pattern, ContextParallelPattern):
+        raise InvalidProblem(f"pattern is a {type(pattern).__name__}; expected the "
+                             f"ContextParallelPattern of prepare_context_parallel(...).")
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidProblem("torch.distributed is not initialised; expected "
+                             "dist.init_process_group(...) on every rank before the call.")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if (world, rank) != (pattern.world_size, pattern.rank):
+        raise InvalidProblem(
+            f"the group has {world} ranks and this process is rank {rank}; the pattern was "
+            f"prepared for rank {pattern.rank} of {pattern.world_size}. Prepare it with "
+            f"world_size={world}, rank={rank}.")
+    q, k, v, no_autocast = autocast_inputs(q, k, v)
+    call = _Call(pattern, group, scale, softcap, alibi_slopes, backend)
+    with no_autocast:
+        call.check(q, k, v)
+        y, lse = _ContextParallelFunction.apply(q, k, v, sinks, call)
+    return (y, lse) if return_lse else y
+
+
+class _Call:
+    """The fixed facts of one call: the pattern, the group, the modifiers; plans per part."""
+
+    def __init__(self, pattern, group, scale, softcap, alibi_slopes, backend):
+        self.pattern, self.group, self.scale, self.softcap = pattern, group, scale, softcap
+        self.alibi_slopes = alibi_slopes
+        self.backend = backend.value if backend is not None and not isinstance(backend, str) \
+            else backend
+
+    def check(self, q, k, v) -> None:
+        n = self.pattern.sharding.local_len
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[2] != n:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InvalidProblem(
+                    f"{name} is {got}; expected [B, H, {n}, D]: this rank's {n} tokens of the "
+                    f"{self.pattern.sharding.seq_len}-token sequence (pattern.sharding.shard).")
+        self.plan(q, k, v, self.pattern.local)  # checks dtypes, devices, heads, pattern fit
+
+    def plan(self, q, k, v, part: Part):
+        """(plan, lists, mods) of one part for these tensors (k / v: the part's keys, or any
+        tensors of their shape)."""
+        p = self.pattern
+        desc = SdpaBlockSparseDescriptor.from_tensors(
+            q, k, v, block_size=p.block_size, scale=self.scale, is_causal=p.is_causal,
+            window_size=p.window_size, sink_tokens=p.sink_tokens, softcap=self.softcap,
+            alibi=self.alibi_slopes is not None)
+        device = check_qkv(desc, q, k, v)
+        plan = plan_for(desc, device, self.backend)
+        return plan, plan.block_lists(part.prepared), plan.score_mods(self.alibi_slopes)
+
+    def kv_exchange(self, k, v, stats_phase: str):
+        """Post this rank's K/V blocks to the ranks that need them and the receives of the
+        blocks it needs -> (Exchange, {src: (k view, v view)} filled once it completed)."""
+        p = self.pattern
+        sends = {dst: pack(k, v, block_tokens(blocks, p.block_size))
+                 for dst, blocks in p.sends.items()}
+        recvs = {src: k.new_empty(k.shape[0], k.shape[1], part.key_tokens,
+                                  k.shape[3] + v.shape[3])
+                 for src, part in p.remote.items()}
+        views = {src: unpack(buf, k.shape[3]) for src, buf in recvs.items()}
+        return Exchange(self.group, sends, recvs, p.stats, stats_phase), views
+
+
+class _Merge:
+    """Running merge of partial (y, lse) through their lse, in the accumulator dtype."""
+
+    def __init__(self, y, lse):
+        self.y, self.lse, self.merged = y, lse, False
+
+    def add(self, y, lse) -> None:
+        if not self.merged:
+            self.y, self.merged = self.y.to(self.lse.dtype), True
+        total = torch.logaddexp(self.lse, lse)
+        base = torch.where(torch.isneginf(total), 0.0, total)  # rows nothing reached stay 0
+        self.y = self.y * torch.exp(self.lse - base)[..., None] \
+            + y.to(self.lse.dtype) * torch.exp(lse - base)[..., None]
+        self.lse = total
+
+    def result(self, dtype):
+        return self.y.to(dtype), self.lse
+
+
+class _ContextParallelFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, call: _Call):
+        p = call.pattern
+        exchange, received = call.kv_exchange(k, v, "forward")
+        plan, lists, mods = call.plan(q, k, v, p.local)
+        merge = _Merge(*attention_forward(plan, q, k, v, lists, mods))
+        remote = {src: call.plan(q, *received[src], part) for src, part in p.remote.items()}
+        exchange.wait()
+        for src in sorted(remote):
+            plan, lists, mods = remote[src]
+            merge.add(*attention_forward(plan, q, *received[src], lists, mods))
+        y, lse = merge.result(q.dtype)
+        if sinks is not None:  # in place: y and lse are fresh tensors of this call
+            live = None if p.q_valid is None else p.q_valid[:, None, :]
+            fold_sinks(y, lse, sinks, live)
+        ctx.save_for_backward(q, k, v, y, lse, sinks)
+        ctx.call = call
+        ctx.set_materialize_grads(False)
+        return y, lse
+
+    @staticmethod
+    def backward(ctx, dy, dlse):
+        q, k, v, y, lse, sinks = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: no second derivative of our own
+            with torch.no_grad():
+                grads = _backward(ctx, q, k, v, y, lse, sinks, dy, dlse)
+            return refuse_double_backward(grads, (q, k, v, sinks, dy, dlse),
+                                          DOUBLE_BACKWARD_MESSAGE) + (None,)
+        return _backward(ctx, q, k, v, y, lse, sinks, dy, dlse) + (None,)
+
+
+def _backward(ctx, q, k, v, y, lse, sinks, dy, dlse) -> tuple:
+    call, p = ctx.call, ctx.call.pattern
+    need_q, need_k, need_v, need_s = ctx.needs_input_grad[:4]
+    dy = None if dy is None else dy.contiguous()
+    exchange, received = call.kv_exchange(k, v, "backward")
+    plan, lists, mods = call.plan(q, k, v, p.local)
+    dq, dk, dv = attention_backward(plan, lists, q, k, v, y, lse, dy, dlse,
+                                    (need_q, need_k, need_v), mods)[:3]
+    exchange.wait()
+    acc = lse.dtype
+    dq = None if dq is None else dq.to(acc)
+    returned = {}
+    for src in sorted(p.remote):
+        ks, vs = received[src]
+        plan, lists, mods = call.plan(q, ks, vs, p.remote[src])
+        dq_s, dk_s, dv_s = attention_backward(plan, lists, q, ks, vs, y, lse, dy, dlse,
+                                              (need_q, True, True), mods)[:3]
+        if need_q:
+            dq = dq + dq_s.to(acc)
+        returned[src] = pack(dk_s, dv_s)
+    # Every rank returns the dK/dV of the blocks it received, whether or not its own k / v
+    # want gradients: their owners may.
+    back = {dst: k.new_empty(k.shape[0], k.shape[1], blocks.numel() * p.block_size,
+                             k.shape[3] + v.shape[3]) for dst, blocks in p.sends.items()}
+    Exchange(call.group, returned, back, p.stats, "backward").wait()
+    if need_k or need_v:
+        dk = torch.zeros_like(k, dtype=acc) if dk is None else dk.to(acc)
+        dv = torch.zeros_like(v, dtype=acc) if dv is None else dv.to(acc)
+        for dst in sorted(back):
+            tokens = block_tokens(p.sends[dst], p.block_size)
+            dk_d, dv_d = unpack(back[dst], k.shape[3])
+            dk.index_add_(2, tokens, dk_d.to(acc))
+            dv.index_add_(2, tokens, dv_d.to(acc))
+    ds = None
+    if need_s and sinks is not None:
+        ds = sinks_grad(sinks, lse, row_delta(y, dy, dlse, acc))
+    return (None if dq is None else dq.to(q.dtype), dk.to(k.dtype) if need_k else None,
+            dv.to(v.dtype) if need_v else None, ds)
