@@ -23,10 +23,14 @@ from baracuda_kernels.distributed import (Sharding, context_parallel_attention,
                                           prepare_context_parallel)
 
 
-def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+def worker(rank: int, world: int, port: int, cases: list, out_dir: str,
+           backend: str = "gloo") -> None:
+    if backend == "gloo":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        torch.set_num_threads(1)
+    else:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     results = {}
     try:
@@ -68,7 +72,8 @@ def global_inputs(c: dict) -> dict:
 
 
 def run_case(rank: int, world: int, c: dict) -> dict:
-    x = global_inputs(c)
+    x = {n: t.to(c.get("device", "cpu")) if isinstance(t, torch.Tensor) else t
+         for n, t in global_inputs(c).items()}
     dtype = getattr(torch, c["dtype"])
     bs, N = c["bs"], c["N"]
     sharding = Sharding(N, world, c["layout"], bs)
@@ -108,6 +113,8 @@ def run_case(rank: int, world: int, c: dict) -> dict:
 
     # The float64 oracle on the whole sequence (y only: its gradients are the single call's
     # business, which its own tests cover).
+    x, pattern = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in x.items()}, \
+        pattern.cpu()
     extra = None if x["docs"] is None else token_rule_mask(1, N, N, document_ids=x["docs"])
     live = None if x["docs"] is None else x["docs"] >= 0
     G = c["H"] // c["Hkv"]
@@ -119,15 +126,17 @@ def run_case(rank: int, world: int, c: dict) -> dict:
                                softcap=c.get("softcap") or 0.0, alibi_slopes=x["alibi"],
                                **rules)
 
+    y, lse, gy, glse = (t.detach().cpu() for t in (y, lse, gy, glse))
     errors = {
         "y": rel_error(y, shard(gy)), "lse": rel_error(lse, shard(glse)),
-        "dq": rel_error(q.grad, shard(gq.grad)), "dk": rel_error(k.grad, shard(gk.grad)),
-        "dv": rel_error(v.grad, shard(gv.grad)),
+        "dq": rel_error(q.grad.cpu(), shard(gq.grad.cpu())),
+        "dk": rel_error(k.grad.cpu(), shard(gk.grad.cpu())),
+        "dv": rel_error(v.grad.cpu(), shard(gv.grad.cpu())),
         "y_oracle": rel_error(y, shard(oy)), "single_y_oracle": rel_error(gy, oy),
         "lse_oracle": rel_error(lse, sharding.shard(olse, rank, 2)),
     }
     if d_sinks is not None:
-        errors["dsinks"] = rel_error(d_sinks, g_sinks.grad)
+        errors["dsinks"] = rel_error(d_sinks.cpu(), g_sinks.grad.cpu())
     errors["sends"] = {dst: blocks.tolist() for dst, blocks in cp.sends.items()}
     errors["receives"] = sorted(cp.remote)
     errors["stats"] = dict(cp.stats)

@@ -51,10 +51,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(world: int, cases: list, tmp_path) -> list[dict]:
+def _run(world: int, cases: list, tmp_path, backend: str = "gloo") -> list[dict]:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=cp_worker.worker, args=(r, world, port, cases, str(tmp_path)))
+    procs = [ctx.Process(target=cp_worker.worker,
+                         args=(r, world, port, cases, str(tmp_path), backend))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -145,6 +146,20 @@ def test_only_needed_blocks_travel(world_results, case):
         total = sum(r[case["name"]]["send_bytes"] for r in results)
         ring = sum(r[case["name"]]["dense_ring_bytes"] for r in results)
         assert total < ring / 2, (total, ring)
+
+
+@pytest.mark.gpu
+def test_nccl_group_of_one_on_the_gpu(tmp_path):
+    """NCCL on this machine's GPU (one rank: only the local part, no message), bf16 and f32:
+    the process-group path end to end on the GPU kernels."""
+    cases = [dict(c, device="cuda", name=f"{c['name']}_cuda") for c in CASES
+             if c["dtype"] != "float64"]
+    got = _run(1, cases, tmp_path, backend="nccl")[0]
+    for case in cases:
+        res = got[case["name"]]
+        assert "error" not in res, res["error"]
+        for what in ("y", "lse", "dq", "dk", "dv"):
+            assert res[what] <= TOL[case["dtype"]], (case["name"], what, res[what])
 
 
 # ---------------------------------------------------------------------------- single process

@@ -77,11 +77,17 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             f"prepared for rank {pattern.rank} of {pattern.world_size}. Prepare it with "
             f"world_size={world}, rank={rank}.")
     q, k, v, no_autocast = autocast_inputs(q, k, v)
-    call = _Call(pattern, group, scale, softcap, alibi_slopes, backend)
     with no_autocast:
-        call.check(q, k, v)
-        y, lse = _ContextParallelFunction.apply(q, k, v, sinks, call)
+        y, lse = attend(q, k, v, sinks, _Call(pattern, group, scale, softcap, alibi_slopes,
+                                               backend))
     return (y, lse) if return_lse else y
+
+
+def attend(q, k, v, sinks, call: "_Call"):
+    """(y, lse) after the tensor checks, for a checked group (tests drive it with an
+    in-process group)."""
+    call.check(q, k, v)
+    return _ContextParallelFunction.apply(q, k, v, sinks, call)
 
 
 class _Call:
