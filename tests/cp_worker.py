@@ -62,10 +62,13 @@ def global_inputs(c: dict) -> dict:
         x["pattern"] = p
     x["docs"] = None
     if c.get("docs"):
-        cuts = torch.sort(torch.randint(1, N, (c["docs"] - 1,), generator=g)).values
-        ids = torch.bucketize(torch.arange(N), cuts, right=True)
-        ids[N - c.get("pad", 0):] = -1
-        x["docs"] = ids[None].to(torch.int32)
+        rows = []
+        for _ in range(c.get("doc_rows", 1)):  # 1: shared by the batch, else one per row
+            cuts = torch.sort(torch.randint(1, N, (c["docs"] - 1,), generator=g)).values
+            ids = torch.bucketize(torch.arange(N), cuts, right=True)
+            ids[N - c.get("pad", 0):] = -1
+            rows.append(ids)
+        x["docs"] = torch.stack(rows).to(torch.int32)
     x["sinks"] = randn(H) if c.get("sinks") else None
     x["alibi"] = (torch.rand(H, generator=g) * 0.5).float() if c.get("alibi") else None
     return x
@@ -115,7 +118,8 @@ def run_case(rank: int, world: int, c: dict) -> dict:
     # business, which its own tests cover).
     x, pattern = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in x.items()}, \
         pattern.cpu()
-    extra = None if x["docs"] is None else token_rule_mask(1, N, N, document_ids=x["docs"])
+    extra = None if x["docs"] is None else \
+        token_rule_mask(x["docs"].shape[0], N, N, document_ids=x["docs"])
     live = None if x["docs"] is None else x["docs"] >= 0
     G = c["H"] // c["Hkv"]
     oy, olse = dense_attention(x["q"], x["k"].repeat_interleave(G, 1),

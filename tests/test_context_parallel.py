@@ -35,6 +35,8 @@ CASES = [
     dict(BASE, name="window_zigzag_f64", N=256, causal=True, window=(33, 0), sink_tokens=5,
          dtype="float64", seed=2),
     dict(BASE, name="documents_padding_mqa", N=256, Hkv=1, docs=5, pad=20, seed=3),
+    dict(BASE, name="documents_per_row", N=256, B=2, docs=4, doc_rows=2, causal=True,
+         window=(50, 0), seed=8),
     dict(BASE, name="documents_causal_bf16", N=256, causal=True, docs=3, dtype="bfloat16",
          seed=4),
     dict(BASE, name="random_pattern_mods", N=256, pattern="random", pattern_heads=4,
@@ -105,7 +107,7 @@ def _needed_blocks(case: dict, world: int) -> dict:
     allowed = token_mask(pattern, N, N, bs, case["causal"], case.get("window", (-1, -1)),
                          case.get("sink_tokens", 0))
     if x["docs"] is not None:
-        allowed = allowed & token_rule_mask(1, N, N, document_ids=x["docs"])
+        allowed = allowed & token_rule_mask(x["docs"].shape[0], N, N, document_ids=x["docs"])
     allowed = allowed.any(1).any(0)                                   # [N, N]
     s = Sharding(N, world, case["layout"], bs)
     need = {}

@@ -77,9 +77,16 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             f"prepared for rank {pattern.rank} of {pattern.world_size}. Prepare it with "
             f"world_size={world}, rank={rank}.")
     q, k, v, no_autocast = autocast_inputs(q, k, v)
+    call = _Call(pattern, group, scale, softcap, alibi_slopes, backend)
     with no_autocast:
-        y, lse = attend(q, k, v, sinks, _Call(pattern, group, scale, softcap, alibi_slopes,
-                                               backend))
+        call.check(q, k, v)
+        if not pattern.group_ready:
+            # NCCL creates a group's communicator at its first collective, and a batch of
+            # point-to-point messages may be that first call only if every rank takes part;
+            # ranks with nothing to send would not: one all-reduce first, on every rank.
+            dist.all_reduce(torch.zeros(1, device=q.device), group=group)
+            pattern.group_ready = True
+        y, lse = _ContextParallelFunction.apply(q, k, v, sinks, call)
     return (y, lse) if return_lse else y
 
 

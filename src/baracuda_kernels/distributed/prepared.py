@@ -30,7 +30,7 @@ from ..attention.block_sparse.descriptor import kernel_block_size
 from ..attention.block_sparse.prepared import PreparedPattern
 from ..attention.block_sparse.validation import pattern_view, with_pattern_rules
 from ..attention.common.problem import causal_mode, check_window, window_rule
-from ..attention.common.token_rules import TokenRules
+from ..attention.common.token_rules import TokenRules, token_rules_for
 from ..core import InvalidProblem, Unsupported, resolve_device
 from .sharding import Sharding
 
@@ -65,6 +65,7 @@ class ContextParallelPattern:
         self.is_causal, self.window_size, self.sink_tokens = is_causal, window_size, sink_tokens
         self.device, self.local, self.remote, self.sends = device, local, remote, sends
         self.q_valid = q_valid
+        self.group_ready = False  # set once the group's communicator has run a collective
         self.stats = {"forward_bytes": 0, "backward_bytes": 0, "messages": 0}
 
     @property
@@ -151,8 +152,8 @@ def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: in
         mask = torch.ones(1, 1, n, n, dtype=torch.bool, device=device)
     mask = pattern_view(mask, n, n, block_size, (seq_len, seq_len), None)
     mask = mask.to(device=device, dtype=torch.bool, copy=True)
-    tokens = TokenRules.build(1, seq_len, seq_len, device,
-                              document_ids=rules["document_ids"]) \
+    tokens = token_rules_for(None, seq_len, seq_len, device, is_causal, window_size,
+                             document_ids=rules["document_ids"]) \
         if rules["document_ids"] is not None else None
     if tokens is not None and tokens.batch not in (1, mask.shape[0]) and mask.shape[0] != 1:
         raise InvalidProblem(f"document_ids have {tokens.batch} rows and the pattern "
