@@ -35,11 +35,11 @@ PATTERNS = [("window4k+64sinks", "contiguous", dict(window_size=(4095, 0), sink_
 BS, H, D = 128, 16, 128
 
 
-def timed(fn, iters: int) -> float:
-    """Median ms of fn() over iters (after two warm-ups), every rank in step."""
+def median_ms(fn, iters: int, before=lambda: None) -> float:
+    """Median ms of fn() over iters, after two warm-ups; ``before`` runs ahead of each."""
     times = []
     for i in range(iters + 2):
-        dist.barrier()
+        before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -47,8 +47,13 @@ def timed(fn, iters: int) -> float:
         torch.cuda.synchronize()
         if i >= 2:
             times.append(start.elapsed_time(end))
-    t = torch.tensor([statistics.median(times)], device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
+    return statistics.median(times)
+
+
+def timed(fn, iters: int) -> float:
+    """median_ms with every rank in step; the slowest rank sets the step time."""
+    t = torch.tensor([median_ms(fn, iters, dist.barrier)], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 
@@ -92,16 +97,7 @@ def single_gpu(N: int, iters: int) -> dict:
         def step():
             block_sparse_attention(q, k, v, pattern, block_size=BS, is_causal=True,
                                    **window).backward(dy)
-        ts = []
-        for i in range(iters + 2):
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            if i >= 2:
-                ts.append(start.elapsed_time(end))
-        times[name, layout] = statistics.median(ts)
+        times[name, layout] = median_ms(step, iters)
     return times
 
 

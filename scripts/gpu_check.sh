@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
 #   bash scripts/gpu_check.sh [tests|tests+launch|launch|files+launch+hf FILES|hf+launch+readme|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|hf|
-#                              decode|tests+decode|all]
+#                              decode|tests+decode|cp|tests+cp|all]
 #                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
 # Runs from the working tree (no install); the device image has torch and triton.
@@ -20,7 +20,7 @@ shift || true
 cat "$OUT/device.txt"
 
 status=0
-if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == tests+launch || "$stage" == tests+gqa || "$stage" == tests+decode || "$stage" == all ]]; then
+if [[ "$stage" == tests || "$stage" == tests+probe || "$stage" == tests+launch || "$stage" == tests+gqa || "$stage" == tests+decode || "$stage" == tests+cp || "$stage" == all ]]; then
   # Triton compiles on the host CPU: several workers keep the card busy while others compile.
   python3 -m pytest tests -q -n 8 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -131,5 +131,15 @@ if [[ "$stage" == decode || "$stage" == tests+decode || "$stage" == decode-tests
   sweep=""; [[ "$stage" == decode-tests ]] && sweep="--sweep"
   python3 scripts/probe_decode.py $sweep > "$OUT/probe_decode.log" 2>&1 || status=$?
   cat "$OUT/probe_decode.log"
+fi
+if [[ "$stage" == cp || "$stage" == tests+cp ]]; then
+  # Context parallelism (issue 17): its tests (gloo processes, the threaded group on the
+  # GPU, NCCL with one rank), then weak scaling over the GPUs of this host (2, 4, 8 when
+  # there are that many; NVLink multicast stays as the image sets it).
+  python3 -m pytest tests/test_context_parallel.py tests/test_context_parallel_threads.py \
+    -q -n 4 -rfE -p no:cacheprovider "$@" > "$OUT/gpu_tests_cp.log" 2>&1 || status=$?
+  tail -n 15 "$OUT/gpu_tests_cp.log"
+  python3 scripts/bench_context_parallel.py > "$OUT/bench_cp.log" 2>&1 || status=$?
+  cat "$OUT/bench_cp.log"
 fi
 exit $status
