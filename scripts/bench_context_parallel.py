@@ -7,8 +7,9 @@ window 4k + 64 sink tokens, contiguous and zigzag shards; dense causal, zigzag) 
 world size W: the forward + backward time of ``context_parallel_attention`` on W GPUs
 (N = W x per-rank tokens; the slowest rank, median of the iterations), the single-GPU
 ``block_sparse_attention`` on the same N (run by the W = 1 group), weak-scaling efficiency
-T_1gpu(N) / (W x T_cp(N)), and the bytes the busiest rank sends against dense ring
-attention. NVLink multicast stays off as the device image sets it.
+T_1gpu(N) / (W x T_cp(N)), the same call with every shard sent to every rank
+(``exchange="all"``: dense ring attention's traffic on the same kernels), and the bytes
+the busiest rank sends against dense ring attention. NVLink multicast stays off as the device image sets it.
 """
 
 from __future__ import annotations
@@ -71,15 +72,22 @@ def run(rank: int, world: int, port: int, per_rank: int, iters: int, out: list) 
                                generator=g).requires_grad_() for _ in range(3))
         dy = torch.randn_like(q)
 
-        def step():
-            context_parallel_attention(q, k, v, cp).backward(dy)
+        ring = prepare_context_parallel(None, seq_len=N, world_size=world, rank=rank,
+                                        block_size=BS, layout=layout, is_causal=True,
+                                        device="cuda", exchange="all", **window)
+
+        def step(plan=cp):
+            context_parallel_attention(q, k, v, plan).backward(dy)
         cp_ms = timed(step, iters)
+        ring_ms = timed(lambda: step(ring), iters)
         sent = torch.tensor([cp.send_bytes(k, v)], device="cuda")
         dist.all_reduce(sent, op=dist.ReduceOp.MAX)
         if rank == 0:
             out.append(dict(pattern=name, layout=layout, world=world, N=N, cp_ms=cp_ms,
+                            ring_ms=ring_ms,
                             sent=int(sent), ring=cp.dense_ring_bytes(k, v)))
-            print(f"  W={world} {name} {layout}: {cp_ms:.2f} ms, busiest rank sends "
+            print(f"  W={world} {name} {layout}: {cp_ms:.2f} ms (every shard sent: "
+                  f"{ring_ms:.2f} ms), busiest rank sends "
                   f"{int(sent) / 2**20:.1f} MiB (dense ring {cp.dense_ring_bytes(k, v) / 2**20:.1f})",
                   flush=True)
     dist.destroy_process_group()
@@ -116,8 +124,9 @@ def main() -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         mp.spawn(run, args=(world, port, a.per_rank, a.iters, rows), nprocs=world)
-    print("| pattern | layout | W | N | CP fwd+bwd ms | 1 GPU ms | efficiency | sent / ring |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pattern | layout | W | N | CP fwd+bwd ms | every shard sent ms | 1 GPU ms | "
+          "efficiency | sent / ring |")
+    print("|---|---|---|---|---|---|---|---|---|")
     singles = {}
     for r in rows:
         if r["N"] not in singles:
@@ -126,6 +135,7 @@ def main() -> None:
         eff = single / (r["world"] * r["cp_ms"])
         ratio = r["sent"] / r["ring"] if r["ring"] else 0.0
         print(f"| {r['pattern']} | {r['layout']} | {r['world']} | {r['N']} | {r['cp_ms']:.2f} | "
+              f"{r['ring_ms']:.2f} | "
               f"{single:.2f} | {eff:.2f} | {ratio:.3f} |", flush=True)
 
 

@@ -85,7 +85,7 @@ def run_case(rank: int, world: int, c: dict) -> dict:
     mods = dict(softcap=c.get("softcap"), alibi_slopes=x["alibi"])
     cp = prepare_context_parallel(x["pattern"], seq_len=N, world_size=world, rank=rank,
                                   block_size=bs, layout=c["layout"], document_ids=x["docs"],
-                                  **rules)
+                                  exchange=c.get("exchange", "needed"), **rules)
 
     def leaf(t):
         return None if t is None else t.to(dtype).detach().requires_grad_()

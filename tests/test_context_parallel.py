@@ -42,6 +42,8 @@ CASES = [
     dict(BASE, name="random_pattern_mods", N=256, pattern="random", pattern_heads=4,
          softcap=5.0, alibi=True, sinks=True, seed=5),
     dict(BASE, name="window_noncausal", N=256, window=(24, 24), B=2, seed=6),
+    dict(BASE, name="window_exchange_all", N=256, causal=True, window=(40, 0), seed=9,
+         exchange="all"),
 ]
 # (errors against the single-process call, per dtype: the merge rounds y once more)
 TOL = {"float64": 1e-10, "float32": 2e-5, "bfloat16": 3e-2}
@@ -130,6 +132,8 @@ def test_only_needed_blocks_travel(world_results, case):
     document spans every id between them) and each rule on its own (a shared document
     whose pairs the causal rule removes)."""
     world, results = world_results
+    if case.get("exchange") == "all":
+        pytest.skip("exchange='all' sends every block by design (test_exchange_all_...)")
     need = _needed_blocks(case, world)
     for rank, res in enumerate(results):
         got = res[case["name"]]
@@ -193,6 +197,18 @@ def test_prepare_is_exact_about_needs():
     assert sorted(cp.remote) == [1]
     assert cp.remote[1].key_blocks.tolist() == [2, 3]   # keys 96..127 of rank 1
     assert sorted(cp.sends) == [3] and cp.sends[3].tolist() == [2, 3]
+
+
+def test_exchange_all_is_dense_ring_traffic():
+    """exchange="all" (the dense-ring baseline of the benchmark) sends every block."""
+    cp = prepare_context_parallel(None, seq_len=256, world_size=4, rank=1, block_size=16,
+                                  is_causal=True, window_size=(20, 0), exchange="all")
+    k = torch.empty(1, 2, 64, 8)
+    assert cp.send_bytes(k, k) == cp.dense_ring_bytes(k, k)
+    assert sorted(cp.remote) == [0, 2, 3]
+    with pytest.raises(InvalidProblem, match="exchange"):
+        prepare_context_parallel(None, seq_len=256, world_size=4, rank=1, block_size=16,
+                                 exchange="ring")
 
 
 def test_call_checks_before_any_message():

@@ -96,7 +96,8 @@ class ContextParallelPattern:
 def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: int,
                              block_size: Optional[int] = None, layout: str = "zigzag",
                              is_causal=None, window_size=None, sink_tokens=None,
-                             document_ids=None, device=None) -> ContextParallelPattern:
+                             document_ids=None, device=None,
+                             exchange: str = "needed") -> ContextParallelPattern:
     """Prepare the global block pattern of a sequence of ``seq_len`` tokens for ``rank``.
 
     Args:
@@ -114,6 +115,10 @@ def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: in
         document_ids: int tensor ``[B|1, N]`` of the global sequence (packed documents; a
             negative id marks padding), or None.
         device: where the attention runs (default: the pattern's device, or the CPU).
+        exchange: "needed" (default): only the key blocks some local query block needs
+            travel. "all": every shard goes to every rank, as in dense ring attention (the
+            result is the same: blocks no query needs are skipped by the kernels); a
+            baseline for benchmarks.
     Raises:
         InvalidProblem for a geometry that does not fit; Unsupported for rules the
         context-parallel path has not got (prefix-LM, block bits of ``from_mask_fn``).
@@ -168,6 +173,10 @@ def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: in
                         index.contiguous())
     alive = classify_blocks(mask, seq_len, seq_len, block_size, is_causal, window, judged)
     alive = (alive != SKIP).any(1).any(0)                        # [n, n]: some row needs it
+    if exchange not in ("needed", "all"):
+        raise InvalidProblem(f"exchange is {exchange!r}; expected 'needed' or 'all'.")
+    if exchange == "all":
+        alive = torch.ones_like(alive)
     blocks = [sharding.block_positions(r).to(device) for r in range(world_size)]
     need = {(dst, src): alive[blocks[dst]][:, blocks[src]].any(0).nonzero().flatten()
             for dst in range(world_size) for src in range(world_size) if dst != src}
