@@ -70,6 +70,7 @@ def global_inputs(c: dict) -> dict:
             rows.append(ids)
         x["docs"] = torch.stack(rows).to(torch.int32)
     x["sinks"] = randn(H) if c.get("sinks") else None
+    x["bias"] = randn(1, H, N, N) if c.get("bias") else None
     x["alibi"] = (torch.rand(H, generator=g) * 0.5).float() if c.get("alibi") else None
     return x
 
@@ -98,7 +99,10 @@ def run_case(rank: int, world: int, c: dict) -> dict:
     shard = lambda t: sharding.shard(t, rank, dim=2)  # noqa: E731
     q, k, v = (leaf(shard(x[n])) for n in ("q", "k", "v"))
     sinks = None if x["sinks"] is None else x["sinks"].float().requires_grad_()
-    y, lse = context_parallel_attention(q, k, v, cp, sinks=sinks, return_lse=True, **mods)
+    bias = None if x["bias"] is None else \
+        sharding.shard(x["bias"], rank, dim=2).float().requires_grad_()   # my query rows
+    y, lse = context_parallel_attention(q, k, v, cp, sinks=sinks, bias=bias, return_lse=True,
+                                        **mods)
     loss_of(y, lse, shard(x["w"]), sharding.shard(x["w_lse"], rank, 2)).backward()
     d_sinks = None
     if sinks is not None:
@@ -110,8 +114,10 @@ def run_case(rank: int, world: int, c: dict) -> dict:
         torch.ones(1, 1, N // bs, N // bs, dtype=torch.bool)
     gq, gk, gv = (leaf(x[n]) for n in ("q", "k", "v"))
     g_sinks = None if x["sinks"] is None else x["sinks"].float().requires_grad_()
+    g_bias = None if x["bias"] is None else x["bias"].float().requires_grad_()
     gy, glse = block_sparse_attention(gq, gk, gv, pattern, block_size=bs, return_lse=True,
-                                      document_ids=x["docs"], sinks=g_sinks, **rules, **mods)
+                                      document_ids=x["docs"], sinks=g_sinks, bias=g_bias,
+                                      **rules, **mods)
     loss_of(gy, glse, x["w"], x["w_lse"]).backward()
 
     # The float64 oracle on the whole sequence (y only: its gradients are the single call's
@@ -128,7 +134,7 @@ def run_case(rank: int, world: int, c: dict) -> dict:
                                if pattern.shape[1] > 1 else pattern, bs,
                                extra_mask=extra, sinks=x["sinks"], live_rows=live,
                                softcap=c.get("softcap") or 0.0, alibi_slopes=x["alibi"],
-                               **rules)
+                               bias=x["bias"], **rules)
 
     y, lse, gy, glse = (t.detach().cpu() for t in (y, lse, gy, glse))
     errors = {
@@ -139,6 +145,8 @@ def run_case(rank: int, world: int, c: dict) -> dict:
         "y_oracle": rel_error(y, shard(oy)), "single_y_oracle": rel_error(gy, oy),
         "lse_oracle": rel_error(lse, sharding.shard(olse, rank, 2)),
     }
+    if bias is not None:
+        errors["dbias"] = rel_error(bias.grad.cpu(), shard(g_bias.grad.cpu()))
     if d_sinks is not None:
         errors["dsinks"] = rel_error(d_sinks.cpu(), g_sinks.grad.cpu())
     errors["sends"] = {dst: blocks.tolist() for dst, blocks in cp.sends.items()}

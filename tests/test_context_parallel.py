@@ -44,6 +44,8 @@ CASES = [
     dict(BASE, name="window_noncausal", N=256, window=(24, 24), B=2, seed=6),
     dict(BASE, name="window_exchange_all", N=256, causal=True, window=(40, 0), seed=9,
          exchange="all"),
+    dict(BASE, name="bias_window_documents", N=256, causal=True, window=(60, 0), docs=3,
+         bias=True, seed=10),
 ]
 # (errors against the single-process call, per dtype: the merge rounds y once more)
 TOL = {"float64": 1e-10, "float32": 2e-5, "bfloat16": 3e-2}
@@ -91,7 +93,9 @@ def test_matches_single_process_and_oracle(world_results, case):
         got = res[case["name"]]
         assert "error" not in got, f"rank {rank}: {got['error']}"
         tol = TOL[case["dtype"]]
-        for what in ("y", "lse", "dq", "dk", "dv") + (("dsinks",) if case.get("sinks") else ()):
+        extra = (("dsinks",) if case.get("sinks") else ()) + \
+            (("dbias",) if case.get("bias") else ())
+        for what in ("y", "lse", "dq", "dk", "dv") + extra:
             assert got[what] <= tol, f"rank {rank} of {world}: {what} error {got[what]:.2e}"
         # Against float64: no worse than twice the single-process call's own error.
         bound = 2 * got["single_y_oracle"] + {"float64": 1e-12, "float32": 1e-5,

@@ -35,7 +35,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                pattern: ContextParallelPattern, *, group=None,
                                scale: Optional[float] = None, softcap: Optional[float] = None,
                                alibi_slopes: Optional[torch.Tensor] = None,
-                               sinks: Optional[torch.Tensor] = None, return_lse: bool = False,
+                               sinks: Optional[torch.Tensor] = None,
+                               bias: Optional[torch.Tensor] = None, return_lse: bool = False,
                                backend: Optional[str] = None):
     """Block-sparse attention of one sequence sharded over the ranks of ``group``.
 
@@ -52,8 +53,11 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         group: the process group of the context-parallel ranks (None: the default group);
             its size and this process's rank in it must be the pattern's.
         scale, softcap, alibi_slopes, sinks, backend: as for ``block_sparse_attention``
-            (ALiBi distances and sink tokens count global positions). The bias modifier is
-            not offered here.
+            (ALiBi distances and sink tokens count global positions).
+        bias: additive score bias of this rank's query rows against every key of the
+            sequence: broadcastable to [B, H, n, N] (rows in shard order, like q; keys in
+            global order, N = ``pattern.sharding.seq_len``; B, H, n may be 1). Each part
+            reads the columns of its keys; gets a gradient when it requires one.
         return_lse: also return lse [B, H, n] (float32; float64 for float64 inputs),
             differentiable.
 
@@ -77,16 +81,16 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             f"prepared for rank {pattern.rank} of {pattern.world_size}. Prepare it with "
             f"world_size={world}, rank={rank}.")
     q, k, v, no_autocast = autocast_inputs(q, k, v)
-    call = _Call(pattern, group, scale, softcap, alibi_slopes, backend)
+    call = _Call(pattern, group, scale, softcap, alibi_slopes, backend, bias is not None)
     with no_autocast:
-        call.check(q, k, v)
+        call.check(q, k, v, bias)
         if not pattern.group_ready:
             # NCCL creates a group's communicator at its first collective, and a batch of
             # point-to-point messages may be that first call only if every rank takes part;
             # ranks with nothing to send would not: one all-reduce first, on every rank.
             dist.all_reduce(torch.zeros(1, device=q.device), group=group)
             pattern.group_ready = True
-        y, lse = _ContextParallelFunction.apply(q, k, v, sinks, call)
+        y, lse = _ContextParallelFunction.apply(q, k, v, sinks, bias, call)
     return (y, lse) if return_lse else y
 
 
@@ -94,39 +98,50 @@ def attend(q, k, v, sinks, call: "_Call"):
     """(y, lse) after the tensor checks, for a checked group (tests drive it with an
     in-process group)."""
     call.check(q, k, v)
-    return _ContextParallelFunction.apply(q, k, v, sinks, call)
+    return _ContextParallelFunction.apply(q, k, v, sinks, None, call)
 
 
 class _Call:
     """The fixed facts of one call: the pattern, the group, the modifiers; plans per part."""
 
-    def __init__(self, pattern, group, scale, softcap, alibi_slopes, backend):
+    def __init__(self, pattern, group, scale, softcap, alibi_slopes, backend,
+                 has_bias: bool = False):
         self.pattern, self.group, self.scale, self.softcap = pattern, group, scale, softcap
-        self.alibi_slopes = alibi_slopes
+        self.alibi_slopes, self.has_bias = alibi_slopes, has_bias
         self.backend = backend.value if backend is not None and not isinstance(backend, str) \
             else backend
 
-    def check(self, q, k, v) -> None:
-        n = self.pattern.sharding.local_len
+    def check(self, q, k, v, bias=None) -> None:
+        n, N = self.pattern.sharding.local_len, self.pattern.sharding.seq_len
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[2] != n:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise InvalidProblem(
                     f"{name} is {got}; expected [B, H, {n}, D]: this rank's {n} tokens of the "
                     f"{self.pattern.sharding.seq_len}-token sequence (pattern.sharding.shard).")
-        self.plan(q, k, v, self.pattern.local)  # checks dtypes, devices, heads, pattern fit
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() < 2
+                                 or bias.shape[-1] != N or bias.shape[-2] not in (1, n)):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise InvalidProblem(
+                f"bias is {got}; expected [B|1, H|1, {n}|1, {N}]: this rank's query rows "
+                f"(shard order) against every key of the sequence (global order). Shard a "
+                f"global bias's rows with pattern.sharding.shard(bias, rank, dim=-2).")
+        self.plan(q, k, v, self.pattern.local, bias)  # dtypes, devices, heads, pattern fit
 
-    def plan(self, q, k, v, part: Part):
-        """(plan, lists, mods) of one part for these tensors (k / v: the part's keys, or any
-        tensors of their shape)."""
+    def plan(self, q, k, v, part: Part, bias=None):
+        """(plan, lists, mods, the part's bias columns or None) of one part for these
+        tensors (k / v: the part's keys, or any tensors of their shape)."""
         p = self.pattern
         desc = SdpaBlockSparseDescriptor.from_tensors(
             q, k, v, block_size=p.block_size, scale=self.scale, is_causal=p.is_causal,
             window_size=p.window_size, sink_tokens=p.sink_tokens, softcap=self.softcap,
-            alibi=self.alibi_slopes is not None)
+            alibi=self.alibi_slopes is not None, bias=self.has_bias)
         device = check_qkv(desc, q, k, v)
         plan = plan_for(desc, device, self.backend)
-        return plan, plan.block_lists(part.prepared), plan.score_mods(self.alibi_slopes)
+        part_bias = None if bias is None else \
+            bias.detach().index_select(-1, part.key_positions.to(bias.device))
+        return (plan, plan.block_lists(part.prepared),
+                plan.score_mods(self.alibi_slopes, None, part_bias), part_bias)
 
     def kv_exchange(self, k, v, stats_phase: str):
         """Post this rank's K/V blocks to the ranks that need them and the receives of the
@@ -163,53 +178,61 @@ class _Merge:
 class _ContextParallelFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, call: _Call):
+    def forward(ctx, q, k, v, sinks, bias, call: _Call):
         p = call.pattern
         exchange, received = call.kv_exchange(k, v, "forward")
-        plan, lists, mods = call.plan(q, k, v, p.local)
+        plan, lists, mods, _ = call.plan(q, k, v, p.local, bias)
         merge = _Merge(*attention_forward(plan, q, k, v, lists, mods))
-        remote = {src: call.plan(q, *received[src], part) for src, part in p.remote.items()}
+        remote = {src: call.plan(q, *received[src], part, bias)
+                  for src, part in p.remote.items()}
         exchange.wait()
         for src in sorted(remote):
-            plan, lists, mods = remote[src]
+            plan, lists, mods, _ = remote[src]
             merge.add(*attention_forward(plan, q, *received[src], lists, mods))
         y, lse = merge.result(q.dtype)
         if sinks is not None:  # in place: y and lse are fresh tensors of this call
             live = None if p.q_valid is None else p.q_valid[:, None, :]
             fold_sinks(y, lse, sinks, live)
-        ctx.save_for_backward(q, k, v, y, lse, sinks)
+        ctx.save_for_backward(q, k, v, y, lse, sinks, bias)
         ctx.call = call
         ctx.set_materialize_grads(False)
         return y, lse
 
     @staticmethod
     def backward(ctx, dy, dlse):
-        q, k, v, y, lse, sinks = ctx.saved_tensors
+        q, k, v, y, lse, sinks, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: no second derivative of our own
             with torch.no_grad():
-                grads = _backward(ctx, q, k, v, y, lse, sinks, dy, dlse)
-            return refuse_double_backward(grads, (q, k, v, sinks, dy, dlse),
+                grads = _backward(ctx, q, k, v, y, lse, sinks, bias, dy, dlse)
+            return refuse_double_backward(grads, (q, k, v, sinks, bias, dy, dlse),
                                           DOUBLE_BACKWARD_MESSAGE) + (None,)
-        return _backward(ctx, q, k, v, y, lse, sinks, dy, dlse) + (None,)
+        return _backward(ctx, q, k, v, y, lse, sinks, bias, dy, dlse) + (None,)
 
 
-def _backward(ctx, q, k, v, y, lse, sinks, dy, dlse) -> tuple:
+def _backward(ctx, q, k, v, y, lse, sinks, bias, dy, dlse) -> tuple:
     call, p = ctx.call, ctx.call.pattern
-    need_q, need_k, need_v, need_s = ctx.needs_input_grad[:4]
+    need_q, need_k, need_v, need_s, need_b = ctx.needs_input_grad[:5]
+    need_b = need_b and bias is not None
     dy = None if dy is None else dy.contiguous()
     exchange, received = call.kv_exchange(k, v, "backward")
-    plan, lists, mods = call.plan(q, k, v, p.local)
-    dq, dk, dv = attention_backward(plan, lists, q, k, v, y, lse, dy, dlse,
-                                    (need_q, need_k, need_v), mods)[:3]
-    exchange.wait()
     acc = lse.dtype
+    db = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+
+    def part_backward(part, ks, vs, needs):
+        """(dq, dk, dv) of one part; its bias columns' gradient added into db."""
+        plan, lists, mods, part_bias = call.plan(q, ks, vs, part, bias)
+        grads = attention_backward(plan, lists, q, ks, vs, y, lse, dy, dlse,
+                                   needs + (False, need_b), mods, None, part_bias)
+        if need_b:
+            db.index_add_(-1, part.key_positions.to(db.device), grads[4].to(acc))
+        return grads[:3]
+
+    dq, dk, dv = part_backward(p.local, k, v, (need_q, need_k, need_v))
+    exchange.wait()
     dq = None if dq is None else dq.to(acc)
     returned = {}
     for src in sorted(p.remote):
-        ks, vs = received[src]
-        plan, lists, mods = call.plan(q, ks, vs, p.remote[src])
-        dq_s, dk_s, dv_s = attention_backward(plan, lists, q, ks, vs, y, lse, dy, dlse,
-                                              (need_q, True, True), mods)[:3]
+        dq_s, dk_s, dv_s = part_backward(p.remote[src], *received[src], (need_q, True, True))
         if need_q:
             dq = dq + dq_s.to(acc)
         returned[src] = pack(dk_s, dv_s)
@@ -230,4 +253,5 @@ def _backward(ctx, q, k, v, y, lse, sinks, dy, dlse) -> tuple:
     if need_s and sinks is not None:
         ds = sinks_grad(sinks, lse, row_delta(y, dy, dlse, acc))
     return (None if dq is None else dq.to(q.dtype), dk.to(k.dtype) if need_k else None,
-            dv.to(v.dtype) if need_v else None, ds)
+            dv.to(v.dtype) if need_v else None, ds,
+            db.to(bias.dtype) if need_b else None)

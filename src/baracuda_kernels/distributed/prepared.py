@@ -38,10 +38,12 @@ from .sharding import Sharding
 @dataclass(frozen=True)
 class Part:
     """Local queries against ``key_blocks`` (block indices inside the source rank's shard,
-    ascending) of rank ``source``; ``prepared``: its pattern slice and block lists."""
+    ascending) of rank ``source``; ``key_positions``: the global token index of each of its
+    keys; ``prepared``: its pattern slice and block lists."""
 
     source: int
     key_blocks: torch.Tensor
+    key_positions: torch.Tensor
     prepared: PreparedPattern
 
     @property
@@ -239,4 +241,4 @@ class _PartGeometry:
                                    is_causal=self.is_causal, window_size=self.window_size,
                                    sink_tokens=self.sink_tokens,
                                    description=f"context-parallel part from rank {source}")
-        return Part(source, key_blocks, prepared)
+        return Part(source, key_blocks, k_tokens, prepared)
