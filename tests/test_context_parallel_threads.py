@@ -50,12 +50,17 @@ class MailboxExchange:
         stats["messages"] += len(sends)
         box.cv.notify_all()
 
-    def wait(self):
+    def wait_source(self, src):
         box = self.group.mailbox
-        for src, buf in sorted(self.recvs.items()):
-            key = (self.number, src, self.group.rank)
+        key = (self.number, src, self.group.rank)
+        if src in self.recvs and not getattr(self, f"_got{src}", False):
             box.cv.wait_for(lambda: key in box.box, timeout=600)
-            buf.copy_(box.box.pop(key))
+            self.recvs[src].copy_(box.box.pop(key))
+            setattr(self, f"_got{src}", True)
+
+    def wait(self):
+        for src in sorted(self.recvs):
+            self.wait_source(src)
         return self.recvs
 
 

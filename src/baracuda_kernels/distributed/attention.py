@@ -185,10 +185,11 @@ class _ContextParallelFunction(torch.autograd.Function):
         merge = _Merge(*attention_forward(plan, q, k, v, lists, mods))
         remote = {src: call.plan(q, *received[src], part, bias)
                   for src, part in p.remote.items()}
-        exchange.wait()
-        for src in sorted(remote):
+        for src in sorted(remote):  # each source as soon as its blocks are in
+            exchange.wait_source(src)
             plan, lists, mods, _ = remote[src]
             merge.add(*attention_forward(plan, q, *received[src], lists, mods))
+        exchange.wait()  # (the sends)
         y, lse = merge.result(q.dtype)
         if sinks is not None:  # in place: y and lse are fresh tensors of this call
             live = None if p.q_valid is None else p.q_valid[:, None, :]
@@ -228,14 +229,15 @@ def _backward(ctx, q, k, v, y, lse, sinks, bias, dy, dlse) -> tuple:
         return grads[:3]
 
     dq, dk, dv = part_backward(p.local, k, v, (need_q, need_k, need_v))
-    exchange.wait()
     dq = None if dq is None else dq.to(acc)
     returned = {}
     for src in sorted(p.remote):
+        exchange.wait_source(src)
         dq_s, dk_s, dv_s = part_backward(p.remote[src], *received[src], (need_q, True, True))
         if need_q:
             dq = dq + dq_s.to(acc)
         returned[src] = pack(dk_s, dv_s)
+    exchange.wait()
     # Every rank returns the dK/dV of the blocks it received, whether or not its own k / v
     # want gradients: their owners may.
     back = {dst: k.new_empty(k.shape[0], k.shape[1], blocks.numel() * p.block_size,

@@ -5,7 +5,8 @@ Only (rank, rank) pairs with at least one needed block exchange a message (one p
 direction per phase, K and V packed side by side along the last dim), so a pattern that
 never pairs two shards never sends between them. Messages are posted together
 (``batch_isend_irecv``) and complete in the background (NCCL: its own stream; gloo: its
-threads) while the caller computes; ``wait`` joins them.
+threads) while the caller computes; ``wait_source`` joins one source's message (where the
+backend tracks messages one by one), ``wait`` all of them.
 """
 
 from __future__ import annotations
@@ -45,15 +46,30 @@ class Exchange:
         ops += [dist.P2POp(dist.irecv, t, _peer(group, src), group)
                 for src, t in sorted(recvs.items())]
         self.works = dist.batch_isend_irecv(ops) if ops else []
+        # One work per message (gloo): each source can be waited for on its own. One work
+        # for the batch (NCCL coalesces it): waiting for any source waits for all.
+        self.by_source = dict(zip(sorted(recvs), self.works[len(sends):])) \
+            if len(self.works) == len(ops) else None
         stats[f"{phase}_bytes"] += sum(t.numel() * t.element_size() for t in sends.values())
         stats["messages"] += len(sends)
+
+    def wait_source(self, src: int) -> None:
+        """Block until the message from ``src`` arrived (all of them when the backend
+        gives one work per batch)."""
+        if self.by_source is None:
+            self.wait()
+        elif src in self.by_source:
+            work = self.by_source.pop(src)
+            work.wait()
+            self.works = [w for w in self.works if w is not work]  # (gloo: a second wait
+            # on a finished receive never returns)
 
     def wait(self) -> dict:
         """Block until every message of the phase completed (NCCL: the current stream waits);
         returns the filled receive buffers."""
         for work in self.works:
             work.wait()
-        self.works = []
+        self.works, self.by_source = [], {}
         return self.recvs
 
 
