@@ -39,10 +39,38 @@ def worker(rank: int, world: int, port: int, cases: list, out_dir: str,
                 results[case["name"]] = run_case(rank, world, case)
             except Exception:  # reported to the parent test, which fails on it
                 results[case["name"]] = {"error": traceback.format_exc()}
+        results["_refusals"] = refusals(rank, world)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
+
+
+def refusals(rank: int, world: int) -> dict:
+    """The messages of calls that must raise InvalidProblem before any exchange: a pattern
+    prepared for another rank, a shard of the wrong length, a bias without all keys."""
+    from baracuda_kernels import InvalidProblem
+    N, bs = 64 * world, 16
+    q = torch.randn(1, 2, N // world, 8)
+    out = {}
+    def prep(r):
+        return prepare_context_parallel(None, seq_len=N, world_size=world, rank=r,
+                                        block_size=bs)
+    calls = {
+        "other_rank": lambda: context_parallel_attention(q, q, q, prep((rank + 1) % world)),
+        "short_shard": lambda: context_parallel_attention(q[:, :, :-1], q, q, prep(rank)),
+        "bias_columns": lambda: context_parallel_attention(
+            q, q, q, prep(rank), bias=torch.zeros(1, 2, N // world, N // world)),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = "no error"
+        except InvalidProblem as e:
+            out[name] = f"InvalidProblem: {e}"
+        except Exception as e:  # noqa: BLE001 -- reported: the wrong type
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def global_inputs(c: dict) -> dict:

@@ -172,6 +172,21 @@ def test_nccl_group_of_one_on_the_gpu(tmp_path):
             assert res[what] <= TOL[case["dtype"]], (case["name"], what, res[what])
 
 
+def test_bad_calls_raise_before_any_message(world_results):
+    """In a live group: a pattern of another rank, a shard of the wrong length and a bias
+    without every key column raise InvalidProblem naming the fix (and no rank hangs: a
+    refused call sends nothing)."""
+    world, results = world_results
+    for rank, res in enumerate(results):
+        got = res["_refusals"]
+        assert got["other_rank"].startswith("InvalidProblem") and \
+            f"rank={rank}" in got["other_rank"], got["other_rank"]
+        assert got["short_shard"].startswith("InvalidProblem") and \
+            "this rank's" in got["short_shard"], got["short_shard"]
+        assert got["bias_columns"].startswith("InvalidProblem") and \
+            "every key" in got["bias_columns"], got["bias_columns"]
+
+
 # ---------------------------------------------------------------------------- single process
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_sharding_round_trip_and_positions(layout):
