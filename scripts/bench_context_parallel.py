@@ -9,7 +9,8 @@ world size W: the forward + backward time of ``context_parallel_attention`` on W
 ``block_sparse_attention`` on the same N (run by the W = 1 group), weak-scaling efficiency
 T_1gpu(N) / (W x T_cp(N)), the same call with every shard sent to every rank
 (``exchange="all"``: dense ring attention's traffic on the same kernels), and the bytes
-the busiest rank sends against dense ring attention. NVLink multicast stays off as the device image sets it.
+the busiest rank sends against dense ring attention. NVLink multicast stays off as the
+device image sets it.
 """
 
 from __future__ import annotations
@@ -86,10 +87,10 @@ def run(rank: int, world: int, port: int, per_rank: int, iters: int, out: list) 
             out.append(dict(pattern=name, layout=layout, world=world, N=N, cp_ms=cp_ms,
                             ring_ms=ring_ms,
                             sent=int(sent), ring=cp.dense_ring_bytes(k, v)))
+            ring_mib = cp.dense_ring_bytes(k, v) / 2**20
             print(f"  W={world} {name} {layout}: {cp_ms:.2f} ms (every shard sent: "
-                  f"{ring_ms:.2f} ms), busiest rank sends "
-                  f"{int(sent) / 2**20:.1f} MiB (dense ring {cp.dense_ring_bytes(k, v) / 2**20:.1f})",
-                  flush=True)
+                  f"{ring_ms:.2f} ms), busiest rank sends {int(sent) / 2**20:.1f} MiB "
+                  f"(dense ring {ring_mib:.1f})", flush=True)
     dist.destroy_process_group()
 
 
