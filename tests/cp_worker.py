@@ -111,10 +111,13 @@ def run_case(rank: int, world: int, c: dict) -> dict:
     sharding = Sharding(N, world, c["layout"], bs)
     rules = dict(is_causal=c["causal"], window_size=c.get("window", (-1, -1)),
                  sink_tokens=c.get("sink_tokens", 0))
+    prefix = c.get("prefix")  # prefix-LM lengths (per batch row)
+    prefix = None if prefix is None else torch.tensor(prefix)
     mods = dict(softcap=c.get("softcap"), alibi_slopes=x["alibi"])
     cp = prepare_context_parallel(x["pattern"], seq_len=N, world_size=world, rank=rank,
                                   block_size=bs, layout=c["layout"], document_ids=x["docs"],
-                                  exchange=c.get("exchange", "needed"), **rules)
+                                  exchange=c.get("exchange", "needed"),
+                                  prefix_lengths=prefix, **rules)
 
     def leaf(t):
         return None if t is None else t.to(dtype).detach().requires_grad_()
@@ -145,6 +148,8 @@ def run_case(rank: int, world: int, c: dict) -> dict:
     g_bias = None if x["bias"] is None else x["bias"].float().requires_grad_()
     gy, glse = block_sparse_attention(gq, gk, gv, pattern, block_size=bs, return_lse=True,
                                       document_ids=x["docs"], sinks=g_sinks, bias=g_bias,
+                                      prefix_lengths=prefix if prefix is None
+                                      else prefix.to(gq.device),
                                       **rules, **mods)
     loss_of(gy, glse, x["w"], x["w_lse"]).backward()
 
@@ -154,6 +159,10 @@ def run_case(rank: int, world: int, c: dict) -> dict:
         pattern.cpu()
     extra = None if x["docs"] is None else \
         token_rule_mask(x["docs"].shape[0], N, N, document_ids=x["docs"])
+    oracle_rules = rules
+    if prefix is not None:  # the rule's own causal term, relaxed by the prefix
+        extra = token_rule_mask(c["B"], N, N, True, prefix_lengths=prefix)
+        oracle_rules = dict(rules, is_causal=False)
     live = None if x["docs"] is None else x["docs"] >= 0
     G = c["H"] // c["Hkv"]
     oy, olse = dense_attention(x["q"], x["k"].repeat_interleave(G, 1),
@@ -162,7 +171,7 @@ def run_case(rank: int, world: int, c: dict) -> dict:
                                if pattern.shape[1] > 1 else pattern, bs,
                                extra_mask=extra, sinks=x["sinks"], live_rows=live,
                                softcap=c.get("softcap") or 0.0, alibi_slopes=x["alibi"],
-                               bias=x["bias"], **rules)
+                               bias=x["bias"], **oracle_rules)
 
     y, lse, gy, glse = (t.detach().cpu() for t in (y, lse, gy, glse))
     errors = {

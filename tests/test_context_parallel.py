@@ -44,6 +44,7 @@ CASES = [
     dict(BASE, name="window_noncausal", N=256, window=(24, 24), B=2, seed=6),
     dict(BASE, name="window_exchange_all", N=256, causal=True, window=(40, 0), seed=9,
          exchange="all"),
+    dict(BASE, name="prefix_lm_per_row", N=256, B=2, causal=True, prefix=[40, 150], seed=11),
     dict(BASE, name="bias_window_documents", N=256, causal=True, window=(60, 0), docs=3,
          bias=True, seed=10),
 ]
@@ -110,8 +111,12 @@ def _needed_blocks(case: dict, world: int) -> dict:
     N, bs = case["N"], case["bs"]
     pattern = x["pattern"] if x["pattern"] is not None else \
         torch.ones(1, 1, N // bs, N // bs, dtype=torch.bool)
-    allowed = token_mask(pattern, N, N, bs, case["causal"], case.get("window", (-1, -1)),
+    causal = case["causal"] and case.get("prefix") is None
+    allowed = token_mask(pattern, N, N, bs, causal, case.get("window", (-1, -1)),
                          case.get("sink_tokens", 0))
+    if case.get("prefix") is not None:
+        allowed = allowed & token_rule_mask(case["B"], N, N, True,
+                                            prefix_lengths=torch.tensor(case["prefix"]))
     if x["docs"] is not None:
         allowed = allowed & token_rule_mask(x["docs"].shape[0], N, N, document_ids=x["docs"])
     allowed = allowed.any(1).any(0)                                   # [N, N]

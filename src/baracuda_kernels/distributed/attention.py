@@ -119,6 +119,10 @@ class _Call:
                 raise InvalidProblem(
                     f"{name} is {got}; expected [B, H, {n}, D]: this rank's {n} tokens of the "
                     f"{self.pattern.sharding.seq_len}-token sequence (pattern.sharding.shard).")
+        if self.alibi_slopes is not None and self.pattern.has_prefix:
+            raise InvalidProblem(
+                "alibi_slopes was given with a prefix-LM pattern; expected one of them: the "
+                "prefix rule shifts query positions, which ALiBi would read as distances.")
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() < 2
                                  or bias.shape[-1] != N or bias.shape[-2] not in (1, n)):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__

@@ -62,11 +62,13 @@ class ContextParallelPattern:
 
     def __init__(self, sharding: Sharding, rank: int, *, block_size: int, is_causal: bool,
                  window_size: tuple, sink_tokens: int, device: torch.device, local: Part,
-                 remote: dict, sends: dict, q_valid: Optional[torch.Tensor]):
+                 remote: dict, sends: dict, q_valid: Optional[torch.Tensor],
+                 has_prefix: bool = False):
         self.sharding, self.rank, self.block_size = sharding, rank, block_size
         self.is_causal, self.window_size, self.sink_tokens = is_causal, window_size, sink_tokens
         self.device, self.local, self.remote, self.sends = device, local, remote, sends
         self.q_valid = q_valid
+        self.has_prefix = has_prefix
         self.group_ready = False  # set once the group's communicator has run a collective
         self.stats = {"forward_bytes": 0, "backward_bytes": 0, "messages": 0}
 
@@ -98,7 +100,7 @@ class ContextParallelPattern:
 def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: int,
                              block_size: Optional[int] = None, layout: str = "zigzag",
                              is_causal=None, window_size=None, sink_tokens=None,
-                             document_ids=None, device=None,
+                             document_ids=None, prefix_lengths=None, device=None,
                              exchange: str = "needed") -> ContextParallelPattern:
     """Prepare the global block pattern of a sequence of ``seq_len`` tokens for ``rank``.
 
@@ -116,14 +118,16 @@ def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: in
             ``block_sparse_attention``); None: the BlockPattern's, else none.
         document_ids: int tensor ``[B|1, N]`` of the global sequence (packed documents; a
             negative id marks padding), or None.
+        prefix_lengths: int or int tensor ``[B]`` with is_causal: prefix-LM (the first P
+            tokens of the sequence are seen by every query; not with a window or ALiBi).
         device: where the attention runs (default: the pattern's device, or the CPU).
         exchange: "needed" (default): only the key blocks some local query block needs
             travel. "all": every shard goes to every rank, as in dense ring attention (the
             result is the same: blocks no query needs are skipped by the kernels); a
             baseline for benchmarks.
     Raises:
-        InvalidProblem for a geometry that does not fit; Unsupported for rules the
-        context-parallel path has not got (prefix-LM, block bits of ``from_mask_fn``).
+        InvalidProblem for a geometry that does not fit; Unsupported for the block bits of
+        a ``from_mask_fn`` / ``from_token_mask`` pattern.
     """
     if pattern is not None and hasattr(pattern, "mask") and hasattr(pattern, "block_size"):
         if block_size not in (None, pattern.block_size) or pattern.query_len != seq_len \
@@ -136,13 +140,13 @@ def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: in
         if is_causal is None:
             is_causal = pattern.is_causal
     window_size, sink_tokens, rules = with_pattern_rules(
-        pattern, window_size, sink_tokens, dict(document_ids=document_ids))
-    for name in ("prefix_lengths", "block_bits"):
-        if rules.get(name) is not None:
-            raise Unsupported(
-                f"the pattern carries {name}; the context-parallel path supports causal, "
-                f"window + sink tokens and document ids. Use a block pattern with documents or "
-                f"a window, or run the single-device block_sparse_attention.")
+        pattern, window_size, sink_tokens,
+        dict(document_ids=document_ids, prefix_lengths=prefix_lengths))
+    if rules.get("block_bits") is not None:
+        raise Unsupported(
+            "the pattern carries block bits (from_mask_fn / from_token_mask); the "
+            "context-parallel path takes block patterns with causal, window + sink tokens, "
+            "documents and prefix-LM rules. Run the single-device block_sparse_attention.")
     if block_size is None:
         raise InvalidProblem("block_size is None; expected an int (or a BlockPattern).")
     mask = getattr(pattern, "mask", pattern)
@@ -160,19 +164,22 @@ def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: in
     mask = pattern_view(mask, n, n, block_size, (seq_len, seq_len), None)
     mask = mask.to(device=device, dtype=torch.bool, copy=True)
     tokens = token_rules_for(None, seq_len, seq_len, device, is_causal, window_size,
-                             document_ids=rules["document_ids"]) \
-        if rules["document_ids"] is not None else None
+                             document_ids=rules["document_ids"],
+                             prefix_lengths=rules["prefix_lengths"]) \
+        if rules["document_ids"] is not None or rules["prefix_lengths"] is not None else None
     if tokens is not None and tokens.batch not in (1, mask.shape[0]) and mask.shape[0] != 1:
-        raise InvalidProblem(f"document_ids have {tokens.batch} rows and the pattern "
+        raise InvalidProblem(f"the token rules have {tokens.batch} rows and the pattern "
                              f"{mask.shape[0]}; expected equal batches (or 1 for a shared one).")
     window = window_rule(window_size, sink_tokens, is_causal, seq_len, seq_len)
-    # Positions = indices, stated: the blocks are then judged from their position ranges
-    # (O(nq * nk), exact for contiguous positions) instead of row by row (O(N * nk)).
-    rows = 1 if tokens is None else tokens.batch
-    index = torch.arange(seq_len, device=device, dtype=torch.int32)[None].expand(rows, -1)
-    judged = TokenRules(None if tokens is None else tokens.q_ids,
-                        None if tokens is None else tokens.k_ids, index.contiguous(),
-                        index.contiguous())
+    # Positions stated (indices, or a prefix-LM's): blocks are then judged from their
+    # position ranges (O(nq * nk)) instead of row by row (O(N * nk)).
+    if tokens is None or not tokens.has_positions:
+        rows = 1 if tokens is None else tokens.batch
+        index = torch.arange(seq_len, device=device, dtype=torch.int32)[None].expand(rows, -1)
+        tokens = TokenRules(None if tokens is None else tokens.q_ids,
+                            None if tokens is None else tokens.k_ids, index.contiguous(),
+                            index.contiguous())
+    judged = tokens
     alive = classify_blocks(mask, seq_len, seq_len, block_size, is_causal, window, judged)
     alive = (alive != SKIP).any(1).any(0)                        # [n, n]: some row needs it
     if exchange not in ("needed", "all"):
@@ -189,15 +196,17 @@ def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: in
               if src != rank and need[rank, src].numel()}
     sends = {dst: need[dst, rank] for dst in range(world_size)
              if dst != rank and need[dst, rank].numel()}
-    q_valid = None if tokens is None else geometry.local_tokens(tokens.q_ids) >= 0
+    q_valid = None if not tokens.has_ids else geometry.local_tokens(tokens.q_ids) >= 0
     return ContextParallelPattern(sharding, rank, block_size=block_size, is_causal=is_causal,
                                   window_size=window_size, sink_tokens=sink_tokens,
                                   device=device, local=local, remote=remote, sends=sends,
-                                  q_valid=q_valid)
+                                  q_valid=q_valid,
+                                  has_prefix=rules["prefix_lengths"] is not None)
 
 
 class _PartGeometry:
-    """Builds the Parts of one rank: pattern slices, token rules with global positions."""
+    """Builds the Parts of one rank: pattern slices, token rules with global positions
+    (``tokens``: the global rules, positions always present)."""
 
     def __init__(self, sharding, rank, mask, tokens, blocks, is_causal, window_size,
                  sink_tokens):
@@ -221,18 +230,20 @@ class _PartGeometry:
         k_tokens = self.token_index(k_global)
         nq_len, nk_len = self.q_tokens.numel(), k_tokens.numel()
         sub = self.mask[:, :, self.blocks[self.rank]][:, :, :, k_global].contiguous()
-        # Positions are global token indices; the part's window and ALiBi measure from the
-        # diagonal Nk - Nq when not causal (bottom-right), so the queries move back by it.
+        # Positions are the global ones (token indices, or a prefix-LM's); the part's window
+        # and ALiBi measure from the diagonal Nk - Nq when not causal (bottom-right), so the
+        # queries move back by it.
         shift = 0 if self.is_causal else nk_len - nq_len
-        q_pos, k_pos = self.q_tokens - shift, k_tokens
+        t = self.tokens
+        q_pos, k_pos = t.q_pos[:, self.q_tokens] - shift, t.k_pos[:, k_tokens]
         q_ids = k_ids = None
-        if self.tokens is not None:
-            q_ids, k_ids = self.tokens.q_ids[:, self.q_tokens], self.tokens.k_ids[:, k_tokens]
-        rows = max([1] + [t.shape[0] for t in (q_ids, k_ids) if t is not None])
-        as_rows = lambda t: None if t is None else \
-            t.to(torch.int32).expand(rows, -1).contiguous()  # noqa: E731
-        part_tokens = TokenRules(as_rows(q_ids), as_rows(k_ids), as_rows(q_pos[None]),
-                                 as_rows(k_pos[None]))
+        if t.has_ids:
+            q_ids, k_ids = t.q_ids[:, self.q_tokens], t.k_ids[:, k_tokens]
+        rows = t.batch
+        as_rows = lambda x: None if x is None else \
+            x.to(torch.int32).expand(rows, -1).contiguous()  # noqa: E731
+        part_tokens = TokenRules(as_rows(q_ids), as_rows(k_ids), as_rows(q_pos),
+                                 as_rows(k_pos))
         window = window_rule(self.window_size, self.sink_tokens, self.is_causal, nq_len, nk_len)
         kernel_block = kernel_block_size(bs, nq_len, nk_len)
         lists = BlockLists.build(sub, nq_len, nk_len, kernel_block, self.is_causal,
