@@ -27,6 +27,7 @@ from ..attention.common.autograd_pieces import autocast_inputs, refuse_double_ba
 from ..attention.common.problem import check_qkv
 from ..attention.common.score_mods import fold_sinks, row_delta, sinks_grad
 from ..core import InvalidProblem
+from ..core.devices import device_guard
 from .exchange import Exchange, block_tokens, pack, unpack
 from .prepared import ContextParallelPattern, Part
 
@@ -88,7 +89,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             # NCCL creates a group's communicator at its first collective, and a batch of
             # point-to-point messages may be that first call only if every rank takes part;
             # ranks with nothing to send would not: one all-reduce first, on every rank.
-            dist.all_reduce(torch.zeros(1, device=q.device), group=group)
+            with device_guard(q.device):
+                dist.all_reduce(torch.zeros(1, device=q.device), group=group)
             pattern.group_ready = True
         y, lse = _ContextParallelFunction.apply(q, k, v, sinks, bias, call)
     return (y, lse) if return_lse else y

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..core.devices import device_guard
+
 
 def block_tokens(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     """Token indices (inside a shard) of whole blocks, in block order."""
@@ -45,7 +47,11 @@ class Exchange:
                for dst, t in sorted(sends.items())]
         ops += [dist.P2POp(dist.irecv, t, _peer(group, src), group)
                 for src, t in sorted(recvs.items())]
-        self.works = dist.batch_isend_irecv(ops) if ops else []
+        # NCCL addresses the current device: make it the tensors' (a process that never
+        # called torch.cuda.set_device would otherwise post on cuda:0 and may hang).
+        self.device = ops[0].tensor.device if ops else torch.device("cpu")
+        with device_guard(self.device):
+            self.works = dist.batch_isend_irecv(ops) if ops else []
         # One work per message (gloo): each source can be waited for on its own. One work
         # for the batch (NCCL coalesces it): waiting for any source waits for all.
         self.by_source = dict(zip(sorted(recvs), self.works[len(sends):])) \
@@ -60,15 +66,17 @@ class Exchange:
             self.wait()
         elif src in self.by_source:
             work = self.by_source.pop(src)
-            work.wait()
+            with device_guard(self.device):  # NCCL: the tensors' current stream waits
+                work.wait()
             self.works = [w for w in self.works if w is not work]  # (gloo: a second wait
             # on a finished receive never returns)
 
     def wait(self) -> dict:
         """Block until every message of the phase completed (NCCL: the current stream waits);
         returns the filled receive buffers."""
-        for work in self.works:
-            work.wait()
+        with device_guard(self.device):
+            for work in self.works:
+                work.wait()
         self.works, self.by_source = [], {}
         return self.recvs
 
