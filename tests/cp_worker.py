@@ -48,7 +48,8 @@ def worker(rank: int, world: int, port: int, cases: list, out_dir: str,
 
 def refusals(rank: int, world: int) -> dict:
     """The messages of calls that must raise InvalidProblem before any exchange: a pattern
-    prepared for another rank, a shard of the wrong length, a bias without all keys."""
+    prepared for another rank, a shard of the wrong length, tensors on another device than
+    the pattern's, a bias without all keys."""
     from baracuda_kernels import InvalidProblem
     N, bs = 64 * world, 16
     q = torch.randn(1, 2, N // world, 8)
@@ -59,6 +60,7 @@ def refusals(rank: int, world: int) -> dict:
     calls = {
         "other_rank": lambda: context_parallel_attention(q, q, q, prep((rank + 1) % world)),
         "short_shard": lambda: context_parallel_attention(q[:, :, :-1], q, q, prep(rank)),
+        "device": lambda: context_parallel_attention(*(q.to("meta"),) * 3, prep(rank)),
         "bias_columns": lambda: context_parallel_attention(
             q, q, q, prep(rank), bias=torch.zeros(1, 2, N // world, N // world)),
     }
@@ -117,6 +119,7 @@ def run_case(rank: int, world: int, c: dict) -> dict:
     cp = prepare_context_parallel(x["pattern"], seq_len=N, world_size=world, rank=rank,
                                   block_size=bs, layout=c["layout"], document_ids=x["docs"],
                                   exchange=c.get("exchange", "needed"),
+                                  device=c.get("device", "cpu"),
                                   prefix_lengths=prefix, **rules)
 
     def leaf(t):

@@ -178,9 +178,9 @@ def test_nccl_group_of_one_on_the_gpu(tmp_path):
 
 
 def test_bad_calls_raise_before_any_message(world_results):
-    """In a live group: a pattern of another rank, a shard of the wrong length and a bias
-    without every key column raise InvalidProblem naming the fix (and no rank hangs: a
-    refused call sends nothing)."""
+    """In a live group: a pattern of another rank, a shard of the wrong length, tensors on
+    another device and a bias without every key column raise InvalidProblem naming the fix
+    (and no rank hangs: a refused call sends nothing)."""
     world, results = world_results
     for rank, res in enumerate(results):
         got = res["_refusals"]
@@ -188,6 +188,8 @@ def test_bad_calls_raise_before_any_message(world_results):
             f"rank={rank}" in got["other_rank"], got["other_rank"]
         assert got["short_shard"].startswith("InvalidProblem") and \
             "this rank's" in got["short_shard"], got["short_shard"]
+        assert got["device"].startswith("InvalidProblem") and \
+            "device=meta" in got["device"], got["device"]
         assert got["bias_columns"].startswith("InvalidProblem") and \
             "every key" in got["bias_columns"], got["bias_columns"]
 

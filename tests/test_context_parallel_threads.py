@@ -1,10 +1,11 @@
 """Context-parallel attention with its ranks as threads of one process, on one device.
 
 The messages go through an in-process mailbox instead of torch.distributed (the gloo tests
-in test_context_parallel.py cover the real exchange on CPU processes), which lets one GPU
-run every part of a 4-rank group: remote parts on the Triton kernels, K/V views of packed
-buffers, dK/dV returned to their owners. One thread computes at a time (the others wait in
-the mailbox), so kernels compile one at a time. CPU always; CUDA with the gpu marker.
+in test_context_parallel.py cover the real exchange and autograd on CPU processes), which
+lets one GPU run every part of a 4-rank group: remote parts on the Triton kernels, K/V views
+of packed buffers, dK/dV returned to their owners. One thread computes at a time (the others
+wait in the mailbox), so kernels compile one at a time. CPU always; CUDA with the gpu
+marker.
 """
 
 from __future__ import annotations
@@ -64,6 +65,20 @@ class MailboxExchange:
         return self.recvs
 
 
+class _Ctx:
+    """What the autograd function reads from its ctx. The threads call its forward and
+    backward directly: through torch.autograd, a CUDA backward runs on the engine's one
+    thread per device, where four ranks waiting on one another would deadlock."""
+
+    needs_input_grad = (True, True, True, False, False)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def set_materialize_grads(self, value):
+        pass
+
+
 def _run_ranks(world, body):
     mailbox, errors, out = Mailbox(), {}, {}
 
@@ -112,11 +127,14 @@ def test_threaded_group_matches_single_call(monkeypatch, device, dtype, rule):
         cp = prepare_context_parallel(None, seq_len=N, world_size=world, rank=r,
                                       block_size=bs, document_ids=docs, device=device,
                                       **rules)
-        q, k, v = (sharding.shard(t, r).to(**to).requires_grad_() for t in (q_all, k_all, v_all))
+        q, k, v = (sharding.shard(t, r).to(**to) for t in (q_all, k_all, v_all))
         call = cp_attention._Call(cp, group, None, None, None, None)
-        y, lse = cp_attention.attend(q, k, v, None, call)
-        (y.float() * sharding.shard(w, r).to(device)).sum().backward()
-        return y.detach(), q.grad, k.grad, v.grad
+        call.check(q, k, v)
+        ctx = _Ctx()
+        y, _ = cp_attention._ContextParallelFunction.forward(ctx, q, k, v, None, None, call)
+        dy = sharding.shard(w, r).to(**to)   # d/dy of sum(y * w)
+        dq, dk, dv = cp_attention._backward(ctx, *ctx.saved_tensors, dy, None)[:3]
+        return y, dq, dk, dv
 
     out = _run_ranks(world, body)
     q, k, v = (t.to(**to).requires_grad_() for t in (q_all, k_all, v_all))

@@ -96,13 +96,6 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return (y, lse) if return_lse else y
 
 
-def attend(q, k, v, sinks, call: "_Call"):
-    """(y, lse) after the tensor checks, for a checked group (tests drive it with an
-    in-process group)."""
-    call.check(q, k, v)
-    return _ContextParallelFunction.apply(q, k, v, sinks, None, call)
-
-
 class _Call:
     """The fixed facts of one call: the pattern, the group, the modifiers; plans per part."""
 
@@ -121,6 +114,11 @@ class _Call:
                 raise InvalidProblem(
                     f"{name} is {got}; expected [B, H, {n}, D]: this rank's {n} tokens of the "
                     f"{self.pattern.sharding.seq_len}-token sequence (pattern.sharding.shard).")
+        if q.device != self.pattern.device:
+            raise InvalidProblem(
+                f"q is on {q.device}; the ContextParallelPattern was prepared for "
+                f"{self.pattern.device}. Prepare it with device={q.device} "
+                f"(prepare_context_parallel(..., device=q.device)).")
         if self.alibi_slopes is not None and self.pattern.has_prefix:
             raise InvalidProblem(
                 "alibi_slopes was given with a prefix-LM pattern; expected one of them: the "
