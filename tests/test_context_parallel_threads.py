@@ -125,8 +125,9 @@ def test_threaded_group_matches_single_call(monkeypatch, device, dtype, rule):
     def body(group: Rank):
         r = group.rank
         cp = prepare_context_parallel(None, seq_len=N, world_size=world, rank=r,
-                                      block_size=bs, document_ids=docs, device=device,
-                                      **rules)
+                                      block_size=bs, document_ids=docs,
+                                      device=torch.device(device, 0),  # an index, as
+                                      **rules)                         # torchrun code has
         q, k, v = (sharding.shard(t, r).to(**to) for t in (q_all, k_all, v_all))
         call = cp_attention._Call(cp, group, None, None, None, None)
         call.check(q, k, v)

@@ -199,7 +199,7 @@ def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: in
     q_valid = None if not tokens.has_ids else geometry.local_tokens(tokens.q_ids) >= 0
     return ContextParallelPattern(sharding, rank, block_size=block_size, is_causal=is_causal,
                                   window_size=window_size, sink_tokens=sink_tokens,
-                                  device=device, local=local, remote=remote, sends=sends,
+                                  device=mask.device, local=local, remote=remote, sends=sends,
                                   q_valid=q_valid,
                                   has_prefix=rules["prefix_lengths"] is not None)
 
