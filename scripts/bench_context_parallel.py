@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from baracuda_kernels import block_sparse_attention  # noqa: E402
+from baracuda_kernels import block_sparse_attention, prepare_pattern  # noqa: E402
 from baracuda_kernels.distributed import (context_parallel_attention,  # noqa: E402
                                           prepare_context_parallel)
 
@@ -102,10 +102,13 @@ def single_gpu(N: int, iters: int) -> dict:
         q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16)
                    .requires_grad_() for _ in range(3))
         dy = torch.randn_like(q)
+        # Lists built once, as the context-parallel plans have them; deterministic=True keeps
+        # our kernels (a fully active pattern would otherwise take the dense route).
+        prep = prepare_pattern(pattern, query_len=N, block_size=BS, is_causal=True,
+                               device="cuda", **window)
 
         def step():
-            block_sparse_attention(q, k, v, pattern, block_size=BS, is_causal=True,
-                                   **window).backward(dy)
+            block_sparse_attention(q, k, v, prep, deterministic=True).backward(dy)
         times[name, layout] = median_ms(step, iters)
     return times
 
