@@ -24,12 +24,14 @@ from ..attention.block_sparse.autograd import (DOUBLE_BACKWARD_MESSAGE, attentio
                                                attention_forward, plan_for)
 from ..attention.block_sparse.descriptor import SdpaBlockSparseDescriptor
 from ..attention.common.autograd_pieces import autocast_inputs, refuse_double_backward
+from ..attention.common.numerics import merge_by_lse
 from ..attention.common.problem import check_qkv
 from ..attention.common.score_mods import fold_sinks, row_delta, sinks_grad
 from ..core import InvalidProblem
 from ..core.devices import device_guard
-from .exchange import Exchange, block_tokens, pack, unpack
+from .exchange import Exchange, pack, unpack
 from .prepared import ContextParallelPattern, Part
+from .sharding import block_tokens
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -103,6 +105,7 @@ class _Call:
                  has_bias: bool = False):
         self.pattern, self.group, self.scale, self.softcap = pattern, group, scale, softcap
         self.alibi_slopes, self.has_bias = alibi_slopes, has_bias
+        self.local_plan = None  # the local part's plan(), from check() to the forward
         self.backend = backend.value if backend is not None and not isinstance(backend, str) \
             else backend
 
@@ -130,7 +133,9 @@ class _Call:
                 f"bias is {got}; expected [B|1, H|1, {n}|1, {N}]: this rank's query rows "
                 f"(shard order) against every key of the sequence (global order). Shard a "
                 f"global bias's rows with pattern.sharding.shard(bias, rank, dim=-2).")
-        self.plan(q, k, v, self.pattern.local, bias)  # dtypes, devices, heads, pattern fit
+        # dtypes, devices, heads, pattern fit: the local part's plan, which the forward
+        # takes over (its bias columns are a copy: built once).
+        self.local_plan = self.plan(q, k, v, self.pattern.local, bias)
 
     def plan(self, q, k, v, part: Part, bias=None):
         """(plan, lists, mods, the part's bias columns or None) of one part for these
@@ -160,41 +165,23 @@ class _Call:
         return Exchange(self.group, sends, recvs, p.stats, stats_phase), views
 
 
-class _Merge:
-    """Running merge of partial (y, lse) through their lse, in the accumulator dtype."""
-
-    def __init__(self, y, lse):
-        self.y, self.lse, self.merged = y, lse, False
-
-    def add(self, y, lse) -> None:
-        if not self.merged:
-            self.y, self.merged = self.y.to(self.lse.dtype), True
-        total = torch.logaddexp(self.lse, lse)
-        base = torch.where(torch.isneginf(total), 0.0, total)  # rows nothing reached stay 0
-        self.y = self.y * torch.exp(self.lse - base)[..., None] \
-            + y.to(self.lse.dtype) * torch.exp(lse - base)[..., None]
-        self.lse = total
-
-    def result(self, dtype):
-        return self.y.to(dtype), self.lse
-
-
 class _ContextParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, bias, call: _Call):
         p = call.pattern
         exchange, received = call.kv_exchange(k, v, "forward")
-        plan, lists, mods, _ = call.plan(q, k, v, p.local, bias)
-        merge = _Merge(*attention_forward(plan, q, k, v, lists, mods))
+        (plan, lists, mods, _), call.local_plan = call.local_plan, None  # (from check)
+        y, lse = attention_forward(plan, q, k, v, lists, mods)
         remote = {src: call.plan(q, *received[src], part, bias)
                   for src, part in p.remote.items()}
         for src in sorted(remote):  # each source as soon as its blocks are in
             exchange.wait_source(src)
             plan, lists, mods, _ = remote[src]
-            merge.add(*attention_forward(plan, q, *received[src], lists, mods))
+            y, lse = merge_by_lse(y, lse, *attention_forward(plan, q, *received[src], lists,
+                                                             mods))
         exchange.wait()  # (the sends)
-        y, lse = merge.result(q.dtype)
+        y = y.to(q.dtype)
         if sinks is not None:  # in place: y and lse are fresh tensors of this call
             live = None if p.q_valid is None else p.q_valid[:, None, :]
             fold_sinks(y, lse, sinks, live)

@@ -17,12 +17,6 @@ import torch.distributed as dist
 from ..core.devices import device_guard
 
 
-def block_tokens(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Token indices (inside a shard) of whole blocks, in block order."""
-    return (blocks[:, None] * block_size
-            + torch.arange(block_size, device=blocks.device)).flatten()
-
-
 def pack(first: torch.Tensor, second: torch.Tensor, tokens=None) -> torch.Tensor:
     """[B, Hkv, n, D1 + D2]: the tokens (all when None) of two [B, Hkv, N, D*] tensors side by
     side, contiguous (one message instead of two)."""

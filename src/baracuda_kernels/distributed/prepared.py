@@ -32,7 +32,7 @@ from ..attention.block_sparse.validation import pattern_view, with_pattern_rules
 from ..attention.common.problem import causal_mode, check_window, window_rule
 from ..attention.common.token_rules import TokenRules, token_rules_for
 from ..core import InvalidProblem, Unsupported, resolve_device
-from .sharding import Sharding
+from .sharding import Sharding, block_tokens
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,7 @@ def prepare_context_parallel(pattern, *, seq_len: int, world_size: int, rank: in
         tokens = TokenRules(None if tokens is None else tokens.q_ids,
                             None if tokens is None else tokens.k_ids, index.contiguous(),
                             index.contiguous())
-    judged = tokens
-    alive = classify_blocks(mask, seq_len, seq_len, block_size, is_causal, window, judged)
+    alive = classify_blocks(mask, seq_len, seq_len, block_size, is_causal, window, tokens)
     alive = (alive != SKIP).any(1).any(0)                        # [n, n]: some row needs it
     if exchange not in ("needed", "all"):
         raise InvalidProblem(f"exchange is {exchange!r}; expected 'needed' or 'all'.")
@@ -213,13 +212,7 @@ class _PartGeometry:
         self.sharding, self.rank, self.mask, self.tokens = sharding, rank, mask, tokens
         self.blocks, self.is_causal = blocks, is_causal
         self.window_size, self.sink_tokens = window_size, sink_tokens
-        bs = sharding.block_size
-        self.in_block = torch.arange(bs, device=mask.device)
-        self.q_tokens = self.token_index(blocks[rank])
-
-    def token_index(self, global_blocks: torch.Tensor) -> torch.Tensor:
-        """Global token indices of whole blocks, in block order."""
-        return (global_blocks[:, None] * self.sharding.block_size + self.in_block).flatten()
+        self.q_tokens = block_tokens(blocks[rank], sharding.block_size)
 
     def local_tokens(self, t: torch.Tensor) -> torch.Tensor:
         return t[:, self.q_tokens]
@@ -227,7 +220,7 @@ class _PartGeometry:
     def part(self, source: int, key_blocks: torch.Tensor) -> Part:
         bs = self.sharding.block_size
         k_global = self.blocks[source][key_blocks]
-        k_tokens = self.token_index(k_global)
+        k_tokens = block_tokens(k_global, bs)
         nq_len, nk_len = self.q_tokens.numel(), k_tokens.numel()
         sub = self.mask[:, :, self.blocks[self.rank]][:, :, :, k_global].contiguous()
         # Positions are the global ones (token indices, or a prefix-LM's); the part's window

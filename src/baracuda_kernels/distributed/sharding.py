@@ -128,6 +128,12 @@ class Sharding:
                 f"{self.seq_len}. Pass dim= the sequence dim (2 for [B, H, N, D], 1 for [B, N]).")
 
 
+def block_tokens(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Token indices of whole blocks (block b: tokens b * block_size ..), in block order."""
+    return (blocks[:, None] * block_size
+            + torch.arange(block_size, device=blocks.device)).flatten()
+
+
 def shard_sequence(x: torch.Tensor, world_size: int, rank: int, *, dim: int = 2,
                    layout: str = "zigzag", block_size: int = 1) -> torch.Tensor:
     """Rank ``rank``'s shard of the global ``x`` (see ``Sharding``)."""

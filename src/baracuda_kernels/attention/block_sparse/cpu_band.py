@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..common.numerics import accumulator_dtype
+from ..common.numerics import merge_by_lse
 from .block_lists import PARTIAL, SKIP
 from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _mask, _seen,
                          _store_rows)
@@ -180,7 +180,6 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
     """y and lse of the run's rows in one pattern slice: qs [b, hk, g, N, D], ks / vs [b,
     hk, 1, N, D], ys [b, hk, g, N, Dv], lses [b, hk, g, N] (views of the outputs)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    acc = accumulator_dtype(qs.dtype)
     g = qs.shape[2]
     # K/V whose batch and head dims do not merge into one stride (a [B, N, H, D] tensor
     # seen as [B, H, N, D], with B and H > 1) are copied once: the band is a view of that.
@@ -201,12 +200,6 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
         if c.k_fixed is not None:
             out2, lse2 = flash(qt, c.k_fixed, c.v_fixed, 0.0, False, attn_mask=c.mask_fixed,
                                scale=scale)
-            lse2 = _seen(lse2, c.seen_fixed)
-            total = torch.logaddexp(lse, lse2)
-            live = total != float("-inf")  # NaN stays NaN through the weights
-            w1 = torch.where(live, (lse - total).exp(), 0.0).unsqueeze(-1)
-            w2 = torch.where(live, (lse2 - total).exp(), 0.0).unsqueeze(-1)
-            out = out.to(acc).mul_(w1).addcmul_(out2.to(acc), w2)
-            lse = total
+            out, lse = merge_by_lse(out, lse, out2, _seen(lse2, c.seen_fixed))
         c.rows_out(ys, out)
         c.rows_out(lses, lse)

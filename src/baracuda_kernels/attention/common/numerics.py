@@ -1,7 +1,7 @@
 """Host-side numerics every attention launcher shares, written once (no triton import, so
 the pure-PyTorch reference can use them on any platform): the padded head-dim tile, the
 accumulator dtype, the softmax scale as kernels receive it, list strides with broadcast
-dims, and the 64-bit in-tile offset rule. The device-side counterparts are in
+dims, the 64-bit in-tile offset rule, and the merge of partial attention results by lse. The device-side counterparts are in
 kernel_pieces.py."""
 
 from __future__ import annotations
@@ -26,6 +26,19 @@ def head_dim_tile(d: int) -> int:
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation (and lse) dtype for inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_by_lse(y1: torch.Tensor, lse1: torch.Tensor, y2: torch.Tensor,
+                 lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over two disjoint key sets from each set's (y [..., D], lse [...]):
+    lse = logaddexp(lse1, lse2), y = y1 exp(lse1 - lse) + y2 exp(lse2 - lse), in lse's dtype
+    (the accumulator). A row neither set reached keeps y = 0, lse = -inf; NaN stays NaN.
+    y1 is overwritten when it already has lse's dtype (callers pass fresh partials)."""
+    total = torch.logaddexp(lse1, lse2)
+    live = total != float("-inf")
+    w1 = torch.where(live, (lse1 - total).exp(), 0.0).unsqueeze(-1)
+    w2 = torch.where(live, (lse2 - total).exp(), 0.0).unsqueeze(-1)
+    return y1.to(total.dtype).mul_(w1).addcmul_(y2.to(total.dtype), w2), total
 
 
 def scale_args(scale: float, dtype: torch.dtype) -> tuple[float, float]:
