@@ -1,6 +1,7 @@
-"""The cpu backend's banded forward (cpu_band): a sliding window's rows read K/V through one
-overlapping strided view, the sinks (fixed blocks) in a second call merged by lse. Checked
-against the float64 oracle (forward, lse and, through the general path, gradients) on
+"""The cpu backend's banded path (cpu_band): a sliding window's rows read K/V through one
+overlapping strided view, the sinks (fixed blocks) in a second call merged by lse; the
+backward pairs block rows into one problem and takes the sinks by matmuls. Checked
+against the float64 oracle (forward, lse and gradients) on
 windows with and without sinks, GQA groups (gathered queries) and single heads (views),
 causal either alignment and not, ragged tails, documents, padding with NaN in it,
 prepared patterns, several chunks; every case asserts that the banded path ran."""
@@ -18,15 +19,29 @@ pytestmark = pytest.mark.skipif(HAS_CUDA, reason="the cpu backend runs CPU tenso
 
 @pytest.fixture
 def band_runs(monkeypatch):
-    """A list that records the Band of every banded forward call."""
-    runs = []
-    real = cpu_fused.band_forward
+    """A list that records the Band of every banded forward call; the banded backward calls
+    go to ``band_runs.backward``."""
+    class Runs(list):
+        backward: list
 
-    def spy(*args):
+    runs = Runs()
+    runs.backward = []
+    real_fwd, real_bwd = cpu_fused.band_forward, cpu_fused.band_backward
+
+    def spy_fwd(*args):
         runs.append(args[5])
-        return real(*args)
-    monkeypatch.setattr(cpu_fused, "band_forward", spy)
+        return real_fwd(*args)
+
+    def spy_bwd(*args):
+        runs.backward.append(args[9])
+        return real_bwd(*args)
+    monkeypatch.setattr(cpu_fused, "band_forward", spy_fwd)
+    monkeypatch.setattr(cpu_fused, "band_backward", spy_bwd)
     return runs
+
+
+def runs_of(bands):
+    return [(b.first, b.count, b.shift, b.width, b.fixed.tolist()) for b in bands]
 
 
 DOCS = torch.stack([torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([101, 130, 69])),
@@ -50,18 +65,20 @@ def test_banded_rows_match_oracle(case, band_runs):
                      density=1.0, tokens=tokens, prepared=name == "documents",
                      nan_padding=tokens is not None)
     assert band_runs and all(b.count >= cpu_band.MIN_ROWS for b in band_runs)
+    assert runs_of(band_runs.backward) == runs_of(band_runs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_low_precision_banded_rows_match_oracle(dtype, band_runs):
     check_token_rule("cpu", dtype, 300, 300, 16, True, (40, 0), 16, H=4, Hkv=2, B=2, density=1.0)
-    assert band_runs
+    assert band_runs and band_runs.backward
 
 
 @pytest.mark.parametrize("B,H,Hkv", [(2, 4, 2), (2, 2, 2), (1, 4, 4)])
 def test_flash_layout_inputs(B, H, Hkv, band_runs):
     """q / k / v as [B, N, H, D] tensors seen as [B, H, N, D]: batch and heads do not merge
-    into one stride (K/V are copied once, Q and y gathered / scattered)."""
+    into one stride (K/V are copied once, Q and y gathered / scattered; the gradients,
+    shaped like their inputs, take index_add_ for the band's keys)."""
     from oracle import dense_attention
     from baracuda_kernels.patterns import sliding_window
     gen = torch.Generator().manual_seed(2)
@@ -69,20 +86,31 @@ def test_flash_layout_inputs(B, H, Hkv, band_runs):
     q = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).transpose(1, 2)
     k, v = (torch.randn(B, N, Hkv, D, generator=gen, dtype=torch.float64).transpose(1, 2)
             for _ in range(2))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     p = sliding_window(N, window=40, block_size=16, sinks=16)
     y = bk.block_sparse_attention(q, k, v, p, backend="cpu")
     ref, _ = dense_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
                              torch.ones(1, 1, 19, 19, dtype=torch.bool), 16, True,
                              window_size=(39, 0), sink_tokens=16)
     assert band_runs and (y - ref).abs().max() < 1e-12
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    got, want = (torch.autograd.grad(out, (q, k, v), dy) for out in (y, ref))
+    assert band_runs.backward
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 1e-11
 
 
-def test_several_chunks(band_runs, monkeypatch):
+@pytest.mark.parametrize("rows_per_chunk", [3, 4, 1])
+def test_several_chunks(band_runs, monkeypatch, rows_per_chunk):
+    """Forward chunks of 3 rows; backward chunks of 3 (a pair + a single row), 4 (pairs)
+    and 1 (single rows) over a run whose row count is odd or even."""
     monkeypatch.setattr(cpu_band, "BAND_BUDGET", 2 * 16 * 16 * 5 * 3)  # 3 rows per chunk
-    check_token_rule("cpu", torch.float64, 300, 300, 16, True, (40, 0), 16, H=2, Hkv=2,
-                     density=1.0)
+    monkeypatch.setattr(cpu_band, "BAND_BWD_BUDGET", 2 * 16 * 16 * 5 * rows_per_chunk)
+    check_token_rule("cpu", torch.float64, 300 - 16 * (rows_per_chunk == 4), 300, 16, True,
+                     (40, 0), 16, H=2, Hkv=2, density=1.0)
     band = band_runs[0]
     assert band.width + band.fixed.numel() == 5 and band.count > 2 * 3
+    assert runs_of(band_runs.backward) == runs_of(band_runs)
 
 
 def test_find_band_on_a_window_and_not_elsewhere():
@@ -110,3 +138,28 @@ def test_nan_in_a_query_row_comes_back_as_nan(band_runs):
     assert band_runs
     assert torch.isnan(y[0, 1, 200]).all() and not torch.isnan(y[0, 0]).any()
     assert not torch.isnan(y[0, 1, :200]).any() and not torch.isnan(y[0, 1, 201:]).any()
+
+
+@pytest.mark.parametrize("per_problem", [1, 2])
+def test_band_key_gradients_land_on_their_keys(per_problem):
+    """_Chunk.add_band_keys: problem p's key gradient column j belongs to key token
+    k0 + p * m * bs + j, through strided views or (batch and heads that do not merge into
+    one stride) index_add_; checked against a plain loop."""
+    bs, b, hk, N, D = 4, 2, 3, 64, 5
+    band = cpu_band.Band(first=3, count=6, shift=-2, width=3, fixed=torch.zeros(0, dtype=torch.long))
+    classes = torch.ones(N // bs, N // bs, dtype=torch.int8)
+    kv = torch.zeros(b, hk, 1, N, D, dtype=torch.float64)
+    chunk = cpu_band._Chunk(band, 3, 6, kv, kv, None, classes, None, bs, 1, torch.float64,
+                            per_problem=per_problem)
+    n, L = 6 // per_problem, (band.width + per_problem - 1) * bs
+    grad = torch.randn(n, b * hk, L, D, dtype=torch.float64)
+    want = torch.zeros(b, hk, N, D, dtype=torch.float64)
+    for p in range(n):
+        start = (3 + band.shift) * bs + p * per_problem * bs
+        want[:, :, start:start + L] += grad[p].view(b, hk, L, D)
+    merged = torch.zeros(b, hk, 1, N, D, dtype=torch.float64)
+    apart = torch.zeros(b, N, hk, D, dtype=torch.float64).transpose(1, 2).unsqueeze(2)
+    assert cpu_band._run_view(apart, 0, 1, 1, 1) is None  # takes the index_add_ route
+    for acc in (merged, apart):
+        chunk.add_band_keys(acc, grad, bs)
+        assert (acc[:, :, 0] - want).abs().max() < 1e-12  # sums in another order

@@ -14,11 +14,13 @@ and V width times (~15% of the forward at 8k tokens). Here:
 * band and fixed blocks are two fused calls whose partial outputs merge through their
   log-sum-exp (the split-KV merge).
 
-The forward only: the backward stays with the general path. A banded backward (the same
-views, both calls handed the final y and lse, the band's dK / dV added back one block
-offset at a time) measured no faster there (2-core CPU, N=8192, window 512: 0.55 / 0.55 s
-without sinks, 0.67 / 0.58 s with them, banded / general): PyTorch's backward kernel takes
-~85% of it either way, and the sinks' second call costs more than the gathers it saves.
+The backward walks the same run with the final y and lse (both parts' gradients use the
+row's whole softmax): the band through PyTorch's fused backward kernel, two block rows per
+problem (the union of their bands, each row's outside blocks masked: the kernel runs ~10%
+faster on 128 queries than on 64), its key gradients added back one block offset at a
+time; the fixed blocks (a few keys seen by every row) by plain batched matmuls over all of
+a chunk's queries at once. (A first banded backward, one row per problem and the sinks in
+a second fused call of 64-query x 64-key problems, was no faster than the general path.)
 
 The token rule is evaluated in PARTIAL cells only, as in the general path. Rows outside the
 run (the start of the sequence, where the window is cut short, a ragged last block) stay
@@ -44,6 +46,11 @@ from .reference import _Group
 BAND_BUDGET = 1 << 24
 # Shorter runs are left to the general path (nothing to gain from a view of 1-2 rows).
 MIN_ROWS = 3
+# The backward's chunks (its per-chunk key gradients, [rows, heads, band, D] in the input
+# dtype, dominate its memory) and block rows per fused problem. 2M: 6 rows of the
+# benchmark's window (8 heads, 10 blocks of 64 tokens), ~17 MiB of gradients at a time.
+BAND_BWD_BUDGET = 1 << 21
+BWD_ROWS_PER_PROBLEM = 2
 
 
 @dataclass(frozen=True)
@@ -98,81 +105,151 @@ def _run_view(t: torch.Tensor, first_token: int, count: int, step: int, rows: in
                         t.storage_offset() + first_token * sn)
 
 
-def _chunks(band: Band, heads: int, block_size: int) -> Iterator[tuple[int, int]]:
+def _chunks(band: Band, heads: int, block_size: int,
+            budget: Optional[int] = None) -> Iterator[tuple[int, int]]:
     """(first block row, rows) of the run in chunks whose score tiles over ``heads`` query
-    heads stay under BAND_BUDGET."""
+    heads stay under ``budget`` (default BAND_BUDGET)."""
     per_row = heads * block_size * (band.width + band.fixed.numel()) * block_size
-    size = max(1, BAND_BUDGET // per_row)
+    size = max(1, (budget or BAND_BUDGET) // per_row)
     for first in range(band.first, band.first + band.count, size):
         yield first, min(size, band.first + band.count - first)
 
 
 class _Chunk:
-    """One chunk of a run in one pattern slice: tokens, K/V views, masks (None: nothing cut)."""
+    """One chunk of a run in one pattern slice: tokens, K/V views, masks (None: nothing cut).
+
+    ``per_problem`` consecutive block rows make one problem of the fused kernel (the
+    backward's kernel runs faster on 128-query problems than on 64-query ones): problem p
+    holds rows first + p*m .. + m - 1 (``count`` a multiple of m) and reads the union of
+    their bands, width + m - 1 blocks, each sub-row's blocks outside its own band masked."""
 
     def __init__(self, band: Band, first: int, count: int, ks, vs, fixed_kv, classes, rule,
-                 block_size: int, g: int, dtype):
+                 block_size: int, g: int, dtype, per_problem: int = 1):
         # The views read K/V rows (first + shift) * bs .. up to the band's end, which
         # find_band keeps inside the keys.
-        bs = block_size
-        self.first, self.count = first, count
-        self.tokens = (torch.arange(first, first + count)[:, None] * bs + torch.arange(bs))
-        k0 = (first + band.shift) * bs
-        self.k_band = _run_view(ks, k0, count, bs, band.width * bs)
-        self.v_band = _run_view(vs, k0, count, bs, band.width * bs)
-        block_rows = torch.arange(first, first + count)
-        band_blocks = block_rows[:, None] + band.shift + torch.arange(band.width)
-        self.mask_band, self.seen_band = self._mask(band_blocks, block_rows, classes, rule,
-                                                    bs, g, dtype)
+        bs, m = block_size, per_problem
+        n = count // m                                                   # problems
+        self.first, self.count, self.m = first, count, m
+        self.tokens = first * bs + torch.arange(n)[:, None] * (m * bs) + torch.arange(m * bs)
+        self.k0 = (first + band.shift) * bs
+        self.k_band = _run_view(ks, self.k0, n, m * bs, (band.width + m - 1) * bs)
+        self.v_band = _run_view(vs, self.k0, n, m * bs, (band.width + m - 1) * bs)
+        band_allowed, fixed_allowed = [], []
+        for j in range(m):  # each sub-row of the problems: its band, its fixed blocks
+            block_rows = first + torch.arange(n) * m + j
+            band_blocks = block_rows[:, None] + band.shift + torch.arange(band.width)
+            tokens = self.tokens[:, j * bs:(j + 1) * bs]
+            band_allowed.append(_allowed_of(band_blocks, block_rows, tokens, classes, rule, bs))
+            if fixed_kv is not None:
+                fixed_allowed.append(_allowed_of(band.fixed.expand(n, -1), block_rows, tokens,
+                                                 classes, rule, bs))
+        if m > 1:  # the union's columns: sub-row j's band is columns j*bs .. (j+width)*bs
+            union = torch.zeros(n, m * bs, (band.width + m - 1) * bs, dtype=torch.bool)
+            for j, allowed in enumerate(band_allowed):
+                union[:, j * bs:(j + 1) * bs, j * bs:(j + band.width) * bs] = \
+                    True if allowed is None else allowed
+            band_allowed = [union]
+        self.mask_band, self.seen_band = self._mask(_stacked(band_allowed), n, g, dtype)
         self.k_fixed = self.v_fixed = self.mask_fixed = self.seen_fixed = None
         if fixed_kv is not None:
-            self.k_fixed, self.v_fixed = (t.expand(count, -1, -1, -1) for t in fixed_kv)
-            self.mask_fixed, self.seen_fixed = self._mask(band.fixed.expand(count, -1),
-                                                          block_rows, classes, rule, bs, g,
-                                                          dtype)
+            self.k_fixed, self.v_fixed = (t.expand(n, -1, -1, -1) for t in fixed_kv)
+            self.mask_fixed, self.seen_fixed = self._mask(_stacked(fixed_allowed), n, g, dtype)
 
-    def _mask(self, blocks, block_rows, classes, rule, bs: int, g: int, dtype):
-        """(additive mask [count, 1, g*bs, L], rows seeing a key [count, 1, g*bs] bool) of
-        key blocks ``blocks`` [count, w], or (None, None) when nothing is cut. When every
-        row of the chunk cuts alike (a window or causal rule relative to the band, no
-        per-token ids), the mask is one row's, broadcast: nothing row-sized is built and
-        the kernel reads one small mask."""
-        partial = classes[block_rows[:, None], blocks] == PARTIAL
-        if not bool(partial.any()):
+    @staticmethod
+    def _mask(allowed, n: int, g: int, dtype):
+        """(additive mask [n, 1, g*rows, L], rows seeing a key [n | 1, 1, g*rows] bool) of
+        allowed [n | 1, rows, L], or (None, None) when nothing is cut."""
+        if allowed is None:
             return None, None
-        cols = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1)
-        grp = _Group(self.tokens.flatten(), torch.ones(self.tokens.numel(), dtype=torch.bool),
-                     cols, torch.ones(cols.shape, dtype=torch.bool))
-        allowed = _group_allowed(grp, torch.nonzero(partial, as_tuple=True), bs, bs, rule)
-        if bool(allowed.all()):
-            return None, None
-        if allowed.shape[0] > 1 and bool((allowed == allowed[:1]).all()):
-            allowed = allowed[:1]
-        seen = allowed.any(-1).repeat(1, g).unsqueeze(1)               # [count | 1, 1, g*bs]
-        mask = _mask(allowed, g, dtype)
-        return mask.expand(self.count, -1, -1, -1), seen
+        seen = allowed.any(-1).repeat(1, g).unsqueeze(1)
+        return _mask(allowed, g, dtype).expand(n, -1, -1, -1), seen
 
     def rows_in(self, t: torch.Tensor) -> torch.Tensor:
-        """The chunk's query rows of t [b, hk, g, N, D] as [count, b*hk, g*bs, D]."""
+        """The chunk's query rows of t [b, hk, g, N, D] as [n, b*hk, g*m*bs, D]."""
         if t.shape[2] == 1:
-            bs = self.tokens.shape[1]
-            view = _run_view(t, self.first * bs, self.count, bs, bs)
+            rows = self.tokens.shape[1]
+            view = _run_view(t, self.tokens[0, 0].item(), self.tokens.shape[0], rows, rows)
             if view is not None:
                 return view
         return _as_problems(t, self.tokens)
 
     def rows_out(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """dst [b, hk, g, N, ...] rows of the chunk = src [count, b*hk, g*bs, ...]."""
+        """dst [b, hk, g, N, ...] rows of the chunk = src [n, b*hk, g*m*bs, ...]."""
         b, hk, g = dst.shape[:3]
         flat = src.dim() == 3
         if g == 1:
-            bs = self.tokens.shape[1]
-            view = _run_view(dst.unsqueeze(-1) if flat else dst, self.first * bs, self.count,
-                             bs, bs)
+            rows = self.tokens.shape[1]
+            view = _run_view(dst.unsqueeze(-1) if flat else dst, self.tokens[0, 0].item(),
+                             self.tokens.shape[0], rows, rows)
             if view is not None:
                 view.copy_(src.unsqueeze(-1) if flat else src)
                 return
         _store_rows(dst, self.tokens.flatten(), None, True, _from_problems(src, b, hk, g))
+
+    def add_band_keys(self, acc: torch.Tensor, grad: torch.Tensor, block_size: int) -> None:
+        """acc [b, hk, 1, N, D] += the band's key gradients grad [n, b*hk, L, D] (problem p
+        read keys k0 + p*m*bs ..): one strided view per block offset, non-overlapping
+        within it, so a plain add; index_add_ when acc's batch and heads do not merge."""
+        n, bs, m = self.tokens.shape[0], block_size, self.m
+        for t in range(grad.shape[2] // bs):
+            view = _run_view(acc, self.k0 + t * bs, n, m * bs, bs)
+            part = grad[:, :, t * bs:(t + 1) * bs]
+            if view is not None:
+                view.add_(part)
+                continue
+            b, hk = acc.shape[:2]
+            cols = (self.k0 + t * bs + torch.arange(n)[:, None] * (m * bs)
+                    + torch.arange(bs)).flatten()
+            acc[:, :, 0].index_add_(2, cols, _from_problems(part, b, hk, 1)[:, :, 0].to(acc.dtype))
+
+
+def _allowed_of(blocks, block_rows, tokens, classes, rule, bs: int):
+    """bool [n | 1, bs, w*bs]: which keys of ``blocks`` [n, w] the query block rows
+    ``block_rows`` [n] (tokens [n, bs]) see, or None when nothing is cut. When every row
+    cuts alike (a window or causal rule relative to the band, no per-token ids) it is one
+    row's, broadcast: nothing row-sized is built and the kernel reads one small mask."""
+    partial = classes[block_rows[:, None], blocks] == PARTIAL
+    if not bool(partial.any()):
+        return None
+    cols = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1)
+    grp = _Group(tokens.flatten(), torch.ones(tokens.numel(), dtype=torch.bool),
+                 cols, torch.ones(cols.shape, dtype=torch.bool))
+    allowed = _group_allowed(grp, torch.nonzero(partial, as_tuple=True), bs, bs, rule)
+    if bool(allowed.all()):
+        return None
+    if allowed.shape[0] > 1 and bool((allowed == allowed[:1]).all()):
+        allowed = allowed[:1]
+    return allowed
+
+
+def _stacked(parts: list):
+    """Sub-rows' allowed [n | 1, bs, L] (None: all allowed) stacked along the rows, or None
+    when none is cut."""
+    if all(a is None for a in parts):
+        return None
+    if len(parts) == 1:
+        out = parts[0]
+    else:
+        n = max(a.shape[0] for a in parts if a is not None)
+        out = torch.cat([torch.ones(n, p.shape[1], p.shape[2], dtype=torch.bool) if p is None
+                         else p.expand(n, -1, -1) for p in parts], 1)
+    return out[:1] if out.shape[0] > 1 and bool((out == out[:1]).all()) else out
+
+
+def _fixed_kv(ks, vs, band: Band, block_size: int):
+    """The fixed blocks' K / V as [1, b*hk, F*bs, D] (gathered once), or None."""
+    if not band.fixed.numel():
+        return None
+    cols = (band.fixed[:, None] * block_size + torch.arange(block_size)).flatten()
+    b, hk = ks.shape[:2]
+    return tuple(t[:, :, 0].index_select(2, cols).reshape(1, b * hk, cols.numel(), -1)
+                 for t in (ks, vs))
+
+
+def _viewable(*ts):
+    """K/V whose batch and head dims do not merge into one stride (a [B, N, H, D] tensor
+    seen as [B, H, N, D], with B and H > 1) are copied once: the band is a view of that."""
+    return tuple(t if _run_view(t, 0, 1, 1, 1) is not None else t.contiguous() for t in ts)
 
 
 def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: int,
@@ -181,15 +258,8 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
     hk, 1, N, D], ys [b, hk, g, N, Dv], lses [b, hk, g, N] (views of the outputs)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     g = qs.shape[2]
-    # K/V whose batch and head dims do not merge into one stride (a [B, N, H, D] tensor
-    # seen as [B, H, N, D], with B and H > 1) are copied once: the band is a view of that.
-    ks, vs = (t if _run_view(t, 0, 1, 1, 1) is not None else t.contiguous() for t in (ks, vs))
-    fixed_kv = None  # the fixed blocks' K / V [1, b*hk, F*bs, D], gathered once
-    if band.fixed.numel():
-        cols = (band.fixed[:, None] * block_size + torch.arange(block_size)).flatten()
-        b, hk = ks.shape[:2]
-        fixed_kv = tuple(t[:, :, 0].index_select(2, cols).reshape(1, b * hk, cols.numel(), -1)
-                         for t in (ks, vs))
+    ks, vs = _viewable(ks, vs)
+    fixed_kv = _fixed_kv(ks, vs, band, block_size)
     for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size):
         c = _Chunk(band, first, count, ks, vs, fixed_kv, classes, rule, block_size, g,
                    qs.dtype)
@@ -203,3 +273,77 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
             out, lse = merge_by_lse(out, lse, out2, _seen(lse2, c.seen_fixed))
         c.rows_out(ys, out)
         c.rows_out(lses, lse)
+
+
+def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes, rule,
+                  block_size: int, scale: float) -> None:
+    """Gradients of the run's rows in one pattern slice, given the final y and lse (sinks,
+    learnable or fixed blocks, included): dqs [b, hk, g, N, D] (a view of dq, or None)
+    gets the rows' dQ; dks / dvs [b, hk, 1, N, D] (accumulators in the accumulator dtype,
+    or None) get their dK / dV added. Inputs as in band_forward, dys like ys.
+
+    The band runs through the fused backward kernel on BWD_ROWS_PER_PROBLEM block rows per
+    problem (the kernel is ~10% faster on 128 queries than on 64), its key gradients added
+    back block offset by block offset (strided views, no index_add_). The fixed blocks
+    (sinks) are a few keys against many queries: plain matmuls (_fixed_backward) instead of
+    a second fused call, whose small per-row problems cost more than their arithmetic."""
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    g = qs.shape[2]
+    acc = dks.dtype if dks is not None else torch.promote_types(qs.dtype, torch.float32)
+    ks, vs = _viewable(ks, vs)
+    fixed_kv = _fixed_kv(ks, vs, band, block_size)
+    fixed_grads = None if fixed_kv is None else [torch.zeros(fixed_kv[0].shape, dtype=acc),
+                                                  torch.zeros(fixed_kv[1].shape, dtype=acc)]
+    m = BWD_ROWS_PER_PROBLEM
+    for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size,
+                                BAND_BWD_BUDGET):
+        paired = count - count % m
+        for sub_first, sub_count, per in ((first, paired, m), (first + paired, count - paired, 1)):
+            if sub_count == 0:
+                continue
+            c = _Chunk(band, sub_first, sub_count, ks, vs, fixed_kv, classes, rule, block_size,
+                       g, qs.dtype, per_problem=per)
+            qt, ot, dot = c.rows_in(qs), c.rows_in(ys), c.rows_in(dys)
+            lt = c.rows_in(lses.unsqueeze(-1)).squeeze(-1)
+            # A row that sees nothing has lse = -inf; the kernel's convention there is 0 (its
+            # masked P is exactly 0 either way). NaN stays NaN.
+            lt = torch.where(lt == float("-inf"), torch.zeros_like(lt), lt)
+            gq, gk, gv = flash_bwd(dot, qt, c.k_band, c.v_band, ot, lt, 0.0, False,
+                                   attn_mask=c.mask_band, scale=scale)
+            if fixed_kv is not None:
+                gq = _fixed_backward(qt, ot, dot, lt, c.mask_fixed, fixed_kv, fixed_grads, gq,
+                                     scale, acc)
+            if dqs is not None:
+                c.rows_out(dqs, gq)
+            if dks is not None:
+                c.add_band_keys(dks, gk, block_size)
+                c.add_band_keys(dvs, gv, block_size)
+    if fixed_grads is not None and dks is not None:
+        cols = (band.fixed[:, None] * block_size + torch.arange(block_size)).flatten()
+        b, hk = dks.shape[:2]
+        for acc_t, grad in zip((dks, dvs), fixed_grads):
+            acc_t[:, :, 0].index_add_(2, cols, grad.reshape(b, hk, cols.numel(), -1))
+
+
+def _fixed_backward(qt, ot, dot, lt, mask, fixed_kv, fixed_grads, gq, scale: float, acc):
+    """The fixed blocks' share of the backward for one chunk, in the accumulator dtype:
+    P = exp(q.k * scale + mask - lse) over all the chunk's queries of a head at once
+    ([n, bh, r, D] problems seen as [bh, n*r, D]); returns gq + dS K, adds P^T dY and
+    dS^T Q to ``fixed_grads`` ([1, bh, F, D] dK, dV)."""
+    n, bh, r, _ = qt.shape
+
+    def heads_first(t):
+        return t.transpose(0, 1).reshape(bh, n * r, *t.shape[3:]).to(acc)
+    q, y, dy = heads_first(qt), heads_first(ot), heads_first(dot)
+    lse = heads_first(lt)
+    kf, vf = (t[0].to(acc) for t in fixed_kv)                          # [bh, F, D]
+    p = torch.bmm(q, kf.transpose(1, 2)).mul_(scale)                  # [bh, n*r, F]
+    if mask is not None:
+        p.add_(mask.transpose(0, 1).reshape(1, n * r, -1).to(acc))
+    p.sub_(lse.unsqueeze(-1)).exp_()
+    fixed_grads[1][0].baddbmm_(p.transpose(1, 2), dy)
+    ds = torch.bmm(dy, vf.transpose(1, 2))                             # dP
+    ds.sub_((dy * y).sum(-1, keepdim=True)).mul_(p).mul_(scale)
+    fixed_grads[0][0].baddbmm_(ds.transpose(1, 2), q)
+    dq = torch.bmm(ds, kf).view(bh, n, r, -1).transpose(0, 1)
+    return gq.to(acc).add_(dq)

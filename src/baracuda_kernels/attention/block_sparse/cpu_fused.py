@@ -7,9 +7,9 @@ reference.py) but hands each group to ``aten._scaled_dot_product_flash_attention
 one tiled, multi-threaded pass that returns the output and the log-sum-exp, and its
 backward twin. Every active key block of a query block row is in the same call, so the
 call's output and lse are the row's final ones: nothing is merged across calls -- except
-in the forward of a banded run (a sliding window's rows, cpu_band.py), which reads the
-band's K/V through a strided view instead of gathered copies and merges the sinks' call
-by lse.
+in a banded run (a sliding window's rows, cpu_band.py), which reads the band's K/V through
+a strided view instead of gathered copies and merges the sinks' call by lse (the backward:
+the band's and the sinks' gradients from the final y and lse).
 
 * A group of G block rows becomes a batch of G problems; the K/V head's query heads (GQA)
   and the batch slice ride along as "heads" ([G, b*Hkv, g*bs, D] queries against
@@ -41,7 +41,7 @@ from ..common.numerics import accumulator_dtype
 from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
 from ..common.score_mods import ScoreMods, alibi_offset, fold_sinks
-from .cpu_band import Band, band_forward, find_band
+from .cpu_band import Band, band_backward, band_forward, find_band
 from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _mask, _seen,
                          _store_rows)
 from .reference import (_Group, _grouped, _live_rows, _Mods, _slice_bits, _slices,
@@ -311,9 +311,10 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
         dk_acc = torch.zeros(k.shape, dtype=acc) if dk is not None else None
         dv_acc = torch.zeros(v.shape, dtype=acc) if dk is not None else None
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    bands: list = []
     for sl, qs, grp, rows, mask, kt, vt in _group_problems(q, k, v, lists, block_size,
                                                            is_causal, window, Nq, Nk,
-                                                           mods=mods):
+                                                           mods=mods, bands=bands):
         b, hk, g = qs.shape[:3]
         bsl, ksl, gsl = sl
         qt = _as_problems(qs, rows)
@@ -343,6 +344,14 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
                     acc_t[bsl, ksl].index_add_(2, cols, flat)
                 else:
                     acc_t[bsl, ksl].index_add_(2, cols[ok], flat[:, :, ok])
+    k4, v4 = k.unsqueeze(2), v.unsqueeze(2)
+    for (bsl, ksl, gsl), band, cls, rule in bands:
+        sl = (bsl, ksl, gsl)
+        band_backward(_grouped(q, Hkv)[sl], k4[bsl, ksl], v4[bsl, ksl], y5[sl], lse5[sl],
+                      dy5[sl], None if dq5 is None else dq5[sl],
+                      None if dk_acc is None else dk_acc[bsl, ksl].unsqueeze(2),
+                      None if dv_acc is None else dv_acc[bsl, ksl].unsqueeze(2), band, cls,
+                      rule, block_size, scale)
     if dk is not None and not direct:
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)
