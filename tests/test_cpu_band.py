@@ -149,8 +149,8 @@ def test_band_key_gradients_land_on_their_keys(per_problem):
     band = cpu_band.Band(first=3, count=6, shift=-2, width=3, fixed=torch.zeros(0, dtype=torch.long))
     classes = torch.ones(N // bs, N // bs, dtype=torch.int8)
     kv = torch.zeros(b, hk, 1, N, D, dtype=torch.float64)
-    chunk = cpu_band._Chunk(band, 3, 6, kv, kv, None, classes, None, bs, 1, torch.float64,
-                            per_problem=per_problem)
+    allowed = cpu_band._RunAllowed(band, classes, None, bs, 1, torch.float64)
+    chunk = cpu_band._Chunk(band, 3, 6, kv, kv, None, allowed, bs, per_problem=per_problem)
     n, L = 6 // per_problem, (band.width + per_problem - 1) * bs
     grad = torch.randn(n, b * hk, L, D, dtype=torch.float64)
     want = torch.zeros(b, hk, N, D, dtype=torch.float64)

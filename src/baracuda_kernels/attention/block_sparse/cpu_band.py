@@ -115,6 +115,50 @@ def _chunks(band: Band, heads: int, block_size: int,
         yield first, min(size, band.first + band.count - first)
 
 
+class _RunAllowed:
+    """Which keys the run's rows see, computed once per call: the band's [count | 1, bs,
+    width*bs] and the fixed blocks' [count | 1, bs, F*bs] (None: nothing cut; one broadcast
+    row when every row cuts alike), and the chunks' masks built from them, shared by the
+    chunks whose rows cut alike (one row's mask broadcast)."""
+
+    def __init__(self, band: Band, classes, rule, block_size: int, g: int, dtype):
+        bs = block_size
+        rows = torch.arange(band.first, band.first + band.count)
+        tokens = rows[:, None] * bs + torch.arange(bs)
+        blocks = rows[:, None] + band.shift + torch.arange(band.width)
+        self.band = _allowed_of(blocks, rows, tokens, classes, rule, bs)
+        self.fixed = _allowed_of(band.fixed.expand(band.count, -1), rows, tokens, classes,
+                                 rule, bs) if band.fixed.numel() else None
+        self.first, self.width, self.bs, self.g, self.dtype = band.first, band.width, bs, g, dtype
+        self._shared: dict = {}
+
+    def masks(self, first: int, n: int, m: int):
+        """(band mask, band rows seen, fixed mask, fixed rows seen) of n problems of m rows
+        from block row ``first`` (_Chunk._mask's layout)."""
+        alike = all(a is None or a.shape[0] == 1 for a in (self.band, self.fixed))
+        if alike and (n, m) in self._shared:
+            return self._shared[(n, m)]
+        bs, w = self.bs, self.width
+        idx = first - self.first + torch.arange(n)[:, None] * m + torch.arange(m)   # [n, m]
+
+        def rows_of(allowed, j):
+            return allowed if allowed is None or allowed.shape[0] == 1 else allowed[idx[:, j]]
+        band = [rows_of(self.band, j) for j in range(m)]
+        if m > 1:  # the union's columns: sub-row j's band is columns j*bs .. (j+width)*bs
+            union = torch.zeros(n, m * bs, (w + m - 1) * bs, dtype=torch.bool)
+            for j, allowed in enumerate(band):
+                union[:, j * bs:(j + 1) * bs, j * bs:(j + w) * bs] = \
+                    True if allowed is None else allowed
+            band = [union]
+        out = _Chunk._mask(_stacked(band), n, self.g, self.dtype) + (
+            (None, None) if self.fixed is None else
+            _Chunk._mask(_stacked([rows_of(self.fixed, j) for j in range(m)]), n, self.g,
+                         self.dtype))
+        if alike:
+            self._shared[(n, m)] = out
+        return out
+
+
 class _Chunk:
     """One chunk of a run in one pattern slice: tokens, K/V views, masks (None: nothing cut).
 
@@ -123,8 +167,8 @@ class _Chunk:
     holds rows first + p*m .. + m - 1 (``count`` a multiple of m) and reads the union of
     their bands, width + m - 1 blocks, each sub-row's blocks outside its own band masked."""
 
-    def __init__(self, band: Band, first: int, count: int, ks, vs, fixed_kv, classes, rule,
-                 block_size: int, g: int, dtype, per_problem: int = 1):
+    def __init__(self, band: Band, first: int, count: int, ks, vs, fixed_kv,
+                 allowed: _RunAllowed, block_size: int, per_problem: int = 1):
         # The views read K/V rows (first + shift) * bs .. up to the band's end, which
         # find_band keeps inside the keys.
         bs, m = block_size, per_problem
@@ -134,26 +178,11 @@ class _Chunk:
         self.k0 = (first + band.shift) * bs
         self.k_band = _run_view(ks, self.k0, n, m * bs, (band.width + m - 1) * bs)
         self.v_band = _run_view(vs, self.k0, n, m * bs, (band.width + m - 1) * bs)
-        band_allowed, fixed_allowed = [], []
-        for j in range(m):  # each sub-row of the problems: its band, its fixed blocks
-            block_rows = first + torch.arange(n) * m + j
-            band_blocks = block_rows[:, None] + band.shift + torch.arange(band.width)
-            tokens = self.tokens[:, j * bs:(j + 1) * bs]
-            band_allowed.append(_allowed_of(band_blocks, block_rows, tokens, classes, rule, bs))
-            if fixed_kv is not None:
-                fixed_allowed.append(_allowed_of(band.fixed.expand(n, -1), block_rows, tokens,
-                                                 classes, rule, bs))
-        if m > 1:  # the union's columns: sub-row j's band is columns j*bs .. (j+width)*bs
-            union = torch.zeros(n, m * bs, (band.width + m - 1) * bs, dtype=torch.bool)
-            for j, allowed in enumerate(band_allowed):
-                union[:, j * bs:(j + 1) * bs, j * bs:(j + band.width) * bs] = \
-                    True if allowed is None else allowed
-            band_allowed = [union]
-        self.mask_band, self.seen_band = self._mask(_stacked(band_allowed), n, g, dtype)
-        self.k_fixed = self.v_fixed = self.mask_fixed = self.seen_fixed = None
+        self.mask_band, self.seen_band, self.mask_fixed, self.seen_fixed = \
+            allowed.masks(first, n, m)
+        self.k_fixed = self.v_fixed = None
         if fixed_kv is not None:
             self.k_fixed, self.v_fixed = (t.expand(n, -1, -1, -1) for t in fixed_kv)
-            self.mask_fixed, self.seen_fixed = self._mask(_stacked(fixed_allowed), n, g, dtype)
 
     @staticmethod
     def _mask(allowed, n: int, g: int, dtype):
@@ -260,9 +289,9 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
     g = qs.shape[2]
     ks, vs = _viewable(ks, vs)
     fixed_kv = _fixed_kv(ks, vs, band, block_size)
+    allowed = _RunAllowed(band, classes, rule, block_size, g, qs.dtype)
     for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size):
-        c = _Chunk(band, first, count, ks, vs, fixed_kv, classes, rule, block_size, g,
-                   qs.dtype)
+        c = _Chunk(band, first, count, ks, vs, fixed_kv, allowed, block_size)
         qt = c.rows_in(qs)
         out, lse = flash(qt, c.k_band, c.v_band, 0.0, False, attn_mask=c.mask_band,
                          scale=scale)
@@ -295,14 +324,15 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
     fixed_grads = None if fixed_kv is None else [torch.zeros(fixed_kv[0].shape, dtype=acc),
                                                   torch.zeros(fixed_kv[1].shape, dtype=acc)]
     m = BWD_ROWS_PER_PROBLEM
+    allowed = _RunAllowed(band, classes, rule, block_size, g, qs.dtype)
     for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size,
                                 BAND_BWD_BUDGET):
         paired = count - count % m
         for sub_first, sub_count, per in ((first, paired, m), (first + paired, count - paired, 1)):
             if sub_count == 0:
                 continue
-            c = _Chunk(band, sub_first, sub_count, ks, vs, fixed_kv, classes, rule, block_size,
-                       g, qs.dtype, per_problem=per)
+            c = _Chunk(band, sub_first, sub_count, ks, vs, fixed_kv, allowed, block_size,
+                       per_problem=per)
             qt, ot, dot = c.rows_in(qs), c.rows_in(ys), c.rows_in(dys)
             lt = c.rows_in(lses.unsqueeze(-1)).squeeze(-1)
             # A row that sees nothing has lse = -inf; the kernel's convention there is 0 (its
