@@ -28,6 +28,8 @@ the band's and the sinks' gradients from the final y and lse).
   deterministic). An lse gradient (``dlse``) is not an input of PyTorch's backward kernel:
   such calls take the reference backward.
 
+A call that is dense (causal) attention skips the walk: one fused call (cpu_whole.py).
+
 Memory is bounded by GROUP_BUDGET (score-tile elements per fused call).
 """
 
@@ -42,6 +44,7 @@ from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
 from ..common.score_mods import ScoreMods, alibi_offset, fold_sinks
 from .cpu_band import Band, band_backward, band_forward, find_band
+from .cpu_whole import whole_backward, whole_forward, whole_rule
 from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _mask, _seen,
                          _store_rows)
 from .reference import (_Group, _grouped, _live_rows, _Mods, _slice_bits, _slices,
@@ -240,6 +243,10 @@ def _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window,
 def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods) -> None:
     Nq, Nk = q.shape[2], k.shape[2]
     Hkv = k.shape[1]
+    causal = whole_rule(lists, block_size, Nq, Nk, is_causal, window, mods)
+    if causal is not None:  # dense (causal) attention: one fused call (cpu_whole.py)
+        whole_forward(q, k, v, y, lse, causal, scale)
+        return
     y.zero_()
     lse.fill_(float("-inf"))
     q, k, v = _without_padding(lists, q=q, k=k, v=v)
@@ -296,6 +303,10 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
               window, mods) -> None:
     Nq, Nk = q.shape[2], k.shape[2]
     Hkv = k.shape[1]
+    causal = whole_rule(lists, block_size, Nq, Nk, is_causal, window, mods)
+    if causal is not None:
+        whole_backward(q, k, v, y, lse, dy, dq, dk, dv, causal, scale)
+        return
     acc = accumulator_dtype(q.dtype)
     if dq is not None:
         dq.zero_()
