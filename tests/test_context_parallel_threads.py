@@ -51,17 +51,14 @@ class MailboxExchange:
         stats["messages"] += len(sends)
         box.cv.notify_all()
 
-    def wait_source(self, src):
-        box = self.group.mailbox
-        key = (self.number, src, self.group.rank)
-        if src in self.recvs and not getattr(self, f"_got{src}", False):
-            box.cv.wait_for(lambda: key in box.box, timeout=600)
-            self.recvs[src].copy_(box.box.pop(key))
-            setattr(self, f"_got{src}", True)
-
     def wait(self):
+        box = self.group.mailbox
         for src in sorted(self.recvs):
-            self.wait_source(src)
+            key = (self.number, src, self.group.rank)
+            if not getattr(self, f"_got{src}", False):
+                box.cv.wait_for(lambda: key in box.box, timeout=600)
+                self.recvs[src].copy_(box.box.pop(key))
+                setattr(self, f"_got{src}", True)
         return self.recvs
 
 
@@ -147,3 +144,16 @@ def test_threaded_group_matches_single_call(monkeypatch, device, dtype, rule):
         got = sharding.unshard([out[r][i] for r in range(world)])
         err = rel_error(got, ref.detach())
         assert err <= tol, f"{['y', 'dq', 'dk', 'dv'][i]}: {err:.2e}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_ring_steps_meet_their_peers(world):
+    """At step d, the rank a message goes to receives, at its own step d, from the sender:
+    every batch meets its peers' batch of the same step (what keeps NCCL from waiting in a
+    cycle), and the steps reach every other rank once."""
+    steps = {r: cp_attention.ring_steps(world, r) for r in range(world)}
+    for r in range(world):
+        assert len(steps[r]) == world - 1
+        assert sorted(s for s, _ in steps[r]) == sorted(set(range(world)) - {r})
+        for d, (src, dst) in enumerate(steps[r]):
+            assert steps[dst][d][0] == r and steps[src][d][1] == r

@@ -2,15 +2,17 @@
 
 Forward, on every rank: post the K/V blocks other ranks need and the receives of the blocks
 it needs (``exchange``), compute its queries against its own keys while they travel, then
-against each source rank's blocks, and merge the partial (y, lse) through their lse in a
-fixed order (own keys first, then sources by rank): the result is the single-device call's
-up to floating-point reassociation, and the same on every run for a fixed world size.
+against each source rank's blocks as its ring step arrives (``ring_steps``: one batch of
+messages per step), and merge the partial (y, lse) through their lse in a fixed order (own
+keys first, then sources by ring step): the result is the single-device call's up to
+floating-point reassociation, and the same on every run for a fixed world size.
 
 Backward: the K/V blocks travel again (not kept from the forward: at long context the
 gathered K/V of every layer would outgrow memory) while the local part's backward runs; each
 part's backward takes the merged y and lse (the softmax is over all parts), so its dQ adds
 up and its dK/dV are the exact contributions of these queries, which go back to the blocks'
-owners; an owner adds what it receives in rank order. The learnable sinks join once, after
+owners (a return step per ring step, posted as soon as that step's part is done, so it
+travels while the next part runs); an owner adds what it receives in rank order. The learnable sinks join once, after
 the merge (``fold_sinks``), and take their gradient from the merged rows.
 """
 
@@ -154,15 +156,31 @@ class _Call:
 
     def kv_exchange(self, k, v, stats_phase: str):
         """Post this rank's K/V blocks to the ranks that need them and the receives of the
-        blocks it needs -> (Exchange, {src: (k view, v view)} filled once it completed)."""
+        blocks it needs, one batch per ring step (``ring_steps``) -> ([(src, dst, Exchange)]
+        in step order, {src: (k view, v view)} filled once src's step completed)."""
         p = self.pattern
-        sends = {dst: pack(k, v, block_tokens(blocks, p.block_size))
-                 for dst, blocks in p.sends.items()}
-        recvs = {src: k.new_empty(k.shape[0], k.shape[1], part.key_tokens,
-                                  k.shape[3] + v.shape[3])
-                 for src, part in p.remote.items()}
-        views = {src: unpack(buf, k.shape[3]) for src, buf in recvs.items()}
-        return Exchange(self.group, sends, recvs, p.stats, stats_phase), views
+        steps, views = [], {}
+        for src, dst in ring_steps(p.world_size, p.rank):
+            sends = {dst: pack(k, v, block_tokens(p.sends[dst], p.block_size))} \
+                if dst in p.sends else {}
+            recvs = {}
+            if src in p.remote:
+                recvs[src] = k.new_empty(k.shape[0], k.shape[1], p.remote[src].key_tokens,
+                                         k.shape[3] + v.shape[3])
+                views[src] = unpack(recvs[src], k.shape[3])
+            steps.append((src, dst, Exchange(self.group, sends, recvs, p.stats, stats_phase)))
+        return steps, views
+
+
+def ring_steps(world: int, rank: int) -> list[tuple[int, int]]:
+    """(src, dst) of each ring step d = 1 .. world - 1: at step d every rank receives from
+    rank - d and sends to rank + d. Each step is its own batch of messages, posted by every
+    rank in the same order (an empty one where the pattern pairs nothing), so every batch
+    meets its peers' batch of the same step: NCCL runs point-to-point batches one after
+    another on its stream, and any other order could wait in a cycle. A step completes on
+    its own, so a source's part starts as soon as its step is in (NCCL gives one work per
+    batch)."""
+    return [((rank - d) % world, (rank + d) % world) for d in range(1, world)]
 
 
 class _ContextParallelFunction(torch.autograd.Function):
@@ -170,17 +188,17 @@ class _ContextParallelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, bias, call: _Call):
         p = call.pattern
-        exchange, received = call.kv_exchange(k, v, "forward")
+        steps, received = call.kv_exchange(k, v, "forward")
         (plan, lists, mods, _), call.local_plan = call.local_plan, None  # (from check)
         y, lse = attention_forward(plan, q, k, v, lists, mods)
         remote = {src: call.plan(q, *received[src], part, bias)
                   for src, part in p.remote.items()}
-        for src in sorted(remote):  # each source as soon as its blocks are in
-            exchange.wait_source(src)
-            plan, lists, mods, _ = remote[src]
-            y, lse = merge_by_lse(y, lse, *attention_forward(plan, q, *received[src], lists,
-                                                             mods))
-        exchange.wait()  # (the sends)
+        for src, _, exchange in steps:  # each source as soon as its step is in
+            exchange.wait()
+            if src in remote:
+                plan, lists, mods, _ = remote[src]
+                y, lse = merge_by_lse(y, lse, *attention_forward(plan, q, *received[src],
+                                                                 lists, mods))
         y = y.to(q.dtype)
         if sinks is not None:  # in place: y and lse are fresh tensors of this call
             live = None if p.q_valid is None else p.q_valid[:, None, :]
@@ -206,7 +224,7 @@ def _backward(ctx, q, k, v, y, lse, sinks, bias, dy, dlse) -> tuple:
     need_q, need_k, need_v, need_s, need_b = ctx.needs_input_grad[:5]
     need_b = need_b and bias is not None
     dy = None if dy is None else dy.contiguous()
-    exchange, received = call.kv_exchange(k, v, "backward")
+    steps, received = call.kv_exchange(k, v, "backward")
     acc = lse.dtype
     db = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
 
@@ -221,19 +239,28 @@ def _backward(ctx, q, k, v, y, lse, sinks, bias, dy, dlse) -> tuple:
 
     dq, dk, dv = part_backward(p.local, k, v, (need_q, need_k, need_v))
     dq = None if dq is None else dq.to(acc)
-    returned = {}
-    for src in sorted(p.remote):
-        exchange.wait_source(src)
-        dq_s, dk_s, dv_s = part_backward(p.remote[src], *received[src], (need_q, True, True))
-        if need_q:
-            dq = dq + dq_s.to(acc)
-        returned[src] = pack(dk_s, dv_s)
-    exchange.wait()
-    # Every rank returns the dK/dV of the blocks it received, whether or not its own k / v
-    # want gradients: their owners may.
-    back = {dst: k.new_empty(k.shape[0], k.shape[1], blocks.numel() * p.block_size,
-                             k.shape[3] + v.shape[3]) for dst, blocks in p.sends.items()}
-    Exchange(call.group, returned, back, p.stats, "backward").wait()
+    # Each step's dK/dV go back to their owner (src) while the next step's part runs, in
+    # a return step of the same ring (to rank - d, from rank + d), posted in step order.
+    returns, back = [], {}
+    for src, dst, exchange in steps:
+        exchange.wait()
+        sends = {}
+        if src in p.remote:
+            dq_s, dk_s, dv_s = part_backward(p.remote[src], *received[src],
+                                             (need_q, True, True))
+            if need_q:
+                dq = dq + dq_s.to(acc)
+            sends[src] = pack(dk_s, dv_s)
+        # Every rank returns the dK/dV of the blocks it received, whether or not its own
+        # k / v want gradients: their owners may.
+        recvs = {}
+        if dst in p.sends:
+            back[dst] = recvs[dst] = k.new_empty(k.shape[0], k.shape[1],
+                                                 p.sends[dst].numel() * p.block_size,
+                                                 k.shape[3] + v.shape[3])
+        returns.append(Exchange(call.group, sends, recvs, p.stats, "backward"))
+    for exchange in returns:
+        exchange.wait()
     if need_k or need_v:
         dk = torch.zeros_like(k, dtype=acc) if dk is None else dk.to(acc)
         dv = torch.zeros_like(v, dtype=acc) if dv is None else dv.to(acc)

@@ -3,10 +3,11 @@ need them, their dK/dV back to their owners.
 
 Only (rank, rank) pairs with at least one needed block exchange a message (one per pair and
 direction per phase, K and V packed side by side along the last dim), so a pattern that
-never pairs two shards never sends between them. Messages are posted together
-(``batch_isend_irecv``) and complete in the background (NCCL: its own stream; gloo: its
-threads) while the caller computes; ``wait_source`` joins one source's message (where the
-backend tracks messages one by one), ``wait`` all of them.
+never pairs two shards never sends between them. An Exchange is one batch of messages
+(``batch_isend_irecv``; the attention posts one per ring step) that completes in the
+background (NCCL: its own stream; gloo: its threads) while the caller computes; ``wait``
+joins it. Each work is waited for once (gloo: a second wait on a finished receive never
+returns).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def unpack(buf: torch.Tensor, first_dim: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class Exchange:
-    """One phase of messages: ``sends`` {dst: tensor} and ``recvs`` {src: buffer to fill},
+    """One batch of messages: ``sends`` {dst: tensor} and ``recvs`` {src: buffer to fill},
     ranks counted in ``group``. ``stats``: the dict whose ``<phase>_bytes`` and ``messages``
     count what this rank sends."""
 
@@ -46,32 +47,16 @@ class Exchange:
         self.device = ops[0].tensor.device if ops else torch.device("cpu")
         with device_guard(self.device):
             self.works = dist.batch_isend_irecv(ops) if ops else []
-        # One work per message (gloo): each source can be waited for on its own. One work
-        # for the batch (NCCL coalesces it): waiting for any source waits for all.
-        self.by_source = dict(zip(sorted(recvs), self.works[len(sends):])) \
-            if len(self.works) == len(ops) else None
         stats[f"{phase}_bytes"] += sum(t.numel() * t.element_size() for t in sends.values())
         stats["messages"] += len(sends)
 
-    def wait_source(self, src: int) -> None:
-        """Block until the message from ``src`` arrived (all of them when the backend
-        gives one work per batch)."""
-        if self.by_source is None:
-            self.wait()
-        elif src in self.by_source:
-            work = self.by_source.pop(src)
-            with device_guard(self.device):  # NCCL: the tensors' current stream waits
-                work.wait()
-            self.works = [w for w in self.works if w is not work]  # (gloo: a second wait
-            # on a finished receive never returns)
-
     def wait(self) -> dict:
-        """Block until every message of the phase completed (NCCL: the current stream waits);
+        """Block until every message of the batch completed (NCCL: the current stream waits);
         returns the filled receive buffers."""
         with device_guard(self.device):
             for work in self.works:
                 work.wait()
-        self.works, self.by_source = [], {}
+        self.works = []
         return self.recvs
 
 
