@@ -1,6 +1,6 @@
 """The cpu backend's whole-problem path (cpu_whole): a call that is dense (causal) attention
--- every reachable block active, no causal or top-left causal, no window, token rule or
-additive modifier -- runs as one fused call per GQA group member. Checked against the
+-- every reachable block active, no causal or top-left causal (or one query after every
+key), no window, token rule or additive modifier -- runs as one fused call per GQA group member. Checked against the
 float64 oracle (forward, lse, gradients) over odd lengths, Nq != Nk, GQA, d_k != d_v,
 every dtype and learnable sinks; every case asserts which path ran (the calls that are not
 dense must keep the block walk)."""
@@ -42,6 +42,7 @@ TAKES = [
     ("bottom-right-square", 100, 100, 16, "bottom_right", 4, 2, torch.bfloat16),
     ("full-gqa", 61, 45, 16, False, 4, 2, torch.float16),
     ("full-ragged", 33, 90, 32, False, 2, 2, torch.float32),
+    ("decode-step", 1, 90, 16, "bottom_right", 4, 2, torch.float64),
 ]
 
 
@@ -57,6 +58,7 @@ KEEPS = [
     ("a-skipped-block", 77, 77, True, (-1, -1), 0.6, None),
     ("window", 77, 77, True, (20, 0), 1.0, None),
     ("bottom-right-rectangle", 50, 90, "bottom_right", (-1, -1), 1.0, None),
+    ("bottom-right-two-queries", 2, 90, "bottom_right", (-1, -1), 1.0, None),
     ("documents", 70, 70, True, (-1, -1), 1.0,
      dict(document_ids=torch.tensor([[0] * 30 + [1] * 40, [0] * 70]))),
 ]

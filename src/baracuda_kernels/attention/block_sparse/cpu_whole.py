@@ -2,7 +2,8 @@
 
 A block pattern whose every reachable block is active (all of them, or all on and below
 the causal diagonal) under a plain rule -- no causal, or top-left causal (bottom-right with
-Nq == Nk is the same diagonal) -- with no window, no token rules (documents, positions,
+Nq == Nk is the same diagonal; bottom-right with one query, a decode step, sees every
+key) -- with no window, no token rules (documents, positions,
 padding, bits) and no additive modifier (ALiBi, bias) is exactly dense (causal) attention.
 The general path would still cut it into block-row groups, gather each row's K/V and mask
 its diagonal blocks; PyTorch's fused CPU kernel does the whole problem in one call, with its
@@ -36,8 +37,11 @@ def whole_rule(lists: BlockLists, block_size: int, Nq: int, Nk: int, is_causal, 
     if mods is not None and (mods.alibi_slopes is not None or mods.bias is not None):
         return None
     causal = bool(is_causal)
-    if causal and causal_offset(is_causal, Nq, Nk) != 0:
-        return None
+    offset = causal_offset(is_causal, Nq, Nk) if causal else 0
+    if offset != 0:
+        if Nq != 1 or offset < Nk - 1:
+            return None
+        causal = False  # one query after every key (a decode step): it sees them all
     if lists.mean_row_blocks is not None:  # prepared lists: decided once
         dense = lists.memo(("cpu-whole", block_size, Nq, Nk, causal),
                            lambda: _all_reachable_active(lists, block_size, Nq, causal))
