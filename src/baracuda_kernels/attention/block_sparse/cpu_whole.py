@@ -67,6 +67,11 @@ def whole_forward(q, k, v, y, lse, causal: bool, scale: float) -> None:
     """y [B, H, Nq, D], lse [B, H, Nq] of q [B, H, Nq, D] over k / v [B, Hkv, Nk, D]."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     Hkv = k.shape[1]
+    if Hkv == q.shape[1]:  # no group: no views to cut (a decode step is mostly this)
+        out, row_lse = flash(q, k, v, 0.0, causal, scale=scale)
+        y.copy_(out)
+        lse.copy_(row_lse)
+        return
     q5, y5, lse5 = _grouped(q, Hkv), _grouped(y, Hkv), _grouped(lse, Hkv)
     for g in range(q5.shape[2]):
         out, row_lse = flash(q5[:, :, g], k, v, 0.0, causal, scale=scale)
