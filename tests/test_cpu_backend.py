@@ -54,12 +54,15 @@ def test_lse_gradient_takes_the_reference_backward():
 
 
 def test_time_grows_with_active_blocks():
-    """Forward time at 1/8 of the blocks is well under the time at all of them (a ratio on
-    the same machine; work is proportional to the active blocks)."""
+    """Forward time at 1/8 of the blocks is well under the time at all of them but one (a
+    ratio on the same machine; work is proportional to the active blocks). One block off:
+    every block on is dense attention, which takes one fused call (cpu_whole) instead of
+    the block walk measured here."""
     N, bs = 4096, 64
     q, k, v = (torch.randn(1, 4, N, 64) for _ in range(3))
     nb = N // bs
     dense = torch.ones(1, 1, nb, nb, dtype=torch.bool)
+    dense[..., 0, nb - 1] = False
     sparse = torch.zeros(1, 1, nb, nb, dtype=torch.bool)
     sparse[..., ::8] = True
 
