@@ -125,3 +125,27 @@ def _valid_tokens(B, N, tokens, side) -> torch.Tensor:
             if bound is not None:
                 ok = ok & keep(torch.as_tensor(bound).cpu().reshape(-1, 1))
     return ok
+
+
+def check_sinks_against_reference(N, bs, seed, **rule):
+    """The cpu backend against the reference backend in float64 with learnable sinks
+    (B=2, H=4, Hkv=2, every block of an N-token problem active, ``rule``: causal / window /
+    sink tokens), y's gradient only (so the cpu backend's own backward runs, not the
+    reference one an lse gradient takes): y and the gradients of q, k, v and the sinks."""
+    from oracle import assert_matches_oracle
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, N, 16, generator=gen, dtype=torch.float64) * 2
+    k, v = (torch.randn(2, 2, N, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
+    dy = torch.randn(2, 4, N, 16, generator=gen, dtype=torch.float64)
+    pattern = torch.ones(1, 1, nblocks(N, bs), nblocks(N, bs), dtype=torch.bool)
+    results = []
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        y = bk.block_sparse_attention(*leaves[:3], pattern, block_size=bs, sinks=leaves[3],
+                                      backend=backend, **rule)
+        results.append((y, torch.autograd.grad(y, leaves, dy)))
+    (y, grads), (y_ref, grads_ref) = results
+    assert_matches_oracle(y, y_ref, y_ref)
+    for name, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, grads_ref):
+        assert_matches_oracle(g, r, r, what=name)

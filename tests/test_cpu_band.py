@@ -12,7 +12,7 @@ import torch
 import baracuda_kernels as bk
 from baracuda_kernels.attention.block_sparse import cpu_band, cpu_fused
 from baracuda_kernels.attention.block_sparse.block_lists import PARTIAL, SKIP
-from cases import HAS_CUDA, check_token_rule
+from cases import HAS_CUDA, check_sinks_against_reference, check_token_rule
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="the cpu backend runs CPU tensors")
 
@@ -167,24 +167,7 @@ def test_band_key_gradients_land_on_their_keys(per_problem):
 
 def test_learnable_sinks_through_the_banded_backward(band_runs):
     """Learnable sinks (folded into y and lse after the forward) reach the banded backward
-    through the final y and lse alone: gradients of q, k, v and the sinks (y's gradient
-    only, so the cpu backward runs) against the reference backend in float64."""
-    from oracle import assert_matches_oracle
-    gen = torch.Generator().manual_seed(7)
-    q = torch.randn(2, 4, 300, 16, generator=gen, dtype=torch.float64) * 2
-    k, v = (torch.randn(2, 2, 300, 16, generator=gen, dtype=torch.float64) for _ in range(2))
-    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
-    dy = torch.randn(2, 4, 300, 16, generator=gen, dtype=torch.float64)
-    pattern = torch.ones(1, 1, 19, 19, dtype=torch.bool)
-    results = []
-    for backend in ("cpu", "reference"):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
-        y = bk.block_sparse_attention(*leaves[:3], pattern, block_size=16, is_causal=True,
-                                      window_size=(40, 0), sink_tokens=16, sinks=leaves[3],
-                                      backend=backend)
-        results.append((y, torch.autograd.grad(y, leaves, dy)))
+    through the final y and lse alone."""
+    check_sinks_against_reference(300, 16, 7, is_causal=True, window_size=(40, 0),
+                                  sink_tokens=16)
     assert band_runs and band_runs.backward
-    (y, grads), (y_ref, grads_ref) = results
-    assert_matches_oracle(y, y_ref, y_ref)
-    for name, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, grads_ref):
-        assert_matches_oracle(g, r, r, what=name)

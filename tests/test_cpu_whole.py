@@ -10,8 +10,8 @@ import torch
 
 import baracuda_kernels as bk
 from baracuda_kernels.attention.block_sparse import cpu_fused
-from cases import HAS_CUDA, check_token_rule
-from oracle import assert_matches_oracle, dense_attention
+from cases import HAS_CUDA, check_sinks_against_reference, check_token_rule
+from oracle import dense_attention
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="the cpu backend runs CPU tensors")
 
@@ -96,21 +96,6 @@ def test_alibi_keeps_the_block_walk(whole_runs):
 
 def test_learnable_sinks(whole_runs):
     """Sinks folded in after the whole forward; the whole backward reads the folded y and
-    lse: gradients of q, k, v and the sinks against the reference backend in float64."""
-    gen = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 4, 70, 16, generator=gen, dtype=torch.float64) * 2
-    k, v = (torch.randn(2, 2, 70, 16, generator=gen, dtype=torch.float64) for _ in range(2))
-    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
-    dy = torch.randn(2, 4, 70, 16, generator=gen, dtype=torch.float64)
-    pattern = torch.ones(1, 1, 5, 5, dtype=torch.bool)
-    results = []
-    for backend in ("cpu", "reference"):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
-        y = bk.block_sparse_attention(*leaves[:3], pattern, block_size=16, is_causal=True,
-                                      sinks=leaves[3], backend=backend)
-        results.append((y, torch.autograd.grad(y, leaves, dy)))
+    lse."""
+    check_sinks_against_reference(70, 16, 5, is_causal=True)
     assert whole_runs == ["fwd", "bwd"]
-    (y, grads), (y_ref, grads_ref) = results
-    assert_matches_oracle(y, y_ref, y_ref)
-    for name, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, grads_ref):
-        assert_matches_oracle(g, r, r, what=name)
