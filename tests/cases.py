@@ -132,7 +132,6 @@ def check_sinks_against_reference(N, bs, seed, **rule):
     (B=2, H=4, Hkv=2, every block of an N-token problem active, ``rule``: causal / window /
     sink tokens), y's gradient only (so the cpu backend's own backward runs, not the
     reference one an lse gradient takes): y and the gradients of q, k, v and the sinks."""
-    from oracle import assert_matches_oracle
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 4, N, 16, generator=gen, dtype=torch.float64) * 2
     k, v = (torch.randn(2, 2, N, 16, generator=gen, dtype=torch.float64) for _ in range(2))
