@@ -12,8 +12,9 @@ gathered K/V of every layer would outgrow memory) while the local part's backwar
 part's backward takes the merged y and lse (the softmax is over all parts), so its dQ adds
 up and its dK/dV are the exact contributions of these queries, which go back to the blocks'
 owners (a return step per ring step, posted as soon as that step's part is done, so it
-travels while the next part runs); an owner adds what it receives in rank order. The learnable sinks join once, after
-the merge (``fold_sinks``), and take their gradient from the merged rows.
+travels while the next part runs); an owner adds what it receives in rank order. The
+learnable sinks join once, after the merge (``fold_sinks``), and take their gradient from
+the merged rows.
 """
 
 from __future__ import annotations

@@ -34,10 +34,10 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..common.numerics import merge_by_lse
+from ..common.numerics import accumulator_dtype, merge_by_lse
 from .block_lists import PARTIAL, SKIP
-from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _mask, _seen,
-                         _store_rows)
+from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _kernel_lse, _mask,
+                         _seen, _store_rows)
 from .reference import _Group
 
 # Score-tile elements (all heads) per fused call, a chunk of the run's rows: the chunk's
@@ -131,13 +131,14 @@ class _RunAllowed:
         self.fixed = _allowed_of(band.fixed.expand(band.count, -1), rows, tokens, classes,
                                  rule, bs) if band.fixed.numel() else None
         self.first, self.width, self.bs, self.g, self.dtype = band.first, band.width, bs, g, dtype
+        # Every row cuts alike (one broadcast row each): chunks of one shape share masks.
+        self.alike = all(a is None or a.shape[0] == 1 for a in (self.band, self.fixed))
         self._shared: dict = {}
 
     def masks(self, first: int, n: int, m: int):
         """(band mask, band rows seen, fixed mask, fixed rows seen) of n problems of m rows
         from block row ``first`` (_Chunk._mask's layout)."""
-        alike = all(a is None or a.shape[0] == 1 for a in (self.band, self.fixed))
-        if alike and (n, m) in self._shared:
+        if self.alike and (n, m) in self._shared:
             return self._shared[(n, m)]
         bs, w = self.bs, self.width
         idx = first - self.first + torch.arange(n)[:, None] * m + torch.arange(m)   # [n, m]
@@ -155,7 +156,7 @@ class _RunAllowed:
             (None, None) if self.fixed is None else
             _Chunk._mask(_stacked([rows_of(self.fixed, j) for j in range(m)]), n, self.g,
                          self.dtype))
-        if alike:
+        if self.alike:
             self._shared[(n, m)] = out
         return out
 
@@ -174,8 +175,8 @@ class _Chunk:
         # find_band keeps inside the keys.
         bs, m = block_size, per_problem
         n = count // m                                                   # problems
-        self.first, self.count, self.m = first, count, m
-        self.tokens = first * bs + torch.arange(n)[:, None] * (m * bs) + torch.arange(m * bs)
+        self.m, self.row0 = m, first * bs                                 # first query token
+        self.tokens = self.row0 + torch.arange(n)[:, None] * (m * bs) + torch.arange(m * bs)
         self.k0 = (first + band.shift) * bs
         self.k_band = _run_view(ks, self.k0, n, m * bs, (band.width + m - 1) * bs)
         self.v_band = _run_view(vs, self.k0, n, m * bs, (band.width + m - 1) * bs)
@@ -198,7 +199,7 @@ class _Chunk:
         """The chunk's query rows of t [b, hk, g, N, D] as [n, b*hk, g*m*bs, D]."""
         if t.shape[2] == 1:
             rows = self.tokens.shape[1]
-            view = _run_view(t, self.tokens[0, 0].item(), self.tokens.shape[0], rows, rows)
+            view = _run_view(t, self.row0, self.tokens.shape[0], rows, rows)
             if view is not None:
                 return view
         return _as_problems(t, self.tokens)
@@ -209,7 +210,7 @@ class _Chunk:
         flat = src.dim() == 3
         if g == 1:
             rows = self.tokens.shape[1]
-            view = _run_view(dst.unsqueeze(-1) if flat else dst, self.tokens[0, 0].item(),
+            view = _run_view(dst.unsqueeze(-1) if flat else dst, self.row0,
                              self.tokens.shape[0], rows, rows)
             if view is not None:
                 view.copy_(src.unsqueeze(-1) if flat else src)
@@ -266,11 +267,16 @@ def _stacked(parts: list):
     return out[:1] if out.shape[0] > 1 and bool((out == out[:1]).all()) else out
 
 
+def _fixed_tokens(band: Band, block_size: int) -> torch.Tensor:
+    """The key tokens of the fixed blocks, in block order [F*bs]."""
+    return (band.fixed[:, None] * block_size + torch.arange(block_size)).flatten()
+
+
 def _fixed_kv(ks, vs, band: Band, block_size: int):
     """The fixed blocks' K / V as [1, b*hk, F*bs, D] (gathered once), or None."""
     if not band.fixed.numel():
         return None
-    cols = (band.fixed[:, None] * block_size + torch.arange(block_size)).flatten()
+    cols = _fixed_tokens(band, block_size)
     b, hk = ks.shape[:2]
     return tuple(t[:, :, 0].index_select(2, cols).reshape(1, b * hk, cols.numel(), -1)
                  for t in (ks, vs))
@@ -319,7 +325,7 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
     a second fused call, whose small per-row problems cost more than their arithmetic."""
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     g = qs.shape[2]
-    acc = dks.dtype if dks is not None else torch.promote_types(qs.dtype, torch.float32)
+    acc = accumulator_dtype(qs.dtype)  # (dks / dvs hold it)
     ks, vs = _viewable(ks, vs)
     fixed_kv = _fixed_kv(ks, vs, band, block_size)
     fixed_grads = None if fixed_kv is None else [torch.zeros(fixed_kv[0].shape, dtype=acc),
@@ -335,10 +341,7 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
             c = _Chunk(band, sub_first, sub_count, ks, vs, fixed_kv, allowed, block_size,
                        per_problem=per)
             qt, ot, dot = c.rows_in(qs), c.rows_in(ys), c.rows_in(dys)
-            lt = c.rows_in(lses.unsqueeze(-1)).squeeze(-1)
-            # A row that sees nothing has lse = -inf; the kernel's convention there is 0 (its
-            # masked P is exactly 0 either way). NaN stays NaN.
-            lt = torch.where(lt == float("-inf"), torch.zeros_like(lt), lt)
+            lt = _kernel_lse(c.rows_in(lses.unsqueeze(-1)).squeeze(-1))
             gq, gk, gv = flash_bwd(dot, qt, c.k_band, c.v_band, ot, lt, 0.0, False,
                                    attn_mask=c.mask_band, scale=scale)
             if fixed_kv is not None:
@@ -350,7 +353,7 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
                 c.add_band_keys(dks, gk, block_size)
                 c.add_band_keys(dvs, gv, block_size)
     if fixed_grads is not None and dks is not None:
-        cols = (band.fixed[:, None] * block_size + torch.arange(block_size)).flatten()
+        cols = _fixed_tokens(band, block_size)
         b, hk = dks.shape[:2]
         for acc_t, grad in zip((dks, dvs), fixed_grads):
             acc_t[:, :, 0].index_add_(2, cols, grad.reshape(b, hk, cols.numel(), -1))

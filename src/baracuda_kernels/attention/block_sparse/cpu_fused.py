@@ -45,8 +45,8 @@ from .block_lists import PARTIAL, SKIP, BlockLists
 from ..common.score_mods import ScoreMods, alibi_offset, fold_sinks
 from .cpu_band import Band, band_backward, band_forward, find_band
 from .cpu_whole import whole_backward, whole_forward, whole_rule
-from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _mask, _seen,
-                         _store_rows)
+from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _kernel_lse, _mask,
+                         _seen, _store_rows)
 from .reference import (_Group, _grouped, _live_rows, _Mods, _slice_bits, _slices,
                         _token_rows, _without_padding, row_block,
                         block_sparse_attention_backward_reference)
@@ -337,10 +337,7 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
         if not rows_ok:
             dot = dot * grp.row_ok.view(-1, 1, rows.shape[1]).repeat(1, 1, g)[..., None].to(
                 dot.dtype)
-        lt = _as_problems(lse5[sl].unsqueeze(-1), rows).squeeze(-1)
-        # A row that sees nothing has lse = -inf; the kernel's convention there is 0 (its
-        # masked P is exactly 0 either way). NaN stays NaN.
-        lt = torch.where(lt == float("-inf"), torch.zeros_like(lt), lt)
+        lt = _kernel_lse(_as_problems(lse5[sl].unsqueeze(-1), rows).squeeze(-1))
         gq, gk, gv = flash_bwd(dot, qt, kt, vt, ot, lt, 0.0, False, attn_mask=mask,
                                scale=scale)
         if dq5 is not None:

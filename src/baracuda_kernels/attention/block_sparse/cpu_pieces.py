@@ -62,6 +62,13 @@ def _seen(lse: torch.Tensor, seen: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.where(seen, lse, float("-inf"))
 
 
+def _kernel_lse(lse: torch.Tensor) -> torch.Tensor:
+    """lse as PyTorch's fused backward kernel takes it: a row that sees nothing has lse =
+    -inf, and the kernel's convention there is 0 (its masked P is exactly 0 either way).
+    NaN stays NaN."""
+    return torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
+
+
 def _store_rows(dst: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, all_ok: bool,
                 src: torch.Tensor) -> None:
     """dst[:, :, :, rows] = src (dim 3), only the valid rows (all of them: no gather)."""

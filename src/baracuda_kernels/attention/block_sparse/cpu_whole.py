@@ -63,20 +63,24 @@ def _all_reachable_active(lists: BlockLists, block_size: int, Nq: int, causal: b
     return bool((active | ~reached).all())
 
 
+def _members(Hkv: int, *tensors):
+    """Per member g of the query-head groups: each [B, H, ...] tensor's heads g, g + G, ..
+    as a [B, Hkv, ...] view (None stays None); the tensors themselves when H == Hkv."""
+    if tensors[0].shape[1] == Hkv:
+        yield tensors
+        return
+    grouped = [None if t is None else _grouped(t, Hkv) for t in tensors]
+    for g in range(tensors[0].shape[1] // Hkv):
+        yield tuple(None if t is None else t[:, :, g] for t in grouped)
+
+
 def whole_forward(q, k, v, y, lse, causal: bool, scale: float) -> None:
     """y [B, H, Nq, D], lse [B, H, Nq] of q [B, H, Nq, D] over k / v [B, Hkv, Nk, D]."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    Hkv = k.shape[1]
-    if Hkv == q.shape[1]:  # no group: no views to cut (a decode step is mostly this)
-        out, row_lse = flash(q, k, v, 0.0, causal, scale=scale)
-        y.copy_(out)
-        lse.copy_(row_lse)
-        return
-    q5, y5, lse5 = _grouped(q, Hkv), _grouped(y, Hkv), _grouped(lse, Hkv)
-    for g in range(q5.shape[2]):
-        out, row_lse = flash(q5[:, :, g], k, v, 0.0, causal, scale=scale)
-        y5[:, :, g].copy_(out)
-        lse5[:, :, g].copy_(row_lse)
+    for qg, yg, lse_g in _members(k.shape[1], q, y, lse):
+        out, row_lse = flash(qg, k, v, 0.0, causal, scale=scale)
+        yg.copy_(out)
+        lse_g.copy_(row_lse)
 
 
 def whole_backward(q, k, v, y, lse, dy, dq, dk, dv, causal: bool, scale: float) -> None:
@@ -84,22 +88,16 @@ def whole_backward(q, k, v, y, lse, dy, dq, dk, dv, causal: bool, scale: float) 
     final ones (sinks folded in). dk / dv are written, not accumulated; a GQA group's
     members add up in the accumulator dtype."""
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    Hkv = k.shape[1]
-    q5, y5, dy5, lse5 = (_grouped(t, Hkv) for t in (q, y, dy, lse))
-    dq5 = None if dq is None else _grouped(dq, Hkv)
-    G = q5.shape[2]
+    grouped = q.shape[1] != k.shape[1]
     sums = None
-    if dk is not None and G > 1:
+    if dk is not None and grouped:
         acc = accumulator_dtype(q.dtype)
-        sums = (dk, dv) if dk.dtype == acc else (torch.zeros(k.shape, dtype=acc),
-                                                 torch.zeros(v.shape, dtype=acc))
-        for t in sums:
-            t.zero_()
-    for g in range(G):
-        gq, gk, gv = flash_bwd(dy5[:, :, g], q5[:, :, g], k, v, y5[:, :, g], lse5[:, :, g],
-                               0.0, causal, scale=scale)
-        if dq5 is not None:
-            dq5[:, :, g].copy_(gq)
+        sums = (dk.zero_(), dv.zero_()) if dk.dtype == acc else \
+            (torch.zeros(k.shape, dtype=acc), torch.zeros(v.shape, dtype=acc))
+    for qg, yg, dyg, lse_g, dqg in _members(k.shape[1], q, y, dy, lse, dq):
+        gq, gk, gv = flash_bwd(dyg, qg, k, v, yg, lse_g, 0.0, causal, scale=scale)
+        if dqg is not None:
+            dqg.copy_(gq)
         if sums is not None:
             sums[0].add_(gk)
             sums[1].add_(gv)

@@ -1,8 +1,8 @@
 """Host-side numerics every attention launcher shares, written once (no triton import, so
 the pure-PyTorch reference can use them on any platform): the padded head-dim tile, the
 accumulator dtype, the softmax scale as kernels receive it, list strides with broadcast
-dims, the 64-bit in-tile offset rule, and the merge of partial attention results by lse. The device-side counterparts are in
-kernel_pieces.py."""
+dims, the 64-bit in-tile offset rule, and the merge of partial attention results by lse.
+The device-side counterparts are in kernel_pieces.py."""
 
 from __future__ import annotations
 
