@@ -171,3 +171,37 @@ def test_learnable_sinks_through_the_banded_backward(band_runs):
     check_sinks_against_reference(300, 16, 7, is_causal=True, window_size=(40, 0),
                                   sink_tokens=16)
     assert band_runs and band_runs.backward
+
+
+def test_prepared_pattern_keeps_the_run_masks_across_calls(band_runs):
+    """A prepared window keeps its run's masks (one broadcast row) from call to call, per
+    GQA group size and dtype: calls that differ in both, one after the other on the same
+    prepared pattern, each match the oracle, forward and backward (a mask kept for one
+    group size or dtype and reused for another would fail here)."""
+    from oracle import dense_attention
+    from baracuda_kernels.patterns import sliding_window
+    gen = torch.Generator().manual_seed(5)
+    N, D, bs = 300, 16, 16
+    prep = sliding_window(N, window=40, block_size=bs, sinks=16).prepare()
+    for dtype, H, Hkv, tol in [(torch.float64, 4, 2, 1e-11), (torch.float32, 4, 4, 2e-5),
+                               (torch.float64, 4, 1, 1e-11), (torch.float64, 4, 2, 1e-11)]:
+        q = torch.randn(1, H, N, D, generator=gen, dtype=torch.float64)
+        k, v = (torch.randn(1, Hkv, N, D, generator=gen, dtype=torch.float64)
+                for _ in range(2))
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+        y = bk.block_sparse_attention(q, k, v, prep, backend="cpu")
+        g = H // Hkv
+        ref, _ = dense_attention(*(t.double() for t in (q, k.repeat_interleave(g, 1),
+                                                        v.repeat_interleave(g, 1))),
+                                 torch.ones(1, 1, 19, 19, dtype=torch.bool), bs, True,
+                                 window_size=(39, 0), sink_tokens=16)
+        assert (y.double() - ref).abs().max() < tol
+        dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        got = torch.autograd.grad(y, (q, k, v), dy.to(dtype))
+        want = torch.autograd.grad(ref, (q, k, v), dy)
+        for a, b in zip(got, want):
+            assert (a.double() - b).abs().max() < 10 * tol
+    kept = [v for key, v in prep.lists.__dict__.get("_memo", {}).items()
+            if key[0] == "cpu-band-masks"]
+    assert band_runs and kept and sorted(kept[0], key=str) == sorted(
+        [(2, torch.float64), (1, torch.float32), (4, torch.float64)], key=str)

@@ -135,6 +135,21 @@ class _RunAllowed:
         self.alike = all(a is None or a.shape[0] == 1 for a in (self.band, self.fixed))
         self._shared: dict = {}
 
+    @classmethod
+    def of(cls, kept: Optional[dict], band: Band, classes, rule, block_size: int, g: int,
+           dtype) -> "_RunAllowed":
+        """The run's masks, from ``kept`` (a dict kept on prepared lists, or None) when an
+        earlier call left them there. Only runs whose rows all cut alike are kept: their
+        masks are one broadcast row (a few hundred KiB), while per-row masks (token ids)
+        would hold a pattern-sized tensor for the pattern's lifetime."""
+        key = (g, dtype)
+        if kept is not None and key in kept:
+            return kept[key]
+        made = cls(band, classes, rule, block_size, g, dtype)
+        if kept is not None and made.alike:
+            kept[key] = made
+        return made
+
     def masks(self, first: int, n: int, m: int):
         """(band mask, band rows seen, fixed mask, fixed rows seen) of n problems of m rows
         from block row ``first`` (_Chunk._mask's layout)."""
@@ -289,30 +304,43 @@ def _viewable(*ts):
 
 
 def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: int,
-                 scale: float) -> None:
+                 scale: float, kept: Optional[dict] = None) -> None:
     """y and lse of the run's rows in one pattern slice: qs [b, hk, g, N, D], ks / vs [b,
-    hk, 1, N, D], ys [b, hk, g, N, Dv], lses [b, hk, g, N] (views of the outputs)."""
+    hk, 1, N, D], ys [b, hk, g, N, Dv], lses [b, hk, g, N] (views of the outputs).
+    ``kept``: where prepared lists keep the run's masks across calls (_RunAllowed.of)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     g = qs.shape[2]
     ks, vs = _viewable(ks, vs)
     fixed_kv = _fixed_kv(ks, vs, band, block_size)
-    allowed = _RunAllowed(band, classes, rule, block_size, g, qs.dtype)
+    allowed = _RunAllowed.of(kept, band, classes, rule, block_size, g, qs.dtype)
     for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size):
         c = _Chunk(band, first, count, ks, vs, fixed_kv, allowed, block_size)
         qt = c.rows_in(qs)
         out, lse = flash(qt, c.k_band, c.v_band, 0.0, False, attn_mask=c.mask_band,
                          scale=scale)
         lse = _seen(lse, c.seen_band)
-        if c.k_fixed is not None:
-            out2, lse2 = flash(qt, c.k_fixed, c.v_fixed, 0.0, False, attn_mask=c.mask_fixed,
-                               scale=scale)
+        if fixed_kv is not None:
+            out2, lse2 = _fixed_forward(qt, fixed_kv, c.mask_fixed, scale)
             out, lse = merge_by_lse(out, lse, out2, _seen(lse2, c.seen_fixed))
         c.rows_out(ys, out)
         c.rows_out(lses, lse)
 
 
+def _fixed_forward(qt, fixed_kv, mask, scale: float):
+    """(y [n, bh, r, D], lse [n, bh, r]) of a chunk's queries qt [n, bh, r, D] against the
+    fixed blocks alone: one fused problem per head holding all n*r queries (n problems of
+    r queries against a few keys cost the kernel more than their arithmetic)."""
+    n, bh, r, d = qt.shape
+    q1 = qt.transpose(0, 1).reshape(1, bh, n * r, d)                  # a view for run views
+    if mask is not None:  # [n | 1, 1, r, F] -> [1, 1, n*r, F]
+        mask = mask.expand(n, -1, -1, -1).transpose(0, 1).reshape(1, 1, n * r, -1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q1, fixed_kv[0], fixed_kv[1], 0.0, False, attn_mask=mask, scale=scale)
+    return out.view(bh, n, r, -1).transpose(0, 1), lse.view(bh, n, r).transpose(0, 1)
+
+
 def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes, rule,
-                  block_size: int, scale: float) -> None:
+                  block_size: int, scale: float, kept: Optional[dict] = None) -> None:
     """Gradients of the run's rows in one pattern slice, given the final y and lse (sinks,
     learnable or fixed blocks, included): dqs [b, hk, g, N, D] (a view of dq, or None)
     gets the rows' dQ; dks / dvs [b, hk, 1, N, D] (accumulators in the accumulator dtype,
@@ -331,7 +359,7 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
     fixed_grads = None if fixed_kv is None else [torch.zeros(fixed_kv[0].shape, dtype=acc),
                                                   torch.zeros(fixed_kv[1].shape, dtype=acc)]
     m = BWD_ROWS_PER_PROBLEM
-    allowed = _RunAllowed(band, classes, rule, block_size, g, qs.dtype)
+    allowed = _RunAllowed.of(kept, band, classes, rule, block_size, g, qs.dtype)
     for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size,
                                 BAND_BWD_BUDGET):
         paired = count - count % m

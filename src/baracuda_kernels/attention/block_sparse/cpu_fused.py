@@ -129,8 +129,9 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
     group may come with fewer key columns than L (``_keys_of``), and its mask trimmed
     alike. ``mods``: ScoreMods whose ALiBi / bias join the mask (sinks are not read).
     ``bands``: a list to which each slice's banded run (cpu_band) is appended as (slice
-    indices, band, the slice's block classes, rule); its rows are not in the groups. None,
-    or an additive modifier: no banded runs."""
+    indices, band, the slice's block classes, rule, a dict kept on prepared lists for the
+    run's masks, else None); its rows are not in the groups. None, or an additive
+    modifier: no banded runs."""
     H, Hkv = q.shape[1], k.shape[1]
     offset = causal_offset(is_causal, Nq, Nk)
     acc = accumulator_dtype(q.dtype)
@@ -150,7 +151,11 @@ def _group_problems(q, k, v, lists: BlockLists, block_size: int, is_causal, wind
         band = _band_of(lists, cls, bp, hp, block_size, Nq, Nk) \
             if bands is not None and additive is None else None
         if band is not None:
-            bands.append(((bsl, ksl, gsl), band, cls, rule))
+            # The run's masks depend on the lists and the call's rule only: prepared lists
+            # keep them across calls (and from the forward to the backward).
+            kept = None if lists.mean_row_blocks is None else lists.memo(
+                ("cpu-band-masks", bp, hp, block_size, Nq, Nk, is_causal, offset, window), dict)
+            bands.append(((bsl, ksl, gsl), band, cls, rule, kept))
             cls = cls.clone()
             cls[band.first:band.first + band.count] = SKIP  # the band's rows run there
         groups = _row_groups(cls, block_size, Nq, Nk, bh)
@@ -266,10 +271,10 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
         _store_rows(y5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(out, b, hk, g))
         _store_rows(lse5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(row_lse, b, hk, g))
     k4, v4 = k.unsqueeze(2), v.unsqueeze(2)
-    for (bsl, ksl, gsl), band, cls, rule in bands:
+    for (bsl, ksl, gsl), band, cls, rule, kept in bands:
         sl = (bsl, ksl, gsl)
         band_forward(_grouped(q, Hkv)[sl], k4[bsl, ksl], v4[bsl, ksl], y5[sl], lse5[sl], band,
-                     cls, rule, block_size, scale)
+                     cls, rule, block_size, scale, kept)
 
 
 def block_sparse_attention_backward_cpu(q, k, v, y, lse, dy, lists: BlockLists, *,
@@ -353,13 +358,13 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
                 else:
                     acc_t[bsl, ksl].index_add_(2, cols[ok], flat[:, :, ok])
     k4, v4 = k.unsqueeze(2), v.unsqueeze(2)
-    for (bsl, ksl, gsl), band, cls, rule in bands:
+    for (bsl, ksl, gsl), band, cls, rule, kept in bands:
         sl = (bsl, ksl, gsl)
         band_backward(_grouped(q, Hkv)[sl], k4[bsl, ksl], v4[bsl, ksl], y5[sl], lse5[sl],
                       dy5[sl], None if dq5 is None else dq5[sl],
                       None if dk_acc is None else dk_acc[bsl, ksl].unsqueeze(2),
                       None if dv_acc is None else dv_acc[bsl, ksl].unsqueeze(2), band, cls,
-                      rule, block_size, scale)
+                      rule, block_size, scale, kept)
     if dk is not None and not direct:
         dk.copy_(dk_acc)
         dv.copy_(dv_acc)
