@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU test suite + kernel benchmark, logs under $OUT.
 #   bash scripts/gpu_check.sh [tests|tests+launch|launch|files+launch+hf FILES|hf+launch+readme|bench|gqa|tokens|ab|tokens+ab|probe|mods|mods+tests|mods+ab|decode-tests|hf|
-#                              decode|tests+decode|cp|tests+cp|all]
+#                              decode|tests+decode|cp|tests+cp|gen-host|all]
 #                             [extra pytest args...]
 # ("all" took about 6 minutes on an H200: it fits one 10-minute device call)
 # Runs from the working tree (no install); the device image has torch and triton.
@@ -143,5 +143,12 @@ if [[ "$stage" == cp || "$stage" == tests+cp ]]; then
   fi
   python3 scripts/bench_context_parallel.py > "$OUT/bench_cp.log" 2>&1 || status=$?
   cat "$OUT/bench_cp.log"
+fi
+if [[ "$stage" == gen-host ]]; then
+  # Host time of a generate() decode step: baracuda vs sdpa (ms per token, host syncs per
+  # token with their call sites, cProfile).
+  PYTHONPATH="$PYTHONPATH:$PWD/scripts" python3 scripts/probe_generate_host.py \
+    > "$OUT/probe_generate_host.log" 2>&1 || status=$?
+  cat "$OUT/probe_generate_host.log"
 fi
 exit $status

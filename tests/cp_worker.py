@@ -144,8 +144,8 @@ def run_case(rank: int, world: int, c: dict) -> dict:
         dist.all_reduce(d_sinks)  # each rank holds the gradient of its own rows' loss
 
     # The single-process call on the whole sequence.
-    pattern = x["pattern"] if x["pattern"] is not None else \
-        torch.ones(1, 1, N // bs, N // bs, dtype=torch.bool)
+    pattern = (x["pattern"] if x["pattern"] is not None else
+               torch.ones(1, 1, N // bs, N // bs, dtype=torch.bool)).to(x["q"].device)
     gq, gk, gv = (leaf(x[n]) for n in ("q", "k", "v"))
     g_sinks = None if x["sinks"] is None else x["sinks"].float().requires_grad_()
     g_bias = None if x["bias"] is None else x["bias"].float().requires_grad_()
