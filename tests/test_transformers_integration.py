@@ -24,136 +24,31 @@ transformers = pytest.importorskip("transformers")
 import baracuda_kernels as bk  # noqa: E402
 from baracuda_kernels.integrations import transformers as bk_hf  # noqa: E402
 from baracuda_kernels.integrations.hf_masks import HFMaskRule, mask_rule  # noqa: E402
-
-NAME = "baracuda"
-STRICT = "baracuda_strict"
-TOL = 1e-10
-VOCAB, N = 128, 24
-
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              attention_dropout=0.0)
-HYBRID = ["sliding_attention", "full_attention"]
-# name: (config class, config overrides, reference attn_implementation)
-MODELS = {
-    "llama": ("LlamaConfig", {}, "sdpa"),
-    "mistral": ("MistralConfig", dict(sliding_window=7), "sdpa"),
-    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=6,
-                                  max_window_layers=1), "sdpa"),
-    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
-                                    attn_logit_softcapping=2.5, final_logit_softcapping=30.0,
-                                    layer_types=HYBRID), "dense_f64"),
-    "gpt_oss": ("GptOssConfig", dict(head_dim=16, intermediate_size=32, num_local_experts=4,
-                                     num_experts_per_tok=2, sliding_window=6,
-                                     layer_types=HYBRID, rope_scaling=None,
-                                     # transformers 5's default grouped_mm has no float64
-                                     experts_implementation="eager"), "eager"),
-}
-
-
-def _dense_f64(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-               softcap=None, s_aux=None, **kwargs):
-    """Reference attention: dense, float64 softmax, transformers' bool mask (True = attend);
-    a row with no allowed key gives 0, as SDPA."""
-    rep = query.shape[1] // key.shape[1]
-    k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    s = (query @ k.transpose(-1, -2)) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~attention_mask[..., :k.shape[2]], -torch.inf)
-    if s_aux is not None:
-        s = torch.cat([s, s_aux.reshape(1, -1, 1, 1).expand(*s.shape[:3], 1)], -1)
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    y = p[..., :k.shape[2]] @ v
-    return y.transpose(1, 2).contiguous(), None
-
-
-def _dense_f64_mask(**kwargs):
-    return transformers.masking_utils.sdpa_mask(**dict(kwargs, allow_is_causal_skip=False))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    bk_hf.register(NAME)
-    bk_hf.register(STRICT, strict=True)
-    transformers.AttentionInterface.register("dense_f64", _dense_f64)
-    transformers.AttentionMaskInterface.register("dense_f64", _dense_f64_mask)
+from hf_models import (  # noqa: E402  (registered: the autouse fixture)
+    CACHE_KW, MODELS, N, NAME, STRICT, TOL, build_model, max_diff, model_pair, padded_batch,
+    registered)
 
 
 def test_dense_reference_agrees_with_gemma2_eager():
     """The float64 reference used for Gemma 2 is its eager attention up to eager's float32
     softmax (no padding: eager's float64 mask minimum turns padded rows into NaN)."""
-    ids, _ = _batch()
+    ids, _ = padded_batch()
     with torch.no_grad():
-        a = _model("gemma2", "dense_f64")(ids).logits
-        b = _model("gemma2", "eager")(ids).logits
+        a = build_model("gemma2", "dense_f64")(ids).logits
+        b = build_model("gemma2", "eager")(ids).logits
     assert (a - b).abs().max().item() <= 1e-5
-
-
-def _config(kind, **extra):
-    cls_name, over, _ = MODELS[kind]
-    cls = getattr(transformers, cls_name, None)
-    if cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
-    return cls(**{**COMMON, **over, **extra})
-
-
-def _model(kind, impl, **extra):
-    """A float64 model of ``kind`` with attention ``impl``; the same weights every time
-    (seeded init, then q/k projections x6 and sinks ~ N(0, 1) so the rules matter)."""
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_config(kind, **extra),
-                                                          attn_implementation=impl)
-    model.to(torch.float64)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            attn.q_proj.weight.mul_(6.0)
-            attn.k_proj.weight.mul_(6.0)
-            if hasattr(attn, "sinks"):
-                attn.sinks.copy_(torch.randn(attn.sinks.shape, dtype=torch.float64))
-    return model.eval()
-
-
-# transformers 5 renames the forward's past_key_values to cache (the old name warns)
-_CACHE_KW = "cache" if "cache" in inspect.signature(
-    transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
-_PAIRS = {}
-
-
-def _pair(kind):
-    """(ours, reference) for ``kind``, built once per module."""
-    if kind not in _PAIRS:
-        _PAIRS[kind] = (_model(kind, NAME), _model(kind, MODELS[kind][2]))
-    return _PAIRS[kind]
-
-
-def _batch():
-    """input_ids [3, N] and a 2D mask: row 0 full, row 1 left-padded by 5, row 2
-    right-padded by 7."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, VOCAB, (3, N), generator=g)
-    mask = torch.ones(3, N, dtype=torch.long)
-    mask[1, :5] = 0
-    mask[2, -7:] = 0
-    return ids, mask
-
-
-def _max_diff(a, b, valid):
-    return (a - b)[valid].abs().max().item()
 
 
 # ----------------------------------------------------------------------------- forward
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_forward_matches_reference_with_left_and_right_padding(kind):
-    ours, ref = _pair(kind)
-    ids, mask = _batch()
+    ours, ref = model_pair(kind)
+    ids, mask = padded_batch()
     with torch.no_grad():
         a = ours(ids, attention_mask=mask).logits
         b = ref(ids, attention_mask=mask).logits
     assert a.dtype == torch.float64
-    assert _max_diff(a, b, mask.bool()) <= TOL
+    assert max_diff(a, b, mask.bool()) <= TOL
     with torch.no_grad():                       # no 2D mask at all, and without a cache
         a = ours(ids, use_cache=False).logits
         b = ref(ids, use_cache=False).logits
@@ -170,10 +65,10 @@ def test_mask_function_returns_a_rule_not_a_dense_mask():
 
     transformers.AttentionInterface.register("baracuda_spy", spy)
     transformers.AttentionMaskInterface.register("baracuda_spy", mask_rule)
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     with torch.no_grad():
-        a = _model("mistral", "baracuda_spy")(ids, attention_mask=mask).logits
-    assert _max_diff(a, _pair("mistral")[1](ids, attention_mask=mask).logits, mask.bool()) <= TOL
+        a = build_model("mistral", "baracuda_spy")(ids, attention_mask=mask).logits
+    assert max_diff(a, model_pair("mistral")[1](ids, attention_mask=mask).logits, mask.bool()) <= TOL
     assert len(seen) == 2 and all(isinstance(m, HFMaskRule) for m in seen)
     rule = seen[0]
     assert rule.causal and rule.window == 7 and rule.offset == 0 and rule.documents is None
@@ -185,11 +80,11 @@ def test_mask_function_returns_a_rule_not_a_dense_mask():
 # ----------------------------------------------------------------------------- training
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_training_step_gradients_match_reference(kind):
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     labels = ids.masked_fill(mask == 0, -100)
     grads = []
     for impl in (NAME, MODELS[kind][2]):
-        model = _model(kind, impl).train()
+        model = build_model(kind, impl).train()
         loss = model(ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
@@ -204,8 +99,8 @@ def test_training_step_gradients_match_reference(kind):
 # ----------------------------------------------------------------------------- generate
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_greedy_generate_left_padded_batch_matches_reference(kind):
-    ours, ref = _pair(kind)
-    ids, mask = _batch()
+    ours, ref = model_pair(kind)
+    ids, mask = padded_batch()
     ids, mask = ids[:2, :12], torch.ones(2, 12, dtype=torch.long)
     mask[1, :4] = 0                             # left padding, as generate() expects
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
@@ -221,8 +116,8 @@ def test_greedy_generate_left_padded_batch_matches_reference(kind):
 def test_generate_with_a_static_cache_matches_reference(kind):
     """A static cache: keys are the whole preallocated cache (its unused tail past every
     query's diagonal), masks prepared once per step by generate()."""
-    ours, ref = _pair(kind)
-    ids, _ = _batch()
+    ours, ref = model_pair(kind)
+    ids, _ = padded_batch()
     ids, mask = ids[:2, :12], torch.ones(2, 12, dtype=torch.long)
     mask[1, :4] = 0
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
@@ -235,23 +130,23 @@ def test_generate_with_a_static_cache_matches_reference(kind):
 
 def test_decode_step_is_bottom_right_causal():
     """One decode step against a DynamicCache: Nq = 1 query at the end of the keys."""
-    ours, ref = _pair("llama")
-    ids, mask = _batch()
+    ours, ref = model_pair("llama")
+    ids, mask = padded_batch()
     outs = []
     for model in (ours, ref):
         with torch.no_grad():
             first = model(ids[:, :-3], attention_mask=mask[:, :-3], use_cache=True)
-            cache = {_CACHE_KW: first.past_key_values}
+            cache = {CACHE_KW: first.past_key_values}
             nxt = model(ids[:, -3:], attention_mask=mask, use_cache=True, **cache)
         outs.append(nxt.logits)
-    assert _max_diff(outs[0], outs[1], mask[:, -3:].bool()) <= TOL
+    assert max_diff(outs[0], outs[1], mask[:, -3:].bool()) <= TOL
 
 
 # ----------------------------------------------------------------------------- other rules
 def test_packed_sequences_become_documents():
     """No 2D mask, no cache, position_ids restarting: transformers' packed-sequence rule."""
-    ours, ref = _pair("qwen2")
-    ids, _ = _batch()
+    ours, ref = model_pair("qwen2")
+    ids, _ = padded_batch()
     pos = torch.cat([torch.arange(10), torch.arange(N - 10)])[None].expand(3, -1)
     with torch.no_grad():
         a = ours(ids, position_ids=pos, use_cache=False).logits
@@ -260,8 +155,8 @@ def test_packed_sequences_become_documents():
 
 
 def test_custom_4d_mask_runs_as_bias():
-    ours, ref = _pair("llama")
-    ids, _ = _batch()
+    ours, ref = model_pair("llama")
+    ids, _ = padded_batch()
     g = torch.Generator().manual_seed(3)
     allowed = torch.rand(3, 1, N, N, generator=g) < 0.6
     allowed |= torch.eye(N, dtype=torch.bool)       # every row keeps a key
@@ -301,9 +196,9 @@ def test_pattern_option_is_called_per_layer_and_anded():
 
     name = "baracuda_pattern"
     bk_hf.register(name, pattern=pattern, block_size=bs)
-    ours = _model("llama", name)
-    ref = _model("llama", "sdpa")
-    ids, _ = _batch()
+    ours = build_model("llama", name)
+    ref = build_model("llama", "sdpa")
+    ids, _ = padded_batch()
     token = blocks[0, 0].repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:N, :N]
     causal = torch.ones(N, N, dtype=torch.bool).tril()
     with torch.no_grad():
@@ -329,17 +224,17 @@ def test_pattern_option_accepts_a_block_pattern_with_its_own_rules():
     name = "baracuda_window_pattern"
     bk_hf.register(name, pattern=lambda layer, nq, nk: sliding_window(nq, window=5,
                                                                       block_size=8))
-    ours, ref = _model("llama", name), _model("llama", "sdpa")
-    ids, mask = _batch()
+    ours, ref = build_model("llama", name), build_model("llama", "sdpa")
+    ids, mask = padded_batch()
     allowed = sliding_window(N, window=5, block_size=8).to_dense_token_mask()
     allowed = allowed & mask.bool()[:, None, None, :]
     with torch.no_grad():
         a = ours(ids, attention_mask=mask, use_cache=False).logits
         b = ref(ids, attention_mask=allowed, use_cache=False).logits
-    assert _max_diff(a, b, mask.bool()) <= TOL
+    assert max_diff(a, b, mask.bool()) <= TOL
     with pytest.raises(bk.InvalidProblem, match="pattern.mask"):
         with torch.no_grad():
-            _model("mistral", name)(ids, attention_mask=mask)
+            build_model("mistral", name)(ids, attention_mask=mask)
 
 
 def test_pattern_option_refuses_a_prepared_pattern_with_the_fix():
@@ -348,10 +243,10 @@ def test_pattern_option_refuses_a_prepared_pattern_with_the_fix():
     name = "baracuda_prepared_pattern"
     bk_hf.register(name, pattern=lambda layer, nq, nk: sliding_window(
         nq, window=5, block_size=8).prepare())
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     with pytest.raises(bk.InvalidProblem, match="before .prepare"):
         with torch.no_grad():
-            _model("llama", name)(ids, attention_mask=mask)
+            build_model("llama", name)(ids, attention_mask=mask)
 
 
 # ----------------------------------------------------------------------------- declines
@@ -359,9 +254,9 @@ def test_output_attentions_falls_back_with_one_warning_and_strict_raises():
     """Weights are never formed here: the call runs the model's own eager attention (no
     padding in this batch: Llama's eager softmax runs in float32, where the float64 mask
     minimum becomes -inf and padded rows NaN, in eager itself)."""
-    ours, _ = _pair("llama")
-    eager = _model("llama", "eager")
-    ids, _ = _batch()
+    ours, _ = model_pair("llama")
+    eager = build_model("llama", "eager")
+    ids, _ = padded_batch()
     fn = transformers.AttentionInterface._global_mapping[NAME]
     fn._warned.clear()
     with pytest.warns(UserWarning, match="baracuda attention: output_attentions"):
@@ -379,15 +274,15 @@ def test_output_attentions_falls_back_with_one_warning_and_strict_raises():
         assert x.shape == (3, 4, N, N) and (x - y).abs().max().item() <= TOL
     assert (out.logits - want.logits).abs().max().item() <= TOL
 
-    strict = _model("llama", STRICT)
+    strict = build_model("llama", STRICT)
     with pytest.raises(bk.Unsupported, match="output_attentions"):
         with torch.no_grad():
             strict(ids, output_attentions=True)
 
 
 def test_attention_dropout_in_training_falls_back():
-    model = _model("llama", NAME, attention_dropout=0.5).train()
-    ids, mask = _batch()
+    model = build_model("llama", NAME, attention_dropout=0.5).train()
+    ids, mask = padded_batch()
     transformers.AttentionInterface._global_mapping[NAME]._warned.clear()
     with pytest.warns(UserWarning, match="baracuda attention: attention dropout"):
         model(ids, attention_mask=mask).logits.sum().backward()
@@ -398,7 +293,7 @@ def test_attention_dropout_in_training_falls_back():
             warnings.simplefilter("always")
             model.eval()(ids, attention_mask=mask)
     assert not [w for w in seen if "baracuda" in str(w.message)]
-    strict = _model("llama", STRICT, attention_dropout=0.5).train()
+    strict = build_model("llama", STRICT, attention_dropout=0.5).train()
     with pytest.raises(bk.Unsupported, match="dropout"):
         strict(ids, attention_mask=mask)
 
@@ -415,7 +310,7 @@ def test_register_validates_its_options():
 def test_mixed_dtypes_under_autocast_are_cast_explicitly():
     """q/k in float32 beside a bfloat16 v (autocast projections): one common dtype."""
     fn = transformers.AttentionInterface._global_mapping[NAME]
-    ours, _ = _pair("llama")
+    ours, _ = model_pair("llama")
     module = ours.model.layers[0].self_attn
     g = torch.Generator().manual_seed(5)
     q = torch.randn(2, 4, 9, 16, generator=g)
@@ -430,96 +325,25 @@ def test_mixed_dtypes_under_autocast_are_cast_explicitly():
     assert (out.double() - want).abs().max().item() < 3e-2
 
 
-# ---------------------------------------------------------------------------------- GPU
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
-def test_bf16_on_the_gpu_within_twice_sdpa_error(kind):
-    """bf16 on CUDA (the triton kernels): logits error against the float64 reference at most
-    twice that of the reference attention run in bf16, on a padded batch (a longer one, so
-    that the window and the padding cross kernel tiles)."""
-    ref64 = _model(kind, MODELS[kind][2], max_position_embeddings=512).cuda()
-    ours = _model(kind, NAME, max_position_embeddings=512).to("cuda", torch.bfloat16)
-    baseline = "eager" if kind == "gemma2" else MODELS[kind][2]  # eager: f32 softmax
-    theirs = _model(kind, baseline, max_position_embeddings=512).to("cuda", torch.bfloat16)
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(1, VOCAB, (3, 300), generator=g).cuda()
-    mask = torch.ones(3, 300, dtype=torch.long, device="cuda")
-    mask[1, :37] = 0
-    mask[2, -90:] = 0
-    valid = mask.bool()
-    with torch.no_grad():
-        exact = ref64(ids, attention_mask=mask).logits
-        err = _max_diff(ours(ids, attention_mask=mask).logits.double(), exact, valid)
-        base = _max_diff(theirs(ids, attention_mask=mask).logits.double(), exact, valid)
-    assert err <= 2 * base + 1e-3, (err, base)
-
-
-@pytest.mark.gpu
-def test_plain_causal_calls_take_the_dense_plan_on_the_gpu(monkeypatch):
-    """bf16 on CUDA, no padding, no pattern: every layer's call goes to flash_sdpa (the
-    dense plan), and the logits are within twice sdpa's own error against float64; with a
-    padded batch the calls stay block-sparse."""
-    calls = []
-    real = bk_hf.flash_sdpa
-    monkeypatch.setattr(bk_hf, "flash_sdpa", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    ref64 = _model("llama", MODELS["llama"][2], max_position_embeddings=512).cuda()
-    ours = _model("llama", NAME, max_position_embeddings=512).to("cuda", torch.bfloat16)
-    theirs = _model("llama", MODELS["llama"][2], max_position_embeddings=512).to(
-        "cuda", torch.bfloat16)
-    ids = torch.randint(1, VOCAB, (2, 300), generator=torch.Generator().manual_seed(5)).cuda()
-    every = torch.ones(ids.shape, dtype=torch.bool, device="cuda")
-    with torch.no_grad():
-        exact = ref64(ids).logits
-        err = _max_diff(ours(ids).logits.double(), exact, every)
-        base = _max_diff(theirs(ids).logits.double(), exact, every)
-        assert calls and err <= 2 * base + 1e-3, (len(calls), err, base)
-        calls.clear()
-        mask = torch.ones_like(ids)
-        mask[0, :20] = 0
-        ours(ids, attention_mask=mask)
-    assert not calls
-
-
-def test_torch_compile_traces_the_attention_exactly():
-    """torch.compile of a whole model (AOT autograd, eager kernels: the graph capture is
-    what is tested; inductor's own CPU codegen takes ~1 minute here) gives the logits of
-    the uncompiled sdpa model on a left-padded batch."""
-    ours, ref = _pair("llama")
-    ids, mask = _batch()
-    compiled = torch.compile(ours, backend="aot_eager")
-    with torch.no_grad():
-        a = compiled(ids, attention_mask=mask).logits
-        b = ref(ids, attention_mask=mask).logits
-    assert _max_diff(a, b, mask.bool()) <= TOL
-
-
-@pytest.mark.parametrize("kind,cache", [("mistral", "dynamic"), ("gpt_oss", "dynamic"),
-                                        ("llama", "static")])
-def test_generate_decode_steps_run_the_decode_kernel(kind, cache, monkeypatch):
-    """float32 on the triton backend (the interpreter here, CUDA on a GPU): generate()'s
-    decode steps go to the KV-cache entry point's decode kernel (left padding as its
-    key_mask, window, sinks) and give the tokens and, to float32 rounding, the scores of the
-    reference attention."""
+def test_decode_step_layers_share_one_key_mask(monkeypatch):
+    """A rule's valid keys are worked out once per (keys kept, device) and shared by the
+    layers of one forward (one rule per forward), and they are the non-padding keys."""
     import baracuda_kernels.attention.decode.kvcache as kvcache
-    calls = []
-    real = kvcache.decode_forward_triton
-    monkeypatch.setattr(kvcache, "decode_forward_triton",
-                        lambda *a, **kw: calls.append(kw["key_mask"] is not None) or real(*a, **kw))
-    name = "baracuda_triton"
-    bk_hf.register(name, backend="triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ours = _model(kind, name).float().to(device)
-    ref = _model(kind, MODELS[kind][2]).float().to(device)
-    ids, _ = _batch()
-    ids, mask = ids[:2, :12].to(device), torch.ones(2, 12, dtype=torch.long, device=device)
-    mask[1, :4] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
-              output_scores=True, return_dict_in_generate=True)
-    if cache == "static":
-        kw["cache_implementation"] = "static"
-    a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
-    assert torch.equal(a.sequences, b.sequences)
-    for sa, sb in zip(a.scores, b.scores):
-        assert (sa - sb).abs().max().item() <= 1e-3
+    masks = []
+    real = kvcache.block_sparse_attention_with_kvcache
+    monkeypatch.setattr(bk_hf, "block_sparse_attention_with_kvcache",
+                        lambda *a, **kw: masks.append(kw["key_mask"]) or real(*a, **kw))
+    ours, ref = model_pair("llama")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        first = ours(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        step = ours(ids[:, -1:], attention_mask=mask, use_cache=True,
+                    **{CACHE_KW: first.past_key_values})
+        want = ref(ids, attention_mask=mask).logits[:, -1:]
     layers = ours.config.num_hidden_layers
-    assert len(calls) == 3 * layers and all(calls)   # 3 decode steps after the prefill
+    assert len(masks) == layers and all(m is masks[0] for m in masks)
+    assert torch.equal(masks[0], mask.bool())
+    assert max_diff(step.logits, want, mask[:, -1:].bool()) <= TOL
+    rule = HFMaskRule(2, 1, 5, 4, True, key_ids=torch.tensor([[0, 0, -1, 0, 0], [-1] * 5]))
+    assert rule.valid_keys(3, "cpu") is rule.valid_keys(3, "cpu")
+    assert rule.valid_keys(3, "cpu").tolist() == [[True, True, False], [False] * 3]

@@ -67,6 +67,18 @@ class HFMaskRule:
         (a padding mask to process) before passing a prepared mask on."""
         return 4
 
+    def valid_keys(self, keep: int, device) -> torch.Tensor:
+        """bool [B, keep]: the first ``keep`` keys that are not padding, on ``device``.
+        Worked out once per (keep, device): transformers builds one rule per forward and
+        hands it to every layer, so a decode step's layers share one mask."""
+        if torch.compiler.is_compiling():  # traced once per graph anyway; no state
+            return self.key_ids[:, :keep].to(device) >= 0
+        store = self.__dict__.setdefault("_valid_keys", {})
+        key = (keep, torch.device(device))
+        if key not in store:
+            store[key] = self.key_ids[:, :keep].to(device) >= 0
+        return store[key]
+
     def dense(self, device=None) -> torch.Tensor:
         """The rule as a bool [B, 1, Nq, Nk] mask (True = attend). Only the fallback path
         (eager / sdpa for what the library declines) builds it."""

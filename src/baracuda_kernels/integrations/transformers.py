@@ -189,9 +189,7 @@ class HFAttention:
         lie ([B, Hkv, Nk, D] viewed as [B, Nk, Hkv, D]), every row holding Nk keys, the
         padded ones masked out. Returns [B, Nq, H, D]."""
         keep = k.shape[2]
-        key_mask = None
-        if rule.key_ids is not None:
-            key_mask = rule.key_ids[:, :keep].to(q.device) >= 0
+        key_mask = None if rule.key_ids is None else rule.valid_keys(keep, q.device)
         y = block_sparse_attention_with_kvcache(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep,
             is_causal=rule_args.get("is_causal") == "bottom_right",
