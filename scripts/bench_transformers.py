@@ -46,7 +46,8 @@ def model(kind: str, impl: str, layers: int, window: int):
     else:
         config = transformers.LlamaConfig(**common)
     torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=impl)
+    with torch.device(DEVICE):  # random init on the device (CPU init of 8 layers: seconds)
+        m = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=impl)
     return m.to(DEVICE, DTYPE)
 
 

@@ -17,7 +17,7 @@ import torch
 
 import bench_transformers as bt  # noqa: E402  (its model builder and register())
 
-PROMPT = 256 if bt.SMOKE else 4096
+PROMPT = 256 if bt.SMOKE else 2048
 LAYERS = 2 if bt.SMOKE else 8
 
 
@@ -26,7 +26,7 @@ def generate(m, ids, new):
         return m.generate(ids, max_new_tokens=new, do_sample=False)
 
 
-def ms_per_token(m, ids, new=32):
+def ms_per_token(m, ids, new=16):
     generate(m, ids, new + 1)
     bt.sync()
     t = time.perf_counter()
@@ -39,7 +39,7 @@ def ms_per_token(m, ids, new=32):
     return (time.perf_counter() - t - prefill) * 1e3 / new
 
 
-def syncs_per_token(m, ids, new=8):
+def syncs_per_token(m, ids, new=4):
     """Synchronising calls per decode token (sync debug mode), and the top call sites."""
     if bt.DEVICE != "cuda":
         return 0.0, []
@@ -72,7 +72,7 @@ def main():
         generate(m, ids, 2)
         prof = cProfile.Profile()
         prof.enable()
-        generate(m, ids, 9)
+        generate(m, ids, 6)
         bt.sync()
         prof.disable()
         stats = pstats.Stats(prof)
