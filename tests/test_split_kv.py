@@ -129,3 +129,21 @@ def test_decode_auto_split_gpu():
         q.transpose(1, 2).double(), kc[:, :30000].transpose(1, 2).double(),
         vc[:, :30000].transpose(1, 2).double(), enable_gqa=True).transpose(1, 2)
     assert (y.double() - ref).abs().max() < 2e-2
+
+
+def test_eager_decode_steps_on_short_caches_take_one_split(monkeypatch):
+    """The decode kernel's automatic split count (launch.choose_decode_splits) on a card of
+    132 SMs: one split for an eager step over at most EAGER_ONE_SPLIT_KEYS keys (one launch
+    instead of two), automatic splits inside a graph capture / compile and on longer
+    caches, and an explicit count always wins."""
+    from baracuda_kernels.attention.block_sparse import split_kv
+    from baracuda_kernels.attention.decode.launch import (EAGER_ONE_SPLIT_KEYS,
+                                                          choose_decode_splits)
+    monkeypatch.setattr(split_kv, "sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    keys = EAGER_ONE_SPLIT_KEYS
+    assert choose_decode_splits(None, cuda, 8, keys // 32, keys, eager=True) == 1
+    assert choose_decode_splits(None, cuda, 8, keys // 32, keys, eager=False) > 1
+    longer = 4 * keys
+    assert choose_decode_splits(None, cuda, 8, longer // 32, longer, eager=True) > 1
+    assert choose_decode_splits(3, cuda, 8, keys // 32, keys, eager=True) == 3

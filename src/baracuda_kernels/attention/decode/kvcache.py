@@ -79,7 +79,8 @@ def block_sparse_attention_with_kvcache(
         backend: None (automatic), "triton" or "reference" ("cpu" too for CPU tensors).
         num_splits: split-KV programs per (row, K/V head) in the decode kernel (flash-
             decoding; their partials merge in a fixed order, so results are deterministic);
-            None chooses from the problem and the card's SM count.
+            None chooses from the problem and the card's SM count (an eager step over at
+            most 2048 cache slots takes one split: one launch instead of two; launch.py).
         key_mask: None, or bool [B, Ncache] (for a paged cache Ncache = pages_per_row *
             page_size, in the row's token order): False marks a cached key that no query
             sees, e.g. the padding of a left-padded batch kept in the cache (transformers'

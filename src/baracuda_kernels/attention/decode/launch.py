@@ -25,6 +25,15 @@ MIN_TILES_PER_SPLIT = 4
 # Automatic splits aim at this many programs per SM (measured on an H200, bf16 decode, B=1:
 # two per SM left the card's bandwidth half used) and stop at MAX_DECODE_SPLITS.
 PROGRAMS_PER_SM, MAX_DECODE_SPLITS = 4, 128
+# An eager step's host time is its launches (~45 us each through Triton 3.6's launcher on an
+# H100 host), and splits take two (the split kernel and its combine). While one split's
+# device time stays under that, one launch is faster: H100, bf16, B=1, H=16 and 32 over 4 and
+# 8 K/V heads, D=128 (bench/results/h100-2026-12-07c/probe_decode_splits.log, back-to-back
+# eager calls): one split 64-86 us per call at 512-2048 keys against 97-105 us with
+# automatic splits, but 193 us against 100 at 8k keys. Inside a CUDA graph capture (no host
+# time per launch) and under torch.compile automatic splits stay (2k keys: 41 us against one
+# split's 54 on the device).
+EAGER_ONE_SPLIT_KEYS = 2048
 
 
 @dataclass(frozen=True)
@@ -64,13 +73,16 @@ def default_decode_config(group_rows: int, d_k: int, d_v: int, dtype: torch.dtyp
 
 
 def choose_decode_splits(requested: Optional[int], device: torch.device, programs: int,
-                         key_tiles: int) -> int:
-    """Splits per (b, K/V head, row tile): ``requested`` when >= 1, else on CUDA enough
-    programs for PROGRAMS_PER_SM per SM when there are fewer programs than SMs, at most
-    MAX_DECODE_SPLITS and one per MIN_TILES_PER_SPLIT key tiles of the longest row; 1 on
-    the CPU interpreter (its tests ask for splits explicitly)."""
+                         key_tiles: int, keys: int = 0, eager: bool = False) -> int:
+    """Splits per (b, K/V head, row tile): ``requested`` when >= 1; 1 for an ``eager``
+    step (no graph capture, no compile) over at most EAGER_ONE_SPLIT_KEYS ``keys``; else on
+    CUDA enough programs for PROGRAMS_PER_SM per SM when there are fewer programs than SMs,
+    at most MAX_DECODE_SPLITS and one per MIN_TILES_PER_SPLIT key tiles of the longest row;
+    1 on the CPU interpreter (its tests ask for splits explicitly)."""
     if requested is not None and requested >= 1:
         return int(requested)
+    if eager and keys <= EAGER_ONE_SPLIT_KEYS:
+        return 1
     return auto_splits(device, programs, key_tiles, PROGRAMS_PER_SM, MAX_DECODE_SPLITS,
                        MIN_TILES_PER_SPLIT)
 
@@ -133,7 +145,11 @@ def decode_forward_triton(
     step's host time is two allocations (four with splits) and one or two launches.
     """
     paged = block_table is not None
-    key = (q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape,
+    # An eager step (its launches' host time counts: EAGER_ONE_SPLIT_KEYS); the capture
+    # query is never traced by torch.compile (is_compiling short-circuits it).
+    eager = num_splits is None and q.is_cuda and not torch.compiler.is_compiling() \
+        and not torch.cuda.is_current_stream_capturing()
+    key = (eager, q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape,
            v_cache.stride(), q.dtype, q.device, block_table.stride() if paged else None,
            seqlens is None, n_new, capacity, bool(is_causal), scale,
            None if window_size is None else tuple(window_size), sink_tokens, softcap,
@@ -148,7 +164,7 @@ def decode_forward_triton(
         recipe = _RECIPES[key] = _Recipe.build(
             q, k_cache, v_cache, seqlens, n_new, capacity, block_table, is_causal, scale,
             window_size, sink_tokens, softcap, alibi_slopes, sinks, selection, block_size,
-            return_lse, num_splits, config, key_mask)
+            return_lse, num_splits, config, key_mask, eager)
     dev = q.device
     y = torch.empty(recipe.y_shape, dtype=q.dtype, device=dev)
     lse = torch.empty(recipe.lse_shape, dtype=torch.float32, device=dev) if return_lse else None
@@ -208,7 +224,8 @@ class _Recipe:
     @classmethod
     def build(cls, q, k_cache, v_cache, seqlens, n_new, capacity, block_table, is_causal,
               scale, window_size, sink_tokens, softcap, alibi_slopes, sinks, selection,
-              block_size, return_lse, num_splits, config, key_mask) -> "_Recipe":
+              block_size, return_lse, num_splits, config, key_mask,
+              eager: bool = False) -> "_Recipe":
         B, Nq, H, d_k = q.shape
         Hkv, d_v = k_cache.shape[2], v_cache.shape[3]
         G = H // Hkv
@@ -219,7 +236,7 @@ class _Recipe:
         bm, bn = config.block_m, config.block_n
         row_tiles = -(-G * Nq // bm)
         splits = choose_decode_splits(num_splits, q.device, B * Hkv * row_tiles,
-                                      -(-capacity // bn))
+                                      -(-capacity // bn), capacity, eager)
         y_shape, lse_shape = (B, Nq, H, d_v), (B, H, Nq)
         part_shape = (splits, B, Nq, H, d_v)
         page_aligned = paged and k_cache.shape[1] % bn == 0
