@@ -134,8 +134,8 @@ def test_decode_auto_split_gpu():
 def test_eager_decode_steps_on_short_caches_take_one_split(monkeypatch):
     """The decode kernel's automatic split count (launch.choose_decode_splits) on a card of
     132 SMs: one split for an eager step over at most EAGER_ONE_SPLIT_KEYS keys (one launch
-    instead of two), automatic splits inside a graph capture / compile and on longer
-    caches, and an explicit count always wins."""
+    instead of two), automatic splits under torch.compile and on longer caches, and an
+    explicit count always wins."""
     from baracuda_kernels.attention.block_sparse import split_kv
     from baracuda_kernels.attention.decode.launch import (EAGER_ONE_SPLIT_KEYS,
                                                           choose_decode_splits)

@@ -30,9 +30,10 @@ PROGRAMS_PER_SM, MAX_DECODE_SPLITS = 4, 128
 # device time stays under that, one launch is faster: H100, bf16, B=1, H=16 and 32 over 4 and
 # 8 K/V heads, D=128 (bench/results/h100-2026-12-07c/probe_decode_splits.log, back-to-back
 # eager calls): one split 64-86 us per call at 512-2048 keys against 97-105 us with
-# automatic splits, but 193 us against 100 at 8k keys. Inside a CUDA graph capture (no host
-# time per launch) and under torch.compile automatic splits stay (2k keys: 41 us against one
-# split's 54 on the device).
+# automatic splits, but 193 us against 100 at 8k keys. The rule does not look at CUDA graph
+# capture (inside a graph, where launches cost no host time, automatic splits would be ~25%
+# faster on the device at 2k keys): a capture must replay the kernel its eager warm-up
+# compiled, not compile another. Under torch.compile the traced step keeps automatic splits.
 EAGER_ONE_SPLIT_KEYS = 2048
 
 
@@ -75,7 +76,7 @@ def default_decode_config(group_rows: int, d_k: int, d_v: int, dtype: torch.dtyp
 def choose_decode_splits(requested: Optional[int], device: torch.device, programs: int,
                          key_tiles: int, keys: int = 0, eager: bool = False) -> int:
     """Splits per (b, K/V head, row tile): ``requested`` when >= 1; 1 for an ``eager``
-    step (no graph capture, no compile) over at most EAGER_ONE_SPLIT_KEYS ``keys``; else on
+    step (not traced by torch.compile) over at most EAGER_ONE_SPLIT_KEYS ``keys``; else on
     CUDA enough programs for PROGRAMS_PER_SM per SM when there are fewer programs than SMs,
     at most MAX_DECODE_SPLITS and one per MIN_TILES_PER_SPLIT key tiles of the longest row;
     1 on the CPU interpreter (its tests ask for splits explicitly)."""
@@ -145,10 +146,8 @@ def decode_forward_triton(
     step's host time is two allocations (four with splits) and one or two launches.
     """
     paged = block_table is not None
-    # An eager step (its launches' host time counts: EAGER_ONE_SPLIT_KEYS); the capture
-    # query is never traced by torch.compile (is_compiling short-circuits it).
-    eager = num_splits is None and q.is_cuda and not torch.compiler.is_compiling() \
-        and not torch.cuda.is_current_stream_capturing()
+    # Not traced by torch.compile: launches cost host time (EAGER_ONE_SPLIT_KEYS).
+    eager = num_splits is None and not torch.compiler.is_compiling()
     key = (eager, q.shape, q.stride(), k_cache.shape, k_cache.stride(), v_cache.shape,
            v_cache.stride(), q.dtype, q.device, block_table.stride() if paged else None,
            seqlens is None, n_new, capacity, bool(is_causal), scale,
