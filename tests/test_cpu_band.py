@@ -140,11 +140,12 @@ def test_nan_in_a_query_row_comes_back_as_nan(band_runs):
     assert not torch.isnan(y[0, 1, :200]).any() and not torch.isnan(y[0, 1, 201:]).any()
 
 
-@pytest.mark.parametrize("per_problem", [1, 2])
+@pytest.mark.parametrize("per_problem", [1, 2, 3])
 def test_band_key_gradients_land_on_their_keys(per_problem):
     """_Chunk.add_band_keys: problem p's key gradient column j belongs to key token
-    k0 + p * m * bs + j, through strided views or (batch and heads that do not merge into
-    one stride) index_add_; checked against a plain loop."""
+    k0 + p * m * bs + j, through strided views of m * bs rows (3 rows per problem: a
+    shorter last view) or (batch and heads that do not merge into one stride) index_add_;
+    checked against a plain loop."""
     bs, b, hk, N, D = 4, 2, 3, 64, 5
     band = cpu_band.Band(first=3, count=6, shift=-2, width=3, fixed=torch.zeros(0, dtype=torch.long))
     classes = torch.ones(N // bs, N // bs, dtype=torch.int8)

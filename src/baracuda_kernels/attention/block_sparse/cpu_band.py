@@ -234,18 +234,21 @@ class _Chunk:
 
     def add_band_keys(self, acc: torch.Tensor, grad: torch.Tensor, block_size: int) -> None:
         """acc [b, hk, 1, N, D] += the band's key gradients grad [n, b*hk, L, D] (problem p
-        read keys k0 + p*m*bs ..): one strided view per block offset, non-overlapping
-        within it, so a plain add; index_add_ when acc's batch and heads do not merge."""
-        n, bs, m = self.tokens.shape[0], block_size, self.m
-        for t in range(grad.shape[2] // bs):
-            view = _run_view(acc, self.k0 + t * bs, n, m * bs, bs)
-            part = grad[:, :, t * bs:(t + 1) * bs]
+        read keys k0 + p*step .., step = m*bs): one strided view per ``step`` rows of L,
+        non-overlapping within it (consecutive problems start ``step`` keys apart), so a
+        plain add; index_add_ when acc's batch and heads do not merge."""
+        n, step = self.tokens.shape[0], self.m * block_size
+        L = grad.shape[2]
+        for start in range(0, L, step):
+            rows = min(step, L - start)
+            view = _run_view(acc, self.k0 + start, n, step, rows)
+            part = grad[:, :, start:start + rows]
             if view is not None:
                 view.add_(part)
                 continue
             b, hk = acc.shape[:2]
-            cols = (self.k0 + t * bs + torch.arange(n)[:, None] * (m * bs)
-                    + torch.arange(bs)).flatten()
+            cols = (self.k0 + start + torch.arange(n)[:, None] * step
+                    + torch.arange(rows)).flatten()
             acc[:, :, 0].index_add_(2, cols, _from_problems(part, b, hk, 1)[:, :, 0].to(acc.dtype))
 
 
