@@ -151,7 +151,7 @@ def test_band_key_gradients_land_on_their_keys(per_problem):
     classes = torch.ones(N // bs, N // bs, dtype=torch.int8)
     kv = torch.zeros(b, hk, 1, N, D, dtype=torch.float64)
     allowed = cpu_band._RunAllowed(band, classes, None, bs, 1, torch.float64)
-    chunk = cpu_band._Chunk(band, 3, 6, kv, kv, None, allowed, bs, per_problem=per_problem)
+    chunk = cpu_band._Chunk(band, 3, 6, kv, kv, allowed, bs, per_problem=per_problem)
     n, L = 6 // per_problem, (band.width + per_problem - 1) * bs
     grad = torch.randn(n, b * hk, L, D, dtype=torch.float64)
     want = torch.zeros(b, hk, N, D, dtype=torch.float64)

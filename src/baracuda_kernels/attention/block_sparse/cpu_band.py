@@ -17,8 +17,8 @@ and V width times (~15% of the forward at 8k tokens). Here:
 The backward walks the same run with the final y and lse (both parts' gradients use the
 row's whole softmax): the band through PyTorch's fused backward kernel, two block rows per
 problem (the union of their bands, each row's outside blocks masked: the kernel runs ~10%
-faster on 128 queries than on 64), its key gradients added back one block offset at a
-time; the fixed blocks (a few keys seen by every row) by plain batched matmuls over all of
+faster on 128 queries than on 64), its key gradients added back through strided views of
+one problem's step; the fixed blocks (a few keys seen by every row) by plain batched matmuls over all of
 a chunk's queries at once. (A first banded backward, one row per problem and the sinks in
 a second fused call of 64-query x 64-key problems, was no faster than the general path.)
 
@@ -184,8 +184,8 @@ class _Chunk:
     holds rows first + p*m .. + m - 1 (``count`` a multiple of m) and reads the union of
     their bands, width + m - 1 blocks, each sub-row's blocks outside its own band masked."""
 
-    def __init__(self, band: Band, first: int, count: int, ks, vs, fixed_kv,
-                 allowed: _RunAllowed, block_size: int, per_problem: int = 1):
+    def __init__(self, band: Band, first: int, count: int, ks, vs, allowed: _RunAllowed,
+                 block_size: int, per_problem: int = 1):
         # The views read K/V rows (first + shift) * bs .. up to the band's end, which
         # find_band keeps inside the keys.
         bs, m = block_size, per_problem
@@ -197,9 +197,6 @@ class _Chunk:
         self.v_band = _run_view(vs, self.k0, n, m * bs, (band.width + m - 1) * bs)
         self.mask_band, self.seen_band, self.mask_fixed, self.seen_fixed = \
             allowed.masks(first, n, m)
-        self.k_fixed = self.v_fixed = None
-        if fixed_kv is not None:
-            self.k_fixed, self.v_fixed = (t.expand(n, -1, -1, -1) for t in fixed_kv)
 
     @staticmethod
     def _mask(allowed, n: int, g: int, dtype):
@@ -317,7 +314,7 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
     fixed_kv = _fixed_kv(ks, vs, band, block_size)
     allowed = _RunAllowed.of(kept, band, classes, rule, block_size, g, qs.dtype)
     for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size):
-        c = _Chunk(band, first, count, ks, vs, fixed_kv, allowed, block_size)
+        c = _Chunk(band, first, count, ks, vs, allowed, block_size)
         qt = c.rows_in(qs)
         out, lse = flash(qt, c.k_band, c.v_band, 0.0, False, attn_mask=c.mask_band,
                          scale=scale)
@@ -329,17 +326,29 @@ def band_forward(qs, ks, vs, ys, lses, band: Band, classes, rule, block_size: in
         c.rows_out(lses, lse)
 
 
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """A chunk's problems t [n, h, r, ...] as [h, n*r, ...]: each head's queries of all the
+    chunk's problems in one row block (a view for the run views of single-member groups)."""
+    n, h, r = t.shape[:3]
+    return t.transpose(0, 1).reshape(h, n * r, *t.shape[3:])
+
+
+def _problems_first(t: torch.Tensor, n: int) -> torch.Tensor:
+    """_heads_first undone: [h, n*r, ...] as the view [n, h, r, ...]."""
+    return t.view(t.shape[0], n, -1, *t.shape[2:]).transpose(0, 1)
+
+
 def _fixed_forward(qt, fixed_kv, mask, scale: float):
     """(y [n, bh, r, D], lse [n, bh, r]) of a chunk's queries qt [n, bh, r, D] against the
     fixed blocks alone: one fused problem per head holding all n*r queries (n problems of
     r queries against a few keys cost the kernel more than their arithmetic)."""
-    n, bh, r, d = qt.shape
-    q1 = qt.transpose(0, 1).reshape(1, bh, n * r, d)                  # a view for run views
+    n = qt.shape[0]
     if mask is not None:  # [n | 1, 1, r, F] -> [1, 1, n*r, F]
-        mask = mask.expand(n, -1, -1, -1).transpose(0, 1).reshape(1, 1, n * r, -1)
+        mask = _heads_first(mask.expand(n, -1, -1, -1)).unsqueeze(0)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q1, fixed_kv[0], fixed_kv[1], 0.0, False, attn_mask=mask, scale=scale)
-    return out.view(bh, n, r, -1).transpose(0, 1), lse.view(bh, n, r).transpose(0, 1)
+        _heads_first(qt).unsqueeze(0), fixed_kv[0], fixed_kv[1], 0.0, False, attn_mask=mask,
+        scale=scale)
+    return _problems_first(out[0], n), _problems_first(lse[0], n)
 
 
 def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes, rule,
@@ -351,7 +360,7 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
 
     The band runs through the fused backward kernel on BWD_ROWS_PER_PROBLEM block rows per
     problem (the kernel is ~10% faster on 128 queries than on 64), its key gradients added
-    back block offset by block offset (strided views, no index_add_). The fixed blocks
+    back through strided views (_Chunk.add_band_keys; no index_add_). The fixed blocks
     (sinks) are a few keys against many queries: plain matmuls (_fixed_backward) instead of
     a second fused call, whose small per-row problems cost more than their arithmetic."""
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -369,7 +378,7 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
         for sub_first, sub_count, per in ((first, paired, m), (first + paired, count - paired, 1)):
             if sub_count == 0:
                 continue
-            c = _Chunk(band, sub_first, sub_count, ks, vs, fixed_kv, allowed, block_size,
+            c = _Chunk(band, sub_first, sub_count, ks, vs, allowed, block_size,
                        per_problem=per)
             qt, ot, dot = c.rows_in(qs), c.rows_in(ys), c.rows_in(dys)
             lt = _kernel_lse(c.rows_in(lses.unsqueeze(-1)).squeeze(-1))
@@ -395,20 +404,16 @@ def _fixed_backward(qt, ot, dot, lt, mask, fixed_kv, fixed_grads, gq, scale: flo
     P = exp(q.k * scale + mask - lse) over all the chunk's queries of a head at once
     ([n, bh, r, D] problems seen as [bh, n*r, D]); returns gq + dS K, adds P^T dY and
     dS^T Q to ``fixed_grads`` ([1, bh, F, D] dK, dV)."""
-    n, bh, r, _ = qt.shape
-
-    def heads_first(t):
-        return t.transpose(0, 1).reshape(bh, n * r, *t.shape[3:]).to(acc)
-    q, y, dy = heads_first(qt), heads_first(ot), heads_first(dot)
-    lse = heads_first(lt)
+    n = qt.shape[0]
+    q, y, dy, lse = (_heads_first(t).to(acc) for t in (qt, ot, dot, lt))
     kf, vf = (t[0].to(acc) for t in fixed_kv)                          # [bh, F, D]
     p = torch.bmm(q, kf.transpose(1, 2)).mul_(scale)                  # [bh, n*r, F]
     if mask is not None:
-        p.add_(mask.transpose(0, 1).reshape(1, n * r, -1).to(acc))
+        p.add_(_heads_first(mask).to(acc))
     p.sub_(lse.unsqueeze(-1)).exp_()
     fixed_grads[1][0].baddbmm_(p.transpose(1, 2), dy)
     ds = torch.bmm(dy, vf.transpose(1, 2))                             # dP
     ds.sub_((dy * y).sum(-1, keepdim=True)).mul_(p).mul_(scale)
     fixed_grads[0][0].baddbmm_(ds.transpose(1, 2), q)
-    dq = torch.bmm(ds, kf).view(bh, n, r, -1).transpose(0, 1)
+    dq = _problems_first(torch.bmm(ds, kf), n)
     return gq.to(acc).add_(dq)
