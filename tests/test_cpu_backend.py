@@ -66,14 +66,15 @@ def test_time_grows_with_active_blocks():
     sparse = torch.zeros(1, 1, nb, nb, dtype=torch.bool)
     sparse[..., ::8] = True
 
-    def best(pattern):
-        prep = bk.prepare_pattern(pattern, query_len=N, block_size=bs)
-        bk.block_sparse_attention(q, k, v, prep, backend="cpu")
-        times = []
-        for _ in range(3):
+    # The two patterns take turns, best of 7 each: a load burst from a neighbouring test
+    # worker (2 cores, pytest -n auto) then slows both alike instead of one side's runs.
+    preps = [bk.prepare_pattern(p, query_len=N, block_size=bs) for p in (sparse, dense)]
+    best = [float("inf")] * 2
+    for round_ in range(8):
+        for i, prep in enumerate(preps):
             t0 = time.perf_counter()
             bk.block_sparse_attention(q, k, v, prep, backend="cpu")
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    ratio = best(sparse) / best(dense)
+            if round_:  # the first round warms up
+                best[i] = min(best[i], time.perf_counter() - t0)
+    ratio = best[0] / best[1]
     assert ratio < 0.5, f"1/8 of the blocks took {ratio:.2f} of the dense time"
