@@ -100,17 +100,29 @@ def test_flash_layout_inputs(B, H, Hkv, band_runs):
         assert (a - b).abs().max() < 1e-11
 
 
-@pytest.mark.parametrize("rows_per_chunk", [3, 4, 1])
-def test_several_chunks(band_runs, monkeypatch, rows_per_chunk):
-    """Forward chunks of 3 rows; backward chunks of 3 (a pair + a single row), 4 (pairs)
-    and 1 (single rows) over a run whose row count is odd or even."""
+@pytest.mark.parametrize("per_problem,rows_per_chunk", [(3, 3), (3, 7), (2, 4), (2, 3), (1, 1)])
+def test_several_chunks(band_runs, monkeypatch, per_problem, rows_per_chunk):
+    """Forward chunks of 3 rows; backward problems of 1-3 block rows in chunks of whole
+    problems (7 rows of budget with 3 per problem: chunks of 6), the run's last rows that
+    fill no problem as single-row problems, over a run whose row count is odd or even."""
     monkeypatch.setattr(cpu_band, "BAND_BUDGET", 2 * 16 * 16 * 5 * 3)  # 3 rows per chunk
     monkeypatch.setattr(cpu_band, "BAND_BWD_BUDGET", 2 * 16 * 16 * 5 * rows_per_chunk)
+    monkeypatch.setattr(cpu_band, "BWD_ROWS_PER_PROBLEM", per_problem)
     check_token_rule("cpu", torch.float64, 300 - 16 * (rows_per_chunk == 4), 300, 16, True,
                      (40, 0), 16, H=2, Hkv=2, density=1.0)
     band = band_runs[0]
     assert band.width + band.fixed.numel() == 5 and band.count > 2 * 3
     assert runs_of(band_runs.backward) == runs_of(band_runs)
+
+
+def test_backward_chunks_hold_whole_problems():
+    band = cpu_band.Band(first=2, count=17, shift=-3, width=4, fixed=torch.tensor([0]))
+    per_row = 2 * 16 * 16 * 5
+    assert list(cpu_band._chunks(band, 2, 16, 7 * per_row, multiple=3)) == \
+        [(2, 6), (8, 6), (14, 5)]
+    assert list(cpu_band._chunks(band, 2, 16, 2 * per_row, multiple=3)) == \
+        [(2, 3), (5, 3), (8, 3), (11, 3), (14, 3), (17, 2)]
+    assert list(cpu_band._chunks(band, 2, 16, 7 * per_row)) == [(2, 7), (9, 7), (16, 3)]
 
 
 def test_find_band_on_a_window_and_not_elsewhere():

@@ -106,12 +106,13 @@ def _run_view(t: torch.Tensor, first_token: int, count: int, step: int, rows: in
                         t.storage_offset() + first_token * sn)
 
 
-def _chunks(band: Band, heads: int, block_size: int,
-            budget: Optional[int] = None) -> Iterator[tuple[int, int]]:
+def _chunks(band: Band, heads: int, block_size: int, budget: Optional[int] = None,
+            multiple: int = 1) -> Iterator[tuple[int, int]]:
     """(first block row, rows) of the run in chunks whose score tiles over ``heads`` query
-    heads stay under ``budget`` (default BAND_BUDGET)."""
+    heads stay under ``budget`` (default BAND_BUDGET), a multiple of ``multiple`` rows (at
+    least one multiple) but for the run's last chunk."""
     per_row = heads * block_size * (band.width + band.fixed.numel()) * block_size
-    size = max(1, (budget or BAND_BUDGET) // per_row)
+    size = max(1, (budget or BAND_BUDGET) // per_row // multiple) * multiple
     for first in range(band.first, band.first + band.count, size):
         yield first, min(size, band.first + band.count - first)
 
@@ -373,7 +374,7 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
     m = BWD_ROWS_PER_PROBLEM
     allowed = _RunAllowed.of(kept, band, classes, rule, block_size, g, qs.dtype)
     for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size,
-                                BAND_BWD_BUDGET):
+                                BAND_BWD_BUDGET, multiple=m):
         paired = count - count % m
         for sub_first, sub_count, per in ((first, paired, m), (first + paired, count - paired, 1)):
             if sub_count == 0:
