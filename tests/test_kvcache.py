@@ -187,6 +187,48 @@ def test_kvcache_validation():
         call(q, torch.zeros(3, 64, 2, 8), torch.zeros(3, 64, 2, 8), 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_table_entries_past_a_rows_pages_are_never_read(dtype):
+    """vLLM-style tables hold -1 (or any junk) past a row's last page: the answer is the
+    same as with real pages there, on the decode kernel (f32 on the triton backend, also
+    under the interpreter) and on the block-sparse path (f64), with new tokens appended."""
+    gen = torch.Generator().manual_seed(11)
+    B, N, H, Hkv, D, page = 2, 128, 4, 2, 16, 16
+    k_pages, v_pages, table, _, _ = make_cache(B, N, Hkv, D, dtype, gen, page)
+    q = torch.randn(B, 1, H, D, generator=gen).to(DEVICE, dtype)
+    k_new = torch.randn(B, 1, Hkv, D, generator=gen).to(DEVICE, dtype)
+    v_new = torch.randn(B, 1, Hkv, D, generator=gen).to(DEVICE, dtype)
+    lens = torch.tensor([40, 95])                    # with the new token: 3 and 6 pages
+    junk = table.clone()
+    junk[0, 3:] = -1
+    junk[1, 6:] = 10 ** 6
+    ys = []
+    for t in (table, junk):
+        kp, vp = k_pages.clone(), v_pages.clone()
+        ys.append(bk.block_sparse_attention_with_kvcache(
+            q, kp, vp, lens.to(DEVICE), k_new, v_new, block_table=t, backend="triton"
+            if HAS_CUDA or dtype == torch.float32 else "reference", num_splits=2))
+    torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=0)
+
+
+def test_kvcache_rejects_a_used_page_outside_the_cache_and_bad_splits():
+    gen = torch.Generator().manual_seed(12)
+    k_pages, v_pages, table, _, _ = make_cache(2, 64, 2, 8, torch.float64, gen, 16)
+    q = torch.randn(2, 1, 4, 8, dtype=torch.float64).to(DEVICE)
+    call = bk.block_sparse_attention_with_kvcache
+    if not HAS_CUDA:  # CUDA tables are trusted (a check would synchronise)
+        bad = table.clone()
+        bad[1, 1] = k_pages.shape[0]                 # row 1 holds 30 tokens: pages 0 and 1
+        with pytest.raises(bk.InvalidProblem, match=r"block_table\[1, 1\]"):
+            call(q, k_pages, v_pages, torch.tensor([20, 30]), block_table=bad)
+        bad[1, 1] = -1
+        with pytest.raises(bk.InvalidProblem, match=r"block_table\[1, 1\] is -1"):
+            call(q, k_pages, v_pages, 30, block_table=bad)
+    for splits in ("2", -1, 1.5, True):
+        with pytest.raises(bk.InvalidProblem, match="num_splits"):
+            call(q, k_pages, v_pages, 30, block_table=table, num_splits=splits)
+
+
 @pytest.mark.parametrize("lengths", [(100, 100), (0, 0), (64, 64)])
 def test_kvcache_uniform_lengths_take_the_plain_path(lengths):
     """Rows of one length known on the host (an int, or a CPU tensor) run as plain

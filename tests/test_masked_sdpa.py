@@ -138,3 +138,9 @@ def test_masked_sdpa_gpu(dtype):
     g_same = torch.autograd.grad(y_same, same, dy)
     for name, g, r, s in zip(("dq", "dk", "dv", "dbias"), grads, g64, g_same):
         assert_matches_oracle(g, r, s, factor=3.0, what=name)
+
+
+def test_masked_sdpa_block_size_is_checked():
+    q = torch.randn(1, 2, 40, 8)
+    with pytest.raises(bk.InvalidProblem, match="block_size"):
+        bk.masked_sdpa(q, q, q, torch.zeros(40, 40), block_size=0)

@@ -57,3 +57,15 @@ def test_module_pattern_forms_and_sinks_train():
     torch.testing.assert_close(y.detach(), expected)
     assert "sinks" in dict(sinky.named_parameters())
     assert "all blocks" in repr(sinky)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(window_size=5), "window_size"),          # an int: was a TypeError at the first call
+    (dict(block_size=0), "block_size"),            # was a ZeroDivisionError at the first call
+    (dict(block_size="16"), "block_size"),
+    (dict(is_causal="yes"), "is_causal"),
+    (dict(num_sink_heads=-1), "num_sink_heads"),   # was a RuntimeError from torch.zeros
+])
+def test_module_options_are_checked_when_built(kwargs, field):
+    with pytest.raises(bk.InvalidProblem, match=field):
+        bk.BlockSparseAttention(**kwargs)

@@ -195,3 +195,34 @@ def test_causal_block_pattern_needs_causal_call():
     assert torch.equal(y_default, y_causal)
     with pytest.raises(InvalidProblem, match="block_size"):
         bk.block_sparse_attention(q, q, q, p, block_size=32)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(window_size=4), "window_size"),                       # an int, not a pair
+    (dict(token_rules=5), "token_rules"),
+    (dict(query_range=(5, 2)), "query_range"),                  # start > end
+    (dict(key_range=(0, 41)), "key_range end"),                 # past the 40 keys
+    (dict(key_range=(-1, None)), r"key_range\[0\]"),
+    (dict(is_causal=True, prefix_lengths=-3), "prefix_lengths"),
+])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_token_arguments_out_of_range_are_typed_errors(kwargs, field, backend):
+    """Each raised a stray TypeError / AttributeError, or was accepted and silently meant
+    something else (an empty or clamped range, no prefix)."""
+    q, k, v, p = tensors(desc())
+    with pytest.raises(InvalidProblem, match=field):
+        bk.block_sparse_attention(q, k, v, p, block_size=16, backend=backend, **kwargs)
+
+
+def test_plan_rejects_token_rules_of_another_type():
+    d = desc()
+    q, k, v, p = tensors(d)
+    with pytest.raises(InvalidProblem, match="token_rules is a str"):
+        plan(d).run(SdpaBlockSparseArgs(q, k, v, p, token_rules="documents"))
+
+
+def test_empty_and_full_ranges_stay_valid():
+    q, k, v, p = tensors(desc())
+    y = bk.block_sparse_attention(q, k, v, p, block_size=16, query_range=(7, 7),
+                                  key_range=(0, 40), backend="reference")
+    assert (y == 0).all()

@@ -201,3 +201,8 @@ def test_varlen_validation():
     with pytest.raises(bk.InvalidProblem, match="3 dims"):
         bk.block_sparse_attention_varlen(q[None], q, q, torch.tensor([0, 20]),
                                          torch.tensor([0, 20]))
+    cu = torch.tensor([0, 20])
+    with pytest.raises(bk.InvalidProblem, match="block_size"):   # was a ZeroDivisionError
+        bk.block_sparse_attention_varlen(q, q, q, cu, cu, block_size=0)
+    with pytest.raises(bk.InvalidProblem, match="window_size"):  # an int: was a TypeError
+        bk.block_sparse_attention_varlen(q, q, q, cu, cu, is_causal=True, window_size=8)

@@ -11,7 +11,7 @@ from ..common.autograd_pieces import autocast_inputs
 from ..common.problem import check_qkv
 from ..flash_sdpa.library_autograd import library_attention
 from ..flash_sdpa.routing import all_blocks_active, dense_route
-from ..common.token_rules import TokenRules, token_rules_for
+from ..common.token_rules import TokenRules, check_token_rules, token_rules_for
 from .autograd import (BlockSparseAttentionFunction, block_sparse_attention_op, causal_arg,
                        plan_for, token_args)
 from .descriptor import SdpaBlockSparseDescriptor
@@ -177,7 +177,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                              block_size=desc.kernel_block_size, **token_kwargs) \
         if has_tokens else token_rules
     if token_rules is not None:
-        token_rules.check_for(desc.batch_size, desc.query_len, desc.key_len, device)
+        check_token_rules(token_rules, desc.batch_size, desc.query_len, desc.key_len, device)
     if backend is not None and not isinstance(backend, str):
         backend = backend.value  # a BackendKind
     with no_autocast:

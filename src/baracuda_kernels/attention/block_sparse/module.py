@@ -13,6 +13,8 @@ from typing import Callable, Optional, Union
 import torch
 
 from ...core import InvalidProblem
+from ..common.problem import causal_mode, check_window
+from ..patterns.checks import check_block_size, check_int
 from .functional import block_sparse_attention
 from .prepared import PreparedPattern, prepare_pattern
 
@@ -63,11 +65,14 @@ class BlockSparseAttention(torch.nn.Module):
             raise InvalidProblem("pattern is a raw tensor; expected None, a BlockPattern or a "
                                  "callable (query_len, key_len) -> pattern (a raw tensor "
                                  "fixes no lengths: wrap it, lambda nq, nk: tensor).")
-        self.pattern, self.block_size, self.is_causal = pattern, block_size, is_causal
-        self.window_size = (-1, -1) if window_size is None else tuple(window_size)
-        self.sink_tokens, self.layout, self.scale, self.softcap = sink_tokens, layout, scale, softcap
+        # Checked here, not at the first call: a bad option fails where it was written.
+        self.pattern, self.block_size = pattern, check_block_size(block_size)
+        self.is_causal = causal_mode(is_causal)
+        self.window_size, self.sink_tokens = check_window(
+            (-1, -1) if window_size is None else window_size, sink_tokens)
+        self.layout, self.scale, self.softcap = layout, scale, softcap
         self.sinks = None if num_sink_heads is None else \
-            torch.nn.Parameter(torch.zeros(num_sink_heads))
+            torch.nn.Parameter(torch.zeros(check_int("num_sink_heads", num_sink_heads, 1)))
         self.prepared: dict = {}
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from ..common.kinds import AttentionKind
 from ..common.problem import check_outputs, check_qkv
 from ..common.numerics import accumulator_dtype
 from ..common.score_mods import BiasGradTarget, ScoreMods, row_delta, sinks_grad
-from ..common.token_rules import TokenRules, token_rules_for
+from ..common.token_rules import TokenRules, check_token_rules, token_rules_for
 from .block_lists import BlockLists
 from .cpu_fused import (block_sparse_attention_backward_cpu, block_sparse_attention_forward_cpu,
                         fused_cpu_unavailable_reason)
@@ -247,7 +247,7 @@ class SdpaBlockSparsePlan(Plan):
                     f"which carries its own documents / prefix; expected one of them.")
             tokens = self.token_rules(**kwargs) if kwargs else tokens
         if tokens is not None:
-            tokens.check_for(d.batch_size, d.query_len, d.key_len, self._device)
+            check_token_rules(tokens, d.batch_size, d.query_len, d.key_len, self._device)
         with self.device_guard():
             return BlockLists.build(pattern, d.query_len, d.key_len, d.kernel_block_size,
                                     d.is_causal, use_triton=self._backend is BackendKind.TRITON,
@@ -266,7 +266,8 @@ class SdpaBlockSparsePlan(Plan):
                 raise InvalidProblem("args.token_rules was given with a PreparedPattern; expected "
                                      "None (prepared patterns carry their own token rules).")
             d = self._desc
-            args.token_rules.check_for(d.batch_size, d.query_len, d.key_len, self._device)
+            check_token_rules(args.token_rules, d.batch_size, d.query_len, d.key_len,
+                              self._device)
         return True
 
     def _check_args(self, args: SdpaBlockSparseArgs) -> None:

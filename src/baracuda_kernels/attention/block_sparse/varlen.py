@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 
 from ...core import InvalidProblem
-from ..common.problem import causal_mode
+from ..common.problem import causal_mode, check_window
 from ..common.token_rules import TokenRules
+from ..patterns.checks import check_block_size
 from .descriptor import kernel_block_size
 from .functional import block_sparse_attention
 from .validation import pattern_head_counts
@@ -103,7 +104,8 @@ def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         raise InvalidProblem(
             f"cu_seqlens_q has {cu_q.numel() - 1} sequences and cu_seqlens_k "
             f"{cu_k.numel() - 1}; expected one count (sequence s: its queries and its keys).")
-    window = (-1, -1) if window_size is None else tuple(window_size)
+    check_block_size(block_size)
+    window = (-1, -1) if window_size is None else check_window(window_size, sink_tokens)[0]
     if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor)
                                      or alibi_slopes.dim() != 1):
         raise InvalidProblem(

@@ -189,6 +189,16 @@ def _given_batch(document_ids, query_range, key_range, prefix_lengths) -> int:
     return sizes.pop() if sizes else 1
 
 
+def check_token_rules(rules, batch: int, query_len: int, key_len: int, device) -> None:
+    """InvalidProblem unless ``rules`` is a TokenRules that fits this problem."""
+    if not isinstance(rules, TokenRules):
+        raise InvalidProblem(
+            f"token_rules is a {type(rules).__name__}; expected TokenRules (from "
+            f"plan.token_rules(...) or a varlen pack) or None. Fix: pass document_ids / "
+            f"query_range / key_range / prefix_lengths instead.")
+    rules.check_for(batch, query_len, key_len, device)
+
+
 def block_ranges(t: torch.Tensor, length: int, block_size: int):
     """(min, max) of a [Bt, N] token tensor over each block of ``block_size`` tokens:
     two int64 [Bt, ceil(N / block_size)] tensors (the last block may be ragged)."""
@@ -239,6 +249,8 @@ def _per_batch(value, name: str, batch: int, device) -> torch.Tensor:
     if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
         raise InvalidProblem(f"{name} is {value!r}; expected an int or an int tensor [{batch}].")
     if isinstance(value, int):
+        if value < 0:
+            raise InvalidProblem(f"{name} is {value}; expected an int >= 0.")
         return torch.tensor([value], device=device, dtype=torch.int64)
     if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() > 1 \
             or value.numel() not in (1, batch):
@@ -255,6 +267,13 @@ def _in_range(value, name: str, batch: int, length: int, device) -> Optional[tor
         raise InvalidProblem(f"{name} is {value!r}; expected a pair (start, end) of ints or int "
                              f"tensors [{batch}] (None for 0 / the length).")
     start, end = value
+    for bound, label in ((start, "start"), (end, "end")):
+        if isinstance(bound, int) and not isinstance(bound, bool) and bound > length:
+            raise InvalidProblem(f"{name} {label} is {bound}; expected at most the length "
+                                 f"{length} (tokens start <= index < end are valid).")
+    if all(isinstance(b, int) and not isinstance(b, bool) for b in value) and start > end:
+        raise InvalidProblem(f"{name} is {tuple(value)}; expected start <= end (tokens start "
+                             f"<= index < end are valid; an empty range is (n, n)).")
     idx = torch.arange(length, device=device, dtype=torch.int64)[None, :]
     ok = torch.ones(1, length, dtype=torch.bool, device=device)
     if start is not None:

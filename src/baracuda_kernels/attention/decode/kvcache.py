@@ -61,7 +61,10 @@ def block_sparse_attention_with_kvcache(
             attention (as flash-attn does; the caller advances cache_seqlens). On CUDA the
             room left is trusted (checking it would synchronise); CPU tensors are checked.
         block_table: int32 [B, pages_per_row] for a paged cache: page p of row b holds its
-            tokens p * page_size .. (p + 1) * page_size - 1.
+            tokens p * page_size .. (p + 1) * page_size - 1. Entries past a row's last page
+            (p >= ceil((cache_seqlens[b] + Nnew) / page_size)) are never read and may hold
+            anything (e.g. -1); the pages a row uses are checked on the CPU and trusted on
+            CUDA (checking would synchronise).
         is_causal: True: query i of row b sees keys at positions <= L_b - Nq + i, with L_b =
             cache_seqlens[b] + Nnew (bottom-right per row, flash-attn's rule). False: every
             key of the row.
@@ -79,7 +82,7 @@ def block_sparse_attention_with_kvcache(
         backend: None (automatic), "triton" or "reference" ("cpu" too for CPU tensors).
         num_splits: split-KV programs per (row, K/V head) in the decode kernel (flash-
             decoding; their partials merge in a fixed order, so results are deterministic);
-            None chooses from the problem and the card's SM count (an eager step over at
+            None (or 0, flash-attn's convention) chooses from the problem and the card's SM count (an eager step over at
             most 2048 cache slots takes one split: one launch instead of two; launch.py).
         key_mask: None, or bool [B, Ncache] (for a paged cache Ncache = pages_per_row *
             page_size, in the row's token order): False marks a cached key that no query
@@ -108,6 +111,10 @@ def block_sparse_attention_with_kvcache(
         raise InvalidProblem("k and v go together: pass both new keys and values, or neither.")
     if key_mask is not None:
         key_mask = _check_key_mask(key_mask, B, capacity, q.device)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or num_splits < 0):
+        raise InvalidProblem(f"num_splits is {num_splits!r}; expected None or 0 (chosen from the "
+                             f"problem) or an int >= 1 (split-KV programs per row and head).")
     if _decode_kernel_takes(q, k_cache, v_cache, block_pattern, block_size, backend, sinks):
         return _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity,
                        is_causal, window_size, sink_tokens, softcap, alibi_slopes, sinks,
@@ -122,9 +129,11 @@ def block_sparse_attention_with_kvcache(
         if out is not None:
             return out
     lens = _cache_lengths(cache_seqlens, B, capacity, q.device, paged)
+    total = lens + n_new                                       # L_b, int64 [B]
+    if paged:
+        _check_used_pages(block_table, total, k_cache.shape[1], k_cache.shape[0])
     if k is not None:
         _append(k_cache, v_cache, k, v, lens, block_table, capacity)
-    total = lens + n_new                                       # L_b, int64 [B]
     keys, values = _cache_view(k_cache, block_table), _cache_view(v_cache, block_table)
     uniform = _uniform_length(cache_seqlens, lens, capacity)
     out = _cpu_dense_step(q, keys, values, total if uniform is None else uniform + n_new,
@@ -374,12 +383,32 @@ def _uniform_length(cache_seqlens, lens: torch.Tensor, capacity: int):
     return None
 
 
+def _check_used_pages(block_table: torch.Tensor, total: torch.Tensor, page_size: int,
+                      num_pages: int) -> None:
+    """InvalidProblem when a page a row uses (p < ceil(total_b / page_size)) is not a page of
+    the cache. CPU tables only: on CUDA the check would synchronise, and the table is
+    trusted (as the room for appended tokens is)."""
+    if block_table.device.type != "cpu":
+        return
+    used = torch.arange(block_table.shape[1])[None, :] * page_size < total.cpu()[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, p = (int(i) for i in bad.nonzero()[0])
+        raise InvalidProblem(
+            f"block_table[{b}, {p}] is {int(block_table[b, p])}, a page row {b} uses (it holds "
+            f"{int(total[b])} tokens); expected a page index in [0, {num_pages}). Entries past "
+            f"a row's last page are never read (any value, e.g. -1).")
+
+
 def _cache_view(cache: torch.Tensor, block_table) -> torch.Tensor:
-    """[B, Hkv, N, D]: a view of a contiguous cache, or the rows' pages gathered (a copy)."""
+    """[B, Hkv, N, D]: a view of a contiguous cache, or the rows' pages gathered (a copy).
+    Table entries past a row's pages may hold anything (e.g. -1): they are clamped to a
+    real page, whose keys the row's length masks out."""
     if block_table is None:
         return cache.transpose(1, 2)
     B, n_pages = block_table.shape
-    rows = cache[block_table.long().flatten()]                 # [B * n_pages, page, Hkv, D]
+    pages = block_table.long().flatten().clamp(0, cache.shape[0] - 1)
+    rows = cache[pages]                                        # [B * n_pages, page, Hkv, D]
     return rows.view(B, n_pages * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
 
 

@@ -10,6 +10,7 @@ from ...core import InvalidProblem, PlanCache, resolve_device
 from ..block_sparse.functional import block_sparse_attention
 from ..block_sparse.prepared import prepare_pattern
 from ..common.problem import causal_mode
+from ..patterns.checks import check_block_size
 
 # (Nq, Nk, block_size, is_causal, device) -> the all-active PreparedPattern of that geometry
 _ALL_ACTIVE = PlanCache(max_plans=16)
@@ -62,6 +63,7 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: to
             .masked_fill_(~attn_mask, float("-inf"))
     pattern = block_pattern
     if pattern is None:
+        check_block_size(block_size)
         pattern = _all_active(q.shape[-2], k.shape[-2], block_size, causal_mode(is_causal),
                               q.device)
     return block_sparse_attention(q, k, v, pattern, block_size=block_size, is_causal=is_causal,
