@@ -13,10 +13,10 @@ from baracuda_kernels.attention.block_sparse import triton_bwd
 from baracuda_kernels.attention.block_sparse.autograd import block_sparse_attention_op
 from baracuda_kernels.attention.block_sparse.block_lists import BlockLists
 from baracuda_kernels.patterns import sliding_window
-from cases import DEVICE, random_qkv
+from cases import DEVICE, HAS_CUDA, random_qkv
 from oracle import dense_attention, rel_error
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton"] + ([] if HAS_CUDA else ["cpu"])  # cpu: the CPU default
 B, H, N, D, BS = 1, 2, 40, 16, 16          # 3 x 3 blocks, the last one ragged
 
 

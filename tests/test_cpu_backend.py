@@ -78,3 +78,46 @@ def test_time_grows_with_active_blocks():
                 best[i] = min(best[i], time.perf_counter() - t0)
     ratio = best[0] / best[1]
     assert ratio < 0.5, f"1/8 of the blocks took {ratio:.2f} of the dense time"
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("rule", [dict(), dict(window_size=(40, 0)),
+                                  dict(window_size=(40, 0), sink_tokens=8)], ids=str)
+def test_a_non_finite_key_or_value_reaches_only_the_rows_that_read_it(where, rule):
+    """The fused kernel masks by adding -inf: a NaN key the causal diagonal, a window edge or
+    a group's padding slot hides from a row used to turn that row into NaN too (every row of
+    a sparse causal pattern did). The cpu backend must give the reference's NaN rows and its
+    values elsewhere, y, lse and gradients (the triton kernels apply the same rule)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    (k if where == "k" else v)[:, :, 70] = float("nan")
+    pattern = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    pattern[0, 0, 5, 1] = False                   # uneven rows: groups pad to their widest
+    outs = []
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        y, lse = bk.block_sparse_attention(*leaves, pattern, block_size=32, is_causal=True,
+                                           backend=backend, return_lse=True, **rule)
+        outs.append((y, lse, *torch.autograd.grad(y, leaves, torch.ones_like(y))))
+    for got, want in zip(*outs):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        ok = ~torch.isnan(want)
+        torch.testing.assert_close(got[ok], want[ok], rtol=1e-9, atol=1e-9)
+    nan_rows = torch.isnan(outs[1][0]).any(-1)
+    assert nan_rows.any() and not nan_rows[..., :64].any()  # some rows read it, block 0 not
+
+
+def test_garbage_in_a_shorter_rows_unused_cache_slots_stays_out():
+    """A decode step over rows of different lengths: the shorter row's tail (never written,
+    e.g. torch.empty memory) may hold NaN; its one fused CPU call used to return NaN."""
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache = (torch.randn(2, 256, 2, 16, generator=gen) for _ in range(2))
+    k_cache[0, 150:] = float("nan")
+    v_cache[0, 150:] = float("inf")
+    q = torch.randn(2, 1, 4, 16, generator=gen)
+    lengths = torch.tensor([100, 200])
+    y = bk.block_sparse_attention_with_kvcache(q, k_cache, v_cache, lengths)
+    want = bk.block_sparse_attention_with_kvcache(q, k_cache, v_cache, lengths,
+                                                  backend="reference")
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)

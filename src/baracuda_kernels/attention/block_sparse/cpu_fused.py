@@ -27,6 +27,12 @@ the band's and the sinks' gradients from the final y and lse).
 * dK/dV of the gathered copies are added back with index_add_ (a fixed order on the CPU:
   deterministic). An lse gradient (``dlse``) is not an input of PyTorch's backward kernel:
   such calls take the reference backward.
+* NaN / inf: the fused kernel masks a pair by adding -inf to its score, so a non-finite key
+  that a problem holds but a row must not see (the causal diagonal, a window edge, a slot
+  padding the row to its group's width) still turns that row into NaN, and a non-finite
+  value leaks through 0 * inf. Outputs are checked (one sum each); a call whose output or
+  gradients are not all finite is redone by the reference, which applies the exact rule
+  (the triton kernels' too). Finite calls pay a sum over y (forward) or the gradients.
 
 A call that is dense (causal) attention skips the walk: one fused call (cpu_whole.py).
 
@@ -39,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from ..common.numerics import accumulator_dtype
+from ..common.numerics import accumulator_dtype, all_finite
 from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
 from ..common.score_mods import ScoreMods, alibi_offset, fold_sinks
@@ -49,7 +55,8 @@ from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _kernel_l
                          _seen, _store_rows)
 from .reference import (_Group, _grouped, _live_rows, _Mods, _slice_bits, _slices,
                         _token_rows, _without_padding, row_block,
-                        block_sparse_attention_backward_reference)
+                        block_sparse_attention_backward_reference,
+                        block_sparse_attention_forward_reference)
 
 # Score-tile elements per group of block rows (one fused call). Gathered K/V, masks and
 # gradients of a group scale with it. Measured on the CPU benchmark's N=8192 problem (2
@@ -231,6 +238,10 @@ def block_sparse_attention_forward_cpu(q, k, v, lists: BlockLists, *, block_size
         # After the fact (padding rows keep -inf). The backward then needs nothing more: the
         # fused backward kernel rebuilds P from lse' and its row term from y'.
         fold_sinks(y, lse, mods.sinks, _live_rows(lists, torch.arange(lse.shape[-1])))
+    if not all_finite(y):  # NaN / inf somewhere: the exact rule (module docstring)
+        block_sparse_attention_forward_reference(
+            q, k, v, lists, block_size=block_size, scale=scale, is_causal=is_causal, y=y,
+            lse=lse, window=window, softcap=softcap, mods=mods)
 
 
 def _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window,
@@ -284,24 +295,28 @@ def block_sparse_attention_backward_cpu(q, k, v, y, lse, dy, lists: BlockLists, 
     """Writes dq, dk, dv (see the reference backward: same contract; d_k != d_v runs
     zero-padded as in the forward). Sinks need nothing here (lse and y include them).
     Returns the reference's row delta when it ran, else None."""
+    reference = dict(block_size=block_size, scale=scale, is_causal=is_causal, dq=dq, dk=dk,
+                     dv=dv, dlse=dlse, window=window, softcap=softcap, mods=mods, dbias=dbias)
     if dlse is not None or dbias is not None:  # PyTorch's backward kernel has no lse-
         # gradient input and returns no dS (the bias's gradient)
-        return block_sparse_attention_backward_reference(
-            q, k, v, y, lse, dy, lists, block_size=block_size, scale=scale,
-            is_causal=is_causal, dq=dq, dk=dk, dv=dv, dlse=dlse, window=window,
-            softcap=softcap, mods=mods, dbias=dbias)
+        return block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists,
+                                                         **reference)
     dk_, dv_ = q.shape[-1], v.shape[-1]
     if dk_ == dv_:
         _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, window,
                   mods)
-        return
-    d = max(dk_, dv_)
-    grads = [None if g is None else g.new_empty(g.shape[:-1] + (d,)) for g in (dq, dk, dv)]
-    _backward(_padded(q, d), _padded(k, d), _padded(v, d), _padded(y, d), lse, _padded(dy, d),
-              lists, block_size, scale, is_causal, *grads, window, mods)
-    for out, g in zip((dq, dk, dv), grads):
-        if out is not None:
-            out.copy_(g[..., :out.shape[-1]])
+    else:
+        d = max(dk_, dv_)
+        grads = [None if g is None else g.new_empty(g.shape[:-1] + (d,)) for g in (dq, dk, dv)]
+        _backward(_padded(q, d), _padded(k, d), _padded(v, d), _padded(y, d), lse,
+                  _padded(dy, d), lists, block_size, scale, is_causal, *grads, window, mods)
+        for out, g in zip((dq, dk, dv), grads):
+            if out is not None:
+                out.copy_(g[..., :out.shape[-1]])
+    if not all_finite(dq, dk, dv):  # NaN / inf somewhere: the exact rule (module docstring)
+        return block_sparse_attention_backward_reference(q, k, v, y, lse, dy, lists,
+                                                         **reference)
+    return None
 
 
 def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv,

@@ -66,3 +66,15 @@ def wide_tile_offsets(rows: int, *row_strides_and_widths: int) -> bool:
     """True when a tile of ``rows`` rows at the given row strides (and widths) spans 2^31
     elements or more: its in-tile offsets then need 64-bit arithmetic."""
     return rows * max(abs(x) for x in row_strides_and_widths) >= 2**31
+
+
+def all_finite(*tensors) -> bool:
+    """Whether every element of the tensors (None skipped) is finite: one sum per tensor
+    (a NaN or inf element makes the sum non-finite; a sum that overflows from finite
+    elements costs an exact check)."""
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            return False
+    return True

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..common.numerics import accumulator_dtype
+from ..common.numerics import accumulator_dtype, all_finite
 from ..common.score_mods import fold_sinks
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -111,6 +111,11 @@ def cpu_dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
             scale=D ** -0.5 if scale is None else float(scale))
         if mask is not None:  # rows that see nothing: lse = -inf (the kernel gives 0 / 0)
             lse = torch.where(ok.any(-1)[:, None, None], lse, float("-inf"))
+    if mask is not None and not all_finite(out):
+        # A key or value the mask hides is NaN / inf (e.g. never-written cache slots of a
+        # shorter row): the kernel's -inf is added to the score (NaN stays NaN) and 0 * inf
+        # is NaN. The caller's block-sparse path applies the exact rule.
+        return None
     y = out.view(B, Hkv, G, Nq, D).permute(0, 3, 1, 2, 4).reshape(B, Nq, H, D)
     lse = lse.reshape(B, H, Nq)
     if sinks is not None:
