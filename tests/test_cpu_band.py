@@ -218,3 +218,23 @@ def test_prepared_pattern_keeps_the_run_masks_across_calls(band_runs):
             if key[0] == "cpu-band-masks"]
     assert band_runs and kept and sorted(kept[0], key=str) == sorted(
         [(2, torch.float64), (1, torch.float32), (4, torch.float64)], key=str)
+
+
+def test_query_only_gradient_skips_the_sinks_key_gradients(band_runs, monkeypatch):
+    """Only q needs a gradient: the banded backward gets no dK / dV accumulators, computes no
+    sink-block key gradients (no baddbmm_ into them), and dq is the all-grads call's dq."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    call = dict(block_size=16, is_causal=True, window_size=(40, 0), sink_tokens=16,
+                backend="cpu")
+    pattern = torch.ones(1, 1, 19, 19, dtype=torch.bool)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dy = torch.randn(1, 2, 300, 16, generator=gen, dtype=torch.float64)
+    dq_all = torch.autograd.grad(bk.block_sparse_attention(*leaves, pattern, **call), leaves[0], dy)[0]
+    calls = []
+    real = torch.Tensor.baddbmm_
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    qg = q.clone().requires_grad_()
+    dq = torch.autograd.grad(bk.block_sparse_attention(qg, k, v, pattern, **call), qg, dy)[0]
+    assert len(band_runs.backward) == 2 and calls == []
+    assert torch.equal(dq, dq_all)

@@ -369,8 +369,8 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
     acc = accumulator_dtype(qs.dtype)  # (dks / dvs hold it)
     ks, vs = _viewable(ks, vs)
     fixed_kv = _fixed_kv(ks, vs, band, block_size)
-    fixed_grads = None if fixed_kv is None else [torch.zeros(fixed_kv[0].shape, dtype=acc),
-                                                  torch.zeros(fixed_kv[1].shape, dtype=acc)]
+    fixed_grads = None if fixed_kv is None or dks is None else [
+        torch.zeros(fixed_kv[0].shape, dtype=acc), torch.zeros(fixed_kv[1].shape, dtype=acc)]
     m = BWD_ROWS_PER_PROBLEM
     allowed = _RunAllowed.of(kept, band, classes, rule, block_size, g, qs.dtype)
     for first, count in _chunks(band, qs.shape[0] * qs.shape[1] * g, block_size,
@@ -393,7 +393,7 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
             if dks is not None:
                 c.add_band_keys(dks, gk, block_size)
                 c.add_band_keys(dvs, gv, block_size)
-    if fixed_grads is not None and dks is not None:
+    if fixed_grads is not None:
         cols = _fixed_tokens(band, block_size)
         b, hk = dks.shape[:2]
         for acc_t, grad in zip((dks, dvs), fixed_grads):
@@ -404,7 +404,7 @@ def _fixed_backward(qt, ot, dot, lt, mask, fixed_kv, fixed_grads, gq, scale: flo
     """The fixed blocks' share of the backward for one chunk, in the accumulator dtype:
     P = exp(q.k * scale + mask - lse) over all the chunk's queries of a head at once
     ([n, bh, r, D] problems seen as [bh, n*r, D]); returns gq + dS K, adds P^T dY and
-    dS^T Q to ``fixed_grads`` ([1, bh, F, D] dK, dV)."""
+    dS^T Q to ``fixed_grads`` ([1, bh, F, D] dK, dV; None: no K/V gradient wanted)."""
     n = qt.shape[0]
     q, y, dy, lse = (_heads_first(t).to(acc) for t in (qt, ot, dot, lt))
     kf, vf = (t[0].to(acc) for t in fixed_kv)                          # [bh, F, D]
@@ -412,9 +412,11 @@ def _fixed_backward(qt, ot, dot, lt, mask, fixed_kv, fixed_grads, gq, scale: flo
     if mask is not None:
         p.add_(_heads_first(mask).to(acc))
     p.sub_(lse.unsqueeze(-1)).exp_()
-    fixed_grads[1][0].baddbmm_(p.transpose(1, 2), dy)
+    if fixed_grads is not None:
+        fixed_grads[1][0].baddbmm_(p.transpose(1, 2), dy)
     ds = torch.bmm(dy, vf.transpose(1, 2))                             # dP
     ds.sub_((dy * y).sum(-1, keepdim=True)).mul_(p).mul_(scale)
-    fixed_grads[0][0].baddbmm_(ds.transpose(1, 2), q)
+    if fixed_grads is not None:
+        fixed_grads[0][0].baddbmm_(ds.transpose(1, 2), q)
     dq = _problems_first(torch.bmm(ds, kf), n)
     return gq.to(acc).add_(dq)
