@@ -8,9 +8,12 @@ equivalent boolean mask (8k only: the mask alone is 1 GiB at 32k); for the decod
 ``block_sparse_attention_with_kvcache`` on a [B, N, H, D] cache and SDPA given that cache's
 head-major views. Threads 1 and 2. Each measurement runs in its own process: forward and
 backward (median of the repeats after a warm-up; decode: the forward alone under no_grad,
-as in inference), and the process's peak RSS above its inputs.
+as in inference), and the process's peak RSS above its inputs. The implementations of a
+row take turns, round after round (--rounds, default 3; one at N=32768), so a slow spell
+of the host falls on all of them alike: the table gives each implementation's median over
+the rounds and the range of the per-round speedups over SDPA causal.
 
-    PYTHONPATH=src python scripts/bench_cpu.py [--quick | --decode]
+    PYTHONPATH=src python scripts/bench_cpu.py [--quick | --decode] [--rounds R]
 """
 import json
 import subprocess
@@ -85,13 +88,53 @@ def measure(n, nq, impl, threads, repeats):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def rounds_of(impls, n, nq, threads, repeats, rounds):
+    """{impl: median fwd / bwd / peak over the rounds, with the per-round runs}: in each
+    round every implementation runs once, in turn."""
+    runs = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl in impls:
+            runs[impl].append(measure(n, nq, impl, threads, repeats))
+    rows = {}
+    for impl, rs in runs.items():
+        failed = [r for r in rs if "error" in r]
+        if failed:
+            rows[impl] = failed[0]
+            continue
+        rows[impl] = {key: median([r[key] for r in rs]) for key in ("fwd", "bwd", "peak_mib")}
+        rows[impl]["runs"] = rs
+    return rows
+
+
+def speedups(row, ref) -> str:
+    """'median fwd / bwd' speedup of ref over row, and the per-round range when several."""
+    if "error" in ref or "error" in row:
+        return ""
+    text = f"{ref['fwd'] / row['fwd']:.2f}x" + (f" / {ref['bwd'] / row['bwd']:.2f}x" if row["bwd"] else "")
+    if len(row["runs"]) > 1:
+        pairs = list(zip(row["runs"], ref["runs"]))
+        f = [b["fwd"] / a["fwd"] for a, b in pairs]
+        text += f"   rounds fwd {min(f):.2f}-{max(f):.2f}x"
+        if row["bwd"]:
+            g = [b["bwd"] / a["bwd"] for a, b in pairs]
+            text += f", bwd {min(g):.2f}-{max(g):.2f}x"
+    return text
+
+
 def main():
     quick = "--quick" in sys.argv
+    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
     problems = [(8192, 8192, 3), (1, 2048, 20)] if quick else \
         [(8192, 8192, 5), (32768, 32768, 1), (2048, 1, 200)]
     if "--decode" in sys.argv:
         problems = problems[-1:]
-    print("impl            threads  problem        fwd s    bwd s   peak MiB   vs sdpa-causal fwd / bwd")
+    print(f"impl            threads  problem        fwd s    bwd s   peak MiB   vs sdpa-causal fwd / bwd "
+          f"(median of {rounds} rounds; 1 at N=32768)")
     for n, nq, repeats in problems:
         n, nq = (n, nq) if nq <= n else (nq, n)
         label = f"N={n}" if nq == n else f"decode 1x{n}"
@@ -99,16 +142,13 @@ def main():
         if nq != n:  # decode: also the KV-cache entry point and SDPA on the same cache layout
             impls += ["ours-kvcache", "sdpa-cache"]
         for threads in (1, 2):
-            rows = {impl: measure(n, nq, impl, threads, repeats) for impl in impls}
+            rows = rounds_of(impls, n, nq, threads, repeats, 1 if n > 8192 else rounds)
             ref = rows["sdpa-causal"]
             for impl, r in rows.items():
                 if "error" in r:
                     print(f"{impl:<16}{threads:>7}  {label:<12}  failed: {r['error']}")
                     continue
-                ratio = ""
-                if "error" not in ref and impl != "sdpa-causal":
-                    ratio = f"{ref['fwd'] / r['fwd']:.2f}x" + (
-                        f" / {ref['bwd'] / r['bwd']:.2f}x" if r["bwd"] else "")
+                ratio = speedups(r, ref) if impl != "sdpa-causal" else ""
                 print(f"{impl:<16}{threads:>7}  {label:<14}{r['fwd']:>10.4g} {r['bwd']:>8.4g} "
                       f"{r['peak_mib']:>10.0f}   {ratio}", flush=True)
 

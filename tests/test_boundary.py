@@ -412,3 +412,27 @@ def test_short_row_tiles_only_for_prepared_short_rows():
         (short_f, "short-bwd")
     assert plan._configs_for(BlockLists.build(dense, 256, 256, 16, False).measured()) == \
         (default, None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_calls_build_no_autograd_node(backend, monkeypatch):
+    """Nothing to differentiate (no_grad, inference_mode, or no input requiring grad): the
+    plan runs directly (no autograd.Function: its apply costs ~15 us of a CPU decode step),
+    with the same outputs as the differentiable call."""
+    from baracuda_kernels.attention.block_sparse import functional
+    q, k, v = _inputs(requires_grad=True)
+    y_grad, lse_grad = _attend(q, k, v, _pattern(), backend, return_lse=True)
+    assert y_grad.grad_fn is not None
+    applied = []
+    real = functional.BlockSparseAttentionFunction.apply
+    monkeypatch.setattr(functional.BlockSparseAttentionFunction, "apply",
+                        lambda *a: applied.append(1) or real(*a))
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            y, lse = _attend(q, k, v, _pattern(), backend, return_lse=True)
+        assert y.grad_fn is None and torch.equal(y, y_grad.detach())
+        assert torch.equal(lse, lse_grad.detach())
+    y = _attend(q.detach(), k.detach(), v.detach(), _pattern(), backend)
+    assert y.grad_fn is None and torch.equal(y, y_grad.detach()) and applied == []
+    y = _attend(q, k.detach(), v.detach(), _pattern(), backend)
+    assert y.grad_fn is not None and applied == [1]

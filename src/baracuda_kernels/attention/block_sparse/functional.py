@@ -12,8 +12,8 @@ from ..common.problem import check_qkv
 from ..flash_sdpa.library_autograd import library_attention
 from ..flash_sdpa.routing import all_blocks_active, dense_route
 from ..common.token_rules import TokenRules, check_token_rules, token_rules_for
-from .autograd import (BlockSparseAttentionFunction, block_sparse_attention_op, causal_arg,
-                       plan_for, token_args)
+from .autograd import (BlockSparseAttentionFunction, attention_forward,
+                       block_sparse_attention_op, causal_arg, plan_for, token_args)
 from .descriptor import SdpaBlockSparseDescriptor
 from .prepared import PreparedPattern
 from .validation import canonical_pattern, with_pattern_rules
@@ -207,9 +207,13 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             if getattr(block_pattern, "kernel_rules", None):
                 # Its rules are merged into desc / tokens above: hand over the checked mask.
                 block_pattern = canonical_pattern(desc, block_pattern, device)
-            y, lse = BlockSparseAttentionFunction.apply(q, k, v, sinks, bias, plan,
-                                                        plan.block_lists(block_pattern, tokens),
-                                                        mods)
+            lists = plan.block_lists(block_pattern, tokens)
+            if torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (q, k, v, sinks, bias)):
+                y, lse = BlockSparseAttentionFunction.apply(q, k, v, sinks, bias, plan, lists,
+                                                            mods)
+            else:  # nothing to differentiate (inference): no autograd node, ~15 us less
+                y, lse = attention_forward(plan, q, k, v, lists, mods)
     return (y, lse) if return_lse else y
 
 

@@ -6,6 +6,7 @@ The device-side counterparts are in kernel_pieces.py."""
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -69,12 +70,15 @@ def wide_tile_offsets(rows: int, *row_strides_and_widths: int) -> bool:
 
 
 def all_finite(*tensors) -> bool:
-    """Whether every element of the tensors (None skipped) is finite: one sum per tensor
+    """Whether every element of the CPU tensors (None skipped; on a GPU the host read would
+    synchronise) is finite: one sum per tensor
     (a NaN or inf element makes the sum non-finite; a sum that overflows from finite
     elements costs an exact check)."""
     for t in tensors:
         if t is None or t.numel() == 0:
             continue
-        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        # math.isfinite of the host float: ~2 us against ~7 for torch.isfinite + bool on
+        # a decode step's tiny output.
+        if not math.isfinite(t.sum().item()) and not bool(torch.isfinite(t).all()):
             return False
     return True
