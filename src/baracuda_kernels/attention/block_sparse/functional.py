@@ -104,8 +104,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             summed over its broadcast dims, deterministically (a bias broadcast over B or H
             takes a float32 [B, H, Nq, Nk] buffer during the backward for that sum).
             Modifiers compose with patterns, token rules, windows, GQA and varlen; the cpu
-            backend has sinks but no softcap / ALiBi / bias (the reference runs those on
-            the CPU).
+            backend runs sinks, ALiBi and the bias but no softcap (not an additive term:
+            on the CPU the automatic choice runs softcap on the reference backend).
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.
