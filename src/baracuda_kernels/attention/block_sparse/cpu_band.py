@@ -18,9 +18,10 @@ The backward walks the same run with the final y and lse (both parts' gradients 
 row's whole softmax): the band through PyTorch's fused backward kernel, two block rows per
 problem (the union of their bands, each row's outside blocks masked: the kernel runs ~10%
 faster on 128 queries than on 64), its key gradients added back through strided views of
-one problem's step; the fixed blocks (a few keys seen by every row) by plain batched matmuls over all of
-a chunk's queries at once. (A first banded backward, one row per problem and the sinks in
-a second fused call of 64-query x 64-key problems, was no faster than the general path.)
+one problem's step; the fixed blocks (a few keys seen by every row) by plain batched
+matmuls over all of a chunk's queries at once. (A first banded backward, one row per
+problem and the sinks in a second fused call of 64-query x 64-key problems, was no faster
+than the general path.)
 
 The token rule is evaluated in PARTIAL cells only, as in the general path. Rows outside the
 run (the start of the sequence, where the window is cut short, a ragged last block) stay

@@ -77,4 +77,3 @@ def _store_rows(dst: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor, all
         return
     keep = row_ok.nonzero().flatten()
     dst.index_copy_(3, rows[keep], src[:, :, :, keep].to(dst.dtype))
-

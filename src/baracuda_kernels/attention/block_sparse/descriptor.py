@@ -116,8 +116,7 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
         B, H, Hkv, Nq, Nk, Dk, Dv = qkv_dims(q, k, v)
         return cls(B, H, Nq, Nk, Dk, Dv, block_size, scale, is_causal,
                    ElementKind.from_torch(q.dtype), num_kv_heads=Hkv,
-                   window_size=tuple(window_size) if isinstance(window_size, (tuple, list)) else window_size,
-                   sink_tokens=sink_tokens,
+                   window_size=window_size, sink_tokens=sink_tokens,
                    softcap=check_softcap(softcap), alibi=alibi, sinks=sinks, bias=bias)
 
 

@@ -71,9 +71,8 @@ def wide_tile_offsets(rows: int, *row_strides_and_widths: int) -> bool:
 
 def all_finite(*tensors) -> bool:
     """Whether every element of the CPU tensors (None skipped; on a GPU the host read would
-    synchronise) is finite: one sum per tensor
-    (a NaN or inf element makes the sum non-finite; a sum that overflows from finite
-    elements costs an exact check)."""
+    synchronise) is finite: one sum per tensor (a NaN or inf element makes the sum
+    non-finite; a sum that overflows from finite elements costs an exact check)."""
     for t in tensors:
         if t is None or t.numel() == 0:
             continue

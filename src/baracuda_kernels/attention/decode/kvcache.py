@@ -31,6 +31,7 @@ from ..common.backends import triton_unavailable_reason
 from ..common.problem import check_window
 from ..common.score_mods import ScoreMods, check_softcap
 from ..common.token_rules import K_PAD, TokenRules
+from ..patterns.checks import check_int
 from .cpu_dense import cpu_dense_decode, cpu_dense_decode_takes
 from .launch import DECODE_DTYPES, append_to_cache, decode_forward_triton
 
@@ -82,8 +83,9 @@ def block_sparse_attention_with_kvcache(
         backend: None (automatic), "triton" or "reference" ("cpu" too for CPU tensors).
         num_splits: split-KV programs per (row, K/V head) in the decode kernel (flash-
             decoding; their partials merge in a fixed order, so results are deterministic);
-            None (or 0, flash-attn's convention) chooses from the problem and the card's SM count (an eager step over at
-            most 2048 cache slots takes one split: one launch instead of two; launch.py).
+            None (or 0, flash-attn's convention) chooses from the problem and the card's
+            SM count (an eager step over at most 2048 cache slots takes one split: one
+            launch instead of two; launch.py).
         key_mask: None, or bool [B, Ncache] (for a paged cache Ncache = pages_per_row *
             page_size, in the row's token order): False marks a cached key that no query
             sees, e.g. the padding of a left-padded batch kept in the cache (transformers'
@@ -111,10 +113,8 @@ def block_sparse_attention_with_kvcache(
         raise InvalidProblem("k and v go together: pass both new keys and values, or neither.")
     if key_mask is not None:
         key_mask = _check_key_mask(key_mask, B, capacity, q.device)
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or num_splits < 0):
-        raise InvalidProblem(f"num_splits is {num_splits!r}; expected None or 0 (chosen from the "
-                             f"problem) or an int >= 1 (split-KV programs per row and head).")
+    if num_splits is not None:
+        check_int("num_splits", num_splits, 0)    # 0, like None: chosen from the problem
     if _decode_kernel_takes(q, k_cache, v_cache, block_pattern, block_size, backend, sinks):
         return _decode(q, k_cache, v_cache, cache_seqlens, k, v, block_table, capacity,
                        is_causal, window_size, sink_tokens, softcap, alibi_slopes, sinks,
