@@ -4,7 +4,9 @@ Problems (f32, D=64, block 64, causal sliding window of 512 tokens + 64 sink tok
 of the causal pairs at N=8192): B=1, H=8 at N=8192 and N=32768; and a decode step (Nq=1
 against 2048 keys, bottom-right). Implementations: ours (``cpu`` backend, prepared pattern),
 ours (``reference`` backend), SDPA causal (dense: 13x more pairs at 8k), SDPA with the
-equivalent boolean mask (8k only: the mask alone is 1 GiB at 32k); for the decode step also
+equivalent boolean mask (8k only: the mask alone is 1 GiB at 32k); at 8k also both of ours
+with a logit softcap of 30 (Grok's; SDPA has none, so the ratio is against uncapped SDPA
+causal); for the decode step also
 ``block_sparse_attention_with_kvcache`` on a [B, N, H, D] cache and SDPA given that cache's
 head-major views. Threads 1 and 2. Each measurement runs in its own process: forward and
 backward (median of the repeats after a warm-up; decode: the forward alone under no_grad,
@@ -41,14 +43,15 @@ elif impl == "sdpa-cache":  # SDPA handed the same cache's head-major views
     qc, kc, vc = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v))
     call = lambda: torch.nn.functional.scaled_dot_product_attention(
         qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2))
-elif impl.startswith("ours"):
+elif impl.startswith("ours"):  # ours-<backend>[-softcap]
     backend = impl.split("-")[1]
+    softcap = 30.0 if impl.endswith("-softcap") else None
     if decode:
         prep = bk.prepare_pattern(torch.ones(1, 1, 1, -(-N // bs), dtype=torch.bool), query_len=Nq,
                                   key_len=N, block_size=bs, is_causal="bottom_right")
     else:
         prep = sliding_window(N, window=W, block_size=bs, sinks=S).prepare()
-    call = lambda: bk.block_sparse_attention(q, k, v, prep, backend=backend)
+    call = lambda: bk.block_sparse_attention(q, k, v, prep, backend=backend, softcap=softcap)
 elif impl == "sdpa-causal":
     call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=not decode)
 else:  # sdpa-mask: the window's boolean token mask
@@ -133,12 +136,14 @@ def main():
         [(8192, 8192, 5), (32768, 32768, 1), (2048, 1, 200)]
     if "--decode" in sys.argv:
         problems = problems[-1:]
-    print(f"impl            threads  problem        fwd s    bwd s   peak MiB   vs sdpa-causal fwd / bwd "
+    print(f"impl                   threads  problem        fwd s    bwd s   peak MiB   vs sdpa-causal fwd / bwd "
           f"(median of {rounds} rounds; 1 at N=32768)")
     for n, nq, repeats in problems:
         n, nq = (n, nq) if nq <= n else (nq, n)
         label = f"N={n}" if nq == n else f"decode 1x{n}"
         impls = ["ours-cpu", "ours-reference", "sdpa-causal"] + (["sdpa-mask"] if nq == n <= 8192 else [])
+        if nq == n <= 8192:  # the same window with a logit softcap of 30 (no SDPA has one)
+            impls += ["ours-cpu-softcap", "ours-reference-softcap"]
         if nq != n:  # decode: also the KV-cache entry point and SDPA on the same cache layout
             impls += ["ours-kvcache", "sdpa-cache"]
         for threads in (1, 2):
@@ -146,10 +151,10 @@ def main():
             ref = rows["sdpa-causal"]
             for impl, r in rows.items():
                 if "error" in r:
-                    print(f"{impl:<16}{threads:>7}  {label:<12}  failed: {r['error']}")
+                    print(f"{impl:<23}{threads:>7}  {label:<12}  failed: {r['error']}")
                     continue
                 ratio = speedups(r, ref) if impl != "sdpa-causal" else ""
-                print(f"{impl:<16}{threads:>7}  {label:<14}{r['fwd']:>10.4g} {r['bwd']:>8.4g} "
+                print(f"{impl:<23}{threads:>7}  {label:<14}{r['fwd']:>10.4g} {r['bwd']:>8.4g} "
                       f"{r['peak_mib']:>10.0f}   {ratio}", flush=True)
 
 

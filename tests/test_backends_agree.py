@@ -2,11 +2,12 @@
 
 Each case draws a problem (batch, GQA ratio, odd lengths, Nq != Nk both ways, d_k != d_v,
 block size, density, pattern heads, every causal mode, a window with sink tokens, documents
-with padding, a key range, learnable sinks, prepared or not) from its seed, with a NaN or
-inf written into q, k or v in a quarter of the cases, and checks the ``cpu`` backend
+with padding, a key range, learnable sinks, softcap, prepared or not) from its seed, with a
+NaN or inf written into q, k or v in a quarter of the cases, and checks the ``cpu`` backend
 (CPU) or the triton kernels (the interpreter on CPU; CUDA on a GPU) against the reference
-backend run on the same inputs in float64: y, lse and every gradient (including lse's),
-their NaN / inf pattern exactly and their values elsewhere.
+backend run on the same inputs in float64: y, lse and every gradient, their NaN / inf
+pattern exactly and their values elsewhere. Half of the cases give lse an upstream gradient
+too (on the cpu backend that takes the reference backward; the other half run its own).
 
 A fuzz of this kind found that the cpu backend spread a NaN key to rows that never read it
 (its fused kernel masks by adding -inf); the seeds here cover that case."""
@@ -53,8 +54,10 @@ def _problem(seed: int, max_len: int):
         t = rng.choice([q, k, v])
         t[tuple(rng.randrange(n) for n in t.shape)] = rng.choice([float("nan"), float("inf")])
     sinks = torch.randn(H, generator=gen, dtype=torch.float64) if rng.random() < 0.2 else None
+    prepared = rng.random() < 0.3
+    softcap = rng.choice([2.0, 10.0]) if rng.random() < 0.25 else None
     return dict(q=q, k=k, v=v, sinks=sinks, pattern=pattern, bs=bs, causal=causal,
-                rules=rules, prepared=rng.random() < 0.3)
+                rules=rules, prepared=prepared, softcap=softcap, lse_grad=rng.random() < 0.5)
 
 
 def _run(p, backend, dtype, device):
@@ -64,7 +67,9 @@ def _run(p, backend, dtype, device):
         leaves.append(p["sinks"].to(device, dtype).requires_grad_())
     rules = {n: (r.to(device) if torch.is_tensor(r) else r) for n, r in p["rules"].items()}
     pattern = p["pattern"].to(device)
-    extra = dict(sinks=leaves[3]) if p["sinks"] is not None else {}
+    extra = dict(softcap=p["softcap"])
+    if p["sinks"] is not None:
+        extra["sinks"] = leaves[3]
     if p["prepared"]:
         Nq, Nk = p["q"].shape[2], p["k"].shape[2]
         pattern = bk.prepare_pattern(pattern, query_len=Nq, key_len=Nk, block_size=p["bs"],
@@ -78,9 +83,10 @@ def _run(p, backend, dtype, device):
     gen = torch.Generator().manual_seed(7)
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device, y.dtype)
     dlse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(device, lse.dtype)
-    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    grads = torch.autograd.grad((y * dy).sum() + (finite_lse * dlse).sum(), leaves,
-                                allow_unused=True)
+    loss = (y * dy).sum()
+    if p["lse_grad"]:
+        loss = loss + (torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)) * dlse).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return [y, lse, *grads]
 
 

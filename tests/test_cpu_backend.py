@@ -24,21 +24,22 @@ def test_selected_automatically_on_cpu_and_declines_elsewhere():
         bk.SdpaBlockSparsePlan.select(desc, device="meta", backend="cpu")
 
 
+@pytest.mark.parametrize("softcap", [0.0, 4.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_low_precision_matches_oracle(dtype, causal):
+def test_low_precision_matches_oracle(dtype, causal, softcap):
     gen = torch.Generator().manual_seed(4)
     B, H, Hkv, N, bs = 2, 4, 2, 100, 32
     q = (torch.randn(B, H, N, 32, generator=gen) * 2).to(dtype).requires_grad_()
     k, v = (torch.randn(B, Hkv, N, 32, generator=gen).to(dtype).requires_grad_() for _ in range(2))
     p = torch.rand(1, Hkv, nblocks(N, bs), nblocks(N, bs), generator=gen) < 0.7
     y, lse = bk.block_sparse_attention(q, k, v, p, block_size=bs, is_causal=causal,
-                                       backend="cpu", return_lse=True)
+                                       backend="cpu", return_lse=True, softcap=softcap or None)
     dy = torch.randn(y.shape, generator=gen).to(dtype)
     grads = torch.autograd.grad(y, (q, k, v), dy)
 
     assert_gqa_matches_oracle(y, lse, grads, (q, k, v), dy, p.repeat_interleave(H // Hkv, 1),
-                              bs, causal, dtype)
+                              bs, causal, dtype, softcap=softcap)
 
 
 def test_lse_gradient_takes_the_reference_backward():
@@ -82,7 +83,8 @@ def test_time_grows_with_active_blocks():
 
 @pytest.mark.parametrize("where", ["k", "v"])
 @pytest.mark.parametrize("rule", [dict(), dict(window_size=(40, 0)),
-                                  dict(window_size=(40, 0), sink_tokens=8)], ids=str)
+                                  dict(window_size=(40, 0), sink_tokens=8),
+                                  dict(window_size=(40, 0), softcap=5.0)], ids=str)
 def test_a_non_finite_key_or_value_reaches_only_the_rows_that_read_it(where, rule):
     """The fused kernel masks by adding -inf: a NaN key the causal diagonal, a window edge or
     a group's padding slot hides from a row used to turn that row into NaN too (every row of

@@ -107,22 +107,21 @@ def test_bias_matches_oracle_cpu(backend, case):
                causal, shape, **opts)
 
 
-CPU_CASES = [c for c in CASES if not c[6].get("softcap")]
-
-
-@pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cpu_backend_bias(case):
-    """The fused cpu backend adds the bias to its mask (forward; the bias's gradient takes
-    the reference backward): against the oracle."""
+    """The cpu backend adds the bias to its mask, after the softcap where there is one
+    (forward; the bias's gradient takes the reference backward): against the oracle."""
     if HAS_CUDA:
         pytest.skip("the cpu backend runs CPU tensors; the CPU suite covers it")
     _, Nq, Nk, bs, causal, shape, opts = case
     check_bias("cpu", torch.float64, Nq, Nk, bs, causal, shape, **opts)
 
 
-def test_cpu_backend_bias_without_its_gradient_runs_the_fused_backward(monkeypatch):
-    """A bias that needs no gradient: q/k/v gradients from the fused backward kernel, equal
-    to the reference backend's; ALiBi on top."""
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_cpu_backend_bias_without_its_gradient_runs_the_fused_backward(monkeypatch, softcap):
+    """A bias that needs no gradient: q/k/v gradients from the cpu backend's own backward
+    (the fused kernel; with softcap, cpu_capped), equal to the reference backend's; ALiBi
+    on top."""
     from baracuda_kernels.attention.block_sparse import cpu_fused
     if HAS_CUDA:
         pytest.skip("CPU tensors")
@@ -141,7 +140,7 @@ def test_cpu_backend_bias_without_its_gradient_runs_the_fused_backward(monkeypat
     for backend in ("cpu", "reference"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         y = bk.block_sparse_attention(*leaves, p, block_size=16, is_causal=True, bias=bias,
-                                      alibi_slopes=slopes, backend=backend)
+                                      alibi_slopes=slopes, softcap=softcap, backend=backend)
         grads.append((y,) + torch.autograd.grad(y, leaves, torch.ones_like(y)))
     assert not calls
     for a, b in zip(*grads):

@@ -4,7 +4,8 @@ gradients of q, k, v and the sinks), with block patterns, both causal alignments
 empty rows, document ids and varlen packs; gradcheck in f64; validation; the plan API and
 the custom op.
 
-CPU: reference in f64 and triton under the interpreter in f32; the GPU grid runs every dtype."""
+CPU: reference in f64, triton under the interpreter in f32, the cpu backend in f64 and f32; the
+GPU grid runs every dtype."""
 
 import pytest
 import torch
@@ -16,11 +17,13 @@ from oracle import assert_matches_oracle, dense_attention, token_rule_mask
 
 def check_mods(backend, dtype, Nq, Nk, bs, causal, *, softcap=0.0, alibi=None, sinks=False,
                window=(-1, -1), sink_tokens=0, H=4, Hkv=2, B=2, seed=0, density=0.8,
-               empty_block_row=None, tokens=None):
+               empty_block_row=None, tokens=None, lse_grad=True):
     """block_sparse_attention with the modifiers against the oracle, forward, lse and the
     gradients of q, k, v (and of the sinks, through y and lse alike). alibi: None, "h"
     ([H] slopes) or "bh" ([B, H]). empty_block_row: a query block row with no active block
-    (its rows see nothing but the sink)."""
+    (its rows see nothing but the sink). lse_grad: with sinks, lse gets an upstream gradient
+    too (False: y's alone, which the cpu backend's own backward takes; an lse gradient
+    sends it to the reference backward)."""
     gen = torch.Generator().manual_seed(seed)
     q = (torch.randn(B, H, Nq, 16, generator=gen) * 2).to(DEVICE, dtype)
     k = torch.randn(B, Hkv, Nk, 16, generator=gen).to(DEVICE, dtype)
@@ -42,9 +45,10 @@ def check_mods(backend, dtype, Nq, Nk, bs, causal, *, softcap=0.0, alibi=None, s
     dy = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
     # The lse gradient only where every row's lse is finite (with sinks): it moves the
     # sinks' gradient too.
-    dlse = torch.randn(lse.shape, generator=gen).to(lse.device, lse.dtype) if sinks else None
+    with_dlse = sinks and lse_grad
+    dlse = torch.randn(lse.shape, generator=gen).to(lse.device, lse.dtype) if with_dlse else None
     leaves = (qx, kx, vx) + ((sink_t,) if sinks else ())
-    outs, grads_out = ((y, lse), (dy, dlse)) if sinks else ((y,), (dy,))
+    outs, grads_out = ((y, lse), (dy, dlse)) if with_dlse else ((y,), (dy,))
     grads = torch.autograd.grad(outs, leaves, grads_out)
 
     G = H // Hkv
@@ -61,7 +65,7 @@ def check_mods(backend, dtype, Nq, Nk, bs, causal, *, softcap=0.0, alibi=None, s
                                  sink_tokens=sink_tokens, extra_mask=extra, softcap=softcap,
                                  alibi_slopes=slopes, sinks=so, live_rows=live)
         leaves_o = (qo, ko, vo) + ((so,) if sinks else ())
-        outs_o = (yo, lo) if sinks else (yo,)
+        outs_o = (yo, lo) if with_dlse else (yo,)
         g = torch.autograd.grad(outs_o, leaves_o, tuple(t.to(o.dtype) for t, o in
                                                         zip(grads_out, outs_o)))
         return yo, lo, g
@@ -136,18 +140,21 @@ def test_cpu_backend_sinks(dtype, case):
             torch.testing.assert_close(a, b)
 
 
-CPU_MOD_CASES = [c for c in CASES if not c[5].get("softcap")]
-
-
+@pytest.mark.parametrize("lse_grad", [True, False], ids=["y+lse", "y"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("case", CPU_MOD_CASES, ids=[c[0] for c in CPU_MOD_CASES])
-def test_cpu_backend_alibi(dtype, case):
-    """The fused cpu backend runs ALiBi (and sinks) as additive terms of its mask: forward,
-    lse and gradients against the oracle."""
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_cpu_backend_score_mods(dtype, case, lse_grad):
+    """The cpu backend runs ALiBi (and sinks) as additive terms of its mask, softcap in its
+    matmul path (cpu_capped), with ALiBi added to every case: forward, lse and gradients
+    against the oracle; gradients of y alone too, so that with sinks its own backward runs
+    (an lse gradient takes the reference's)."""
     if HAS_CUDA:
         pytest.skip("the cpu backend runs CPU tensors; the CPU suite covers it")
     _, Nq, Nk, bs, causal, opts = case
-    check_mods("cpu", dtype, Nq, Nk, bs, causal, **dict(opts, alibi=opts.get("alibi", "bh")))
+    if not lse_grad and not opts.get("sinks"):
+        pytest.skip("without sinks y's gradient alone is the y+lse case already")
+    check_mods("cpu", dtype, Nq, Nk, bs, causal, lse_grad=lse_grad,
+               **dict(opts, alibi=opts.get("alibi", "bh")))
 
 
 @pytest.mark.gpu
@@ -225,11 +232,7 @@ def test_plan_api_and_custom_op_with_score_mods():
     desc = bk.SdpaBlockSparseDescriptor(1, 2, 40, 40, 8, 8, block_size=16, element="f64",
                                         is_causal=True, softcap=4.0, alibi=True, sinks=True)
     plan = bk.SdpaBlockSparsePlan.select(desc, device="cpu")
-    assert plan.backend.value == "reference"     # the cpu backend has no softcap
-    sinks_only = bk.SdpaBlockSparsePlan.select(
-        bk.SdpaBlockSparseDescriptor(1, 2, 40, 40, 8, 8, block_size=16, element="f64",
-                                     sinks=True), device="cpu")
-    assert sinks_only.backend.value == "cpu"
+    assert plan.backend.value == "cpu"     # softcap in its matmul path
     q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
     p = torch.ones(1, 1, 3, 3, dtype=torch.bool)
     slopes, sinks = torch.tensor([0.2, 0.4]), torch.tensor([0.1, -0.3], dtype=torch.float64)
@@ -278,5 +281,3 @@ def test_score_mod_validation():
         call(sinks=torch.ones(4, dtype=torch.int64))
     with pytest.raises(bk.InvalidProblem, match="prefix"):
         call(is_causal=True, prefix_lengths=5, alibi_slopes=torch.ones(4))
-    with pytest.raises(bk.Unsupported):
-        call(softcap=2.0, backend="cpu")

@@ -21,9 +21,10 @@ the band's and the sinks' gradients from the final y and lse).
 * Rows with no allowed key come back as y = 0, lse = -inf (the kernel gives 0 / 0 there).
 * ALiBi and an additive bias are additive score terms: they join the group's additive mask
   (per head, in the accumulator dtype), built by the reference's modifier code on the
-  group's pairs, so both backends apply one definition. Softcap (not additive) stays with
-  the reference backend; a bias that needs its gradient takes the reference backward (the
-  fused backward kernel does not return dS).
+  group's pairs, so both backends apply one definition. A bias that needs its gradient
+  takes the reference backward (the fused backward kernel does not return dS).
+* Softcap is not an additive term: softcapped calls run the same walk with matmuls and
+  in-place ops in the fused kernel's place (cpu_capped.py), every group, no banded run.
 * dK/dV of the gathered copies are added back with index_add_ (a fixed order on the CPU:
   deterministic). An lse gradient (``dlse``) is not an input of PyTorch's backward kernel:
   such calls take the reference backward.
@@ -50,6 +51,7 @@ from ..common.problem import WindowRule, causal_offset
 from .block_lists import PARTIAL, SKIP, BlockLists
 from ..common.score_mods import ScoreMods, alibi_offset, fold_sinks
 from .cpu_band import Band, band_backward, band_forward, find_band
+from .cpu_capped import capped_attention, capped_attention_backward
 from .cpu_whole import whole_backward, whole_forward, whole_rule
 from .cpu_pieces import (_as_problems, _from_problems, _group_allowed, _kernel_lse, _mask,
                          _seen, _store_rows)
@@ -228,12 +230,11 @@ def block_sparse_attention_forward_cpu(q, k, v, lists: BlockLists, *, block_size
                                        softcap: float = 0.0, mods=None) -> None:
     """Writes y [B,H,Nq,Dv] and lse [B,H,Nq] (see the reference forward: same contract).
     The fused kernel wants one head dim: d_k != d_v runs zero-padded to the larger (zero
-    columns change neither q.k nor the kept columns of y). Of the score modifiers only
-    learnable sinks (``mods.sinks``): folded in after the fused kernel (``fold_sinks``);
-    ALiBi and the bias: in the additive mask (module docstring)."""
-    if softcap > 0:
-        raise RuntimeError("cpu backend: softcap reached it (the plan declines it)")
-    _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
+    columns change neither q.k nor the kept columns of y). Learnable sinks (``mods.sinks``)
+    are folded in after the walk (``fold_sinks``); ALiBi and the bias join the additive
+    mask; softcap runs the walk through cpu_capped (module docstring)."""
+    _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window, softcap,
+                   mods)
     if mods is not None and mods.sinks is not None:
         # After the fact (padding rows keep -inf). The backward then needs nothing more: the
         # fused backward kernel rebuilds P from lse' and its row term from y'.
@@ -244,22 +245,24 @@ def block_sparse_attention_forward_cpu(q, k, v, lists: BlockLists, *, block_size
             lse=lse, window=window, softcap=softcap, mods=mods)
 
 
-def _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window,
+def _forward_fused(q, k, v, lists, block_size, scale, is_causal, y, lse, window, softcap,
                    mods) -> None:
     d = max(q.shape[-1], v.shape[-1])
     if q.shape[-1] != v.shape[-1]:
         y_pad = y.new_empty(y.shape[:-1] + (d,))
         _forward(_padded(q, d), _padded(k, d), _padded(v, d), lists, block_size, scale,
-                 is_causal, y_pad, lse, window, mods)
+                 is_causal, y_pad, lse, window, softcap, mods)
         y.copy_(y_pad[..., :v.shape[-1]])
     else:
-        _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
+        _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, softcap, mods)
 
 
-def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods) -> None:
+def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, softcap,
+             mods) -> None:
     Nq, Nk = q.shape[2], k.shape[2]
     Hkv = k.shape[1]
-    causal = whole_rule(lists, block_size, Nq, Nk, is_causal, window, mods)
+    causal = None if softcap > 0 else whole_rule(lists, block_size, Nq, Nk, is_causal,
+                                                 window, mods)
     if causal is not None:  # dense (causal) attention: one fused call (cpu_whole.py)
         whole_forward(q, k, v, y, lse, causal, scale)
         return
@@ -269,13 +272,15 @@ def _forward(q, k, v, lists, block_size, scale, is_causal, y, lse, window, mods)
     y5, lse5 = _grouped(y, Hkv), _grouped(lse, Hkv)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     bands: list = []
-    for sl, qs, grp, rows, mask, kt, vt in _group_problems(q, k, v, lists, block_size,
-                                                           is_causal, window, Nq, Nk,
-                                                           trim_tail=True, mods=mods,
-                                                           bands=bands):
+    for sl, qs, grp, rows, mask, kt, vt in _group_problems(
+            q, k, v, lists, block_size, is_causal, window, Nq, Nk, trim_tail=True, mods=mods,
+            bands=None if softcap > 0 else bands):
         b, hk, g = qs.shape[:3]
         qt = _as_problems(qs, rows)
-        out, row_lse = flash(qt, kt, vt, 0.0, False, attn_mask=mask, scale=scale)
+        if softcap > 0:
+            out, row_lse = capped_attention(qt, kt, vt, mask, scale, softcap)
+        else:
+            out, row_lse = flash(qt, kt, vt, 0.0, False, attn_mask=mask, scale=scale)
         # Rows that see nothing: lse = -inf (the kernel gives 0). seen: [G, 1 | b*hk, g*bs]
         row_lse = _seen(row_lse, None if mask is None else (mask != float("-inf")).any(-1))
         rows_ok = bool(grp.row_ok.all())
@@ -304,12 +309,13 @@ def block_sparse_attention_backward_cpu(q, k, v, y, lse, dy, lists: BlockLists, 
     dk_, dv_ = q.shape[-1], v.shape[-1]
     if dk_ == dv_:
         _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv, window,
-                  mods)
+                  softcap, mods)
     else:
         d = max(dk_, dv_)
         grads = [None if g is None else g.new_empty(g.shape[:-1] + (d,)) for g in (dq, dk, dv)]
         _backward(_padded(q, d), _padded(k, d), _padded(v, d), _padded(y, d), lse,
-                  _padded(dy, d), lists, block_size, scale, is_causal, *grads, window, mods)
+                  _padded(dy, d), lists, block_size, scale, is_causal, *grads, window, softcap,
+                  mods)
         for out, g in zip((dq, dk, dv), grads):
             if out is not None:
                 out.copy_(g[..., :out.shape[-1]])
@@ -320,10 +326,11 @@ def block_sparse_attention_backward_cpu(q, k, v, y, lse, dy, lists: BlockLists, 
 
 
 def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, dv,
-              window, mods) -> None:
+              window, softcap, mods) -> None:
     Nq, Nk = q.shape[2], k.shape[2]
     Hkv = k.shape[1]
-    causal = whole_rule(lists, block_size, Nq, Nk, is_causal, window, mods)
+    causal = None if softcap > 0 else whole_rule(lists, block_size, Nq, Nk, is_causal,
+                                                 window, mods)
     if causal is not None:
         whole_backward(q, k, v, y, lse, dy, dq, dk, dv, causal, scale)
         return
@@ -343,9 +350,9 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
         dv_acc = torch.zeros(v.shape, dtype=acc) if dk is not None else None
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     bands: list = []
-    for sl, qs, grp, rows, mask, kt, vt in _group_problems(q, k, v, lists, block_size,
-                                                           is_causal, window, Nq, Nk,
-                                                           mods=mods, bands=bands):
+    for sl, qs, grp, rows, mask, kt, vt in _group_problems(
+            q, k, v, lists, block_size, is_causal, window, Nq, Nk, mods=mods,
+            bands=None if softcap > 0 else bands):
         b, hk, g = qs.shape[:3]
         bsl, ksl, gsl = sl
         qt = _as_problems(qs, rows)
@@ -358,8 +365,12 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
             dot = dot * grp.row_ok.view(-1, 1, rows.shape[1]).repeat(1, 1, g)[..., None].to(
                 dot.dtype)
         lt = _kernel_lse(_as_problems(lse5[sl].unsqueeze(-1), rows).squeeze(-1))
-        gq, gk, gv = flash_bwd(dot, qt, kt, vt, ot, lt, 0.0, False, attn_mask=mask,
-                               scale=scale)
+        if softcap > 0:
+            gq, gk, gv = capped_attention_backward(dot, qt, kt, vt, ot, lt, mask, scale,
+                                                   softcap)
+        else:
+            gq, gk, gv = flash_bwd(dot, qt, kt, vt, ot, lt, 0.0, False, attn_mask=mask,
+                                   scale=scale)
         if dq5 is not None:
             _store_rows(dq5[sl], grp.rows, grp.row_ok, rows_ok, _from_problems(gq, b, hk, g))
         if dk_acc is not None:

@@ -103,9 +103,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             pattern costs only its active blocks. Gets a gradient when it requires one: dS
             summed over its broadcast dims, deterministically (a bias broadcast over B or H
             takes a float32 [B, H, Nq, Nk] buffer during the backward for that sum).
-            Modifiers compose with patterns, token rules, windows, GQA and varlen; the cpu
-            backend runs sinks, ALiBi and the bias but no softcap (not an additive term:
-            on the CPU the automatic choice runs softcap on the reference backend).
+            Modifiers compose with patterns, token rules, windows, GQA and varlen, on
+            every backend (the cpu backend runs softcapped calls in batched matmuls: not an
+            additive term, the fused CPU kernel cannot apply it).
         scale: softmax scale, default 1 / sqrt(Dk).
         return_lse: also return lse [B, H, Nq], the natural-log log-sum-exp of each row's
             scaled scores (float32; float64 for float64 inputs), differentiable.

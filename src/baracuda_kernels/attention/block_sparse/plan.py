@@ -41,10 +41,6 @@ def cpu_unavailable_reason(desc, device) -> Optional[str]:
     """Why the fused CPU backend cannot run this problem (None when it can)."""
     if device.type != "cpu":
         return f"the cpu backend runs CPU tensors; the problem is on {device}"
-    if desc.softcap > 0:
-        return ("the cpu backend has no softcap (torch's fused CPU attention takes additive "
-                "terms only: ALiBi, a bias and learnable sinks it has); the reference backend "
-                "runs it")
     return fused_cpu_unavailable_reason()
 
 
