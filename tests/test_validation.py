@@ -59,6 +59,24 @@ def test_not_an_int_extent():
         desc(query_len=4.0)
 
 
+def test_from_tensors_memo_never_skips_a_check():
+    """from_tensors gives back the descriptor of an earlier call with the same arguments;
+    an argument equal to a valid one but of another type (64.0, True, a bool in the
+    window) still meets validation."""
+    q = torch.randn(1, 2, 40, 8)
+    make = SdpaBlockSparseDescriptor.from_tensors
+    first = make(q, q, q, block_size=16, window_size=(1, 0), scale=0.5)
+    assert make(q, q, q, block_size=16, window_size=(1, 0), scale=0.5) is first
+    assert make(q, q, q, block_size=16, window_size=(1, 0), scale=0.25) is not first
+    for bad in (dict(block_size=16.0), dict(window_size=(True, 0)), dict(sink_tokens=False),
+                dict(is_causal=1.0), dict(scale=float("nan"))):
+        kwargs = dict(dict(block_size=16, window_size=(1, 0), scale=0.5), **bad)
+        with pytest.raises(InvalidProblem):
+            make(q, q, q, **kwargs)
+    with pytest.raises(InvalidProblem, match="window_size"):
+        make(q, q, q, block_size=16, window_size=[[1], 0])   # unhashable: validated, no memo
+
+
 def test_element_vs_tensor_dtype():
     d = desc()
     q, k, v, p = tensors(d, torch.float64)

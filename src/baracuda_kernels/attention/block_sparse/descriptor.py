@@ -112,12 +112,39 @@ class SdpaBlockSparseDescriptor(AttentionProblem):
                      window_size: tuple = (-1, -1), sink_tokens: int = 0,
                      softcap: Optional[float] = None, alibi: bool = False, sinks: bool = False,
                      bias: bool = False):
-        """Descriptor for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv] (H % Hkv == 0)."""
+        """Descriptor for q [B,H,Nq,Dk], k [B,Hkv,Nk,Dk], v [B,Hkv,Nk,Dv] (H % Hkv == 0).
+
+        Every call of the functional API builds one; the same arguments give back the same
+        (immutable) descriptor from a small memo instead of validating them again (~12 us
+        of a CPU decode step's ~55 us of host time). The key holds each argument's type
+        too (and the window's items' types), so an argument that fails validation (64.0
+        for 64, True for 1) never matches one that passed."""
         B, H, Hkv, Nq, Nk, Dk, Dv = qkv_dims(q, k, v)
-        return cls(B, H, Nq, Nk, Dk, Dv, block_size, scale, is_causal,
+        fields = (cls, B, H, Hkv, Nq, Nk, Dk, Dv, q.dtype, block_size, scale, is_causal,
+                  window_size, sink_tokens, softcap, alibi, sinks, bias)
+        key = fields + tuple(map(type, fields)) + tuple(map(type, window_size)) \
+            if isinstance(window_size, tuple) else None
+        try:
+            hit = _FROM_TENSORS.get(key)
+        except TypeError:  # an unhashable argument: validation below says what is wrong
+            key = hit = None
+        if hit is not None:
+            return hit
+        desc = cls(B, H, Nq, Nk, Dk, Dv, block_size, scale, is_causal,
                    ElementKind.from_torch(q.dtype), num_kv_heads=Hkv,
                    window_size=window_size, sink_tokens=sink_tokens,
                    softcap=check_softcap(softcap), alibi=alibi, sinks=sinks, bias=bias)
+        if key is not None:
+            if len(_FROM_TENSORS) >= _FROM_TENSORS_SIZE:
+                _FROM_TENSORS.clear()
+            _FROM_TENSORS[key] = desc
+        return desc
+
+
+# from_tensors' memo: argument key -> descriptor (cleared when full: the shapes of a model's
+# calls are few, a growing set of shapes only rebuilds).
+_FROM_TENSORS: dict = {}
+_FROM_TENSORS_SIZE = 512
 
 
 @dataclass
