@@ -394,6 +394,9 @@ def band_backward(qs, ks, vs, ys, lses, dys, dqs, dks, dvs, band: Band, classes,
             if dks is not None:
                 c.add_band_keys(dks, gk, block_size)
                 c.add_band_keys(dvs, gv, block_size)
+            # Free this chunk's gradients before the next chunk's kernel allocates its own
+            # (the names would hold them through that call: 4 chunk-sized buffers, not 2).
+            del gq, gk, gv, qt, ot, dot, lt, c
     if fixed_grads is not None:
         cols = _fixed_tokens(band, block_size)
         b, hk = dks.shape[:2]

@@ -383,6 +383,9 @@ def _backward(q, k, v, y, lse, dy, lists, block_size, scale, is_causal, dq, dk, 
                     acc_t[bsl, ksl].index_add_(2, cols, flat)
                 else:
                     acc_t[bsl, ksl].index_add_(2, cols[ok], flat[:, :, ok])
+                del flat
+        # Free the group's buffers before the next group's kernel call (cpu_band: same).
+        del gq, gk, gv, qt, ot, dot, kt, vt, mask
     k4, v4 = k.unsqueeze(2), v.unsqueeze(2)
     for (bsl, ksl, gsl), band, cls, rule, kept in bands:
         sl = (bsl, ksl, gsl)
