@@ -100,12 +100,13 @@ def check_kvcache(backend, dtype, case, lengths=(1, 127, 128, 129), N=192, D=16,
     assert_matches_oracle(y, y64, ys)
 
 
-@pytest.mark.parametrize("backend,splits", [("reference", None), ("triton", 1), ("triton", 3)])
+@pytest.mark.parametrize("backend,splits", [("reference", None), ("cpu", None), ("triton", 1),
+                                            ("triton", 3)])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_kvcache_matches_oracle_cpu(backend, splits, case):
     if HAS_CUDA:
         pytest.skip("the GPU grid below covers this")
-    check_kvcache(backend, torch.float64 if backend == "reference" else torch.float32, case,
+    check_kvcache(backend, torch.float32 if backend == "triton" else torch.float64, case,
                   num_splits=splits)
 
 
@@ -442,13 +443,15 @@ def test_cpu_decode_of_a_plain_cache_is_one_fused_call(monkeypatch, dtype, Nq, H
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Nq,causal,window", [(1, True, (50, 0)), (1, True, None),
                                               (1, False, (30, 5)), (4, False, None)])
-@pytest.mark.parametrize("paged,with_sinks", [(False, False), (True, False), (False, True)],
-                         ids=["contiguous", "paged", "sinks"])
+@pytest.mark.parametrize("paged,with_sinks,softcap", [
+    (False, False, None), (True, False, None), (False, True, None), (False, True, 4.0)],
+    ids=["contiguous", "paged", "sinks", "softcap+sinks"])
 def test_cpu_decode_with_lengths_key_mask_and_window(monkeypatch, dtype, Nq, causal, window,
-                                                     paged, with_sinks):
+                                                     paged, with_sinks, softcap):
     """CPU rows of different lengths, padding and holes in key_mask, a row that sees nothing,
-    the window with sink tokens, learnable sinks: still one fused CPU call, with one
-    [B, 1, 1, L] mask; y and lse against the float64 oracle."""
+    the window with sink tokens, learnable sinks, softcap: still the one dense CPU step (the
+    fused call, or with softcap the capped matmuls), with one [B, 1, 1, L] mask; y and lse
+    against the float64 oracle."""
     from baracuda_kernels.attention.decode import kvcache
     calls = []
     real = kvcache.cpu_dense_decode
@@ -468,7 +471,7 @@ def test_cpu_decode_with_lengths_key_mask_and_window(monkeypatch, dtype, Nq, cau
     sinks = torch.randn(H, generator=gen, dtype=torch.float64) * 2 if with_sinks else None
     y, lse = bk.block_sparse_attention_with_kvcache(
         q, kc, vc, lens, block_table=table, key_mask=key_mask, is_causal=causal,
-        return_lse=True, sinks=sinks, **opts)
+        return_lse=True, sinks=sinks, softcap=softcap, **opts)
     assert calls, "the CPU decode did not take the fused call"
     assert (y[2] == 0).all()
     empty_lse = sinks.float()[:, None].expand(H, Nq) if with_sinks else float("-inf")
@@ -481,7 +484,7 @@ def test_cpu_decode_with_lengths_key_mask_and_window(monkeypatch, dtype, Nq, cau
         args = (q[b:b + 1].transpose(1, 2), kb, vb, torch.ones(1, 1, 1, 1, dtype=torch.bool),
                 1 << 20, "bottom_right" if causal else False)
         mods = dict(window_size=window or (-1, -1), sink_tokens=3 if window else 0,
-                    extra_mask=extra, sinks=sinks)
+                    extra_mask=extra, sinks=sinks, softcap=softcap or 0.0)
         y64, lse64 = dense_attention(*args, **mods)
         ys, _ = dense_attention(*args, dtype=dtype, **mods)
         assert_matches_oracle(y[b:b + 1].transpose(1, 2), y64, ys)

@@ -34,8 +34,9 @@ def _sigmoid_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
 
 
 def _flat(t: torch.Tensor, acc) -> torch.Tensor:
-    """[G, P, n, d] -> contiguous [G*P, n, d] in acc (so every bmm reads plain strides)."""
-    return t.to(acc).reshape(-1, *t.shape[2:]).contiguous()
+    """[G, P, n, d] -> [G*P, n, d] in acc: a view when G and P merge (a KV cache's strided
+    keys stay in place: bmm reads row strides), else one copy."""
+    return t.to(acc).reshape(-1, *t.shape[2:])
 
 
 def _add_mask(s: torch.Tensor, mask: Optional[torch.Tensor], G: int) -> None:

@@ -11,8 +11,10 @@ this path hands the cache's views and one broadcast [B, 1, 1, L] additive mask (
 nothing is hidden) straight to ``aten._scaled_dot_product_flash_attention_for_cpu``. GQA
 rides as rows: the Hkv groups' query heads become G * Nq query rows of their K/V head (no
 K/V copy), exact because no rule tells the rows apart. Learnable sinks (one logit per head
-in every row's denominator) are folded in after the call; softcap, ALiBi and block
-patterns take the general path.
+in every row's denominator) are folded in after the call. A softcap (not an additive term)
+replaces the fused call by the cpu backend's capped matmuls (block_sparse.cpu_capped) on
+the same views, one batch row at a time (a KV cache's batch and heads do not merge into one
+bmm batch without a copy of the cache). ALiBi and block patterns take the general path.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ..block_sparse.cpu_capped import capped_attention
 from ..common.numerics import accumulator_dtype, all_finite
 from ..common.score_mods import fold_sinks
 
@@ -34,8 +37,11 @@ def cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, sof
     anything malformed, takes the general path (which names what is wrong)."""
     if backend not in (None, "cpu") or q.device.type != "cpu" or q.numel() == 0:
         return False
-    if block_pattern is not None or softcap or alibi_slopes is not None:
+    if block_pattern is not None or alibi_slopes is not None:
         return False
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap < 0):
+        return False  # the general path names what is wrong
     if sinks is not None and not (isinstance(sinks, torch.Tensor) and sinks.is_floating_point()
                                   and sinks.device.type == "cpu"
                                   and tuple(sinks.shape) == (q.shape[2],)):
@@ -63,13 +69,13 @@ def cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, sof
 def cpu_dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, total,
                      key_mask: Optional[torch.Tensor], window_size, sink_tokens: int,
                      scale: Optional[float], return_lse: bool,
-                     sinks: Optional[torch.Tensor] = None):
+                     sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None):
     """y [B, Nq, H, D] (and lse [B, H, Nq], float32; float64 for float64) of q [B, Nq, H, D]
     over keys / values [B, Hkv, Ncache, D] (the cache's head-major views), row b holding
     ``total[b]`` keys (an int: every row), ``key_mask`` bool [B, Ncache] or None, the window
     ``window_size`` (validated (left, right), -1 unbounded; one query per row) with
-    ``sink_tokens``, learnable ``sinks`` [H] or None. Rows that see no key: y = 0, lse = -inf
-    (lse = sink with sinks)."""
+    ``sink_tokens``, learnable ``sinks`` [H] or None, ``softcap`` (None / 0: none). Rows that
+    see no key: y = 0, lse = -inf (lse = sink with sinks)."""
     B, Nq, H, D = q.shape
     Hkv = keys.shape[1]
     G = H // Hkv
@@ -105,6 +111,13 @@ def cpu_dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if L == 0:
         out = rows.new_zeros(rows.shape)
         lse = torch.full(rows.shape[:3], float("-inf"), dtype=acc)
+    elif softcap:
+        scale = D ** -0.5 if scale is None else float(scale)
+        parts = [capped_attention(rows[b:b + 1], keys[b:b + 1, :, :L], values[b:b + 1, :, :L],
+                                  None if mask is None else mask[b:b + 1], scale, softcap)
+                 for b in range(B)]
+        out = torch.cat([o for o, _ in parts]).to(q.dtype)
+        lse = torch.cat([row_lse for _, row_lse in parts])
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             rows, keys[:, :, :L], values[:, :, :L], 0.0, False, attn_mask=mask,

@@ -10,9 +10,10 @@ Two paths, one meaning:
   backend; reads ``cache_seqlens`` and the block table on the device, appends with one
   launch, packs each GQA group into one tile and splits long caches over several programs.
 * on the CPU, a call whose rule does not depend on the query row (Nq = 1, or not causal
-  and no window) and has no softcap, ALiBi or pattern: PyTorch's fused flash CPU kernel
-  over the cache's views with one [B, 1, 1, L] mask for lengths, key_mask and the window,
-  learnable sinks folded in after (cpu_dense.py);
+  and no window) and has no ALiBi or pattern: PyTorch's fused flash CPU kernel (with a
+  softcap, the cpu backend's capped matmuls) over the cache's views with one [B, 1, 1, L]
+  mask for lengths, key_mask and the window, learnable sinks folded in after
+  (cpu_dense.py);
 * the block-sparse path otherwise (float64, the reference and cpu backends, a gradient
   wanted for q, per-query-head patterns): the cache rows become token rules of one
   ``block_sparse_attention`` call (key blocks wholly past L_b are skipped); a paged cache
@@ -176,7 +177,7 @@ def _cpu_dense_step(q, keys, values, total, is_causal, backend, window_size, sin
     window, sink_tokens = check_window(window_size, sink_tokens) \
         if window_size is not None else (None, 0)
     return cpu_dense_decode(q, keys, values, total, key_mask, window, sink_tokens, scale,
-                            return_lse, sinks)
+                            return_lse, sinks, softcap)
 
 
 def _host_length(cache_seqlens, capacity: int):
