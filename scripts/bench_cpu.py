@@ -9,8 +9,8 @@ with a logit softcap of 30 (Grok's; SDPA has none, so the ratio is against uncap
 causal); for the decode step also
 ``block_sparse_attention_with_kvcache`` on a [B, N, H, D] cache and SDPA given that cache's
 head-major views. Threads 1 and 2. Each measurement runs in its own process: forward and
-backward (median of the repeats after a warm-up; decode: the forward alone under no_grad,
-as in inference), and the process's peak RSS above its inputs. The implementations of a
+backward (median of the repeats after the warm-up steps; decode: the forward alone under
+no_grad, as in inference), and the process's peak RSS above its inputs. The implementations of a
 row take turns, round after round (--rounds, default 3; one at N=32768), so a slow spell
 of the host falls on all of them alike: the table gives each implementation's median over
 the rounds and the range of the per-round speedups over SDPA causal.
@@ -28,7 +28,8 @@ CHILD = r"""
 import json, resource, sys, time, torch
 import baracuda_kernels as bk
 from baracuda_kernels.patterns import sliding_window
-N, Nq, impl, threads, repeats = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+N, Nq, impl, threads, repeats, warmup = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
+                                         int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 H, D, bs, W, S = 8, 64, 64, 512, 64
@@ -61,7 +62,7 @@ else:  # sdpa-mask: the window's boolean token mask
     call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 fwd, bwd = [], []
-for it in range(repeats + 1):
+for it in range(repeats + warmup):
     if decode:  # inference: the forward alone, no autograd graph
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -73,7 +74,7 @@ for it in range(repeats + 1):
         t1 = time.perf_counter()
         torch.autograd.grad(y, (q, k, v), dy)
         t2 = time.perf_counter()
-    if it:  # the first round is the warm-up
+    if it >= warmup:  # a process's first steps fault in fresh memory (RSS still grows)
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
 peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
@@ -82,9 +83,9 @@ print(json.dumps(dict(fwd=med(fwd), bwd=med(bwd), peak_mib=peak)))
 """
 
 
-def measure(n, nq, impl, threads, repeats):
+def measure(n, nq, impl, threads, repeats, warmup=1):
     out = subprocess.run([sys.executable, "-c", CHILD, str(n), str(nq), impl, str(threads),
-                          str(repeats)], capture_output=True, text=True,
+                          str(repeats), str(warmup)], capture_output=True, text=True,
                          env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1][:120]}
@@ -96,13 +97,13 @@ def median(values):
     return values[len(values) // 2]
 
 
-def rounds_of(impls, n, nq, threads, repeats, rounds):
+def rounds_of(impls, n, nq, threads, repeats, warmup, rounds):
     """{impl: median fwd / bwd / peak over the rounds, with the per-round runs}: in each
     round every implementation runs once, in turn."""
     runs = {impl: [] for impl in impls}
     for _ in range(rounds):
         for impl in impls:
-            runs[impl].append(measure(n, nq, impl, threads, repeats))
+            runs[impl].append(measure(n, nq, impl, threads, repeats, warmup))
     rows = {}
     for impl, rs in runs.items():
         failed = [r for r in rs if "error" in r]
@@ -132,13 +133,15 @@ def speedups(row, ref) -> str:
 def main():
     quick = "--quick" in sys.argv
     rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
-    problems = [(8192, 8192, 3), (1, 2048, 20)] if quick else \
-        [(8192, 8192, 5), (32768, 32768, 1), (2048, 1, 200)]
+    # (N, Nq, repeats, warm-up steps): a process's first steps run slower while the allocator
+    # faults in fresh memory (ours: 2-3 steps at 8k, 2 threads); 32k steps are long enough.
+    problems = [(8192, 8192, 3, 2), (1, 2048, 20, 5)] if quick else \
+        [(8192, 8192, 5, 3), (32768, 32768, 1, 1), (2048, 1, 200, 20)]
     if "--decode" in sys.argv:
         problems = problems[-1:]
     print(f"impl                   threads  problem        fwd s    bwd s   peak MiB   vs sdpa-causal fwd / bwd "
           f"(median of {rounds} rounds; 1 at N=32768)")
-    for n, nq, repeats in problems:
+    for n, nq, repeats, warmup in problems:
         n, nq = (n, nq) if nq <= n else (nq, n)
         label = f"N={n}" if nq == n else f"decode 1x{n}"
         impls = ["ours-cpu", "ours-reference", "sdpa-causal"] + (["sdpa-mask"] if nq == n <= 8192 else [])
@@ -147,7 +150,7 @@ def main():
         if nq != n:  # decode: also the KV-cache entry point and SDPA on the same cache layout
             impls += ["ours-kvcache", "sdpa-cache"]
         for threads in (1, 2):
-            rows = rounds_of(impls, n, nq, threads, repeats, 1 if n > 8192 else rounds)
+            rows = rounds_of(impls, n, nq, threads, repeats, warmup, 1 if n > 8192 else rounds)
             ref = rows["sdpa-causal"]
             for impl, r in rows.items():
                 if "error" in r:
