@@ -24,7 +24,7 @@ def test_selected_automatically_on_cpu_and_declines_elsewhere():
         bk.SdpaBlockSparsePlan.select(desc, device="meta", backend="cpu")
 
 
-@pytest.mark.parametrize("softcap", [0.0, 4.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("softcap", [0.0, 4.0, 50.0], ids=["plain", "softcap4", "softcap50"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_low_precision_matches_oracle(dtype, causal, softcap):
