@@ -24,9 +24,10 @@ from typing import Optional
 
 import torch
 
+from ...core import InvalidProblem
 from ..block_sparse.cpu_capped import capped_attention
 from ..common.numerics import accumulator_dtype, all_finite
-from ..common.score_mods import fold_sinks
+from ..common.score_mods import check_softcap, fold_sinks
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -39,8 +40,9 @@ def cpu_dense_decode_takes(q, keys, values, is_causal, backend, window_size, sof
         return False
     if block_pattern is not None or alibi_slopes is not None:
         return False
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not math.isfinite(softcap) or softcap < 0):
+    try:
+        check_softcap(softcap)
+    except InvalidProblem:
         return False  # the general path names what is wrong
     if sinks is not None and not (isinstance(sinks, torch.Tensor) and sinks.is_floating_point()
                                   and sinks.device.type == "cpu"
